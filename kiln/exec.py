@@ -1,0 +1,24 @@
+"""``python -m kiln.exec module:function``: run a Determined-style ``module:function`` entrypoint."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+def main(argv: list[str]) -> int:
+    """Import the module from the working directory and call the function (or class) it names."""
+    if len(argv) != 1 or ":" not in argv[0]:
+        print("usage: python -m kiln.exec module:function", file=sys.stderr)
+        return 2
+    module_name, _, attr = argv[0].partition(":")
+    sys.path.insert(0, ".")
+    target = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    result = target()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

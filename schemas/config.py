@@ -1,0 +1,695 @@
+"""The experiment config: Determined-style YAML, validated into frozen Structs.
+
+User input, so every Struct forbids unknown fields (STYLE.md 6). Validation walks the raw document
+once, field by field, driven by the Struct definitions themselves (types and ``msgspec.Meta``
+constraints), so that a config with five mistakes is reported with five errors, not one. Fields
+Determined knows but Kiln ignores are dropped with a warning; anything else unknown is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, TypeAlias, Union
+
+import msgspec
+import msgspec.inspect as mi
+import yaml
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config Struct; subclasses repeat kw_only, which msgspec does not inherit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters: a tagged union on ``type``; a mapping without ``type`` is a nested group.
+# ---------------------------------------------------------------------------------------------
+
+
+class ConstHP(_Spec, frozen=True, kw_only=True, tag="const", tag_field="type"):
+    """A fixed value; a plain (non-mapping) YAML value is shorthand for it."""
+
+    val: Any
+
+
+class IntHP(_Spec, frozen=True, kw_only=True, tag="int", tag_field="type"):
+    """An integer drawn uniformly from ``[minval, maxval]``; ``count`` grid points for grid search."""
+
+    minval: int
+    maxval: int
+    count: PositiveInt | None = None
+
+
+class DoubleHP(_Spec, frozen=True, kw_only=True, tag="double", tag_field="type"):
+    """A float drawn uniformly from ``[minval, maxval]``."""
+
+    minval: float
+    maxval: float
+    count: PositiveInt | None = None
+
+
+class LogHP(_Spec, frozen=True, kw_only=True, tag="log", tag_field="type"):
+    """``base ** x`` with the exponent ``x`` drawn uniformly from ``[minval, maxval]``."""
+
+    minval: float
+    maxval: float
+    base: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    count: PositiveInt | None = None
+
+
+class CategoricalHP(_Spec, frozen=True, kw_only=True, tag="categorical", tag_field="type"):
+    """One of ``vals``, chosen uniformly."""
+
+    vals: Annotated[list[Any], msgspec.Meta(min_length=1)]
+
+
+HPSpec: TypeAlias = ConstHP | IntHP | DoubleHP | LogHP | CategoricalHP
+Hyperparameter: TypeAlias = Union[HPSpec, dict[str, "Hyperparameter"]]
+HyperparameterSpace: TypeAlias = dict[str, Hyperparameter]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+class Length(_Spec, frozen=True, kw_only=True, omit_defaults=True):
+    """Determined's legacy length: exactly one of ``batches``, ``records`` or ``epochs``."""
+
+    # omit_defaults: config_to_dict writes ``{batches: 1000}``, the form users write.
+    batches: PositiveInt | None = None
+    records: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+
+    @property
+    def unit(self) -> Literal["batches", "records", "epochs"]:
+        """The unit that is set."""
+        if self.batches is not None:
+            return "batches"
+        return "records" if self.records is not None else "epochs"
+
+    @property
+    def units(self) -> int:
+        """The number of units."""
+        value = self.batches if self.batches is not None else self.records
+        value = value if value is not None else self.epochs
+        assert value is not None, "validation guarantees one unit is set"
+        return value
+
+
+SearcherName = Literal["single", "random", "grid", "adaptive_asha", "async_halving"]
+
+
+class SearcherConfig(_Spec, frozen=True, kw_only=True):
+    """``searcher``: which search method, what it optimises and how long trials train."""
+
+    name: SearcherName
+    metric: NonEmptyStr
+    smaller_is_better: bool = True
+    max_length: PositiveInt | Length | None = None  # legacy; prefer max_time + time_metric
+    time_metric: NonEmptyStr | None = None
+    max_time: PositiveInt | None = None
+    max_trials: PositiveInt | None = None
+    max_concurrent_trials: NonNegativeInt = 16
+    mode: Literal["aggressive", "standard", "conservative"] = "standard"
+    divisor: Annotated[float, msgspec.Meta(gt=1)] = 4.0
+    max_rungs: PositiveInt = 5
+    bracket_rungs: list[PositiveInt] = []
+    num_rungs: PositiveInt | None = None
+    stop_once: bool = True
+    source_trial_id: int | None = None
+    source_checkpoint_uuid: str | None = None
+
+
+class ResourcesConfig(_Spec, frozen=True, kw_only=True):
+    """``resources``: what each trial asks the scheduler for."""
+
+    slots_per_trial: NonNegativeInt = 1
+    priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
+    weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    resource_pool: str = "default"
+    max_slots: PositiveInt | None = None
+    shm_size: int | str | None = None
+
+
+class _StorageBase(_Spec, frozen=True, kw_only=True):
+    """Checkpoint retention, common to every store."""
+
+    save_experiment_best: NonNegativeInt = 0
+    save_trial_best: NonNegativeInt = 1
+    save_trial_latest: NonNegativeInt = 1
+
+
+class S3Storage(_StorageBase, frozen=True, kw_only=True, tag="s3", tag_field="type"):
+    """Checkpoints in an S3 bucket (SeaweedFS, MinIO or AWS)."""
+
+    bucket: NonEmptyStr
+    endpoint_url: str | None = None
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: str | None = None
+
+
+class SharedFSStorage(_StorageBase, frozen=True, kw_only=True, tag="shared_fs", tag_field="type"):
+    """Checkpoints on a filesystem every node mounts."""
+
+    host_path: NonEmptyStr
+    storage_path: str | None = None
+
+
+CheckpointStorage: TypeAlias = S3Storage | SharedFSStorage
+
+
+class EnvironmentConfig(_Spec, frozen=True, kw_only=True):
+    """``environment``: only the variables; images and pod specs are Determined's, not Kiln's."""
+
+    environment_variables: dict[str, str] = {}
+
+
+class ReproducibilityConfig(_Spec, frozen=True, kw_only=True):
+    """``reproducibility``: the experiment seed; None means the gateway picks one at submission."""
+
+    experiment_seed: NonNegativeInt | None = None
+
+
+_CALLABLE_ENTRYPOINT = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+class ExperimentConfig(_Spec, frozen=True, kw_only=True):
+    """A whole experiment config."""
+
+    name: str = "Experiment"
+    description: str = ""
+    labels: list[str] = []
+    project: str = ""
+    workspace: str = ""
+    entrypoint: NonEmptyStr | Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)]
+    hyperparameters: HyperparameterSpace = {}
+    searcher: SearcherConfig
+    resources: ResourcesConfig = msgspec.field(default_factory=ResourcesConfig)
+    max_restarts: NonNegativeInt = 5
+    checkpoint_storage: CheckpointStorage | None = None  # None: the cluster's default store
+    checkpoint_policy: Literal["best", "all", "none"] = "best"
+    environment: EnvironmentConfig = msgspec.field(default_factory=EnvironmentConfig)
+    data: dict[str, Any] = {}
+    min_validation_period: Length | None = None
+    min_checkpoint_period: Length | None = None
+    records_per_epoch: NonNegativeInt = 0
+    scheduling_unit: PositiveInt = 100
+    perform_initial_validation: bool = False
+    reproducibility: ReproducibilityConfig = msgspec.field(default_factory=ReproducibilityConfig)
+
+    @property
+    def entrypoint_kind(self) -> Literal["callable", "command"]:
+        """``callable`` for ``module:Name`` (a Trial class or function), else ``command`` (argv)."""
+        if isinstance(self.entrypoint, str) and _CALLABLE_ENTRYPOINT.fullmatch(self.entrypoint):
+            return "callable"
+        return "command"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    """One problem with one field; ``path`` is like ``searcher.metric`` or ``labels[2]``."""
+
+    path: str
+    message: str
+
+
+class ConfigError(ValueError):
+    """The config is invalid; ``errors`` lists every problem found, not only the first."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(f"{e.path}: {e.message}" for e in errors))
+
+
+def parse_config(source: str | bytes | dict[str, Any]) -> tuple[ExperimentConfig, list[str]]:
+    """Validate a YAML document (or its already-loaded data) into a config and its warnings."""
+    raw = _load_yaml(source) if isinstance(source, (str, bytes)) else source
+    if not isinstance(raw, dict):
+        got = "an empty document" if raw is None else type(raw).__name__
+        raise ConfigError([FieldError("<config>", f"expected a mapping at the top level, got {got}")])
+    report = _Report()
+    config = _convert(raw, ExperimentConfig, "", report)
+    if report.errors:
+        raise ConfigError(report.errors)
+    assert isinstance(config, ExperimentConfig)
+    return config, report.warnings
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as JSON-safe plain data; ``parse_config`` of it gives back an equal config."""
+    data = msgspec.to_builtins(cfg)
+    assert isinstance(data, dict)
+    return data
+
+
+def searcher_max_length(cfg: ExperimentConfig) -> int | None:
+    """How long each trial trains, in units of the searcher's time metric (None: unbounded)."""
+    searcher = cfg.searcher
+    if searcher.max_time is not None:
+        return searcher.max_time
+    match searcher.max_length:
+        case Length() as length:
+            return length.units
+        case other:
+            return other
+
+
+def leaf_hyperparameters(space: HyperparameterSpace, prefix: str = "") -> Iterator[tuple[str, HPSpec]]:
+    """Every non-group hyperparameter with its dotted path (``optimizer.lr``), in name order."""
+    for name in sorted(space):
+        hp = space[name]
+        path = f"{prefix}{name}"
+        if isinstance(hp, dict):
+            yield from leaf_hyperparameters(hp, f"{path}.")
+        else:
+            yield path, hp
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+# ---------------------------------------------------------------------------------------------
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two YAML 1.2 habits Determined users rely on (see below)."""
+
+
+# PyYAML follows YAML 1.1: ``1e-4`` (no dot) is a string and ``2024-01-01`` a date. Determined
+# reads configs as YAML 1.2, where the first is a float, and a date would not be JSON-safe.
+_SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(source: str | bytes) -> Any:
+    try:
+        return yaml.load(source, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([FieldError("<yaml>", f"{where}{exc.problem or exc}")]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([FieldError("<yaml>", str(exc))]) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The validating walk
+# ---------------------------------------------------------------------------------------------
+
+
+class _Invalid:
+    """Marker for a value that failed validation (its errors are already reported)."""
+
+
+_INVALID = _Invalid()
+
+_IGNORED_MESSAGE = "Determined field not supported by Kiln; ignored"
+
+# Determined fields Kiln accepts and ignores, with a warning, per section.
+_IGNORED_FIELDS: dict[type[msgspec.Struct], frozenset[str]] = {
+    ExperimentConfig: frozenset(
+        {
+            "bind_mounts",
+            "debug",
+            "integrations",
+            "internal",
+            "log_policies",
+            "optimizations",
+            "pbs",
+            "profiling",
+            "retention_policy",
+            "slurm",
+            "tensorboard_storage",
+        }
+    ),
+    EnvironmentConfig: frozenset(
+        {
+            "image",
+            "pod_spec",
+            "force_pull_image",
+            "registry_auth",
+            "add_capabilities",
+            "drop_capabilities",
+            "ports",
+            "proxy_ports",
+        }
+    ),
+    ResourcesConfig: frozenset({"devices", "agent_label", "native_parallel", "is_single_node"}),
+}
+
+# Values Determined accepts that Kiln does not implement yet, so the error says so.
+_NOT_SUPPORTED_YET: dict[str, frozenset[str]] = {
+    "searcher.name": frozenset(
+        {"custom", "pbt", "sync_halving", "adaptive", "adaptive_simple", "adaptive_asha_v2", "manual"}
+    ),
+    "checkpoint_storage.type": frozenset({"gcs", "azure", "hdfs", "directory"}),
+}
+
+
+class _Report:
+    """Errors and warnings collected during one walk."""
+
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, message: str) -> _Invalid:
+        self.errors.append(FieldError(path, message))
+        return _INVALID
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+
+def _join(path: str, key: object) -> str:
+    if key == "":
+        return path
+    return f"{path}.{key}" if path else str(key)
+
+
+def _index(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bounds(info: mi.IntType | mi.FloatType) -> str:
+    parts = [
+        f"{op} {bound}"
+        for op, bound in ((">=", info.ge), (">", info.gt), ("<=", info.le), ("<", info.lt))
+        if bound is not None
+    ]
+    return " " + " and ".join(parts) if parts else ""
+
+
+def _describe(info: mi.Type) -> str:
+    """What a value of this type looks like, for 'expected ...' messages."""
+    match info:
+        case mi.IntType():
+            return "int" + _bounds(info)
+        case mi.FloatType():
+            return "float" + _bounds(info)
+        case mi.StrType(min_length=1):
+            return "non-empty str"
+        case mi.StrType():
+            return "str"
+        case mi.BoolType():
+            return "bool"
+        case mi.NoneType():
+            return "null"
+        case mi.AnyType():
+            return "any value"
+        case mi.LiteralType(values=values):
+            return "one of " + ", ".join(repr(v) for v in values)
+        case mi.ListType(item_type=item, min_length=1):
+            return f"non-empty list of {_describe(item)}"
+        case mi.ListType(item_type=item):
+            return f"list of {_describe(item)}"
+        case mi.DictType(value_type=value):
+            return f"mapping of str to {_describe(value)}"
+        case mi.StructType():
+            return "mapping"
+        case mi.UnionType(types=types):
+            return " or ".join(_describe(t) for t in types)
+        case _:
+            return str(info)
+
+
+def _mismatch(value: Any, expected: str, path: str, report: _Report) -> _Invalid:
+    if isinstance(value, str) and value in _NOT_SUPPORTED_YET.get(path, ()):
+        return report.error(path, f"{value!r} is not supported yet by Kiln; expected {expected}")
+    return report.error(path, f"expected {expected}, got {_show(value)}")
+
+
+def _struct_for(
+    tp: Any, raw: dict[Any, Any], path: str, report: _Report
+) -> type[msgspec.Struct] | _Invalid | None:
+    """The Struct a mapping should become under ``tp``: picked by tag in a tagged union."""
+    if isinstance(tp, type) and issubclass(tp, _Spec) and tp.__struct_config__.tag_field is None:
+        return tp  # also spares type_info the hyperparameter union, which msgspec cannot decode
+    info = mi.type_info(tp)
+    members = info.types if isinstance(info, mi.UnionType) else (info,)
+    structs = [t for t in members if isinstance(t, mi.StructType)]
+    if not structs:
+        return None
+    if len(structs) == 1 and structs[0].tag_field is None:
+        return structs[0].cls
+    tag_field = structs[0].tag_field
+    assert tag_field is not None, "a union of several Structs is always tagged"
+    by_tag = {t.tag: t.cls for t in structs}
+    expected = "one of " + ", ".join(repr(tag) for tag in sorted(by_tag))
+    tag_path = _join(path, tag_field)
+    if tag_field not in raw:
+        return report.error(tag_path, f"required field missing; expected {expected}")
+    tag = raw[tag_field]
+    chosen = by_tag.get(tag) if isinstance(tag, str) else None
+    return chosen if chosen is not None else _mismatch(tag, expected, tag_path, report)
+
+
+def _strip_annotated(tp: Any) -> Any:
+    while getattr(tp, "__metadata__", None) is not None:
+        tp = tp.__origin__
+    return tp
+
+
+def _convert(value: Any, tp: Any, path: str, report: _Report) -> Any:
+    """``value`` as type ``tp``, or _INVALID after reporting every problem found in it."""
+    if isinstance(value, dict):
+        struct = _struct_for(tp, value, path, report)
+        if struct is not None:
+            return struct if isinstance(struct, _Invalid) else _convert_struct(value, struct, path, report)
+    base = _strip_annotated(tp)
+    origin = getattr(base, "__origin__", None)
+    # Walk into containers so that a bad item is reported at its own path (labels[2]).
+    if origin is list and isinstance(value, list):
+        (item_tp,) = base.__args__
+        items = [_convert(item, item_tp, _index(path, i), report) for i, item in enumerate(value)]
+        if any(isinstance(item, _Invalid) for item in items):
+            return _INVALID
+        value = items
+    elif origin is dict and isinstance(value, dict):
+        _, value_tp = base.__args__
+        entries = {key: _convert(item, value_tp, _join(path, key), report) for key, item in value.items()}
+        bad_keys = [key for key in value if not isinstance(key, str)]
+        for key in bad_keys:
+            report.error(_join(path, key), f"keys must be str, got {_show(key)}")
+        if bad_keys or any(isinstance(item, _Invalid) for item in entries.values()):
+            return _INVALID
+        value = entries
+    try:
+        return msgspec.convert(value, tp)
+    except msgspec.ValidationError:
+        return _mismatch(value, _describe(mi.type_info(tp)), path, report)
+
+
+def _convert_struct(raw: dict[Any, Any], cls: type[msgspec.Struct], path: str, report: _Report) -> Any:
+    """``raw`` as a ``cls``: unknown, missing and bad fields all reported, then cross-field checks."""
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    tag_field = cls.__struct_config__.tag_field
+    ignored = _IGNORED_FIELDS.get(cls, frozenset())
+    kwargs: dict[str, Any] = {}
+    valid = True
+    for key, value in raw.items():
+        field_path = _join(path, key)
+        if key == tag_field:
+            continue
+        if key in ignored:
+            report.warn(field_path, _IGNORED_MESSAGE)
+            continue
+        field = fields.get(key)
+        if field is None:
+            report.error(field_path, "unknown field" + _suggestion(str(key), [*fields, *ignored]))
+            valid = False
+            continue
+        custom = _CUSTOM_FIELDS.get((cls, field.name))
+        if custom is not None:
+            converted = custom(value, field_path, report)
+        else:
+            converted = _convert(value, field.type, field_path, report)
+        if isinstance(converted, _Invalid):
+            valid = False
+        else:
+            kwargs[field.name] = converted
+    for name, field in fields.items():
+        if field.required and name not in raw:
+            expected = _describe(mi.type_info(field.type))
+            report.error(_join(path, name), f"required field missing; expected {expected}")
+            valid = False
+    if not valid:
+        return _INVALID
+    struct = cls(**kwargs)
+    check = _CHECKS.get(cls)
+    problems = check(struct) if check else []
+    for field_name, message in problems:
+        report.error(_join(path, field_name), message)
+    return _INVALID if problems else struct
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields that do not follow the generic rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _hyperparameters(raw: Any, path: str, report: _Report) -> HyperparameterSpace | _Invalid:
+    """A mapping with ``type`` is one hyperparameter, without it a nested group; else a const."""
+    if not isinstance(raw, dict):
+        return report.error(path, f"expected mapping of name to hyperparameter, got {_show(raw)}")
+    space: HyperparameterSpace = {}
+    valid = True
+    for name, value in raw.items():
+        hp_path = _join(path, name)
+        hp: Any
+        if not isinstance(name, str):
+            hp = report.error(hp_path, f"hyperparameter names must be str, got {_show(name)}")
+        elif isinstance(value, dict) and "type" in value:
+            hp = _convert(value, HPSpec, hp_path, report)
+        elif isinstance(value, dict):
+            hp = _hyperparameters(value, hp_path, report)
+        else:
+            hp = ConstHP(val=value)
+        if isinstance(hp, _Invalid):
+            valid = False
+        else:
+            space[name] = hp
+    return space if valid else _INVALID
+
+
+def _environment_variables(raw: Any, path: str, report: _Report) -> dict[str, str] | _Invalid:
+    """``["K=V", ...]``, ``{K: V}`` or Determined's per-device ``{cpu: [...], cuda: [...]}``."""
+    if _is_per_device(raw):
+        if raw.get("rocm"):
+            report.warn(_join(path, "rocm"), "ROCm is not supported by Kiln; ignored")
+        # Kiln has one set for CPU and NVIDIA trials alike: cuda's entries win over cpu's.
+        parts = [
+            _environment_variables(raw.get(device, []), _join(path, device), report)
+            for device in ("cpu", "cuda")
+        ]
+        if any(isinstance(part, _Invalid) for part in parts):
+            return _INVALID
+        return {key: val for part in parts if isinstance(part, dict) for key, val in part.items()}
+    if isinstance(raw, list):
+        pairs = [_env_item(item, _index(path, i), report) for i, item in enumerate(raw)]
+    elif isinstance(raw, dict):
+        pairs = [_env_entry(key, val, _join(path, key), report) for key, val in raw.items()]
+    else:
+        expected = "list of 'KEY=VALUE' str or mapping of str to str"
+        return report.error(path, f"expected {expected}, got {_show(raw)}")
+    if any(isinstance(pair, _Invalid) for pair in pairs):
+        return _INVALID
+    return dict(pair for pair in pairs if isinstance(pair, tuple))
+
+
+def _is_per_device(raw: Any) -> bool:
+    return (
+        isinstance(raw, dict)
+        and bool(raw)
+        and set(raw) <= {"cpu", "cuda", "rocm"}
+        and all(isinstance(v, list) for v in raw.values())
+    )
+
+
+def _env_item(item: Any, path: str, report: _Report) -> tuple[str, str] | _Invalid:
+    key, sep, val = item.partition("=") if isinstance(item, str) else ("", "", "")
+    if not (key and sep):
+        return report.error(path, f"expected 'KEY=VALUE', got {_show(item)}")
+    return key, val
+
+
+def _env_entry(key: Any, val: Any, path: str, report: _Report) -> tuple[str, str] | _Invalid:
+    if not isinstance(key, str) or not key:
+        return report.error(path, f"variable names must be non-empty str, got {_show(key)}")
+    if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+        return report.error(path, f"expected str or number, got {_show(val)}")
+    return key, str(val)
+
+
+_CUSTOM_FIELDS: dict[tuple[type[msgspec.Struct], str], Callable[[Any, str, _Report], Any]] = {
+    (ExperimentConfig, "hyperparameters"): _hyperparameters,
+    (EnvironmentConfig, "environment_variables"): _environment_variables,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks: run on a Struct once its own fields are valid; (field, message) per problem.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_range(hp: IntHP | DoubleHP | LogHP) -> list[tuple[str, str]]:
+    if hp.minval > hp.maxval:
+        return [("minval", f"must be <= maxval ({hp.maxval!r}), got {hp.minval!r}")]
+    return []
+
+
+def _check_length(length: Length) -> list[tuple[str, str]]:
+    set_units = [u for u in (length.batches, length.records, length.epochs) if u is not None]
+    if len(set_units) != 1:
+        return [("", "expected exactly one of batches, records, epochs")]
+    return []
+
+
+_NEEDS_MAX_TRIALS = frozenset({"random", "adaptive_asha", "async_halving"})
+_NEEDS_LENGTH = frozenset({"adaptive_asha", "async_halving"})
+
+
+def _check_searcher(s: SearcherConfig) -> list[tuple[str, str]]:
+    """The rules that depend on the search method."""
+    problems: list[tuple[str, str]] = []
+    if s.name in _NEEDS_MAX_TRIALS and s.max_trials is None:
+        problems.append(("max_trials", f"required for searcher {s.name!r}; expected int >= 1"))
+    if s.max_time is not None and s.time_metric is None:
+        problems.append(("time_metric", "required when max_time is set"))
+    if s.time_metric is not None and s.max_time is None:
+        problems.append(("max_time", "required when time_metric is set"))
+    if s.max_time is not None and s.max_length is not None:
+        message = "give either max_time with time_metric or the legacy max_length, not both"
+        problems.append(("max_length", message))
+    if s.name in _NEEDS_LENGTH and s.max_time is None and s.time_metric is None and s.max_length is None:
+        message = f"searcher {s.name!r} needs max_time with time_metric (or legacy max_length)"
+        problems.append(("max_time", message))
+    return problems
+
+
+def _check_experiment(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Grid search needs a number of grid points for every range hyperparameter."""
+    if cfg.searcher.name != "grid":
+        return []
+    return [
+        (f"hyperparameters.{path}.count", "required for grid search")
+        for path, hp in leaf_hyperparameters(cfg.hyperparameters)
+        if isinstance(hp, (IntHP, DoubleHP, LogHP)) and hp.count is None
+    ]
+
+
+_CHECKS: dict[type[msgspec.Struct], Callable[[Any], list[tuple[str, str]]]] = {
+    IntHP: _check_range,
+    DoubleHP: _check_range,
+    LogHP: _check_range,
+    Length: _check_length,
+    SearcherConfig: _check_searcher,
+    ExperimentConfig: _check_experiment,
+}

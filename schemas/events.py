@@ -1,0 +1,309 @@
+"""Every event Kiln puts on the bus, defined once.
+
+One tagged union per stream (STYLE.md 6). Wire events are frozen, keyword-only Structs tagged by class
+name in the ``type`` field. They never forbid unknown fields, so an older reader skips what a newer
+writer added; new fields always get a default, and a breaking change is a new tag.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# JSON-safe metric value: a finite float, NaN/inf (encoded as strings by the Core API), or any
+# scalar a user reports (Determined accepts strings and bools in metrics too).
+MetricValue = float | int | str | bool | None
+
+TrialState = Literal["COMPLETED", "ERROR", "CANCELED"]
+ExperimentState = Literal["COMPLETED", "ERROR", "CANCELED"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of every wire event; the tag is the class name."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain stream (KILN_EVENTS): small, kept forever, the source of truth every projection folds.
+# ---------------------------------------------------------------------------------------------
+
+
+class ExperimentSubmitted(Event, frozen=True, kw_only=True):
+    """A user submitted an experiment; its config is validated and its code context stored."""
+
+    experiment_id: int
+    # The validated config as plain JSON data. Kept untyped on the wire on purpose: the config
+    # schema forbids unknown keys (user input), which must not make old event readers fail.
+    config: dict[str, Any]
+    config_yaml: str
+    context_digest: str  # sha256 of the tar.gz; the object key is derived from it
+    context_size: int
+    seed: int
+    submitted_by: str = "anonymous"
+    submitted_at: float = 0.0
+
+
+class ExperimentKillRequested(Event, frozen=True, kw_only=True):
+    """A user asked to kill an experiment and all of its trials."""
+
+    experiment_id: int
+    requested_by: str = "anonymous"
+
+
+class TrialCreated(Event, frozen=True, kw_only=True):
+    """The searcher created a trial with these hyperparameters."""
+
+    experiment_id: int
+    trial_id: int
+    request_id: int  # the searcher's own per-experiment number for the trial
+    hparams: dict[str, Any]
+    seed: int
+    max_length: int | None = None  # units of the searcher's time metric the trial should train
+
+
+class TrialStopRequested(Event, frozen=True, kw_only=True):
+    """The searcher decided a trial should stop early (seen via ``should_preempt()``)."""
+
+    experiment_id: int
+    trial_id: int
+    reason: str = "searcher decided to early stop trial"
+
+
+class ExperimentEnded(Event, frozen=True, kw_only=True):
+    """The experiment reached a terminal state; no trial of it will run again."""
+
+    experiment_id: int
+    state: ExperimentState
+    reason: str = ""
+
+
+class AllocationAssigned(Event, frozen=True, kw_only=True):
+    """The scheduler placed a trial run on a worker's slots."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    worker_id: str
+    slot_ids: list[str]
+    restarts: int = 0
+    latest_checkpoint: str | None = None
+
+
+class AllocationKillRequested(Event, frozen=True, kw_only=True):
+    """The scheduler asked a worker to kill a running allocation."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    worker_id: str
+    reason: str = ""
+
+
+class TrialStarted(Event, frozen=True, kw_only=True):
+    """A worker started the trial's process for an allocation."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    worker_id: str
+    started_at: float = 0.0
+
+
+class AllocationExited(Event, frozen=True, kw_only=True):
+    """The trial process of an allocation ended (or never started: exit_code None)."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    worker_id: str
+    exit_code: int | None
+    reason: str = ""
+    killed: bool = False
+    exited_at: float = 0.0
+
+
+class WorkerLost(Event, frozen=True, kw_only=True):
+    """A worker stopped heartbeating past the timeout; its allocations are gone."""
+
+    worker_id: str
+    last_seen: float
+    allocation_ids: list[str] = []
+
+
+class AllocationLost(Event, frozen=True, kw_only=True):
+    """An allocation ended because its worker was lost."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    worker_id: str
+
+
+class TrialRestarting(Event, frozen=True, kw_only=True):
+    """A failed trial goes back to the queue to resume from its latest checkpoint."""
+
+    experiment_id: int
+    trial_id: int
+    restarts: int
+    reason: str = ""
+
+
+class TrialExited(Event, frozen=True, kw_only=True):
+    """A trial reached a terminal state and will not run again."""
+
+    experiment_id: int
+    trial_id: int
+    state: TrialState
+    exit_code: int | None = None
+    restarts: int = 0
+    reason: str = ""
+
+
+class ValidationReported(Event, frozen=True, kw_only=True):
+    """A trial reported validation metrics (the searcher decides on these)."""
+
+    experiment_id: int
+    trial_id: int
+    steps_completed: int
+    metrics: dict[str, MetricValue]
+    reported_at: float = 0.0
+
+
+class CheckpointStored(Event, frozen=True, kw_only=True):
+    """A trial uploaded a checkpoint; ``uuid`` names it in storage."""
+
+    experiment_id: int
+    trial_id: int
+    uuid: str
+    steps_completed: int
+    storage: str  # e.g. "s3://bucket/prefix" or "shared_fs:///host/path"
+    resources: dict[str, int] = {}  # relative file path -> size in bytes
+    metadata: dict[str, Any] = {}
+    reported_at: float = 0.0
+
+
+class TrialProgressReported(Event, frozen=True, kw_only=True):
+    """A trial reported how far it is (0..1) through its work."""
+
+    experiment_id: int
+    trial_id: int
+    progress: float
+
+
+DomainEvent = (
+    ExperimentSubmitted
+    | ExperimentKillRequested
+    | TrialCreated
+    | TrialStopRequested
+    | ExperimentEnded
+    | AllocationAssigned
+    | AllocationKillRequested
+    | TrialStarted
+    | AllocationExited
+    | WorkerLost
+    | AllocationLost
+    | TrialRestarting
+    | TrialExited
+    | ValidationReported
+    | CheckpointStored
+    | TrialProgressReported
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics stream (KILN_METRICS): high volume; many points per message.
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One training report: the metrics at a step."""
+
+    steps_completed: int
+    metrics: dict[str, MetricValue]
+    reported_at: float = 0.0
+
+
+class TrainingMetricsReported(Event, frozen=True, kw_only=True):
+    """A batch of training metric points from one trial, in report order."""
+
+    experiment_id: int
+    trial_id: int
+    batch_id: str  # unique per trial run and batch: the dedupe key
+    points: list[MetricPoint]
+
+
+MetricEvent = TrainingMetricsReported
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs stream (KILN_LOGS): high volume, bounded retention.
+# ---------------------------------------------------------------------------------------------
+
+
+class LogLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One line a trial process wrote."""
+
+    line_no: int  # per allocation, from 0; orders and dedupes lines
+    stream: Literal["stdout", "stderr", "system"]
+    text: str
+    ts: float
+
+
+class LogsShipped(Event, frozen=True, kw_only=True):
+    """A batch of log lines of one allocation."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    lines: list[LogLine]
+
+
+LogEvent = LogsShipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters (KILN_DEADLETTER): what a consumer could not decode or handle, kept for a human.
+# ---------------------------------------------------------------------------------------------
+
+
+class MessageDeadLettered(Event, frozen=True, kw_only=True):
+    """A consumer gave up on a message; the original bytes are kept for inspection."""
+
+    consumer: str
+    stream: str
+    stream_seq: int
+    subject: str
+    error: str
+    payload: bytes
+
+
+DeadLetterEvent = MessageDeadLettered
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeats: ephemeral, core NATS only, never in the event log.
+# ---------------------------------------------------------------------------------------------
+
+
+class Slot(msgspec.Struct, frozen=True, kw_only=True):
+    """One schedulable unit of a worker: a GPU, or a CPU slot when no GPU is found."""
+
+    slot_id: str
+    kind: Literal["cuda", "cpu"]
+    name: str = ""
+    uuid: str = ""
+    memory_mb: int = 0
+    utilization: int = 0
+
+
+class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's periodic statement of its slots and what it runs."""
+
+    worker_id: str
+    address: str
+    resource_pool: str
+    slots: list[Slot]
+    running: list[str]  # allocation ids whose process is alive
+    sent_at: float
+    # Allocations that ended recently (their exit is on the bus): not "missing", just done.
+    finished: list[str] = []

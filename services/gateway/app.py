@@ -1,0 +1,293 @@
+"""The Litestar HTTP API: validates submissions into events, serves the read model.
+
+Controllers decode, call a query or the submission service, and encode (STYLE.md 9). Every route has an
+``operation_id`` and a one-line docstring; the OpenAPI schema is served at ``/schema``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import secrets
+import tarfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+import structlog
+from litestar import Litestar, get, post
+from litestar.datastructures import State, UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import ClientException, NotFoundException
+from litestar.openapi import OpenAPIConfig
+from litestar.params import Body, Parameter
+from litestar.response import Stream
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
+from minio import Minio
+
+from kiln import context as code_context
+from schemas import events as ev
+from schemas.config import ConfigError, config_to_dict, parse_config
+from services.gateway import queries
+from services.runtime import Bus
+
+log = structlog.get_logger(__name__)
+
+# Search methods the searcher service can run today; the config schema knows more of Determined's.
+IMPLEMENTED_SEARCHERS = {"single"}
+
+
+@dataclass
+class GatewayDeps:
+    """What the routes need, opened by the composition root and kept on ``app.state``."""
+
+    pool: asyncpg.Pool
+    bus: Bus
+    minio: Minio
+    bucket: str
+    max_context_bytes: int
+
+
+@dataclass
+class Submission:
+    """Multipart form of ``POST /api/v1/experiments``."""
+
+    config: str
+    context: UploadFile
+    submitted_by: str = "anonymous"
+
+
+def _deps(state: State) -> GatewayDeps:
+    deps: GatewayDeps = state.deps
+    return deps
+
+
+def _bad_request(detail: str, **extra: Any) -> ClientException:
+    return ClientException(detail=detail, extra=extra or None)
+
+
+@get("/health", operation_id="health")
+async def health(state: State) -> dict[str, str]:
+    """Liveness and readiness: Postgres answers and the bus is connected."""
+    deps = _deps(state)
+    async with deps.pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+    if not deps.bus.nc.is_connected:
+        raise ClientException(status_code=503, detail="not connected to NATS")
+    return {"status": "ok"}
+
+
+@post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED)
+async def create_experiment(
+    state: State, data: Annotated[Submission, Body(media_type=RequestEncodingType.MULTI_PART)]
+) -> dict[str, Any]:
+    """Submit an experiment: a Determined-style YAML config and a tar.gz code context."""
+    deps = _deps(state)
+    try:
+        config, warnings = parse_config(data.config)
+    except ConfigError as exc:
+        raise _bad_request("invalid experiment config",
+                           errors=[{"path": e.path, "message": e.message} for e in exc.errors]) from exc
+    if config.searcher.name not in IMPLEMENTED_SEARCHERS:
+        raise _bad_request("invalid experiment config", errors=[{
+            "path": "searcher.name",
+            "message": f"{config.searcher.name!r} is not available yet (available: {sorted(IMPLEMENTED_SEARCHERS)})",
+        }])
+    blob = await data.context.read(deps.max_context_bytes + 1)
+    try:
+        code_context.check(blob, max_bytes=deps.max_context_bytes)
+    except code_context.ContextError as exc:
+        raise _bad_request(f"invalid code context: {exc}") from exc
+    digest = code_context.digest(blob)
+    await asyncio.to_thread(_store_context, deps, digest, blob)
+    async with deps.pool.acquire() as conn:
+        experiment_id = await queries.next_experiment_id(conn)
+    seed = config.reproducibility.experiment_seed if config.reproducibility else None
+    event = ev.ExperimentSubmitted(
+        experiment_id=experiment_id,
+        config=config_to_dict(config),
+        config_yaml=data.config,
+        context_digest=digest,
+        context_size=len(blob),
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+        submitted_by=data.submitted_by,
+        submitted_at=time.time(),
+    )
+    await deps.bus.publish(event)
+    log.info("experiment.submitted", experiment_id=experiment_id, digest=digest, warnings=warnings)
+    return {"id": experiment_id, "warnings": warnings, "context_digest": digest}
+
+
+def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
+    """Store a context once under its digest (identical contexts share one object)."""
+    key = code_context.object_key(digest)
+    with contextlib.suppress(Exception):
+        deps.minio.stat_object(deps.bucket, key)
+        return
+    deps.minio.put_object(deps.bucket, key, io.BytesIO(blob), len(blob), content_type="application/gzip")
+
+
+@get("/api/v1/experiments", operation_id="listExperiments")
+async def list_experiments(
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Parameter(ge=0)] = 0,
+    experiment_state: Annotated[str | None, Parameter(query="state")] = None,
+) -> list[dict[str, Any]]:
+    """Experiments, newest first."""
+    async with _deps(state).pool.acquire() as conn:
+        return await queries.list_experiments(conn, limit, offset, experiment_state)
+
+
+@get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment")
+async def get_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+    """One experiment with its config, trial states and best trial."""
+    async with _deps(state).pool.acquire() as conn:
+        found = await queries.get_experiment(conn, experiment_id)
+    if found is None:
+        raise NotFoundException(f"experiment {experiment_id} not found")
+    return found
+
+
+@get("/api/v1/experiments/{experiment_id:int}/trials", operation_id="listExperimentTrials")
+async def list_trials(
+    state: State,
+    experiment_id: int,
+    limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
+    offset: Annotated[int, Parameter(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """An experiment's trials in creation order."""
+    async with _deps(state).pool.acquire() as conn:
+        if await queries.get_experiment(conn, experiment_id) is None:
+            raise NotFoundException(f"experiment {experiment_id} not found")
+        return await queries.list_trials(conn, experiment_id, limit, offset)
+
+
+@post("/api/v1/experiments/{experiment_id:int}/kill", operation_id="killExperiment", status_code=HTTP_202_ACCEPTED)
+async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+    """Ask for an experiment and all its trials to be killed."""
+    deps = _deps(state)
+    async with deps.pool.acquire() as conn:
+        found = await queries.get_experiment(conn, experiment_id)
+    if found is None:
+        raise NotFoundException(f"experiment {experiment_id} not found")
+    if found["ended_at"] is not None:
+        return {"id": experiment_id, "state": found["state"]}
+    await deps.bus.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
+    return {"id": experiment_id, "state": "STOPPING_CANCELED"}
+
+
+@get("/api/v1/trials/{trial_id:int}", operation_id="getTrial")
+async def get_trial(state: State, trial_id: int) -> dict[str, Any]:
+    """One trial with its allocations."""
+    async with _deps(state).pool.acquire() as conn:
+        found = await queries.get_trial(conn, trial_id)
+    if found is None:
+        raise NotFoundException(f"trial {trial_id} not found")
+    return found
+
+
+@get("/api/v1/trials/{trial_id:int}/metrics", operation_id="getTrialMetrics")
+async def trial_metrics(
+    state: State,
+    trial_id: int,
+    kind: Annotated[str | None, Parameter(pattern="^(training|validation)$")] = None,
+    limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
+    offset: Annotated[int, Parameter(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """A trial's metric points, by kind and step."""
+    async with _deps(state).pool.acquire() as conn:
+        return await queries.trial_metrics(conn, trial_id, kind, limit, offset)
+
+
+@get("/api/v1/trials/{trial_id:int}/logs", operation_id="getTrialLogs")
+async def trial_logs(
+    state: State,
+    trial_id: int,
+    limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
+    offset: Annotated[int, Parameter(ge=0)] = 0,
+    tail: bool = False,
+) -> list[dict[str, Any]]:
+    """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines."""
+    async with _deps(state).pool.acquire() as conn:
+        return await queries.trial_logs(conn, trial_id, limit, offset, tail)
+
+
+@get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints")
+async def trial_checkpoints(state: State, trial_id: int) -> list[dict[str, Any]]:
+    """A trial's checkpoints in step order."""
+    async with _deps(state).pool.acquire() as conn:
+        return await queries.trial_checkpoints(conn, trial_id)
+
+
+@get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint")
+async def get_checkpoint(state: State, uuid: str) -> dict[str, Any]:
+    """One checkpoint's record: trial, steps, files and metadata."""
+    async with _deps(state).pool.acquire() as conn:
+        found = await queries.get_checkpoint(conn, uuid)
+    if found is None:
+        raise NotFoundException(f"checkpoint {uuid} not found")
+    return found
+
+
+@get("/api/v1/checkpoints/{uuid:str}/download", operation_id="downloadCheckpoint")
+async def download_checkpoint(state: State, uuid: str) -> Stream:
+    """The checkpoint's files as a tar stream (checkpoints in the cluster's store)."""
+    deps = _deps(state)
+    async with deps.pool.acquire() as conn:
+        found = await queries.get_checkpoint(conn, uuid)
+    if found is None:
+        raise NotFoundException(f"checkpoint {uuid} not found")
+    prefix = f"s3://{deps.bucket}/"
+    if not str(found["storage"]).startswith(prefix):
+        raise ClientException(status_code=409, detail=f"checkpoint {uuid} is stored in {found['storage']},"
+                              " outside the cluster's store; read it from there")
+    key_prefix = str(found["storage"])[len(prefix):].strip("/")
+    files = list(found["resources"])
+    blob = await asyncio.to_thread(_tar_checkpoint, deps, key_prefix, uuid, files)
+    return Stream(iter([blob]), media_type="application/x-tar",
+                  headers={"Content-Disposition": f'attachment; filename="{uuid}.tar"'})
+
+
+def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel in sorted(files):
+            key = "/".join(p for p in (key_prefix, uuid, rel) if p)
+            resp = deps.minio.get_object(deps.bucket, key)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+ROUTES = [
+    health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
+    trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
+]
+
+
+def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
+    """The Litestar app; ``deps_factory`` is an async context manager yielding GatewayDeps."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with deps_factory() as deps:
+            app.state.deps = deps
+            yield
+
+    return Litestar(
+        route_handlers=ROUTES,
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="Kiln", version="0.1.0"),
+        request_max_body_size=max_body_bytes,
+        debug=False,
+    )

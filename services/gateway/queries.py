@@ -1,0 +1,118 @@
+"""Read-model queries the gateway serves. SQL lives here; controllers stay thin."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+EXPERIMENT_COLUMNS = (
+    "e.id, e.name, e.description, e.labels, e.state, e.searcher_name, e.searcher_metric, e.smaller_is_better,"
+    " e.submitted_by, e.submitted_at, e.ended_at, e.end_reason, e.progress, e.context_digest"
+)
+TRIAL_COLUMNS = (
+    "t.id, t.experiment_id, t.request_id, t.hparams, t.seed, t.max_length, t.state, t.restarts, t.exit_code,"
+    " t.end_reason, t.stop_requested, t.allocation_id, t.worker_id, t.created_at, t.started_at, t.ended_at,"
+    " t.steps_completed, t.progress, t.latest_validation, t.best_metric, t.latest_checkpoint"
+)
+
+
+async def init_connection(conn: Any) -> None:
+    """Decode jsonb columns into Python values on the gateway's connections."""
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _rows(records: list[Any]) -> list[dict[str, Any]]:
+    return [dict(r) for r in records]
+
+
+async def list_experiments(conn: Any, limit: int, offset: int, state: str | None) -> list[dict[str, Any]]:
+    """Experiments, newest first, with trial counts."""
+    records = await conn.fetch(
+        f"SELECT {EXPERIMENT_COLUMNS}, (SELECT count(*) FROM trials t WHERE t.experiment_id = e.id) AS num_trials"
+        " FROM experiments e WHERE ($3::text IS NULL OR e.state = $3) ORDER BY e.id DESC LIMIT $1 OFFSET $2",
+        limit, offset, state,
+    )
+    return _rows(records)
+
+
+async def get_experiment(conn: Any, experiment_id: int) -> dict[str, Any] | None:
+    """One experiment with its config and a per-state trial count."""
+    row = await conn.fetchrow(f"SELECT {EXPERIMENT_COLUMNS}, e.config, e.config_yaml, e.seed FROM experiments e"
+                              " WHERE e.id = $1", experiment_id)
+    if row is None:
+        return None
+    out = dict(row)
+    counts = await conn.fetch("SELECT state, count(*) AS n FROM trials WHERE experiment_id = $1 GROUP BY state",
+                              experiment_id)
+    out["trial_states"] = {r["state"]: r["n"] for r in counts}
+    best = await conn.fetchrow(
+        "SELECT id, best_metric FROM trials WHERE experiment_id = $1 AND best_metric IS NOT NULL"
+        " ORDER BY CASE WHEN $2 THEN best_metric ELSE -best_metric END LIMIT 1",
+        experiment_id, row["smaller_is_better"],
+    )
+    out["best_trial"] = dict(best) if best else None
+    return out
+
+
+async def list_trials(conn: Any, experiment_id: int, limit: int, offset: int) -> list[dict[str, Any]]:
+    """An experiment's trials in creation order."""
+    records = await conn.fetch(f"SELECT {TRIAL_COLUMNS} FROM trials t WHERE t.experiment_id = $1"
+                               " ORDER BY t.id LIMIT $2 OFFSET $3", experiment_id, limit, offset)
+    return _rows(records)
+
+
+async def get_trial(conn: Any, trial_id: int) -> dict[str, Any] | None:
+    """One trial with its allocations (restarts are visible there)."""
+    row = await conn.fetchrow(f"SELECT {TRIAL_COLUMNS} FROM trials t WHERE t.id = $1", trial_id)
+    if row is None:
+        return None
+    out = dict(row)
+    allocations = await conn.fetch(
+        "SELECT id, worker_id, slot_ids, restarts, assigned_at, started_at, ended_at, exit_code, end_reason"
+        " FROM allocations WHERE trial_id = $1 ORDER BY assigned_at", trial_id)
+    out["allocations"] = _rows(allocations)
+    return out
+
+
+async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+    """A trial's metric points in step order."""
+    records = await conn.fetch(
+        "SELECT kind, steps_completed, metrics, reported_at FROM metrics WHERE trial_id = $1"
+        " AND ($2::text IS NULL OR kind = $2) ORDER BY kind, steps_completed LIMIT $3 OFFSET $4",
+        trial_id, kind, limit, offset,
+    )
+    return _rows(records)
+
+
+async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool) -> list[dict[str, Any]]:
+    """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``)."""
+    order = "DESC" if tail else "ASC"
+    records = await conn.fetch(
+        "SELECT allocation_id, line_no, stream, ts, text FROM trial_logs WHERE trial_id = $1"
+        f" ORDER BY ts {order}, allocation_id {order}, line_no {order} LIMIT $2 OFFSET $3",
+        trial_id, limit, offset,
+    )
+    rows = _rows(records)
+    return rows[::-1] if tail else rows
+
+
+async def trial_checkpoints(conn: Any, trial_id: int) -> list[dict[str, Any]]:
+    """A trial's checkpoints in step order."""
+    records = await conn.fetch(
+        "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
+        " FROM checkpoints WHERE trial_id = $1 ORDER BY steps_completed", trial_id)
+    return _rows(records)
+
+
+async def get_checkpoint(conn: Any, uuid: str) -> dict[str, Any] | None:
+    """One checkpoint's record."""
+    row = await conn.fetchrow(
+        "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
+        " FROM checkpoints WHERE uuid = $1", uuid)
+    return dict(row) if row else None
+
+
+async def next_experiment_id(conn: Any) -> int:
+    """A fresh experiment id (a sequence: ids are never reused, even after a failed submit)."""
+    value: int = await conn.fetchval("SELECT nextval('experiment_ids')")
+    return value

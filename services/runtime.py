@@ -1,0 +1,456 @@
+"""The shared service runtime: settings, logging, the bus, consumers with an explicit ack policy.
+
+Every service's ``main.py`` uses this one module and nothing of another service. No I/O at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+
+from schemas import events as ev
+from schemas.subjects import ALL_STREAMS, DEADLETTER, StreamSpec, dedupe_key, subject_for
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
+
+_ENCODER = msgspec.json.Encoder()
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and logging
+# ---------------------------------------------------------------------------------------------
+
+
+class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a process reaches NATS: its own user, never a global one."""
+
+    nats_url: str = "nats://127.0.0.1:14222"
+    nats_user: str = ""
+    nats_password: str = ""
+
+
+class S3Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a process reaches the object store."""
+
+    s3_endpoint: str = "127.0.0.1:18333"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "kiln"
+    s3_secure: bool = False
+
+
+def read_settings(cls: type[S], prefix: str = "KILN_", environ: dict[str, str] | None = None) -> S:
+    """Build a settings Struct from ``<prefix><FIELD>`` environment variables, once, at startup."""
+    env = os.environ if environ is None else environ
+    raw = {
+        name: env[prefix + name.upper()]
+        for name in cls.__struct_fields__
+        if prefix + name.upper() in env
+    }
+    try:
+        # strict=False lets "14222" become an int and "true" a bool.
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"bad setting for {cls.__name__} ({prefix}*): {exc}") from exc
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON logs on stderr, one object per line, tagged with the service name."""
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An Event set by SIGTERM or SIGINT: the signal → Event → drain shutdown path."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+# ---------------------------------------------------------------------------------------------
+# Consumers
+# ---------------------------------------------------------------------------------------------
+
+
+class Transient(Exception):
+    """A handler failure worth retrying later (a server is restarting, a row is locked)."""
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A durable pull consumer, with its redelivery policy set on purpose."""
+
+    durable: str
+    stream: StreamSpec
+    filter_subjects: list[str]
+    max_deliver: int = 8
+    # Redelivery delays after a nak or a missed ack; JetStream needs max_deliver > len(backoff).
+    backoff_s: tuple[float, ...] = (0.5, 2.0, 5.0, 15.0, 30.0)
+    ack_wait_s: float = 60.0
+    max_ack_pending: int = 10_000
+
+
+class Delivery(Generic[T]):
+    """One decoded message with where it sits in its stream."""
+
+    __slots__ = ("event", "msg", "seq")
+
+    def __init__(self, event: T, msg: Msg, seq: int) -> None:
+        self.event = event
+        self.msg = msg
+        self.seq = seq
+
+    @property
+    def num_delivered(self) -> int:
+        """How many times JetStream has delivered this message (1 = first time)."""
+        return self.msg.metadata.num_delivered
+
+
+Handler = Callable[[list[Delivery[T]]], Awaitable[None]]
+
+
+class Bus:
+    """A connected NATS client with Kiln's streams, publish and consume conventions."""
+
+    def __init__(self, nc: nats.NATS, service: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.service = service
+
+    async def ensure_streams(self, specs: Sequence[StreamSpec] = ALL_STREAMS) -> None:
+        """Create the streams if missing (idempotent; existing streams are left as they are)."""
+        for spec in specs:
+            config = js_api.StreamConfig(
+                name=spec.name,
+                subjects=spec.subjects,
+                storage=js_api.StorageType.FILE,
+                retention=js_api.RetentionPolicy.LIMITS,
+                max_age=spec.max_age_s or None,
+                max_bytes=spec.max_bytes,
+                duplicate_window=spec.duplicate_window_s,
+            )
+            try:
+                await self.js.stream_info(spec.name)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(config)
+
+    async def publish(self, event: Any, *, msg_id: str | None = None) -> int:
+        """Publish one event on its subject with a deterministic ``Nats-Msg-Id``; return its seq.
+
+        A retried publish of the same fact carries the same id, so JetStream drops the duplicate
+        inside the stream's dedupe window instead of storing a second event.
+        """
+        headers = {"Nats-Msg-Id": msg_id or dedupe_key(event)}
+        ack = await self.js.publish(subject_for(event), _ENCODER.encode(event), headers=headers)
+        return ack.seq
+
+    async def publish_many(self, events: Sequence[Any]) -> None:
+        """Publish events in order, each awaited, so their stream order is their list order."""
+        for event in events:
+            await self.publish(event)
+
+    async def dead_letter(self, consumer: str, msg: Msg, error: str) -> None:
+        """Keep a message a consumer gave up on, with why, in the dead-letter stream."""
+        meta = msg.metadata
+        letter = ev.MessageDeadLettered(
+            consumer=consumer,
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
+            subject=msg.subject,
+            error=error[:2000],
+            payload=msg.data,
+        )
+        await self.publish(letter, msg_id=f"dl:{consumer}:{meta.stream}:{meta.sequence.stream}")
+
+    async def consume(
+        self,
+        spec: ConsumerSpec,
+        decoder: msgspec.json.Decoder[T],
+        handler: Handler[T],
+        stop: asyncio.Event,
+        *,
+        batch: int = 1,
+        idle: Callable[[], Awaitable[None]] | None = None,
+        fetch_timeout_s: float = 1.0,
+    ) -> None:
+        """Pull, decode and hand batches to ``handler`` until ``stop`` is set.
+
+        Ack policy (STYLE.md 8): undecodable → dead-letter + term; handler failure → nak with the
+        backoff delay, and after ``max_deliver`` tries → dead-letter + term; success → ack, only
+        after the handler returned (it commits first). A failing batch is retried one message at
+        a time so one poison message cannot hold back the rest.
+        """
+        psub = await self._durable(spec)
+        log.info("consumer.started", durable=spec.durable, stream=spec.stream.name)
+        while not stop.is_set():
+            try:
+                msgs = await psub.fetch(batch, timeout=fetch_timeout_s)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                if idle is not None:
+                    await idle()
+                continue
+            except nats.errors.ConnectionClosedError:
+                break
+            deliveries: list[Delivery[T]] = []
+            for msg in msgs:
+                try:
+                    deliveries.append(Delivery(decoder.decode(msg.data), msg, msg.metadata.sequence.stream))
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
+                    await self.dead_letter(spec.durable, msg, f"undecodable: {exc}")
+                    await msg.term()
+            if not deliveries:
+                continue
+            try:
+                await handler(deliveries)
+            except Exception as exc:  # noqa: BLE001 - every failure gets the policy below
+                if len(deliveries) == 1:
+                    await self._failed(spec, deliveries[0], exc)
+                    continue
+                log.warning("consumer.batch_failed", durable=spec.durable, size=len(deliveries), error=repr(exc))
+                for one in deliveries:
+                    try:
+                        await handler([one])
+                    except Exception as exc_one:  # noqa: BLE001
+                        await self._failed(spec, one, exc_one)
+                    else:
+                        await one.msg.ack()
+                continue
+            for d in deliveries:
+                await d.msg.ack()
+
+    async def _failed(self, spec: ConsumerSpec, d: Delivery[Any], exc: Exception) -> None:
+        """Nak with backoff, or dead-letter once the delivery budget is spent."""
+        if d.num_delivered >= spec.max_deliver:
+            log.error("consumer.poison", durable=spec.durable, seq=d.seq, error=repr(exc))
+            await self.dead_letter(spec.durable, d.msg, f"handler failed {d.num_delivered} times: {exc!r}")
+            await d.msg.term()
+            return
+        delay = spec.backoff_s[min(d.num_delivered - 1, len(spec.backoff_s) - 1)]
+        level = "warning" if isinstance(exc, Transient) else "error"
+        getattr(log, level)("consumer.retry", durable=spec.durable, seq=d.seq, delay=delay, error=repr(exc))
+        await d.msg.nak(delay=delay)
+
+    async def _durable(self, spec: ConsumerSpec) -> Any:
+        """Bind to the durable consumer, creating it with ``spec`` on first use."""
+        config = js_api.ConsumerConfig(
+            durable_name=spec.durable,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait_s,
+            max_deliver=spec.max_deliver,
+            filter_subjects=spec.filter_subjects if len(spec.filter_subjects) > 1 else None,
+            filter_subject=spec.filter_subjects[0] if len(spec.filter_subjects) == 1 else None,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        return await self.js.pull_subscribe(
+            spec.filter_subjects[0], durable=spec.durable, stream=spec.stream.name, config=config
+        )
+
+    async def read(
+        self,
+        stream: StreamSpec,
+        filter_subject: str,
+        decoder: msgspec.json.Decoder[T],
+        *,
+        start_seq: int = 1,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[Delivery[T]]:
+        """Read a stream in order from ``start_seq`` with an ephemeral consumer (replay, audit).
+
+        Without ``follow`` it ends at the last message present when it started. Undecodable
+        messages are skipped with a warning: a reader never blocks on poison.
+        """
+        try:
+            info = await self.js.stream_info(stream.name)
+        except nats.js.errors.NotFoundError:
+            return
+        last = info.state.last_seq
+        if not follow and (last == 0 or start_seq > last):
+            return
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(start_seq, 1),
+            ack_policy=js_api.AckPolicy.NONE,
+            filter_subject=filter_subject,
+            inactive_threshold=30.0,
+        )
+        psub = await self.js.pull_subscribe(filter_subject, stream=stream.name, config=config)
+        try:
+            while stop is None or not stop.is_set():
+                try:
+                    msgs = await psub.fetch(256, timeout=0.5)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    if follow:
+                        continue
+                    # Nothing more for this filter before the end seen at start.
+                    pending = (await psub.consumer_info()).num_pending
+                    if pending == 0:
+                        return
+                    continue
+                for msg in msgs:
+                    seq = msg.metadata.sequence.stream
+                    try:
+                        event = decoder.decode(msg.data)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        log.warning("reader.undecodable", subject=msg.subject, seq=seq, error=str(exc))
+                        continue
+                    yield Delivery(event, msg, seq)
+                    if not follow and seq >= last:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def snapshots(self) -> Snapshots:
+        """The key-value bucket decision services keep their state snapshots in."""
+        try:
+            kv = await self.js.key_value("kiln_snapshots")
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            kv = await self.js.create_key_value(bucket="kiln_snapshots", history=1)
+        return Snapshots(kv)
+
+
+class Snapshots:
+    """Serialized state of a decision service with the stream seq it reflects."""
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv
+
+    async def load(self, key: str) -> tuple[bytes, int] | None:
+        """The last saved state and seq, or None on first start."""
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        header, _, body = entry.value.partition(b"\n")
+        return body, int(header)
+
+    async def save(self, key: str, state: bytes, seq: int) -> None:
+        """Replace the snapshot (state first, seq in a one-line header)."""
+        await self._kv.put(key, str(seq).encode() + b"\n" + state)
+
+
+class DecisionCore(Protocol):
+    """A pure decision core: events in, events out, state to bytes."""
+
+    def handle(self, event: Any) -> list[Any]: ...
+
+    def snapshot(self) -> bytes: ...
+
+
+C = TypeVar("C", bound=DecisionCore)
+
+
+class DecisionShell(Generic[C]):
+    """Runs a decision core against the bus: fold, publish decisions, snapshot, then ack.
+
+    If publishing fails half way, the core is rolled back to its last snapshot and the message is
+    redelivered; deciding again from the same state yields the same events with the same
+    ``Nats-Msg-Id``, so whatever did get published is deduplicated, not doubled.
+    """
+
+    def __init__(self, bus: Bus, key: str, fresh: Callable[[], C], restore: Callable[[bytes], C]) -> None:
+        self.bus = bus
+        self.key = key
+        self._fresh = fresh
+        self._restore = restore
+        self.core: C = fresh()
+        self.last_seq = 0
+        self._saved = self.core.snapshot()
+        self._lock = asyncio.Lock()
+        self._snapshots: Snapshots | None = None
+
+    async def load(self) -> None:
+        """Restore the core from its snapshot, if one exists."""
+        self._snapshots = await self.bus.snapshots()
+        found = await self._snapshots.load(self.key)
+        if found is not None:
+            self._saved, self.last_seq = found
+            self.core = self._restore(self._saved)
+            log.info("decision.restored", key=self.key, seq=self.last_seq)
+
+    async def on_events(self, batch: list[Delivery[Any]]) -> None:
+        """Consumer handler: each event past the snapshot goes through the core."""
+        for d in batch:
+            if d.seq <= self.last_seq:
+                continue  # already folded into the snapshot
+            await self.decide(lambda core, e=d.event: core.handle(e), seq=d.seq)
+
+    async def decide(self, step: Callable[[C], list[Any]], seq: int | None = None) -> None:
+        """Apply one step (an event, a heartbeat, a tick) and publish what it decides."""
+        async with self._lock:
+            try:
+                out = step(self.core)
+                await self.bus.publish_many(out)
+                if out or seq is not None:
+                    self.last_seq = seq if seq is not None else self.last_seq
+                    self._saved = self.core.snapshot()
+                    assert self._snapshots is not None, "load() first"
+                    await self._snapshots.save(self.key, self._saved, self.last_seq)
+            except Exception:
+                self.core = self._restore(self._saved)
+                raise
+
+
+@contextlib.asynccontextmanager
+async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = True) -> AsyncIterator[Bus]:
+    """Connect with the process's own credentials, declare streams, drain on the way out."""
+    options: dict[str, Any] = {
+        "servers": [settings.nats_url],
+        "name": service,
+        "max_reconnect_attempts": -1,  # a restarting server is waited for, not fatal
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+    }
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    nc = await nats.connect(**options)
+    bus = Bus(nc, service)
+    try:
+        if ensure:
+            await bus.ensure_streams()
+        yield bus
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+def now() -> float:
+    """Wall-clock seconds, the one clock events are stamped with."""
+    return time.time()

@@ -1,0 +1,332 @@
+"""The scheduler's pure core: trial demand and worker heartbeats in, placement decisions out.
+
+Three kinds of input, each one method returning the events it decides: ``handle`` (a domain event),
+``heartbeat`` (a worker's statement of its slots) and ``tick`` (the clock). No I/O, no clock of its own:
+time comes in as an argument, so tests drive it. The state snapshots to bytes.
+
+Decided events are applied to the state at once (so the next tick does not place a trial twice) and
+again when they come back through the stream, where applying them is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from schemas import events as ev
+
+RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "EXITED"]
+DEFAULT_PRIORITY = 42
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    """A worker as its heartbeats describe it."""
+
+    worker_id: str
+    resource_pool: str
+    slot_ids: list[str]
+    last_seen: float
+    address: str = ""
+    lost: bool = False
+
+
+class TrialRun(msgspec.Struct, kw_only=True):
+    """A trial's life on the cluster: queued, placed, running, restarted, done."""
+
+    experiment_id: int
+    trial_id: int
+    slots: int
+    priority: int
+    resource_pool: str
+    max_restarts: int
+    queued_order: int
+    state: RunState = "QUEUED"
+    attempt: int = 0
+    restarts: int = 0
+    allocation_id: str = ""
+    worker_id: str = ""
+    slot_ids: list[str] = []
+    latest_checkpoint: str | None = None
+    kill_requested: bool = False
+    started_at: float = 0.0
+
+
+class ExperimentKnobs(msgspec.Struct, kw_only=True):
+    """The scheduling knobs of an experiment's config."""
+
+    slots_per_trial: int = 1
+    priority: int = DEFAULT_PRIORITY
+    resource_pool: str = "default"
+    max_restarts: int = 5
+    killed: bool = False
+
+
+class SchedulerState(msgspec.Struct, kw_only=True):
+    """Everything the scheduler knows; serialised whole into its snapshot."""
+
+    workers: dict[str, WorkerView] = {}
+    trials: dict[int, TrialRun] = {}
+    experiments: dict[int, ExperimentKnobs] = {}
+    next_order: int = 0
+
+
+_SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
+_SNAPSHOT_DECODER = msgspec.msgpack.Decoder(SchedulerState)
+
+
+def knobs_from_config(config: dict) -> ExperimentKnobs:
+    """Read the scheduling knobs out of a validated config (plain data from the event)."""
+    resources = config.get("resources") or {}
+    priority = resources.get("priority")
+    return ExperimentKnobs(
+        slots_per_trial=int(resources.get("slots_per_trial", 1)),
+        priority=int(priority) if priority is not None else DEFAULT_PRIORITY,
+        resource_pool=str(resources.get("resource_pool") or "default"),
+        max_restarts=int(config.get("max_restarts", 5)),
+    )
+
+
+class SchedulerCore:
+    """Places queued trials on free slots, restarts failed ones, notices lost workers."""
+
+    def __init__(self, state: SchedulerState | None = None, worker_timeout_s: float = 10.0) -> None:
+        self.state = state or SchedulerState()
+        self.worker_timeout_s = worker_timeout_s
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes."""
+        return _SNAPSHOT_ENCODER.encode(self.state)
+
+    @classmethod
+    def restore(cls, data: bytes, worker_timeout_s: float = 10.0) -> SchedulerCore:
+        """A core from a snapshot."""
+        return cls(_SNAPSHOT_DECODER.decode(data), worker_timeout_s)
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def handle(self, event: ev.DomainEvent) -> list[ev.DomainEvent]:
+        """Apply one domain event; return what the scheduler decides because of it."""
+        match event:
+            case ev.ExperimentSubmitted():
+                self.state.experiments.setdefault(event.experiment_id, knobs_from_config(event.config))
+                return []
+            case ev.TrialCreated():
+                return self._trial_created(event)
+            case ev.ExperimentKillRequested():
+                return self._kill_experiment(event.experiment_id)
+            case ev.AllocationAssigned():
+                self._assigned(event)
+                return []
+            case ev.TrialStarted():
+                run = self.state.trials.get(event.trial_id)
+                if run is not None and run.allocation_id == event.allocation_id and run.state == "ASSIGNED":
+                    run.state = "RUNNING"
+                    run.started_at = event.started_at
+                return []
+            case ev.CheckpointStored():
+                run = self.state.trials.get(event.trial_id)
+                if run is not None:
+                    run.latest_checkpoint = event.uuid
+                return []
+            case ev.AllocationExited():
+                return self._allocation_ended(event.trial_id, event.allocation_id, event.exit_code, event.reason)
+            case ev.AllocationLost():
+                return self._allocation_ended(event.trial_id, event.allocation_id, None, "worker lost")
+            case ev.TrialRestarting():
+                self._requeue(event.trial_id, event.restarts)
+                return []
+            case ev.TrialExited():
+                run = self.state.trials.get(event.trial_id)
+                if run is not None:
+                    run.state = "EXITED"
+                return []
+            case ev.WorkerLost():
+                worker = self.state.workers.get(event.worker_id)
+                if worker is not None:
+                    worker.lost = True
+                return []
+            case _:
+                return []
+
+    def heartbeat(self, hb: ev.WorkerHeartbeat) -> list[ev.DomainEvent]:
+        """Record a worker's slots; a worker coming back after being lost is a new, empty one."""
+        worker = self.state.workers.get(hb.worker_id)
+        if worker is None or worker.lost:
+            worker = WorkerView(worker_id=hb.worker_id, resource_pool=hb.resource_pool, slot_ids=[], last_seen=0.0)
+            self.state.workers[hb.worker_id] = worker
+        worker.resource_pool = hb.resource_pool
+        worker.slot_ids = [s.slot_id for s in hb.slots]
+        worker.last_seen = max(worker.last_seen, hb.sent_at)
+        worker.address = hb.address
+        return self._reconcile(worker, hb)
+
+    def resume(self, now: float) -> None:
+        """After a restart, give every known worker a fresh timeout before judging it lost."""
+        for worker in self.state.workers.values():
+            worker.last_seen = max(worker.last_seen, now)
+
+    def tick(self, now: float) -> list[ev.DomainEvent]:
+        """Declare silent workers lost, then place what fits."""
+        out: list[ev.DomainEvent] = []
+        for worker in list(self.state.workers.values()):
+            if not worker.lost and now - worker.last_seen > self.worker_timeout_s:
+                out += self._lose_worker(worker)
+        return out + self._place(now)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _trial_created(self, event: ev.TrialCreated) -> list[ev.DomainEvent]:
+        if event.trial_id in self.state.trials:
+            return []
+        knobs = self.state.experiments.setdefault(event.experiment_id, ExperimentKnobs())
+        run = TrialRun(
+            experiment_id=event.experiment_id,
+            trial_id=event.trial_id,
+            slots=knobs.slots_per_trial,
+            priority=knobs.priority,
+            resource_pool=knobs.resource_pool,
+            max_restarts=knobs.max_restarts,
+            queued_order=self.state.next_order,
+        )
+        self.state.next_order += 1
+        self.state.trials[event.trial_id] = run
+        if knobs.killed:
+            # Created before the searcher saw the kill: never run it.
+            run.state = "EXITED"
+            return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=run.trial_id, state="CANCELED",
+                                   reason="experiment killed")]
+        return []
+
+    def _kill_experiment(self, experiment_id: int) -> list[ev.DomainEvent]:
+        knobs = self.state.experiments.setdefault(experiment_id, ExperimentKnobs())
+        knobs.killed = True
+        out: list[ev.DomainEvent] = []
+        for run in self.state.trials.values():
+            if run.experiment_id != experiment_id or run.state == "EXITED":
+                continue
+            if run.state == "QUEUED":
+                run.state = "EXITED"
+                out.append(ev.TrialExited(experiment_id=experiment_id, trial_id=run.trial_id, state="CANCELED",
+                                          restarts=run.restarts, reason="experiment killed"))
+            elif not run.kill_requested:
+                run.kill_requested = True
+                out.append(ev.AllocationKillRequested(experiment_id=experiment_id, trial_id=run.trial_id,
+                                                      allocation_id=run.allocation_id, worker_id=run.worker_id,
+                                                      reason="experiment killed"))
+        return out
+
+    def _assigned(self, event: ev.AllocationAssigned) -> None:
+        run = self.state.trials.get(event.trial_id)
+        if run is None or run.state == "EXITED":
+            return
+        # The log is the truth: adopt what it says even if our in-memory decision differed.
+        run.allocation_id = event.allocation_id
+        run.worker_id = event.worker_id
+        run.slot_ids = list(event.slot_ids)
+        if run.state == "QUEUED":
+            run.state = "ASSIGNED"
+
+    def _allocation_ended(
+        self, trial_id: int, allocation_id: str, exit_code: int | None, reason: str
+    ) -> list[ev.DomainEvent]:
+        run = self.state.trials.get(trial_id)
+        if run is None or run.allocation_id != allocation_id or run.state not in ("ASSIGNED", "RUNNING"):
+            return []  # stale or already handled
+        run.worker_id, run.slot_ids = "", []
+        base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts}
+        if run.kill_requested or self.state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
+            run.state = "EXITED"
+            return [ev.TrialExited(**base, state="CANCELED", exit_code=exit_code, reason="killed")]
+        if exit_code == 0:
+            run.state = "EXITED"
+            return [ev.TrialExited(**base, state="COMPLETED", exit_code=0)]
+        if run.restarts < run.max_restarts:
+            self._requeue(trial_id, run.restarts + 1)
+            return [ev.TrialRestarting(experiment_id=run.experiment_id, trial_id=trial_id, restarts=run.restarts,
+                                       reason=reason or f"exit code {exit_code}")]
+        run.state = "EXITED"
+        why = reason or f"exit code {exit_code}"
+        return [ev.TrialExited(**base, state="ERROR", exit_code=exit_code,
+                               reason=f"{why}; max_restarts ({run.max_restarts}) reached")]
+
+    def _requeue(self, trial_id: int, restarts: int) -> None:
+        run = self.state.trials.get(trial_id)
+        if run is None or run.restarts >= restarts:
+            return
+        run.restarts = restarts
+        run.state = "QUEUED"
+        run.worker_id, run.slot_ids = "", []
+
+    def _lose_worker(self, worker: WorkerView) -> list[ev.DomainEvent]:
+        worker.lost = True
+        victims = [r for r in self.state.trials.values()
+                   if r.worker_id == worker.worker_id and r.state in ("ASSIGNED", "RUNNING")]
+        out: list[ev.DomainEvent] = [
+            ev.WorkerLost(worker_id=worker.worker_id, last_seen=worker.last_seen,
+                          allocation_ids=[r.allocation_id for r in victims])
+        ]
+        for run in victims:
+            lost = ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
+                                     allocation_id=run.allocation_id, worker_id=worker.worker_id)
+            out.append(lost)
+            out += self._allocation_ended(run.trial_id, run.allocation_id, None, "worker lost")
+        return out
+
+    def _reconcile(self, worker: WorkerView, hb: ev.WorkerHeartbeat) -> list[ev.DomainEvent]:
+        """A run the worker no longer knows (it restarted) is lost, unless it just finished."""
+        known = set(hb.running) | set(hb.finished)
+        out: list[ev.DomainEvent] = []
+        for run in list(self.state.trials.values()):
+            # Only judge runs started well before this heartbeat was sent: an older heartbeat
+            # can overtake the TrialStarted event.
+            if (run.worker_id != worker.worker_id or run.state != "RUNNING"
+                    or run.allocation_id in known or hb.sent_at < run.started_at + 5.0):
+                continue
+            out.append(ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
+                                         allocation_id=run.allocation_id, worker_id=worker.worker_id))
+            out += self._allocation_ended(run.trial_id, run.allocation_id, None, "worker no longer runs it")
+        return out
+
+    def _free_slots(self) -> dict[str, list[str]]:
+        used = {(r.worker_id, s) for r in self.state.trials.values()
+                if r.state in ("ASSIGNED", "RUNNING") for s in r.slot_ids}
+        return {
+            w.worker_id: [s for s in w.slot_ids if (w.worker_id, s) not in used]
+            for w in self.state.workers.values()
+            if not w.lost
+        }
+
+    def _place(self, now: float) -> list[ev.DomainEvent]:
+        """Priority first (lower runs first), then submission order; a gang gets all its slots or none."""
+        free = self._free_slots()
+        queued = sorted((r for r in self.state.trials.values() if r.state == "QUEUED"),
+                        key=lambda r: (r.priority, r.queued_order))
+        out: list[ev.DomainEvent] = []
+        for run in queued:
+            worker_id = self._pick_worker(run, free)
+            if worker_id is None:
+                continue
+            slot_ids = free[worker_id][: run.slots]
+            free[worker_id] = free[worker_id][run.slots :]
+            run.attempt += 1
+            assigned = ev.AllocationAssigned(
+                experiment_id=run.experiment_id,
+                trial_id=run.trial_id,
+                allocation_id=f"{run.trial_id}.{run.attempt}",
+                worker_id=worker_id,
+                slot_ids=slot_ids,
+                restarts=run.restarts,
+                latest_checkpoint=run.latest_checkpoint,
+            )
+            self._assigned(assigned)
+            out.append(assigned)
+        return out
+
+    def _pick_worker(self, run: TrialRun, free: dict[str, list[str]]) -> str | None:
+        """The fitting worker with the fewest free slots (best fit keeps big holes for big gangs)."""
+        fits = [
+            (len(slots), wid) for wid, slots in free.items()
+            if self.state.workers[wid].resource_pool == run.resource_pool and len(slots) >= run.slots
+        ]
+        return min(fits)[1] if fits else None

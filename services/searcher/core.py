@@ -1,0 +1,232 @@
+"""The searcher's pure core: domain events in, domain events out, state that snapshots to bytes.
+
+``SearcherCore.handle(event)`` is deterministic: replaying the same events from the same snapshot gives
+the same decisions with the same trial ids, so a restarted searcher republishes byte-identical events
+(which JetStream's dedupe window drops) instead of new ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import assert_never
+
+import msgspec
+
+from schemas import events as ev
+from schemas.config import ConfigError, ExperimentConfig, parse_config
+from schemas.trial import INVALID_HP_EXIT_CODE
+from services.searcher.methods import (
+    CreateTrial,
+    Decision,
+    ExitKind,
+    MethodState,
+    SearchContext,
+    Shutdown,
+    StopTrial,
+    new_method,
+)
+
+
+class TrialEntry(msgspec.Struct, kw_only=True):
+    """A trial as the searcher knows it."""
+
+    trial_id: int
+    request_id: int
+    exited: bool = False
+    state: str = ""
+
+
+class ExperimentSearch(msgspec.Struct, kw_only=True):
+    """One experiment's search: its method state and its trials."""
+
+    experiment_id: int
+    config: dict
+    seed: int
+    method: MethodState
+    trials: dict[int, TrialEntry] = {}  # by request id
+    request_of: dict[int, int] = {}  # trial id -> request id
+    next_request_id: int = 0
+    shutdown: bool = False
+    canceled: bool = False
+    ended: bool = False
+
+
+class SearcherState(msgspec.Struct, kw_only=True):
+    """Everything the searcher service knows; serialised whole into its snapshot."""
+
+    experiments: dict[int, ExperimentSearch] = {}
+    next_trial_id: int = 1
+
+
+_SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
+_SNAPSHOT_DECODER = msgspec.msgpack.Decoder(SearcherState)
+
+
+class SearcherCore:
+    """Folds domain events into search state and answers with the events it decides."""
+
+    def __init__(self, state: SearcherState | None = None) -> None:
+        self.state = state or SearcherState()
+        self._contexts: dict[int, SearchContext] = {}  # rebuilt from state; never serialised
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes."""
+        return _SNAPSHOT_ENCODER.encode(self.state)
+
+    @classmethod
+    def restore(cls, data: bytes) -> SearcherCore:
+        """A core from a snapshot."""
+        return cls(_SNAPSHOT_DECODER.decode(data))
+
+    def handle(self, event: ev.DomainEvent) -> list[ev.DomainEvent]:
+        """Apply one domain event; return the events the searcher decides because of it."""
+        match event:
+            case ev.ExperimentSubmitted():
+                return self._submitted(event)
+            case ev.TrialCreated():
+                return self._created(event)
+            case ev.ValidationReported():
+                return self._validation(event)
+            case ev.TrialExited():
+                return self._exited(event)
+            case ev.ExperimentKillRequested():
+                return self._kill(event)
+            case ev.ExperimentEnded():
+                exp = self.state.experiments.get(event.experiment_id)
+                if exp is not None:
+                    exp.ended = True
+                return []
+            case _:
+                return []  # facts the searcher does not decide on
+
+    # -- event handlers -----------------------------------------------------------------------
+
+    def _submitted(self, event: ev.ExperimentSubmitted) -> list[ev.DomainEvent]:
+        if event.experiment_id in self.state.experiments:
+            return []  # redelivered
+        try:
+            config, _ = parse_config(event.config)
+            method = new_method(config)
+        except (ConfigError, ValueError) as exc:
+            # The gateway validated the config, so this is a version skew: end it loudly.
+            return [ev.ExperimentEnded(experiment_id=event.experiment_id, state="ERROR", reason=str(exc))]
+        exp = ExperimentSearch(
+            experiment_id=event.experiment_id, config=event.config, seed=event.seed, method=method
+        )
+        self.state.experiments[event.experiment_id] = exp
+        return self._apply(exp, method.initial_trials(self._context(exp, config)))
+
+    def _created(self, event: ev.TrialCreated) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or event.trial_id in exp.request_of:
+            return []  # our own decision coming back through the stream
+        self._register(exp, event.trial_id, event.request_id)
+        return self._apply(exp, exp.method.trial_created(self._context(exp), event.request_id))
+
+    def _validation(self, event: ev.ValidationReported) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or exp.ended or event.trial_id not in exp.request_of:
+            return []
+        ctx = self._context(exp)
+        searcher = ctx.config.searcher
+        value = event.metrics.get(searcher.metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return []  # the trial did not report the searcher metric: nothing to decide on
+        time_metric = searcher.time_metric
+        raw_time = event.metrics.get(time_metric) if time_metric else None
+        time_value = int(raw_time) if isinstance(raw_time, (int, float)) else event.steps_completed
+        request_id = exp.request_of[event.trial_id]
+        return self._apply(exp, exp.method.validation_reported(ctx, request_id, float(value), time_value))
+
+    def _exited(self, event: ev.TrialExited) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or event.trial_id not in exp.request_of:
+            return []
+        entry = exp.trials[exp.request_of[event.trial_id]]
+        if entry.exited:
+            return []
+        entry.exited = True
+        entry.state = event.state
+        decisions: list[Decision] = []
+        if not exp.canceled:
+            decisions = exp.method.trial_exited(self._context(exp), entry.request_id, _exit_kind(event))
+        return self._apply(exp, decisions)
+
+    def _kill(self, event: ev.ExperimentKillRequested) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or exp.ended:
+            return []
+        exp.canceled = True
+        exp.shutdown = True
+        return self._maybe_end(exp)
+
+    # -- decisions -> events --------------------------------------------------------------------
+
+    def _apply(self, exp: ExperimentSearch, decisions: list[Decision]) -> list[ev.DomainEvent]:
+        """Turn method decisions into events (one place, closed union, STYLE.md 2)."""
+        out: list[ev.DomainEvent] = []
+        for d in decisions:
+            match d:
+                case CreateTrial():
+                    if exp.shutdown or exp.canceled:
+                        continue
+                    trial_id = self.state.next_trial_id
+                    self._register(exp, trial_id, d.request_id)
+                    out.append(
+                        ev.TrialCreated(
+                            experiment_id=exp.experiment_id,
+                            trial_id=trial_id,
+                            request_id=d.request_id,
+                            hparams=d.hparams,
+                            seed=d.seed,
+                            max_length=d.max_length,
+                        )
+                    )
+                case StopTrial():
+                    entry = exp.trials.get(d.request_id)
+                    if entry is not None and not entry.exited:
+                        out.append(ev.TrialStopRequested(experiment_id=exp.experiment_id, trial_id=entry.trial_id))
+                case Shutdown():
+                    exp.shutdown = True
+                case _:
+                    assert_never(d)
+        return out + self._maybe_end(exp)
+
+    def _maybe_end(self, exp: ExperimentSearch) -> list[ev.DomainEvent]:
+        """End the experiment once the search is over and every trial has exited."""
+        if exp.ended or not exp.shutdown or any(not t.exited for t in exp.trials.values()):
+            return []
+        exp.ended = True
+        if exp.canceled:
+            state, reason = "CANCELED", "killed by user"
+        elif exp.trials and all(t.state == "ERROR" for t in exp.trials.values()):
+            state, reason = "ERROR", "every trial errored"
+        else:
+            state, reason = "COMPLETED", ""
+        return [ev.ExperimentEnded(experiment_id=exp.experiment_id, state=state, reason=reason)]
+
+    def _register(self, exp: ExperimentSearch, trial_id: int, request_id: int) -> None:
+        exp.trials[request_id] = TrialEntry(trial_id=trial_id, request_id=request_id)
+        exp.request_of[trial_id] = request_id
+        exp.next_request_id = max(exp.next_request_id, request_id + 1)
+        self.state.next_trial_id = max(self.state.next_trial_id, trial_id + 1)
+
+    def _context(self, exp: ExperimentSearch, config: ExperimentConfig | None = None) -> SearchContext:
+        ctx = self._contexts.get(exp.experiment_id)
+        if ctx is None:
+            if config is None:
+                config, _ = parse_config(exp.config)
+            ctx = SearchContext(config, exp.seed)
+            self._contexts[exp.experiment_id] = ctx
+        return ctx
+
+
+def _exit_kind(event: ev.TrialExited) -> ExitKind:
+    """How the method should count an exit."""
+    if event.state == "CANCELED":
+        return "canceled"
+    if event.exit_code == INVALID_HP_EXIT_CODE:
+        return "invalid_hp"
+    if event.state == "ERROR":
+        return "errored"
+    return "completed"

@@ -1,0 +1,82 @@
+"""Tracker: projects the event, metric and log streams into the Postgres read model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from schemas import events as ev
+from schemas import readmodel, subjects
+from services.runtime import (
+    BusSettings,
+    ConsumerSpec,
+    Delivery,
+    Transient,
+    configure_logging,
+    connect_bus,
+    read_settings,
+    stop_on_signals,
+)
+from services.tracker.projection import Item, project_batch
+
+log = structlog.get_logger(__name__)
+
+
+class TrackerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings of the tracker (``KILN_*`` environment variables)."""
+
+    pg_dsn: str = "postgresql://kiln@127.0.0.1:15432/kiln"
+    batch: int = 256
+    log_level: str = "INFO"
+
+
+# One durable consumer per stream; each records its own position.
+CONSUMERS: list[tuple[ConsumerSpec, type]] = [
+    (ConsumerSpec(durable="tracker-events", stream=subjects.EVENTS, filter_subjects=["kiln.events.>"]),
+     ev.DomainEvent),
+    (ConsumerSpec(durable="tracker-metrics", stream=subjects.METRICS, filter_subjects=["kiln.metrics.>"]),
+     ev.MetricEvent),
+    (ConsumerSpec(durable="tracker-logs", stream=subjects.LOGS, filter_subjects=["kiln.logs.>"]),
+     ev.LogEvent),
+]
+
+
+def handler_for(pool: asyncpg.Pool, consumer: str) -> Callable[[list[Delivery[Any]]], Coroutine[Any, Any, None]]:
+    """A batch handler that projects and commits before the runtime acks."""
+
+    async def handle(batch: list[Delivery[Any]]) -> None:
+        items = [Item(d.seq, d.msg.metadata.timestamp.timestamp(), d.event) for d in batch]
+        try:
+            async with pool.acquire() as conn:
+                await project_batch(conn, consumer, items)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise Transient(f"postgres unavailable: {exc}") from exc
+
+    return handle
+
+
+async def main() -> None:
+    """Composition root: settings once, connections inside ``async with``."""
+    settings = read_settings(TrackerSettings)
+    configure_logging("tracker", settings.log_level)
+    bus_settings = read_settings(BusSettings)
+    stop = stop_on_signals()
+    async with asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=4) as pool:
+        async with pool.acquire() as conn:
+            applied = await readmodel.migrate(conn)
+        log.info("tracker.migrated", applied=applied)
+        async with connect_bus(bus_settings, "tracker") as bus:
+            await asyncio.gather(*(
+                bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable), stop,
+                            batch=settings.batch)
+                for spec, kind in CONSUMERS
+            ))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,233 @@
+"""Folds bus events into the Postgres read model, exactly once per consumer.
+
+``project_batch`` writes a batch's rows and the consumer's ``last_seq`` in one transaction and skips
+anything at or below the recorded position, so a redelivered message changes nothing (STYLE.md 7).
+Timestamps come from the events (or the stream's own timestamp), never from the clock, so a replay
+into a fresh schema produces the same rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from typing import Any, assert_never
+
+import msgspec
+
+from schemas import events as ev
+
+_json = msgspec.json.Encoder()
+
+
+class Item(msgspec.Struct, frozen=True):
+    """One event to project, with its stream position and stream timestamp."""
+
+    seq: int
+    ts: float
+    event: Any
+
+
+def _ts(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+
+
+def _j(value: Any) -> str:
+    return _json.encode(value).decode()
+
+
+async def project_batch(conn: Any, consumer: str, items: Sequence[Item]) -> int:
+    """Apply the items above the consumer's position in one transaction; return how many applied."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT last_seq FROM projection_positions WHERE consumer = $1 FOR UPDATE", consumer
+        )
+        last = row["last_seq"] if row else 0
+        fresh = [i for i in items if i.seq > last]
+        if not fresh:
+            return 0
+        projector = _Projector(conn)
+        for item in fresh:
+            await projector.apply(item)
+        await projector.flush()
+        await conn.execute(
+            "INSERT INTO projection_positions (consumer, last_seq) VALUES ($1, $2)"
+            " ON CONFLICT (consumer) DO UPDATE SET last_seq = EXCLUDED.last_seq",
+            consumer,
+            max(i.seq for i in fresh),
+        )
+        return len(fresh)
+
+
+class _Projector:
+    """Applies events one by one; bulk rows (metrics, logs) are buffered and written at flush."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.metric_rows: dict[tuple[int, str, int], tuple[Any, ...]] = {}
+        self.log_rows: list[tuple[Any, ...]] = []
+        self._metric_of: dict[int, tuple[str, bool]] = {}
+
+    async def apply(self, item: Item) -> None:
+        """Project one event."""
+        e = item.event
+        c = self.conn
+        match e:
+            case ev.ExperimentSubmitted():
+                cfg = e.config
+                searcher = cfg.get("searcher") or {}
+                await c.execute(
+                    "INSERT INTO experiments (id, name, description, labels, state, config, config_yaml,"
+                    " context_digest, searcher_name, searcher_metric, smaller_is_better, seed, submitted_by,"
+                    " submitted_at) VALUES ($1,$2,$3,$4,'ACTIVE',$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    e.experiment_id, cfg.get("name") or "Experiment", cfg.get("description") or "",
+                    _j(cfg.get("labels") or []), _j(cfg), e.config_yaml, e.context_digest,
+                    searcher.get("name", ""), searcher.get("metric", ""),
+                    bool(searcher.get("smaller_is_better", True)), e.seed, e.submitted_by,
+                    _ts(e.submitted_at or item.ts),
+                )
+            case ev.ExperimentKillRequested():
+                await c.execute(
+                    "UPDATE experiments SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL",
+                    e.experiment_id,
+                )
+            case ev.ExperimentEnded():
+                await c.execute(
+                    "UPDATE experiments SET state = $2, ended_at = $3, end_reason = $4,"
+                    " progress = CASE WHEN $2 = 'COMPLETED' THEN 1 ELSE progress END WHERE id = $1",
+                    e.experiment_id, e.state, _ts(item.ts), e.reason,
+                )
+            case ev.TrialCreated():
+                await c.execute(
+                    "INSERT INTO trials (id, experiment_id, request_id, hparams, seed, max_length, state,"
+                    " created_at) VALUES ($1,$2,$3,$4,$5,$6,'QUEUED',$7) ON CONFLICT (id) DO NOTHING",
+                    e.trial_id, e.experiment_id, e.request_id, _j(e.hparams), e.seed, e.max_length,
+                    _ts(item.ts),
+                )
+            case ev.TrialStopRequested():
+                await c.execute("UPDATE trials SET stop_requested = true WHERE id = $1", e.trial_id)
+            case ev.AllocationAssigned():
+                await c.execute(
+                    "INSERT INTO allocations (id, trial_id, experiment_id, worker_id, slot_ids, restarts,"
+                    " assigned_at) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (id) DO NOTHING",
+                    e.allocation_id, e.trial_id, e.experiment_id, e.worker_id, _j(e.slot_ids), e.restarts,
+                    _ts(item.ts),
+                )
+                await c.execute(
+                    "UPDATE trials SET state = 'STARTING', allocation_id = $2, worker_id = $3"
+                    " WHERE id = $1 AND ended_at IS NULL",
+                    e.trial_id, e.allocation_id, e.worker_id,
+                )
+            case ev.AllocationKillRequested():
+                await c.execute(
+                    "UPDATE trials SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL",
+                    e.trial_id,
+                )
+            case ev.TrialStarted():
+                await c.execute("UPDATE allocations SET started_at = $2 WHERE id = $1",
+                                e.allocation_id, _ts(e.started_at or item.ts))
+                await c.execute(
+                    "UPDATE trials SET state = 'RUNNING', started_at = COALESCE(started_at, $2)"
+                    " WHERE id = $1 AND ended_at IS NULL AND allocation_id = $3",
+                    e.trial_id, _ts(e.started_at or item.ts), e.allocation_id,
+                )
+            case ev.AllocationExited():
+                await c.execute(
+                    "UPDATE allocations SET ended_at = $2, exit_code = $3, end_reason = $4 WHERE id = $1",
+                    e.allocation_id, _ts(e.exited_at or item.ts), e.exit_code, e.reason,
+                )
+            case ev.AllocationLost():
+                await c.execute(
+                    "UPDATE allocations SET ended_at = $2, end_reason = 'worker lost'"
+                    " WHERE id = $1 AND ended_at IS NULL",
+                    e.allocation_id, _ts(item.ts),
+                )
+            case ev.WorkerLost():
+                await c.execute(
+                    "INSERT INTO workers_lost (worker_id, last_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    e.worker_id, _ts(e.last_seen),
+                )
+            case ev.TrialRestarting():
+                await c.execute(
+                    "UPDATE trials SET state = 'QUEUED', restarts = $2, end_reason = $3 WHERE id = $1",
+                    e.trial_id, e.restarts, e.reason,
+                )
+            case ev.TrialExited():
+                await c.execute(
+                    "UPDATE trials SET state = $2, exit_code = $3, restarts = $4, end_reason = $5,"
+                    " ended_at = $6 WHERE id = $1",
+                    e.trial_id, e.state, e.exit_code, e.restarts, e.reason, _ts(item.ts),
+                )
+            case ev.ValidationReported():
+                await self._validation(e, item)
+            case ev.CheckpointStored():
+                await c.execute(
+                    "INSERT INTO checkpoints (uuid, trial_id, experiment_id, steps_completed, storage, resources,"
+                    " metadata, reported_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (uuid) DO NOTHING",
+                    e.uuid, e.trial_id, e.experiment_id, e.steps_completed, e.storage, _j(e.resources),
+                    _j(e.metadata), _ts(e.reported_at or item.ts),
+                )
+                await c.execute("UPDATE trials SET latest_checkpoint = $2 WHERE id = $1", e.trial_id, e.uuid)
+            case ev.TrialProgressReported():
+                await c.execute("UPDATE trials SET progress = $2 WHERE id = $1", e.trial_id, e.progress)
+                await c.execute(
+                    "UPDATE experiments SET progress = (SELECT avg(progress) FROM trials WHERE experiment_id = $1)"
+                    " WHERE id = $1 AND ended_at IS NULL",
+                    e.experiment_id,
+                )
+            case ev.TrainingMetricsReported():
+                for p in e.points:
+                    self.metric_rows[(e.trial_id, "training", p.steps_completed)] = (
+                        e.trial_id, "training", p.steps_completed, _j(p.metrics), _ts(p.reported_at or item.ts)
+                    )
+            case ev.LogsShipped():
+                self.log_rows += [
+                    (e.trial_id, e.allocation_id, ln.line_no, ln.stream, _ts(ln.ts), ln.text.replace("\x00", ""))
+                    for ln in e.lines
+                ]
+            case ev.MessageDeadLettered():
+                pass
+            case _:
+                assert_never(e)
+
+    async def _validation(self, e: ev.ValidationReported, item: Item) -> None:
+        self.metric_rows[(e.trial_id, "validation", e.steps_completed)] = (
+            e.trial_id, "validation", e.steps_completed, _j(e.metrics), _ts(e.reported_at or item.ts)
+        )
+        metric, smaller = await self._searcher_metric(e.experiment_id)
+        value = e.metrics.get(metric)
+        numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if numeric is not None and not math.isfinite(numeric):
+            numeric = None
+        best = "LEAST" if smaller else "GREATEST"
+        await self.conn.execute(
+            f"UPDATE trials SET latest_validation = $2, steps_completed = GREATEST(steps_completed, $3),"
+            f" best_metric = CASE WHEN $4::float8 IS NULL THEN best_metric"
+            f" ELSE {best}(COALESCE(best_metric, $4::float8), $4::float8) END WHERE id = $1",
+            e.trial_id, _j({"steps_completed": e.steps_completed, "metrics": e.metrics}), e.steps_completed, numeric,
+        )
+
+    async def _searcher_metric(self, experiment_id: int) -> tuple[str, bool]:
+        if experiment_id not in self._metric_of:
+            row = await self.conn.fetchrow(
+                "SELECT searcher_metric, smaller_is_better FROM experiments WHERE id = $1", experiment_id
+            )
+            self._metric_of[experiment_id] = (row["searcher_metric"], row["smaller_is_better"]) if row else ("", True)
+        return self._metric_of[experiment_id]
+
+    async def flush(self) -> None:
+        """Write buffered metric and log rows (upserts: a redelivered point replaces itself)."""
+        if self.metric_rows:
+            await self.conn.executemany(
+                "INSERT INTO metrics (trial_id, kind, steps_completed, metrics, reported_at)"
+                " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (trial_id, kind, steps_completed)"
+                " DO UPDATE SET metrics = EXCLUDED.metrics, reported_at = EXCLUDED.reported_at",
+                list(self.metric_rows.values()),
+            )
+        if self.log_rows:
+            await self.conn.executemany(
+                "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"
+                " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (allocation_id, line_no) DO NOTHING",
+                self.log_rows,
+            )

@@ -1,0 +1,222 @@
+"""Runs one allocation: fetch the code context, start the trial process, ship its logs, report its exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from kiln import context as code_context
+from schemas import events as ev
+from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
+
+log = structlog.get_logger(__name__)
+
+Publish = Callable[[Any], Awaitable[object]]
+
+# Environment a trial inherits from the worker; everything else (the worker's own credentials
+# above all) stays out of the trial.
+_INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "CUDA_HOME", "LD_LIBRARY_PATH")
+LOG_FLUSH_S = 0.25
+LOG_BATCH_LINES = 500
+KILL_GRACE_S = 10.0
+
+
+def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable) -> list[str]:
+    """The command line for a Determined-style entrypoint.
+
+    ``module:function`` runs that function through ``kiln.exec``; a command line runs as is, with a
+    leading ``python``/``python3`` replaced by the worker's interpreter (where kiln and torch live).
+    """
+    if isinstance(entrypoint, str):
+        text = entrypoint.strip()
+        if ":" in text and " " not in text and "/" not in text:
+            return [python, "-m", "kiln.exec", text]
+        argv = shlex.split(text)
+    else:
+        argv = list(entrypoint)
+    if argv and argv[0] in ("python", "python3", f"python{sys.version_info.major}.{sys.version_info.minor}"):
+        argv[0] = python
+    return argv
+
+
+class Allocation:
+    """One trial process on this worker and everything it reports."""
+
+    def __init__(
+        self,
+        assigned: ev.AllocationAssigned,
+        submitted: ev.ExperimentSubmitted,
+        created: ev.TrialCreated,
+        info_base: ClusterInfo,
+        work_root: Path,
+        publish: Publish,
+        fetch_context: Callable[[str], Awaitable[bytes]],
+    ) -> None:
+        self.assigned = assigned
+        self.submitted = submitted
+        self.created = created
+        self.info_base = info_base
+        self.dir = work_root / assigned.allocation_id
+        self.publish = publish
+        self.fetch_context = fetch_context
+        self.proc: asyncio.subprocess.Process | None = None
+        self.killed = False
+        self._line_no = 0
+        self._pending: list[ev.LogLine] = []
+        self._flush_lock = asyncio.Lock()
+
+    @property
+    def allocation_id(self) -> str:
+        """This allocation's id."""
+        return self.assigned.allocation_id
+
+    async def start(self) -> bool:
+        """Fetch and unpack the context, start the process, publish TrialStarted. False if it could not."""
+        a = self.assigned
+        try:
+            data = await self.fetch_context(self.submitted.context_digest)
+            if code_context.digest(data) != self.submitted.context_digest:
+                raise code_context.ContextError("context digest mismatch")
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            await asyncio.to_thread(code_context.extract, data, self.dir)
+            argv = entrypoint_argv(self.submitted.config["entrypoint"])
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=self.dir,
+                env=self._env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group, so a kill reaches its children
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to start is reported, not raised
+            log.error("allocation.start_failed", allocation=a.allocation_id, error=repr(exc))
+            await self._system_line(f"could not start trial: {exc}")
+            await self._flush()
+            await self.publish(
+                ev.AllocationExited(
+                    experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
+                    worker_id=a.worker_id, exit_code=None, reason=f"could not start: {exc}", exited_at=time.time(),
+                )
+            )
+            return False
+        await self.publish(
+            ev.TrialStarted(
+                experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
+                worker_id=a.worker_id, started_at=time.time(),
+            )
+        )
+        log.info("allocation.started", allocation=a.allocation_id, pid=self.proc.pid, argv=argv)
+        return True
+
+    async def wait(self) -> None:
+        """Ship logs until the process ends, then publish AllocationExited."""
+        assert self.proc is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        flusher = asyncio.create_task(self._flush_periodically())
+        await asyncio.gather(self._pump(self.proc.stdout, "stdout"), self._pump(self.proc.stderr, "stderr"))
+        code = await self.proc.wait()
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await self._system_line(f"trial process exited with code {code}")
+        await self._flush()
+        a = self.assigned
+        await self.publish(
+            ev.AllocationExited(
+                experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
+                worker_id=a.worker_id, exit_code=code, killed=self.killed,
+                reason="killed" if self.killed else "", exited_at=time.time(),
+            )
+        )
+        log.info("allocation.exited", allocation=a.allocation_id, code=code, killed=self.killed)
+
+    async def kill(self, grace_s: float = KILL_GRACE_S) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``."""
+        self.killed = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def _env(self) -> dict[str, str]:
+        a, created = self.assigned, self.created
+        info = msgspec.structs.replace(
+            self.info_base,
+            allocation_id=a.allocation_id,
+            worker_id=a.worker_id,
+            latest_checkpoint=a.latest_checkpoint,
+            restarts=a.restarts,
+            slot_ids=list(a.slot_ids),
+            trial=TrialInfo(
+                trial_id=a.trial_id,
+                experiment_id=a.experiment_id,
+                hparams=created.hparams,
+                trial_seed=created.seed,
+                config=self.submitted.config,
+                max_length=created.max_length,
+            ),
+        )
+        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+        env.update({str(k): str(v) for k, v in (self.submitted.config.get("environment") or {})
+                    .get("environment_variables", {}).items()})
+        env[CLUSTER_INFO_ENV] = msgspec.json.encode(info).decode()
+        env["PYTHONUNBUFFERED"] = "1"
+        if all(s.startswith("cpu") for s in a.slot_ids):
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(s.removeprefix("cuda") for s in a.slot_ids)
+        return env
+
+    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the reader's limit: take what is there
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            await self._add_line(name, raw.decode("utf-8", errors="replace").rstrip("\n"))
+
+    async def _add_line(self, stream: str, text: str) -> None:
+        self._pending.append(ev.LogLine(line_no=self._line_no, stream=stream, text=text, ts=time.time()))  # type: ignore[arg-type]
+        self._line_no += 1
+        if len(self._pending) >= LOG_BATCH_LINES:
+            await self._flush()
+
+    async def _system_line(self, text: str) -> None:
+        await self._add_line("system", text)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_S)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            lines, self._pending = self._pending, []
+            a = self.assigned
+            await self.publish(
+                ev.LogsShipped(experiment_id=a.experiment_id, trial_id=a.trial_id,
+                               allocation_id=a.allocation_id, lines=lines)
+            )
