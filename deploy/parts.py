@@ -93,6 +93,7 @@ class Part:
         pid_path: Path,
         stop_signal: signal.Signals,
         popen: subprocess.Popen[bytes] | None = None,
+        reused: bool = False,
     ) -> None:
         self.name = name
         self.pid = pid
@@ -100,6 +101,8 @@ class Part:
         self.pid_path = pid_path
         self.stop_signal = stop_signal
         self._popen = popen
+        # True when this start call found the part already running instead of starting it.
+        self.reused = reused
 
     def __repr__(self) -> str:
         return f"Part(name={self.name!r}, pid={self.pid}, log_path={str(self.log_path)!r})"
@@ -185,6 +188,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _exists(pid: int) -> bool:
+    # Unlike _alive, a zombie counts: it is what kill(pid, 0) (and so postgres's lock check) sees.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_members(pgid: int, program: str) -> list[int]:
+    """Live (non-zombie) processes running program in process group pgid."""
+    members: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, ValueError, IndexError):
+            continue
+        fields = rest.split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid and comm == program:
+            members.append(int(entry.name))
+    return members
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while _alive(pid):
@@ -242,6 +272,7 @@ def _existing(cfg: PartsConfig, name: str, marker: str, stop_signal: signal.Sign
             log_path=cfg.state_dir / "logs" / f"{name}.log",
             pid_path=path,
             stop_signal=stop_signal,
+            reused=True,
         )
     # Stale: the process is gone or the pid was reused by something else.
     path.unlink(missing_ok=True)
@@ -634,6 +665,33 @@ def _pg_isready(bin_dir: Path, host: str, port: int) -> bool:
     return result.returncode == 0
 
 
+def _pg_clear_dead_postmaster(data_dir: Path, timeout: float) -> int | None:
+    """Wait out a killed postmaster of data_dir and drop its lock file; return the pid of a live one instead."""
+    lock = data_dir / "postmaster.pid"
+    try:
+        old = int(lock.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        if _alive(old) and _comm(old) == "postgres" and str(data_dir) in _cmdline(old):
+            return old
+        # After a SIGKILL of the postmaster its backends (same process group: they never setsid) live on
+        # for a moment, attached to the old shared memory; postgres refuses to start until they are gone.
+        leftovers = _group_members(old, "postgres")
+        if not leftovers:
+            break
+        if time.monotonic() >= deadline:
+            raise PartError(f"backends {leftovers} of a dead postmaster (pid {old}) still run on {data_dir}")
+        time.sleep(_POLL_S)
+    if _exists(old):
+        # The old pid is a zombie its parent has not reaped yet (or a reused pid): postgres would take it for
+        # a live postmaster and refuse to start. Nothing of the old server runs any more, so the lock is stale.
+        log.warning("removing stale postmaster.pid", data_dir=str(data_dir), old_pid=old)
+        lock.unlink(missing_ok=True)
+    return None
+
+
 def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
     """Start PostgreSQL on host:pg_port (initdb once), ensure pg_user/pg_database; ready when pg_isready says so."""
     data_dir = postgres_data_dir(cfg)
@@ -663,7 +721,26 @@ def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) 
 
     existing = _existing(cfg, "postgres", str(data_dir), signal.SIGINT)
     if existing is not None:
-        return _reuse(existing, probe, timeout)
+        part = _reuse(existing, probe, timeout)
+        bootstrap()
+        return part
+    running = _pg_clear_dead_postmaster(data_dir, timeout)
+    if running is not None:
+        # Our pid file was lost but the server runs on our data dir: adopt it rather than fail.
+        path = pid_path(cfg.state_dir, "postgres")
+        _dirs(cfg)
+        path.write_text(f"{running}\n")
+        adopted = Part(
+            name="postgres",
+            pid=running,
+            log_path=cfg.state_dir / "logs" / "postgres.log",
+            pid_path=path,
+            stop_signal=signal.SIGINT,
+            reused=True,
+        )
+        part = _reuse(adopted, probe, timeout)
+        bootstrap()
+        return part
     _ensure_ports_free(cfg.host, [cfg.pg_port], "postgres")
     if len(str(data_dir / f".s.PGSQL.{cfg.pg_port}")) > _MAX_UNIX_SOCKET_PATH:
         raise PartError(f"Unix socket path under {data_dir} is too long; use a shorter state dir")
@@ -828,8 +905,10 @@ def start_all(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Ru
         for start in (start_nats, start_postgres, start_s3):
             started.append(start(cfg, timeout=timeout))
     except BaseException:
+        # Stop only what this call started; parts that were already running stay up.
         for part in reversed(started):
-            part.stop()
+            if not part.reused:
+                part.stop()
         raise
     nats_part, pg_part, s3_part = started
     return RunningParts(cfg, nats=nats_part, postgres=pg_part, s3=s3_part)

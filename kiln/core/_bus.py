@@ -109,6 +109,14 @@ class TrialBus:
 
         self._call(subscribe())
 
+    async def _shutdown(self) -> None:
+        await self._nc.drain()
+        # nats-py leaves helper tasks (flow control, activity checks) behind; end them quietly.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
     def close(self) -> None:
         """Flush, drain and stop the loop thread."""
         if self._nc is None:
@@ -117,7 +125,7 @@ class TrialBus:
             if self._flusher is not None:
                 self._loop.call_soon_threadsafe(self._flusher.cancel)
             self._call(self._flush())
-            self._call(self._nc.drain(), timeout=10.0)
+            self._call(self._shutdown(), timeout=15.0)
         finally:
             self._nc = None
             self._loop.call_soon_threadsafe(self._loop.stop)

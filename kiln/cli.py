@@ -1,0 +1,294 @@
+"""The ``kiln`` command line: the local stack, experiments, trials, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kiln.client import TERMINAL_STATES, APIError, Client
+
+LOG_TAIL_ON_ERROR = 20
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str, sort_keys=True))
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+def main() -> None:
+    """Kiln: hyperparameter search, distributed training and fault tolerance for deep learning."""
+
+
+# -- local stack -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Where the stack keeps its state.")
+@click.option("--workers", default=1, show_default=True, help="Number of local worker agents.")
+@click.option("--slots-per-worker", default=2, show_default=True, help="CPU slots each worker offers.")
+def up(state_dir: Path | None, workers: int, slots_per_worker: int) -> None:
+    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine."""
+    from deploy import stack
+
+    started = time.monotonic()
+    try:
+        info = stack.up(stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker))
+    except stack.StackError as exc:
+        _fail(exc)
+        return
+    click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
+    click.echo(f"  export KILN_MASTER={info.master_url}")
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+def down(state_dir: Path | None) -> None:
+    """Stop everything ``kiln up`` started (by pid)."""
+    from deploy import stack
+
+    stopped = stack.down(stack.StackConfig.load(state_dir))
+    click.echo(f"stopped {len(stopped)} processes" + (f": {', '.join(stopped)}" if stopped else ""))
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+def status(state_dir: Path | None) -> None:
+    """Show which local stack processes run."""
+    from deploy import stack
+
+    rows = stack.status(stack.StackConfig.load(state_dir))
+    for name, pid, alive in rows:
+        click.echo(f"{name:24} {pid or '-':>8}  {'running' if alive else 'stopped'}")
+    if not rows:
+        click.echo("nothing started here")
+
+
+# -- experiments -------------------------------------------------------------------------------------
+
+
+@main.group()
+def experiment() -> None:
+    """Create, inspect and kill experiments."""
+
+
+@experiment.command("create")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("context", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if the experiment completed.")
+def experiment_create(config: Path, context: Path, follow: bool) -> None:
+    """Submit CONFIG (Determined-style YAML) with the code in CONTEXT."""
+    client = _client()
+    try:
+        created = client.create_experiment(config.read_text(), context)
+    except APIError as exc:
+        _fail(exc)
+        return
+    for warning in created.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"Created experiment {created['id']}")
+    if follow:
+        sys.exit(_follow(client, int(created["id"])))
+
+
+def _follow(client: Client, experiment_id: int, poll_s: float = 1.0) -> int:
+    """Print trial states and validation metrics as they change; the exit code says how it ended."""
+    seen_states: dict[int, str] = {}
+    seen_steps: dict[int, int] = {}
+    while True:
+        try:
+            exp = client.get_experiment(experiment_id)
+            trials = client.list_trials(experiment_id)
+        except APIError as exc:
+            if exc.status == 404:  # not projected yet
+                time.sleep(poll_s)
+                continue
+            click.echo(f"error: {exc}", err=True)
+            return 1
+        for t in trials:
+            tid = t["id"]
+            if seen_states.get(tid) != t["state"]:
+                restarts = f" (restart {t['restarts']})" if t["restarts"] else ""
+                click.echo(f"trial {tid}: {t['state']}{restarts}")
+                seen_states[tid] = t["state"]
+            latest = t.get("latest_validation")
+            if latest and latest["steps_completed"] != seen_steps.get(tid):
+                seen_steps[tid] = latest["steps_completed"]
+                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(latest["metrics"].items()))
+                click.echo(f"trial {tid}: validation at step {latest['steps_completed']}: {shown}")
+        if exp["state"] in TERMINAL_STATES:
+            for t in trials:
+                if t["state"] == "ERROR":
+                    _show_tail(client, t["id"])
+            reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
+            click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
+            best = exp.get("best_trial")
+            if best:
+                click.echo(f"best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
+            return 0 if exp["state"] == "COMPLETED" else 1
+        time.sleep(poll_s)
+
+
+def _show_tail(client: Client, trial_id: int) -> None:
+    lines = client.trial_logs(trial_id, limit=LOG_TAIL_ON_ERROR, tail=True)
+    click.echo(f"trial {trial_id} errored; its last {len(lines)} log lines:", err=True)
+    for line in lines:
+        click.echo(f"  | {line['text']}", err=True)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@experiment.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=100, show_default=True)
+def experiment_list(as_json: bool, limit: int) -> None:
+    """List experiments, newest first."""
+    try:
+        rows = _client().list_experiments(limit=limit)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
+    for r in rows:
+        click.echo(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
+
+
+@experiment.command("describe")
+@click.argument("experiment_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def experiment_describe(experiment_id: int, as_json: bool) -> None:
+    """Show an experiment and its trials."""
+    client = _client()
+    try:
+        exp = client.get_experiment(experiment_id)
+        trials = client.list_trials(experiment_id)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json({"experiment": exp, "trials": trials})
+        return
+    click.echo(f"experiment {exp['id']}: {exp['name']}  state={exp['state']}  searcher={exp['searcher_name']}"
+               f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}")
+    click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
+    for t in trials:
+        best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
+        click.echo(f"{t['id']:>6}  {t['state']:18} {t['restarts']:>8} {t['steps_completed']:>8}  {best:>10}  "
+                   f"{json.dumps(t['hparams'], sort_keys=True)}")
+
+
+@experiment.command("logs")
+@click.argument("experiment_id", type=int)
+def experiment_logs(experiment_id: int) -> None:
+    """Print the logs of every trial of an experiment."""
+    client = _client()
+    try:
+        for t in client.list_trials(experiment_id):
+            for line in client.trial_logs(t["id"]):
+                click.echo(f"[trial {t['id']}] {line['text']}")
+    except APIError as exc:
+        _fail(exc)
+
+
+@experiment.command("kill")
+@click.argument("experiment_id", type=int)
+def experiment_kill(experiment_id: int) -> None:
+    """Kill an experiment and its trials."""
+    try:
+        out = _client().kill_experiment(experiment_id)
+    except APIError as exc:
+        _fail(exc)
+        return
+    click.echo(f"experiment {experiment_id}: {out['state']}")
+
+
+# -- trials --------------------------------------------------------------------------------------------
+
+
+@main.group()
+def trial() -> None:
+    """Inspect trials."""
+
+
+@trial.command("describe")
+@click.argument("trial_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def trial_describe(trial_id: int, as_json: bool) -> None:
+    """Show a trial, its allocations, metrics and checkpoints."""
+    client = _client()
+    try:
+        t = client.get_trial(trial_id)
+        metrics = client.trial_metrics(trial_id, kind="validation")
+        checkpoints = client.trial_checkpoints(trial_id)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json({"trial": t, "validation_metrics": metrics, "checkpoints": checkpoints})
+        return
+    click.echo(f"trial {t['id']} of experiment {t['experiment_id']}: state={t['state']} restarts={t['restarts']}"
+               f" steps={t['steps_completed']} hparams={json.dumps(t['hparams'], sort_keys=True)}")
+    for a in t["allocations"]:
+        click.echo(f"  allocation {a['id']} on {a['worker_id']}: exit={a['exit_code']} {a['end_reason']}")
+    for m in metrics:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(m["metrics"].items()))
+        click.echo(f"  validation at step {m['steps_completed']}: {shown}")
+    for c in checkpoints:
+        click.echo(f"  checkpoint {c['uuid']} at step {c['steps_completed']}")
+
+
+@trial.command("logs")
+@click.argument("trial_id", type=int)
+@click.option("--tail", type=int, default=None, help="Only the last N lines.")
+def trial_logs(trial_id: int, tail: int | None) -> None:
+    """Print a trial's logs."""
+    try:
+        lines = _client().trial_logs(trial_id, limit=tail or 100000, tail=tail is not None)
+    except APIError as exc:
+        _fail(exc)
+        return
+    for line in lines:
+        click.echo(line["text"])
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def checkpoint() -> None:
+    """Download checkpoints."""
+
+
+@checkpoint.command("download")
+@click.argument("uuid")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def checkpoint_download(uuid: str, directory: Path) -> None:
+    """Download checkpoint UUID's files into DIRECTORY."""
+    try:
+        names = _client().download_checkpoint(uuid, directory)
+    except APIError as exc:
+        _fail(exc)
+        return
+    click.echo(f"downloaded {len(names)} files to {directory}: {', '.join(sorted(names))}")
+
+
+if __name__ == "__main__":
+    main()
