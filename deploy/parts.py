@@ -27,7 +27,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ PG_SUPERUSER = "postgres"
 _MAX_UNIX_SOCKET_PATH = 107
 _LOG_TAIL_LINES = 20
 _POLL_S = 0.1
+_PORT_WAIT_S = 5.0
 
 
 class PartsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -279,19 +279,28 @@ def _existing(cfg: PartsConfig, name: str, marker: str, stop_signal: signal.Sign
     return None
 
 
-def _ensure_ports_free(host: str, ports: Sequence[int], what: str) -> None:
-    # Checked before starting so that a readiness probe can never be answered by some other server
-    # already on that port. SO_REUSEADDR as servers use it: TIME_WAIT leftovers are no obstacle.
+def _taken_ports(host: str, ports: Sequence[int]) -> list[int]:
     taken: list[int] = []
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # SO_REUSEADDR as servers use it: TIME_WAIT leftovers are no obstacle.
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
                 taken.append(port)
-    if taken:
-        raise PartError(f"{what}: port(s) {taken} on {host} already in use")
+    return taken
+
+
+def _ensure_ports_free(host: str, ports: Sequence[int], what: str, wait: float = _PORT_WAIT_S) -> None:
+    # Checked before starting so that a readiness probe can never be answered by some other server
+    # already on that port. Waits a little: a killed predecessor may still be exiting (a Go server's
+    # threads hold its sockets for a moment after its main thread already shows as a zombie).
+    deadline = time.monotonic() + wait
+    while taken := _taken_ports(host, ports):
+        if time.monotonic() >= deadline:
+            raise PartError(f"{what}: port(s) {taken} on {host} already in use")
+        time.sleep(_POLL_S)
 
 
 def _log_tail(path: Path, offset: int, lines: int = _LOG_TAIL_LINES) -> str:
@@ -313,27 +322,25 @@ def _spawn(
     cwd: Path | None = None,
     run_as: pwd.struct_passwd | None = None,
 ) -> subprocess.Popen[bytes]:
-    extra: dict[str, object] = {}
-    if run_as is not None:
-        # Drop root's supplementary groups: the child gets the user's own groups, as after a login.
-        extra = {
-            "user": run_as.pw_uid,
-            "group": run_as.pw_gid,
-            "extra_groups": os.getgrouplist(run_as.pw_name, run_as.pw_gid),
-        }
     log.debug("spawning part", part=name, argv=list(argv))
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=cwd,
-        # Own session: the part outlives us and has its own process group (stop_pid kills that group).
-        start_new_session=True,
-        close_fds=True,
-        **extra,
-    )
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            # Own session: the part outlives us and has its own process group (stop_pid kills that group).
+            start_new_session=True,
+            close_fds=True,
+            user=None if run_as is None else run_as.pw_uid,
+            group=None if run_as is None else run_as.pw_gid,
+            # Drop root's supplementary groups: the child gets the user's own groups, as after a login.
+            extra_groups=None if run_as is None else os.getgrouplist(run_as.pw_name, run_as.pw_gid),
+        )
+    except OSError as exc:
+        raise PartError(f"cannot start {name} ({argv[0]}): {exc}") from exc
 
 
 def _wait_ready(
@@ -407,7 +414,8 @@ def _launch(
     return part
 
 
-def _reuse(part: Part, probe: Callable[[], bool], timeout: float) -> Part:
+def _reuse(part: Part, probe: Callable[[], bool], timeout: float) -> Part | None:
+    """The running part once it is ready, or None when it turns out to be exiting (start a new one then)."""
     # A running part may itself still be starting: give it the same readiness deadline.
     deadline = time.monotonic() + timeout
     while True:
@@ -416,7 +424,9 @@ def _reuse(part: Part, probe: Callable[[], bool], timeout: float) -> Part:
                 log.info("part already running, reusing it", part=part.name, pid=part.pid)
                 return part
         if not part.alive():
-            raise PartError(f"{part.name} (pid {part.pid}) exited while we waited for it")
+            log.info("running part exited while we waited for it", part=part.name, pid=part.pid)
+            part.pid_path.unlink(missing_ok=True)
+            return None
         if time.monotonic() >= deadline:
             raise PartError(f"{part.name} (pid {part.pid}) runs but is not ready within {timeout:.0f}s")
         time.sleep(_POLL_S)
@@ -468,8 +478,9 @@ def start_nats(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> P
             return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
 
     existing = _existing(cfg, "nats", str(conf), signal.SIGTERM)
-    if existing is not None:
-        return _reuse(existing, probe, timeout)
+    reused = _reuse(existing, probe, timeout) if existing is not None else None
+    if reused is not None:
+        return reused
     _ensure_ports_free(cfg.host, [cfg.nats_port, cfg.nats_monitor_port], "nats")
     # Written fresh each start so the configured users are authoritative; it holds passwords: 0600.
     conf.touch(mode=0o600)
@@ -687,7 +698,12 @@ def _pg_clear_dead_postmaster(data_dir: Path, timeout: float) -> int | None:
     if _exists(old):
         # The old pid is a zombie its parent has not reaped yet (or a reused pid): postgres would take it for
         # a live postmaster and refuse to start. Nothing of the old server runs any more, so the lock is stale.
+        # The same holds for the socket lock files in the socket dir (our data dir), which name it too.
         log.warning("removing stale postmaster.pid", data_dir=str(data_dir), old_pid=old)
+        for socket_lock in data_dir.glob(".s.PGSQL.*.lock"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(socket_lock.read_text().split()[0]) == old:
+                    socket_lock.unlink()
         lock.unlink(missing_ok=True)
     return None
 
@@ -720,10 +736,10 @@ def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) 
             raise PartError(f"postgres answers on its socket but not on {cfg.host}:{cfg.pg_port}")
 
     existing = _existing(cfg, "postgres", str(data_dir), signal.SIGINT)
-    if existing is not None:
-        part = _reuse(existing, probe, timeout)
+    reused = _reuse(existing, probe, timeout) if existing is not None else None
+    if reused is not None:
         bootstrap()
-        return part
+        return reused
     running = _pg_clear_dead_postmaster(data_dir, timeout)
     if running is not None:
         # Our pid file was lost but the server runs on our data dir: adopt it rather than fail.
@@ -738,9 +754,11 @@ def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) 
             stop_signal=signal.SIGINT,
             reused=True,
         )
-        part = _reuse(adopted, probe, timeout)
+        reused = _reuse(adopted, probe, timeout)
+        if reused is None:
+            raise PartError(f"postgres (pid {running}) on {data_dir} exited while we waited for it; start again")
         bootstrap()
-        return part
+        return reused
     _ensure_ports_free(cfg.host, [cfg.pg_port], "postgres")
     if len(str(data_dir / f".s.PGSQL.{cfg.pg_port}")) > _MAX_UNIX_SOCKET_PATH:
         raise PartError(f"Unix socket path under {data_dir} is too long; use a shorter state dir")
@@ -828,10 +846,10 @@ def start_s3(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Par
 
     marker = f"-dir={data}"
     existing = _existing(cfg, "s3", marker, signal.SIGTERM)
-    if existing is not None:
-        part = _reuse(existing, probe, timeout)
+    reused = _reuse(existing, probe, timeout) if existing is not None else None
+    if reused is not None:
         ensure_buckets()
-        return part
+        return reused
     ports = weed_ports(cfg)
     _ensure_ports_free(cfg.host, sorted(ports.values()), "s3 (weed mini)")
     argv = [

@@ -53,6 +53,7 @@ class StackConfig(msgspec.Struct, kw_only=True):
     workers: int = 1
     slots_per_worker: int = 2
     worker_timeout_s: float = 10.0
+    max_context_bytes: int = 96 * 1024 * 1024
 
     @classmethod
     def load(cls, state_dir: Path | None = None, **overrides: object) -> StackConfig:
@@ -150,7 +151,8 @@ def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str
     for svc in SERVICES:
         env = service_env(cfg, creds, svc)
         if svc == "gateway":
-            env.update(KILN_HTTP_HOST=cfg.host, KILN_HTTP_PORT=str(cfg.http_port))
+            env.update(KILN_HTTP_HOST=cfg.host, KILN_HTTP_PORT=str(cfg.http_port),
+                       KILN_MAX_CONTEXT_BYTES=str(cfg.max_context_bytes))
         if svc == "scheduler":
             env["KILN_WORKER_TIMEOUT_S"] = str(cfg.worker_timeout_s)
         out.append((svc, [py, "-m", f"services.{svc}.main"], env))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Callable
@@ -122,14 +123,15 @@ def test_pg_data_dir_falls_back_when_state_dir_is_unreachable(
     assert p.postgres_data_dir(cfg) == data_dir  # stable: named after the state dir
 
 
-async def test_restart_keeps_data(parts: RunningParts) -> None:
+async def _write_data(parts: RunningParts, stream: str) -> str:
+    """One JetStream stream with 3 messages, a Postgres row and an S3 object, all tagged with a token."""
     token = uuid.uuid4().hex
     nc = await _nats(parts)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="PARTS_RESTART", subjects=["parts.restart.>"], storage=js_api.StorageType.FILE)
+        await js.add_stream(name=stream, subjects=[f"{stream}.>"], storage=js_api.StorageType.FILE)
         for i in range(3):
-            await js.publish("parts.restart.x", f"{token}-{i}".encode())
+            await js.publish(f"{stream}.x", f"{token}-{i}".encode())
     finally:
         await nc.close()
     conn = await asyncpg.connect(parts.pg_dsn, password=parts.cfg.pg_password)
@@ -139,25 +141,16 @@ async def test_restart_keeps_data(parts: RunningParts) -> None:
     finally:
         await conn.close()
     p.s3_client(parts.cfg).put_object("kiln", f"restart/{token}", io.BytesIO(token.encode()), len(token))
+    return token
 
-    old = {"nats": parts.nats.pid, "postgres": parts.postgres.pid, "s3": parts.s3.pid}
-    parts.nats.stop()
-    # Postgres the way `kiln down` does it: from the pid file alone.
-    pg_pid = p.read_pid(parts.cfg.state_dir, "postgres")
-    assert pg_pid == parts.postgres.pid
-    p.stop_pid(pg_pid)
-    parts.s3.stop()
-    parts.nats = p.start_nats(parts.cfg)
-    parts.postgres = p.start_postgres(parts.cfg)
-    parts.s3 = p.start_s3(parts.cfg)
-    assert all(getattr(parts, n).pid != pid for n, pid in old.items())
 
+async def _check_data(parts: RunningParts, stream: str, token: str) -> None:
     nc = await _nats(parts)
     try:
         js = nc.jetstream()
-        info = await js.stream_info("PARTS_RESTART")
+        info = await js.stream_info(stream)
         assert info.state.messages == 3
-        sub = await js.pull_subscribe("parts.restart.>", durable="restart", stream="PARTS_RESTART")
+        sub = await js.pull_subscribe(f"{stream}.>", durable="check", stream=stream)
         msgs = await sub.fetch(3, timeout=5)
         assert [m.data.decode() for m in msgs] == [f"{token}-{i}" for i in range(3)]
     finally:
@@ -173,3 +166,34 @@ async def test_restart_keeps_data(parts: RunningParts) -> None:
     finally:
         resp.close()
         resp.release_conn()
+
+
+def _restart(parts: RunningParts) -> None:
+    old = {"nats": parts.nats.pid, "postgres": parts.postgres.pid, "s3": parts.s3.pid}
+    parts.nats = p.start_nats(parts.cfg)
+    parts.postgres = p.start_postgres(parts.cfg)
+    parts.s3 = p.start_s3(parts.cfg)
+    assert not any(part.reused for part in (parts.nats, parts.postgres, parts.s3))
+    assert all(getattr(parts, name).pid != pid for name, pid in old.items())
+
+
+async def test_stop_and_restart_keeps_data(parts: RunningParts) -> None:
+    token = await _write_data(parts, "PARTS_RESTART")
+    parts.nats.stop()
+    # Postgres the way `kiln down` does it: from the pid file alone.
+    pg_pid = p.read_pid(parts.cfg.state_dir, "postgres")
+    assert pg_pid == parts.postgres.pid
+    p.stop_pid(pg_pid)
+    parts.s3.stop()
+    _restart(parts)
+    await _check_data(parts, "PARTS_RESTART", token)
+
+
+async def test_sigkill_and_immediate_restart_keeps_data(parts: RunningParts) -> None:
+    token = await _write_data(parts, "PARTS_KILLED")
+    # A crash, not a shutdown: postgres must recover from WAL, and its leftover lock files and
+    # still-exiting backends must not block the restart.
+    for part in (parts.nats, parts.postgres, parts.s3):
+        os.kill(part.pid, signal.SIGKILL)
+    _restart(parts)
+    await _check_data(parts, "PARTS_KILLED", token)
