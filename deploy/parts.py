@@ -43,8 +43,8 @@ PART_NAMES = ("nats", "postgres", "s3")
 # The program each part runs (/proc/<pid>/comm): a pid file naming anything else is stale.
 _PROGRAMS = {"nats": "nats-server", "postgres": "postgres", "s3": "weed"}
 DEFAULT_READY_TIMEOUT = 60.0
-# weed mini opens ten ports; all are derived from s3_ports_base (see weed_ports).
-S3_PORTS_SPAN = 10
+# weed mini's ports besides s3_port: s3_ports_base + 0..3 (HTTP) and + 10000..10004 (gRPC); see weed_ports.
+_GRPC_OFFSET = 10000
 # The bootstrap superuser initdb creates, whatever OS user runs the cluster. It is reachable only over the
 # Unix socket in the data dir (trust auth there), never over TCP.
 PG_SUPERUSER = "postgres"
@@ -795,23 +795,17 @@ def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) 
 
 
 def weed_ports(cfg: PartsConfig) -> dict[str, int]:
-    """Every port weed mini listens on, keyed by its flag; all but s3.port derive from s3_ports_base."""
+    """Every port weed mini listens on, keyed by its flag: s3.port, base+0..3 and base+10000..10004."""
     b = cfg.s3_ports_base
-    return {
-        "master.port": b,
-        "volume.port": b + 1,
-        "filer.port": b + 2,
-        # The admin server starts even with -admin.ui=false, and -admin.port=0 picks a random port plus
-        # a gRPC port of 10000: pin both.
-        "admin.port": b + 3,
-        "s3.port": cfg.s3_port,
-        # gRPC ports otherwise default to http port + 10000.
-        "master.port.grpc": b + 5,
-        "volume.port.grpc": b + 6,
-        "filer.port.grpc": b + 7,
-        "admin.port.grpc": b + 8,
-        "s3.port.grpc": b + 9,
-    }
+    http = {"master.port": b, "volume.port": b + 1, "filer.port": b + 2, "admin.port": b + 3}
+    ports = {**http, "s3.port": cfg.s3_port}
+    # gRPC = HTTP + 10000 is weed's own convention, and its built-in maintenance worker assumes it for
+    # the admin server whatever -admin.port.grpc says (it would retry and log forever). Set explicitly
+    # all the same: weed silently picks another port when a default one is taken.
+    for flag, port in http.items():
+        ports[f"{flag}.grpc"] = port + _GRPC_OFFSET
+    ports["s3.port.grpc"] = b + 4 + _GRPC_OFFSET
+    return ports
 
 
 def s3_client(cfg: PartsConfig, *, access_key: str | None = None, secret_key: str | None = None) -> Minio:
@@ -828,15 +822,23 @@ def s3_client(cfg: PartsConfig, *, access_key: str | None = None, secret_key: st
 
 
 def start_s3(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
-    """Start weed mini (S3 on host:s3_port) under <state_dir>/s3; ready when its buckets list with our keys."""
+    """Start weed mini (S3 on host:s3_port) under <state_dir>/s3; ready when S3 answers our keys and all volumes are up."""
     data = cfg.state_dir / "s3"
     data.mkdir(parents=True, exist_ok=True)
     logs, _ = _dirs(cfg)
     client = s3_client(cfg)
 
+    # Volume files already on disk: after a restart S3 answers before the volume server has reported
+    # them to the master, and reading old objects fails ("InternalError") until it has.
+    volumes_on_disk = len(list(data.glob("*.dat")))
+    dir_status_url = f"http://{cfg.host}:{weed_ports(cfg)['master.port']}/dir/status"
+
     def probe() -> bool:
         client.list_buckets()
-        return True
+        with urllib.request.urlopen(dir_status_url, timeout=1.0) as resp:  # noqa: S310 - our own local URL
+            topology = json.loads(resp.read())["Topology"]
+        nodes = [n for dc in topology.get("DataCenters") or [] for r in dc.get("Racks") or [] for n in r["DataNodes"]]
+        return bool(nodes) and sum(n["Volumes"] for n in nodes) >= volumes_on_disk
 
     def ensure_buckets() -> None:
         # weed's -bucket flag creates them too, but possibly after S3 already answers; make sure here.

@@ -6,6 +6,7 @@ The client packs it, the gateway checks it before storing it, the worker unpacks
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -27,7 +28,12 @@ def pack(directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if not directory.is_dir():
         raise ContextError(f"{directory}: not a directory")
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+    # mtime=0: tarfile's own "w:gz" stamps the gzip header with the current time, so the same
+    # directory packed a second later would get another digest.
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for root, dirs, files in os.walk(directory):
             dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
             for name in sorted(files):

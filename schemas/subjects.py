@@ -45,7 +45,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 def check_token(value: str, what: str) -> str:
     """Return ``value`` if it can be one subject token (no dots, spaces or wildcards)."""
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+ to be used in a subject")
     return value
 

@@ -213,6 +213,25 @@ class Bus:
         """
         psub = await self._durable(spec)
         log.info("consumer.started", durable=spec.durable, stream=spec.stream.name)
+        try:
+            await self._consume_loop(spec, psub, decoder, handler, stop, batch, idle, fetch_timeout_s)
+        finally:
+            # A pull subscription left open makes drain() wait for its whole timeout.
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            log.info("consumer.stopped", durable=spec.durable)
+
+    async def _consume_loop(
+        self,
+        spec: ConsumerSpec,
+        psub: Any,
+        decoder: msgspec.json.Decoder[T],
+        handler: Handler[T],
+        stop: asyncio.Event,
+        batch: int,
+        idle: Callable[[], Awaitable[None]] | None,
+        fetch_timeout_s: float,
+    ) -> None:
         while not stop.is_set():
             try:
                 msgs = await psub.fetch(batch, timeout=fetch_timeout_s)
@@ -436,6 +455,7 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
         "max_reconnect_attempts": -1,  # a restarting server is waited for, not fatal
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
+        "drain_timeout": 5,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user

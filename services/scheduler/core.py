@@ -218,8 +218,8 @@ class SchedulerCore:
 
     def _assigned(self, event: ev.AllocationAssigned) -> None:
         run = self.state.trials.get(event.trial_id)
-        if run is None or run.state == "EXITED":
-            return
+        if run is None or run.state == "EXITED" or event.restarts < run.restarts:
+            return  # a late echo of a placement from before a restart already decided is stale
         # The log is the truth: adopt what it says even if our in-memory decision differed.
         run.allocation_id = event.allocation_id
         run.worker_id = event.worker_id

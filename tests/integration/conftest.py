@@ -17,46 +17,47 @@ from deploy import parts as p
 TEST_NATS_USERS = {"kiln-test": "nats-secret-\"quoted'$", "other": "other-secret"}
 
 
-def _block_free(host: str, start: int, n: int) -> bool:
-    for port in range(start, start + n):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
+def _free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
     return True
 
 
-def free_port_block(n: int, host: str = "127.0.0.1") -> int:
-    """First port of n consecutive free ports, below the ephemeral range so clients never take them."""
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 32000 - n)
-        if _block_free(host, start, n):
-            return start
-    raise RuntimeError(f"no block of {n} free ports found")
+def _all_ports(cfg: p.PartsConfig) -> list[int]:
+    return [cfg.nats_port, cfg.nats_monitor_port, cfg.pg_port, *p.weed_ports(cfg).values()]
 
 
 def make_parts_config(state_dir: Path, host: str = "127.0.0.1") -> p.PartsConfig:
-    """A PartsConfig on a fresh block of free ports: 4 single ports, then weed's span."""
-    base = free_port_block(4 + p.S3_PORTS_SPAN, host)
-    return p.PartsConfig(
-        state_dir=state_dir,
-        host=host,
-        nats_port=base,
-        nats_monitor_port=base + 1,
-        pg_port=base + 2,
-        s3_port=base + 3,
-        s3_ports_base=base + 4,
-        nats_users=dict(TEST_NATS_USERS),
-        pg_user="kiln",
-        pg_password="pg-secret-'quoted\"",
-        pg_database="kiln_test",
-        s3_access_key="kiln-test-key",
-        s3_secret_key="kiln-test-secret",
-        s3_buckets=["kiln", "kiln-extra"],
-    )
+    """A PartsConfig whose every port (weed's included) is free now, at a random spot."""
+    rng = random.Random()
+    for _ in range(200):
+        # 8 consecutive ports from a random base; weed's gRPC ports land at +10000, and all of them stay
+        # below the ephemeral range (32768+) so no client connection can be holding one.
+        base = rng.randrange(12000, 22000 - 8)
+        cfg = p.PartsConfig(
+            state_dir=state_dir,
+            host=host,
+            nats_port=base,
+            nats_monitor_port=base + 1,
+            pg_port=base + 2,
+            s3_port=base + 3,
+            s3_ports_base=base + 4,
+            nats_users=dict(TEST_NATS_USERS),
+            pg_user="kiln",
+            pg_password="pg-secret-'quoted\"",
+            pg_database="kiln_test",
+            s3_access_key="kiln-test-key",
+            s3_secret_key="kiln-test-secret",
+            s3_buckets=["kiln", "kiln-extra"],
+        )
+        ports = _all_ports(cfg)
+        if all(_free(host, port) for port in ports):
+            return cfg
+    raise RuntimeError("no free set of ports found")
 
 
 @pytest.fixture(scope="session")

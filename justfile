@@ -1,0 +1,39 @@
+# Kiln's tasks. `bash deploy/setup.sh` installs `just` itself into .venv/bin.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv/bin"
+
+# Create or update .venv with everything (idempotent)
+setup:
+    bash deploy/setup.sh
+
+# Start the local stack (NATS, Postgres, S3, five services, one worker)
+up *ARGS: setup
+    {{venv}}/kiln up {{ARGS}}
+
+# Stop everything `up` started
+down:
+    {{venv}}/kiln down
+
+# Start the stack, train the digits example, show its metrics and checkpoint
+demo: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{venv}}/kiln up
+    out=$({{venv}}/kiln experiment create examples/digits/const.yaml examples/digits --follow | tee /dev/stderr)
+    id=$(sed -n 's/^Created experiment \([0-9]*\)$/\1/p' <<<"$out")
+    trial=$({{venv}}/kiln experiment describe "$id" --json | {{venv}}/python -c 'import json,sys; print(json.load(sys.stdin)["trials"][0]["id"])')
+    {{venv}}/kiln trial describe "$trial"
+    echo
+    echo "The stack keeps running: try"
+    echo "  source .venv/bin/activate && kiln experiment create examples/digits/const.yaml examples/digits --follow"
+    echo "Stop it with: just down"
+
+# Run the whole test suite: unit, integration (real NATS/Postgres/S3), e2e (CLI -> whole stack)
+test *ARGS: setup
+    {{venv}}/python -m pytest -q {{ARGS}}
+
+# Only the fast no-I/O tests
+test-unit: setup
+    {{venv}}/python -m pytest -q tests/unit

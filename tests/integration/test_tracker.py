@@ -1,0 +1,186 @@
+"""The tracker's projection against a real Postgres, and through a real JetStream consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from deploy import parts as p
+from schemas import events as ev
+from schemas import readmodel, subjects
+from schemas.config import config_to_dict, parse_config
+from services.runtime import BusSettings, ConsumerSpec, connect_bus
+from services.tracker.main import handler_for
+from services.tracker.projection import Item, project_batch
+from tests.integration.conftest import TEST_NATS_USERS
+
+pytestmark = pytest.mark.integration
+
+_ids = itertools.count(int(uuid.uuid4().int % 10_000) * 1000 + 1)
+
+CONFIG = config_to_dict(parse_config(
+    "name: t\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
+    "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n"
+)[0])
+
+
+def _dsn(parts: p.RunningParts) -> str:
+    cfg = parts.cfg
+    return f"postgresql://{cfg.pg_user}:{cfg.pg_password}@{cfg.host}:{cfg.pg_port}/{cfg.pg_database}"
+
+
+@pytest.fixture
+async def conn(parts: p.RunningParts) -> AsyncIterator[Any]:
+    """A connection to a freshly migrated schema of its own."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    c = await asyncpg.connect(_dsn(parts))
+    await readmodel.migrate(c, schema)
+    try:
+        yield c
+    finally:
+        await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await c.close()
+
+
+def _life(experiment_id: int, trial_id: int) -> list[Any]:
+    """Every fact of a one-trial experiment, in stream order."""
+    e, t = experiment_id, trial_id
+    alloc = f"{t}.1"
+    return [
+        ev.ExperimentSubmitted(experiment_id=e, config=CONFIG, config_yaml="name: t", context_digest="sha256:x",
+                               context_size=1, seed=7, submitted_at=1000.0),
+        ev.TrialCreated(experiment_id=e, trial_id=t, request_id=0, hparams={"lr": 0.1}, seed=3),
+        ev.AllocationAssigned(experiment_id=e, trial_id=t, allocation_id=alloc, worker_id="w0", slot_ids=["cpu0"]),
+        ev.TrialStarted(experiment_id=e, trial_id=t, allocation_id=alloc, worker_id="w0", started_at=1001.0),
+        ev.ValidationReported(experiment_id=e, trial_id=t, steps_completed=5, metrics={"loss": 0.5}, reported_at=1002.0),
+        ev.ValidationReported(experiment_id=e, trial_id=t, steps_completed=10, metrics={"loss": 0.7}, reported_at=1003.0),
+        ev.CheckpointStored(experiment_id=e, trial_id=t, uuid=f"ck-{t}", steps_completed=10, storage="s3://kiln/c",
+                            resources={"model.pt": 10}, reported_at=1004.0),
+        ev.AllocationExited(experiment_id=e, trial_id=t, allocation_id=alloc, worker_id="w0", exit_code=0,
+                            exited_at=1005.0),
+        ev.TrialExited(experiment_id=e, trial_id=t, state="COMPLETED", exit_code=0),
+        ev.ExperimentEnded(experiment_id=e, state="COMPLETED"),
+    ]
+
+
+def _items(events: list[Any], first_seq: int = 1) -> list[Item]:
+    return [Item(seq=first_seq + i, ts=2000.0 + i, event=e) for i, e in enumerate(events)]
+
+
+async def _digest(conn: Any) -> str:
+    """A digest over every projected table, to compare whole read models."""
+    h = hashlib.sha256()
+    for table, order in [("experiments", "id"), ("trials", "id"), ("allocations", "id"),
+                         ("metrics", "trial_id, kind, steps_completed"), ("checkpoints", "uuid"),
+                         ("trial_logs", "allocation_id, line_no"), ("projection_positions", "consumer")]:
+        for row in await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}"):
+            h.update(repr(tuple(row.values())).encode())
+    return h.hexdigest()
+
+
+async def test_a_trial_life_projects_into_the_read_model(conn: Any) -> None:
+    """Experiment, trial, allocation, metrics, best metric and checkpoint rows follow the events."""
+    e, t = next(_ids), next(_ids)
+    assert await project_batch(conn, "c", _items(_life(e, t))) == 10
+    exp = await conn.fetchrow("SELECT state, progress, searcher_metric FROM experiments WHERE id = $1", e)
+    assert (exp["state"], exp["progress"], exp["searcher_metric"]) == ("COMPLETED", 1.0, "loss")
+    trial = await conn.fetchrow("SELECT * FROM trials WHERE id = $1", t)
+    assert trial["state"] == "COMPLETED"
+    assert trial["best_metric"] == 0.5  # smaller is better: the best, not the latest
+    assert trial["steps_completed"] == 10
+    assert trial["latest_checkpoint"] == f"ck-{t}"
+    rows = await conn.fetch("SELECT steps_completed FROM metrics WHERE trial_id = $1 AND kind = 'validation'"
+                            " ORDER BY steps_completed", t)
+    assert [r["steps_completed"] for r in rows] == [5, 10]
+    alloc = await conn.fetchrow("SELECT exit_code, started_at FROM allocations WHERE id = $1", f"{t}.1")
+    assert alloc["exit_code"] == 0 and alloc["started_at"] is not None
+    assert await conn.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = 'c'") == 10
+
+
+async def test_redelivery_changes_nothing(conn: Any) -> None:
+    """The same batch again, or an overlapping one, leaves the read model byte-identical."""
+    e, t = next(_ids), next(_ids)
+    items = _items(_life(e, t))
+    await project_batch(conn, "c", items[:6])
+    await project_batch(conn, "c", items)
+    before = await _digest(conn)
+    assert await project_batch(conn, "c", items) == 0
+    assert await project_batch(conn, "c", items[3:8]) == 0
+    assert await _digest(conn) == before
+
+
+async def test_a_failing_batch_commits_nothing(conn: Any) -> None:
+    """Rows and position are one transaction: a batch that fails half way leaves no trace."""
+    e, t = next(_ids), next(_ids)
+    life = _life(e, t)
+    await project_batch(conn, "c", _items(life[:2]))
+    before = await _digest(conn)
+    orphan = ev.TrialCreated(experiment_id=next(_ids), trial_id=next(_ids), request_id=0, hparams={}, seed=1)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await project_batch(conn, "c", _items([life[2], orphan], first_seq=3))
+    assert await _digest(conn) == before
+
+
+async def test_training_points_redelivered_or_out_of_order_are_stored_once(conn: Any) -> None:
+    """A point re-sent (restart, redelivery) replaces itself; order of arrival does not matter."""
+    e, t = next(_ids), next(_ids)
+    await project_batch(conn, "c", _items(_life(e, t)[:2]))
+
+    def batch(batch_id: str, steps: list[int]) -> ev.TrainingMetricsReported:
+        return ev.TrainingMetricsReported(experiment_id=e, trial_id=t, batch_id=batch_id, points=[
+            ev.MetricPoint(steps_completed=s, metrics={"loss": 1.0 / s, "note": "NaN"}, reported_at=1.0) for s in steps
+        ])
+
+    await project_batch(conn, "m", _items([batch("b2", [30, 40]), batch("b1", [10, 20]), batch("b1r", [20, 30])]))
+    rows = await conn.fetch("SELECT steps_completed, metrics FROM metrics WHERE trial_id = $1 AND kind = 'training'"
+                            " ORDER BY steps_completed", t)
+    assert [r["steps_completed"] for r in rows] == [10, 20, 30, 40]
+
+
+async def test_tracker_consumes_the_real_stream_and_dead_letters_poison(parts: p.RunningParts) -> None:
+    """Through JetStream: good events land in Postgres, a poison message goes to the dead-letter stream."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    e, t = next(_ids), next(_ids)
+    user, password = next(iter(TEST_NATS_USERS.items()))
+    settings = BusSettings(nats_url=parts.nats_url, nats_user=user, nats_password=password)
+    durable = f"tracker-test-{schema}"
+    spec = ConsumerSpec(durable=durable, stream=subjects.EVENTS, filter_subjects=[f"kiln.events.{e}.>"],
+                        backoff_s=(0.1, 0.2), max_deliver=3)
+    async with asyncpg.create_pool(_dsn(parts), min_size=1, max_size=2,
+                                   server_settings={"search_path": schema}) as pool:
+        async with pool.acquire() as c:
+            await readmodel.migrate(c, schema)
+        async with connect_bus(settings, "test") as bus:
+            life = _life(e, t)
+            for event in life[:3]:
+                await bus.publish(event)
+            await bus.js.publish(f"kiln.events.{e}.experiment", b"\x00garbage", headers={"Nats-Msg-Id": durable})
+            for event in life[3:]:
+                await bus.publish(event)
+            import msgspec
+
+            stop = asyncio.Event()
+            task = asyncio.create_task(bus.consume(spec, msgspec.json.Decoder(ev.DomainEvent),
+                                                   handler_for(pool, durable), stop, batch=4))
+            async with pool.acquire() as c:
+                for _ in range(100):
+                    state = await c.fetchval("SELECT state FROM experiments WHERE id = $1", e)
+                    if state == "COMPLETED":
+                        break
+                    await asyncio.sleep(0.1)
+                assert state == "COMPLETED"
+                assert await c.fetchval("SELECT state FROM trials WHERE id = $1", t) == "COMPLETED"
+            stop.set()
+            await task
+            sub = await bus.js.subscribe(subjects.deadletter_subject(durable), ordered_consumer=True)
+            letter = msgspec.json.decode((await sub.next_msg(timeout=5)).data, type=ev.MessageDeadLettered)
+            assert letter.payload == b"\x00garbage" and "undecodable" in letter.error
+        async with pool.acquire() as c:
+            await c.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -1,0 +1,273 @@
+"""Subjects and dedupe keys for every event, and the wire contract of the event unions."""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Any
+
+import msgspec
+import pytest
+
+from schemas import events as ev
+from schemas import subjects
+
+UNIONS = {
+    "domain": ev.DomainEvent,
+    "metric": ev.MetricEvent,
+    "log": ev.LogEvent,
+    "deadletter": ev.DeadLetterEvent,
+}
+
+
+def members(union: Any) -> tuple[type, ...]:
+    return typing.get_args(union) or (union,)
+
+
+ALL_EVENT_CLASSES = [cls for union in UNIONS.values() for cls in members(union)]
+UNION_OF = {cls: union for union in UNIONS.values() for cls in members(union)}
+
+EXP, TRIAL, WORKER = 3, 17, "gpu-node_1"
+
+# One minimal instance of every event; test_samples_cover_every_event keeps this complete.
+SAMPLES: dict[type, Any] = {
+    ev.ExperimentSubmitted: ev.ExperimentSubmitted(
+        experiment_id=EXP, config={"searcher": {"name": "single"}}, config_yaml="", context_digest="sha256:0",
+        context_size=0, seed=1,
+    ),
+    ev.ExperimentKillRequested: ev.ExperimentKillRequested(experiment_id=EXP),
+    ev.TrialCreated: ev.TrialCreated(experiment_id=EXP, trial_id=TRIAL, request_id=0, hparams={"lr": 0.1}, seed=5),
+    ev.TrialStopRequested: ev.TrialStopRequested(experiment_id=EXP, trial_id=TRIAL),
+    ev.ExperimentEnded: ev.ExperimentEnded(experiment_id=EXP, state="COMPLETED"),
+    ev.AllocationAssigned: ev.AllocationAssigned(
+        experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", worker_id=WORKER, slot_ids=["0"]
+    ),
+    ev.AllocationKillRequested: ev.AllocationKillRequested(
+        experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", worker_id=WORKER
+    ),
+    ev.TrialStarted: ev.TrialStarted(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", worker_id=WORKER),
+    ev.AllocationExited: ev.AllocationExited(
+        experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", worker_id=WORKER, exit_code=0
+    ),
+    ev.WorkerLost: ev.WorkerLost(worker_id=WORKER, last_seen=1000.5),
+    ev.AllocationLost: ev.AllocationLost(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1",
+                                         worker_id=WORKER),
+    ev.TrialRestarting: ev.TrialRestarting(experiment_id=EXP, trial_id=TRIAL, restarts=1),
+    ev.TrialExited: ev.TrialExited(experiment_id=EXP, trial_id=TRIAL, state="COMPLETED"),
+    ev.ValidationReported: ev.ValidationReported(
+        experiment_id=EXP, trial_id=TRIAL, steps_completed=100, metrics={"loss": 0.5, "note": "ok", "nan": None}
+    ),
+    ev.CheckpointStored: ev.CheckpointStored(
+        experiment_id=EXP, trial_id=TRIAL, uuid="c0ffee", steps_completed=100, storage="s3://kiln/ckpt"
+    ),
+    ev.TrialProgressReported: ev.TrialProgressReported(experiment_id=EXP, trial_id=TRIAL, progress=0.25),
+    ev.TrainingMetricsReported: ev.TrainingMetricsReported(
+        experiment_id=EXP, trial_id=TRIAL, batch_id="17.1-0",
+        points=[ev.MetricPoint(steps_completed=1, metrics={"loss": 1.0})],
+    ),
+    ev.LogsShipped: ev.LogsShipped(
+        experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1",
+        lines=[ev.LogLine(line_no=40, stream="stdout", text="epoch 1", ts=1.0)],
+    ),
+    ev.MessageDeadLettered: ev.MessageDeadLettered(
+        consumer="tracker", stream="KILN_EVENTS", stream_seq=9, subject="kiln.events.3.experiment", error="boom",
+        payload=b"\x00\xffnot json",
+    ),
+}
+
+SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
+
+EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded}
+WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
+TRIAL_EVENTS = {
+    ev.TrialCreated, ev.TrialStopRequested, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
+    ev.TrialRestarting, ev.TrialExited, ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
+}
+
+
+def test_samples_cover_every_event() -> None:
+    assert set(SAMPLES) == set(ALL_EVENT_CLASSES)
+    assert set(members(ev.DomainEvent)) == EXPERIMENT_EVENTS | WORKER_COMMANDS | TRIAL_EVENTS | {ev.WorkerLost}
+
+
+def _expected_subject(event: Any) -> str:
+    """The documented subject layout (schemas/subjects.py docstring, README "Bus")."""
+    cls = type(event)
+    if cls in EXPERIMENT_EVENTS:
+        return f"kiln.events.{EXP}.experiment"
+    if cls in WORKER_COMMANDS:
+        return f"kiln.events.{EXP}.worker.{WORKER}"
+    if cls in TRIAL_EVENTS:
+        return f"kiln.events.{EXP}.trial.{TRIAL}"
+    return {
+        ev.WorkerLost: f"kiln.events.cluster.lost.{WORKER}",
+        ev.TrainingMetricsReported: f"kiln.metrics.{EXP}.{TRIAL}",
+        ev.LogsShipped: f"kiln.logs.{EXP}.{TRIAL}",
+        ev.MessageDeadLettered: "kiln.deadletter.tracker",
+    }[cls]
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, a trailing ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    if p[-1] == ">":
+        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s))
+    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s))
+
+
+@pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
+def test_subject_follows_the_documented_layout(event: Any) -> None:
+    subject = subjects.subject_for(event)
+    assert subject == _expected_subject(event)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", token) for token in subject.split("."))
+
+
+@pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
+def test_every_subject_lands_in_exactly_one_stream(event: Any) -> None:
+    subject = subjects.subject_for(event)
+    streams = [s.name for s in subjects.ALL_STREAMS if any(_matches(p, subject) for p in s.subjects)]
+    expected = {
+        ev.TrainingMetricsReported: "KILN_METRICS", ev.LogsShipped: "KILN_LOGS",
+        ev.MessageDeadLettered: "KILN_DEADLETTER",
+    }.get(type(event), "KILN_EVENTS")
+    assert streams == [expected]
+
+
+def test_heartbeat_subject_is_outside_every_stream() -> None:
+    hb = subjects.heartbeat_subject(WORKER)
+    assert _matches(subjects.HEARTBEAT_SUBJECT, hb)
+    assert not any(_matches(p, hb) for s in subjects.ALL_STREAMS for p in s.subjects)
+
+
+def test_filters_select_the_subjects_they_name() -> None:
+    assigned = subjects.subject_for(SAMPLES[ev.AllocationAssigned])
+    assert _matches(subjects.worker_filter(WORKER), assigned)
+    assert not _matches(subjects.worker_filter("other"), assigned)
+    for cls in EXPERIMENT_EVENTS | TRIAL_EVENTS | WORKER_COMMANDS:
+        assert _matches(subjects.experiment_filter(EXP), subjects.subject_for(SAMPLES[cls]))
+        assert not _matches(subjects.experiment_filter(EXP + 1), subjects.subject_for(SAMPLES[cls]))
+    for cls in TRIAL_EVENTS:
+        assert _matches(subjects.trial_filter(EXP, TRIAL), subjects.subject_for(SAMPLES[cls]))
+        assert not _matches(subjects.trial_filter(EXP, TRIAL + 1), subjects.subject_for(SAMPLES[cls]))
+
+
+BAD_TOKENS = ["node.1", "node 1", "*", ">", "node*", "a>b", "", "node\t1", "gpu/0", "nöde"]
+
+
+@pytest.mark.parametrize("worker_id", BAD_TOKENS)
+def test_worker_ids_that_cannot_be_one_subject_token_are_rejected(worker_id: str) -> None:
+    for make in (
+        lambda: subjects.subject_for(msgspec.structs.replace(SAMPLES[ev.AllocationAssigned], worker_id=worker_id)),
+        lambda: subjects.subject_for(msgspec.structs.replace(SAMPLES[ev.AllocationKillRequested],
+                                                             worker_id=worker_id)),
+        lambda: subjects.subject_for(ev.WorkerLost(worker_id=worker_id, last_seen=0.0)),
+        lambda: subjects.heartbeat_subject(worker_id),
+        lambda: subjects.worker_filter(worker_id),
+    ):
+        with pytest.raises(ValueError, match="worker id"):
+            make()
+
+
+def test_a_worker_id_with_a_trailing_newline_is_rejected() -> None:
+    with pytest.raises(ValueError, match="worker id"):
+        subjects.heartbeat_subject("node1\n")
+
+
+@pytest.mark.parametrize("consumer", ["track.er", "a b", "*", ""])
+def test_deadletter_consumer_names_are_checked(consumer: str) -> None:
+    with pytest.raises(ValueError, match="consumer"):
+        subjects.deadletter_subject(consumer)
+
+
+# --- dedupe keys -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
+def test_the_same_fact_gets_the_same_key(event: Any) -> None:
+    key = subjects.dedupe_key(event)
+    assert key
+    # Rebuilt from its wire form, as a redelivery or a republish after a restart would be.
+    again = msgspec.json.decode(msgspec.json.encode(event), type=UNION_OF[type(event)])
+    assert subjects.dedupe_key(again) == key
+
+
+def test_different_event_kinds_never_share_a_key() -> None:
+    keys = [subjects.dedupe_key(e) for e in SAMPLES.values()]
+    assert len(set(keys)) == len(keys)
+
+
+def _r(cls: type, **changes: Any) -> Any:
+    return msgspec.structs.replace(SAMPLES[cls], **changes)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        # The same fact said again (other incidental fields) is deduplicated...
+        (_r(ev.ValidationReported, reported_at=1.0), _r(ev.ValidationReported, reported_at=2.0), True),
+        (_r(ev.TrialExited, reason="a"), _r(ev.TrialExited, reason="b"), True),
+        (_r(ev.ExperimentKillRequested, requested_by="ann"), _r(ev.ExperimentKillRequested, requested_by="bob"),
+         True),
+        # ...while a different fact is not.
+        (_r(ev.ValidationReported, steps_completed=100), _r(ev.ValidationReported, steps_completed=200), False),
+        (_r(ev.TrialCreated, request_id=0), _r(ev.TrialCreated, request_id=1), False),
+        (_r(ev.TrialCreated, experiment_id=1), _r(ev.TrialCreated, experiment_id=2), False),
+        (_r(ev.ExperimentSubmitted, experiment_id=1), _r(ev.ExperimentSubmitted, experiment_id=2), False),
+        (_r(ev.AllocationAssigned, allocation_id="17.1"), _r(ev.AllocationAssigned, allocation_id="17.2"), False),
+        (_r(ev.AllocationExited, allocation_id="17.1"), _r(ev.AllocationExited, allocation_id="17.2"), False),
+        (SAMPLES[ev.AllocationExited], SAMPLES[ev.AllocationLost], False),
+        (SAMPLES[ev.AllocationAssigned], SAMPLES[ev.TrialStarted], False),
+        (_r(ev.TrialRestarting, restarts=1), _r(ev.TrialRestarting, restarts=2), False),
+        (_r(ev.TrialExited, trial_id=1), _r(ev.TrialExited, trial_id=2), False),
+        (_r(ev.WorkerLost, last_seen=10.0), _r(ev.WorkerLost, last_seen=20.0), False),
+        (_r(ev.WorkerLost, worker_id="a"), _r(ev.WorkerLost, worker_id="b"), False),
+        (_r(ev.CheckpointStored, uuid="a"), _r(ev.CheckpointStored, uuid="b"), False),
+        (_r(ev.TrialProgressReported, progress=0.25), _r(ev.TrialProgressReported, progress=0.5), False),
+        (_r(ev.TrainingMetricsReported, batch_id="x"), _r(ev.TrainingMetricsReported, batch_id="y"), False),
+        (_r(ev.LogsShipped, lines=[ev.LogLine(line_no=0, stream="stdout", text="", ts=0.0)]),
+         _r(ev.LogsShipped, lines=[ev.LogLine(line_no=1, stream="stdout", text="", ts=0.0)]), False),
+        (_r(ev.LogsShipped, allocation_id="17.1"), _r(ev.LogsShipped, allocation_id="17.2"), False),
+        (_r(ev.MessageDeadLettered, stream_seq=1), _r(ev.MessageDeadLettered, stream_seq=2), False),
+        (_r(ev.MessageDeadLettered, consumer="a"), _r(ev.MessageDeadLettered, consumer="b"), False),
+    ],
+)
+def test_dedupe_keys_tell_facts_apart(a: Any, b: Any, same: bool) -> None:
+    assert (subjects.dedupe_key(a) == subjects.dedupe_key(b)) is same
+
+
+# --- wire contract -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
+def test_event_round_trips_through_its_union(event: Any) -> None:
+    data = msgspec.json.encode(event)
+    assert msgspec.json.decode(data)["type"] == type(event).__name__  # tagged by class name
+    decoded = msgspec.json.Decoder(UNION_OF[type(event)]).decode(data)
+    assert type(decoded) is type(event)
+    assert decoded == event
+
+
+@pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
+def test_unknown_fields_from_a_newer_writer_are_ignored(event: Any) -> None:
+    raw = msgspec.to_builtins(event)
+    raw["added_in_v2"] = {"nested": [1, 2, 3]}
+    decoded = msgspec.json.Decoder(UNION_OF[type(event)]).decode(msgspec.json.encode(raw))
+    assert decoded == event
+
+
+def test_fields_added_with_defaults_are_optional_for_old_writers() -> None:
+    # An event written before `restarts`/`latest_checkpoint` existed still decodes.
+    old = b'{"type":"AllocationAssigned","experiment_id":3,"trial_id":17,"allocation_id":"17.1",' \
+          b'"worker_id":"w","slot_ids":[]}'
+    decoded = msgspec.json.Decoder(ev.DomainEvent).decode(old)
+    assert decoded == ev.AllocationAssigned(experiment_id=3, trial_id=17, allocation_id="17.1", worker_id="w",
+                                            slot_ids=[], restarts=0, latest_checkpoint=None)
+
+
+def test_heartbeat_ignores_unknown_fields() -> None:
+    hb = ev.WorkerHeartbeat(worker_id=WORKER, address="a", resource_pool="default",
+                            slots=[ev.Slot(slot_id="0", kind="cuda")], running=[], sent_at=1.0)
+    raw = msgspec.to_builtins(hb)
+    raw["future"] = True
+    raw["slots"][0]["future"] = 1
+    assert msgspec.json.decode(msgspec.json.encode(raw), type=ev.WorkerHeartbeat) == hb
