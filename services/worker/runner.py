@@ -51,6 +51,18 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable) -
     return argv
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the worker dies, as a trial on a crashed host would (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 class Allocation:
     """One trial process on this worker and everything it reports."""
 
@@ -101,6 +113,7 @@ class Allocation:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a kill reaches its children
+                preexec_fn=_die_with_parent,
             )
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, not raised
             log.error("allocation.start_failed", allocation=a.allocation_id, error=repr(exc))
