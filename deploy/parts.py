@@ -112,7 +112,7 @@ class Part:
         """Whether the process still runs."""
         if self._popen is not None:
             return self._popen.poll() is None
-        return _alive(self.pid)
+        return pid_alive(self.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process (its stop signal, wait, then SIGKILL) and remove its pid file."""
@@ -132,7 +132,7 @@ class Part:
 
 def stop_pid(pid: int, timeout: float = 10.0, sig: signal.Signals | None = None) -> None:
     """Stop a process by pid: send sig (default chosen per program), wait up to timeout, then SIGKILL its group."""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return
     if sig is None:
         # SIGTERM is a "smart" shutdown for postgres that waits for every client to disconnect; SIGINT is
@@ -167,7 +167,8 @@ def read_pid(state_dir: Path, name: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as gone)."""
     # A zombie still answers kill(pid, 0); reap it if it is our child and treat it as gone.
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -218,7 +219,7 @@ def _group_members(pgid: int, program: str) -> list[int]:
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_S)
@@ -266,7 +267,7 @@ def _existing(cfg: PartsConfig, name: str, marker: str, stop_signal: signal.Sign
     pid = read_pid(cfg.state_dir, name)
     if pid is None:
         return None
-    if _alive(pid) and marker in _cmdline(pid):
+    if pid_alive(pid) and marker in _cmdline(pid):
         return Part(
             name=name,
             pid=pid,
@@ -684,7 +685,7 @@ def _pg_clear_dead_postmaster(data_dir: Path, timeout: float) -> int | None:
         return None
     deadline = time.monotonic() + timeout
     while True:
-        if _alive(old) and _comm(old) == "postgres" and str(data_dir) in _cmdline(old):
+        if pid_alive(old) and _comm(old) == "postgres" and str(data_dir) in _cmdline(old):
             return old
         # After a SIGKILL of the postmaster its backends (same process group: they never setsid) live on
         # for a moment, attached to the old shared memory; postgres refuses to start until they are gone.
@@ -939,7 +940,7 @@ def stop_all(state_dir: Path, timeout: float = 10.0) -> None:
         pid = read_pid(state_dir, name)
         if pid is None:
             continue
-        if _alive(pid) and _comm(pid) != _PROGRAMS[name]:
+        if pid_alive(pid) and _comm(pid) != _PROGRAMS[name]:
             # The pid was reused by an unrelated process since the part died: leave that one alone.
             log.warning("stale pid file, not stopping", part=name, pid=pid, program=_comm(pid))
         else:

@@ -191,7 +191,7 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
     for name, argv, env in _processes(cfg, creds):
         log_path = cfg.state_dir / "logs" / f"{name}.log"
         pid = parts.read_pid(cfg.state_dir, name)
-        if pid is not None and _alive(pid):
+        if pid is not None and parts.pid_alive(pid):
             launched.append((name, None, log_path, -1))
             continue
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,20 +247,6 @@ def _tail(path: Path, offset: int, lines: int = 30) -> str:
     return "\n".join(_read_from(path, offset).splitlines()[-lines:])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def _kiln_names(cfg: StackConfig) -> list[str]:
     pids = cfg.state_dir / "pids"
     names = [p.stem for p in pids.glob("*.pid")] if pids.exists() else []
@@ -273,13 +259,13 @@ def down(cfg: StackConfig) -> list[str]:
     stopped = []
     for name in _kiln_names(cfg):
         pid = parts.read_pid(cfg.state_dir, name)
-        if pid is not None and _alive(pid):
+        if pid is not None and parts.pid_alive(pid):
             parts.stop_pid(pid, timeout=20.0)
             stopped.append(name)
         parts.pid_path(cfg.state_dir, name).unlink(missing_ok=True)
     for name in ("s3", "postgres", "nats"):
         pid = parts.read_pid(cfg.state_dir, name)
-        if pid is not None and _alive(pid):
+        if pid is not None and parts.pid_alive(pid):
             stopped.append(name)
     parts.stop_all(cfg.state_dir)
     return stopped
@@ -293,5 +279,5 @@ def status(cfg: StackConfig) -> list[tuple[str, int | None, bool]]:
         pid = parts.read_pid(cfg.state_dir, name)
         if pid is None and name in ("nats", "postgres", "s3"):
             continue
-        rows.append((name, pid, pid is not None and _alive(pid)))
+        rows.append((name, pid, pid is not None and parts.pid_alive(pid)))
     return rows

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,52 +10,31 @@ from pathlib import Path
 import pytest
 
 from deploy import parts as p
+from deploy.ports import free_port_block
 
 # Quotes and a dollar sign on purpose: the generated nats config and the SQL must escape them.
 TEST_NATS_USERS = {"kiln-test": "nats-secret-\"quoted'$", "other": "other-secret"}
 
 
-def _free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _all_ports(cfg: p.PartsConfig) -> list[int]:
-    return [cfg.nats_port, cfg.nats_monitor_port, cfg.pg_port, *p.weed_ports(cfg).values()]
-
-
 def make_parts_config(state_dir: Path, host: str = "127.0.0.1") -> p.PartsConfig:
-    """A PartsConfig whose every port (weed's included) is free now, at a random spot."""
-    rng = random.Random()
-    for _ in range(200):
-        # 8 consecutive ports from a random base; weed's gRPC ports land at +10000, and all of them stay
-        # below the ephemeral range (32768+) so no client connection can be holding one.
-        base = rng.randrange(12000, 22000 - 8)
-        cfg = p.PartsConfig(
-            state_dir=state_dir,
-            host=host,
-            nats_port=base,
-            nats_monitor_port=base + 1,
-            pg_port=base + 2,
-            s3_port=base + 3,
-            s3_ports_base=base + 4,
-            nats_users=dict(TEST_NATS_USERS),
-            pg_user="kiln",
-            pg_password="pg-secret-'quoted\"",
-            pg_database="kiln_test",
-            s3_access_key="kiln-test-key",
-            s3_secret_key="kiln-test-secret",
-            s3_buckets=["kiln", "kiln-extra"],
-        )
-        ports = _all_ports(cfg)
-        if all(_free(host, port) for port in ports):
-            return cfg
-    raise RuntimeError("no free set of ports found")
+    """A PartsConfig whose every port (weed's +10000 gRPC ports included) is free now."""
+    base = free_port_block(8, host)
+    return p.PartsConfig(
+        state_dir=state_dir,
+        host=host,
+        nats_port=base,
+        nats_monitor_port=base + 1,
+        pg_port=base + 2,
+        s3_port=base + 3,
+        s3_ports_base=base + 4,
+        nats_users=dict(TEST_NATS_USERS),
+        pg_user="kiln",
+        pg_password="pg-secret-'quoted\"",
+        pg_database="kiln_test",
+        s3_access_key="kiln-test-key",
+        s3_secret_key="kiln-test-secret",
+        s3_buckets=["kiln", "kiln-extra"],
+    )
 
 
 @pytest.fixture(scope="session")
