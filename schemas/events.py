@@ -61,6 +61,23 @@ class TrialCreated(Event, frozen=True, kw_only=True):
     max_length: int | None = None  # units of the searcher's time metric the trial should train
 
 
+class TrialResumeRequested(Event, frozen=True, kw_only=True):
+    """The searcher promoted a paused trial: resume it from its checkpoint and train to ``max_length``."""
+
+    experiment_id: int
+    trial_id: int
+    max_length: int
+
+
+class TrialPaused(Event, frozen=True, kw_only=True):
+    """A trial reached the length it was asked for and exited; it holds no slot until resumed or closed."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    length: int | None = None
+
+
 class TrialStopRequested(Event, frozen=True, kw_only=True):
     """The searcher decided a trial should stop early (seen via ``should_preempt()``)."""
 
@@ -87,6 +104,8 @@ class AllocationAssigned(Event, frozen=True, kw_only=True):
     slot_ids: list[str]
     restarts: int = 0
     latest_checkpoint: str | None = None
+    # The length (searcher units) this run trains to; None: the trial's own max_length.
+    max_length: int | None = None
 
 
 class AllocationKillRequested(Event, frozen=True, kw_only=True):
@@ -195,6 +214,8 @@ DomainEvent = (
     | ExperimentKillRequested
     | TrialCreated
     | TrialStopRequested
+    | TrialResumeRequested
+    | TrialPaused
     | ExperimentEnded
     | AllocationAssigned
     | AllocationKillRequested

@@ -85,6 +85,8 @@ def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLe
         case (
             ev.TrialCreated()
             | ev.TrialStopRequested()
+            | ev.TrialResumeRequested()
+            | ev.TrialPaused()
             | ev.TrialStarted()
             | ev.AllocationExited()
             | ev.AllocationLost()
@@ -120,6 +122,10 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"TrialCreated:{event.experiment_id}:{event.request_id}"
         case ev.TrialStopRequested():
             return f"TrialStopRequested:{event.trial_id}"
+        case ev.TrialResumeRequested():
+            return f"TrialResumeRequested:{event.trial_id}:{event.max_length}"
+        case ev.TrialPaused():
+            return f"TrialPaused:{event.allocation_id}"
         case ev.AllocationAssigned() | ev.AllocationKillRequested() | ev.TrialStarted():
             return f"{type(event).__name__}:{event.allocation_id}"
         case ev.AllocationExited() | ev.AllocationLost():

@@ -37,7 +37,7 @@ from services.runtime import Bus
 log = structlog.get_logger(__name__)
 
 # Search methods the searcher service can run today; the config schema knows more of Determined's.
-IMPLEMENTED_SEARCHERS = {"single"}
+IMPLEMENTED_SEARCHERS = {"single", "random", "grid", "adaptive_asha", "async_halving"}
 
 
 @dataclass

@@ -16,7 +16,7 @@ import msgspec
 
 from schemas import events as ev
 
-RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "EXITED"]
+RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
 DEFAULT_PRIORITY = 42
 
 
@@ -50,6 +50,9 @@ class TrialRun(msgspec.Struct, kw_only=True):
     latest_checkpoint: str | None = None
     kill_requested: bool = False
     started_at: float = 0.0
+    max_length: int | None = None  # what the searcher wants it trained to now
+    assigned_length: int | None = None  # what the current/last run was told to train to
+    stop_requested: bool = False
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -60,6 +63,10 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     resource_pool: str = "default"
     max_restarts: int = 5
     killed: bool = False
+    # Promotion-based search (stop_once: false): a run that reached a shorter length than the
+    # search's full length pauses instead of completing, and may be resumed.
+    pausable: bool = False
+    full_length: int | None = None
 
 
 class SchedulerState(msgspec.Struct, kw_only=True):
@@ -79,11 +86,16 @@ def knobs_from_config(config: dict) -> ExperimentKnobs:
     """Read the scheduling knobs out of a validated config (plain data from the event)."""
     resources = config.get("resources") or {}
     priority = resources.get("priority")
+    searcher = config.get("searcher") or {}
+    length = searcher.get("max_length")
+    full = searcher.get("max_time") or (next(iter(length.values())) if isinstance(length, dict) else length)
     return ExperimentKnobs(
         slots_per_trial=int(resources.get("slots_per_trial", 1)),
         priority=int(priority) if priority is not None else DEFAULT_PRIORITY,
         resource_pool=str(resources.get("resource_pool") or "default"),
         max_restarts=int(config.get("max_restarts", 5)),
+        pausable=searcher.get("name") in ("adaptive_asha", "async_halving") and searcher.get("stop_once") is False,
+        full_length=int(full) if full is not None else None,
     )
 
 
@@ -128,6 +140,15 @@ class SchedulerCore:
                 run = self.state.trials.get(event.trial_id)
                 if run is not None:
                     run.latest_checkpoint = event.uuid
+                return []
+            case ev.TrialStopRequested():
+                return self._stop_requested(event.trial_id)
+            case ev.TrialResumeRequested():
+                return self._resume_requested(event.trial_id, event.max_length)
+            case ev.TrialPaused():
+                run = self.state.trials.get(event.trial_id)
+                if run is not None and run.state in ("ASSIGNED", "RUNNING") and run.allocation_id == event.allocation_id:
+                    run.state = "PAUSED"
                 return []
             case ev.AllocationExited():
                 return self._allocation_ended(event.trial_id, event.allocation_id, event.exit_code, event.reason)
@@ -188,6 +209,7 @@ class SchedulerCore:
             resource_pool=knobs.resource_pool,
             max_restarts=knobs.max_restarts,
             queued_order=self.state.next_order,
+            max_length=event.max_length,
         )
         self.state.next_order += 1
         self.state.trials[event.trial_id] = run
@@ -205,7 +227,7 @@ class SchedulerCore:
         for run in self.state.trials.values():
             if run.experiment_id != experiment_id or run.state == "EXITED":
                 continue
-            if run.state == "QUEUED":
+            if run.state in ("QUEUED", "PAUSED"):
                 run.state = "EXITED"
                 out.append(ev.TrialExited(experiment_id=experiment_id, trial_id=run.trial_id, state="CANCELED",
                                           restarts=run.restarts, reason="experiment killed"))
@@ -218,12 +240,15 @@ class SchedulerCore:
 
     def _assigned(self, event: ev.AllocationAssigned) -> None:
         run = self.state.trials.get(event.trial_id)
-        if run is None or run.state == "EXITED" or event.restarts < run.restarts:
-            return  # a late echo of a placement from before a restart already decided is stale
+        attempt = _attempt(event.allocation_id)
+        if run is None or run.state == "EXITED" or event.restarts < run.restarts or attempt < run.attempt:
+            return  # a late echo of a placement a later decision (restart, pause) already replaced
         # The log is the truth: adopt what it says even if our in-memory decision differed.
+        run.attempt = attempt
         run.allocation_id = event.allocation_id
         run.worker_id = event.worker_id
         run.slot_ids = list(event.slot_ids)
+        run.assigned_length = event.max_length if event.max_length is not None else run.max_length
         if run.state == "QUEUED":
             run.state = "ASSIGNED"
 
@@ -239,8 +264,7 @@ class SchedulerCore:
             run.state = "EXITED"
             return [ev.TrialExited(**base, state="CANCELED", exit_code=exit_code, reason="killed")]
         if exit_code == 0:
-            run.state = "EXITED"
-            return [ev.TrialExited(**base, state="COMPLETED", exit_code=0)]
+            return self._finished_run(run, allocation_id)
         if run.restarts < run.max_restarts:
             self._requeue(trial_id, run.restarts + 1)
             return [ev.TrialRestarting(experiment_id=run.experiment_id, trial_id=trial_id, restarts=run.restarts,
@@ -249,6 +273,43 @@ class SchedulerCore:
         why = reason or f"exit code {exit_code}"
         return [ev.TrialExited(**base, state="ERROR", exit_code=exit_code,
                                reason=f"{why}; max_restarts ({run.max_restarts}) reached")]
+
+    def _finished_run(self, run: TrialRun, allocation_id: str) -> list[ev.DomainEvent]:
+        """A run exited 0: the trial is done, or (promotion search) paused, or already promoted."""
+        knobs = self.state.experiments.get(run.experiment_id, ExperimentKnobs())
+        trained = run.assigned_length
+        short = trained is not None and knobs.full_length is not None and trained < knobs.full_length
+        if run.stop_requested or not knobs.pausable or not short:
+            run.state = "EXITED"
+            return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=run.trial_id, state="COMPLETED",
+                                   exit_code=0, restarts=run.restarts)]
+        paused = ev.TrialPaused(experiment_id=run.experiment_id, trial_id=run.trial_id,
+                                allocation_id=allocation_id, length=trained)
+        # Promoted while it was still running: straight back to the queue.
+        run.state = "QUEUED" if (run.max_length or 0) > (trained or 0) else "PAUSED"
+        return [paused]
+
+    def _stop_requested(self, trial_id: int) -> list[ev.DomainEvent]:
+        """The searcher closed the trial: a paused one ends now, a running one when it exits."""
+        run = self.state.trials.get(trial_id)
+        if run is None or run.stop_requested:
+            return []
+        run.stop_requested = True
+        if run.state in ("PAUSED", "QUEUED"):
+            run.state = "EXITED"
+            return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=trial_id, state="COMPLETED",
+                                   restarts=run.restarts, reason="closed by the searcher")]
+        return []
+
+    def _resume_requested(self, trial_id: int, max_length: int) -> list[ev.DomainEvent]:
+        """A promotion: train further, from the latest checkpoint."""
+        run = self.state.trials.get(trial_id)
+        if run is None or run.state == "EXITED" or (run.max_length or 0) >= max_length:
+            return []
+        run.max_length = max_length
+        if run.state == "PAUSED":
+            run.state = "QUEUED"
+        return []
 
     def _requeue(self, trial_id: int, restarts: int) -> None:
         run = self.state.trials.get(trial_id)
@@ -318,6 +379,7 @@ class SchedulerCore:
                 slot_ids=slot_ids,
                 restarts=run.restarts,
                 latest_checkpoint=run.latest_checkpoint,
+                max_length=run.max_length,
             )
             self._assigned(assigned)
             out.append(assigned)
@@ -330,3 +392,11 @@ class SchedulerCore:
             if self.state.workers[wid].resource_pool == run.resource_pool and len(slots) >= run.slots
         ]
         return min(fits)[1] if fits else None
+
+
+def _attempt(allocation_id: str) -> int:
+    """The attempt number in an allocation id ``<trial>.<attempt>``."""
+    try:
+        return int(allocation_id.rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return 0

@@ -18,6 +18,7 @@ from schemas.trial import INVALID_HP_EXIT_CODE
 from services.searcher.methods import (
     CreateTrial,
     Decision,
+    ResumeTrial,
     ExitKind,
     MethodState,
     SearchContext,
@@ -34,6 +35,8 @@ class TrialEntry(msgspec.Struct, kw_only=True):
     request_id: int
     exited: bool = False
     state: str = ""
+    # The furthest validation seen: a restarted trial re-reporting a step must not count twice.
+    validated_steps: int = -1
 
 
 class ExperimentSearch(msgspec.Struct, kw_only=True):
@@ -136,6 +139,10 @@ class SearcherCore:
         raw_time = event.metrics.get(time_metric) if time_metric else None
         time_value = int(raw_time) if isinstance(raw_time, (int, float)) else event.steps_completed
         request_id = exp.request_of[event.trial_id]
+        entry = exp.trials[request_id]
+        if event.steps_completed <= entry.validated_steps:
+            return []
+        entry.validated_steps = event.steps_completed
         return self._apply(exp, exp.method.validation_reported(ctx, request_id, float(value), time_value))
 
     def _exited(self, event: ev.TrialExited) -> list[ev.DomainEvent]:
@@ -186,6 +193,11 @@ class SearcherCore:
                     entry = exp.trials.get(d.request_id)
                     if entry is not None and not entry.exited:
                         out.append(ev.TrialStopRequested(experiment_id=exp.experiment_id, trial_id=entry.trial_id))
+                case ResumeTrial():
+                    entry = exp.trials.get(d.request_id)
+                    if entry is not None and not entry.exited and not exp.canceled:
+                        out.append(ev.TrialResumeRequested(experiment_id=exp.experiment_id, trial_id=entry.trial_id,
+                                                           max_length=d.max_length))
                 case Shutdown():
                     exp.shutdown = True
                 case _:

@@ -107,6 +107,15 @@ class _Projector:
                 )
             case ev.TrialStopRequested():
                 await c.execute("UPDATE trials SET stop_requested = true WHERE id = $1", e.trial_id)
+            case ev.TrialPaused():
+                await c.execute("UPDATE trials SET state = 'PAUSED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
+            case ev.TrialResumeRequested():
+                await c.execute(
+                    "UPDATE trials SET max_length = $2,"
+                    " state = CASE WHEN state = 'PAUSED' THEN 'QUEUED' ELSE state END"
+                    " WHERE id = $1 AND ended_at IS NULL",
+                    e.trial_id, e.max_length,
+                )
             case ev.AllocationAssigned():
                 await c.execute(
                     "INSERT INTO allocations (id, trial_id, experiment_id, worker_id, slot_ids, restarts,"

@@ -185,7 +185,7 @@ class Allocation:
                 hparams=created.hparams,
                 trial_seed=created.seed,
                 config=self.submitted.config,
-                max_length=created.max_length,
+                max_length=a.max_length if a.max_length is not None else created.max_length,
             ),
         )
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}

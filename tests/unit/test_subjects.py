@@ -38,6 +38,8 @@ SAMPLES: dict[type, Any] = {
     ev.ExperimentKillRequested: ev.ExperimentKillRequested(experiment_id=EXP),
     ev.TrialCreated: ev.TrialCreated(experiment_id=EXP, trial_id=TRIAL, request_id=0, hparams={"lr": 0.1}, seed=5),
     ev.TrialStopRequested: ev.TrialStopRequested(experiment_id=EXP, trial_id=TRIAL),
+    ev.TrialResumeRequested: ev.TrialResumeRequested(experiment_id=EXP, trial_id=TRIAL, max_length=9),
+    ev.TrialPaused: ev.TrialPaused(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", length=3),
     ev.ExperimentEnded: ev.ExperimentEnded(experiment_id=EXP, state="COMPLETED"),
     ev.AllocationAssigned: ev.AllocationAssigned(
         experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", worker_id=WORKER, slot_ids=["0"]
@@ -80,7 +82,7 @@ SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 TRIAL_EVENTS = {
-    ev.TrialCreated, ev.TrialStopRequested, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
+    ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
     ev.TrialRestarting, ev.TrialExited, ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
 }
 
