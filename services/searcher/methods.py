@@ -34,13 +34,20 @@ class StopTrial(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     request_id: int
 
 
+class ResumeTrial(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Resume a paused trial from its checkpoint and train it to ``max_length`` (promotion)."""
+
+    request_id: int
+    max_length: int
+
+
 class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """The search is over: create nothing more; the experiment ends when its trials have exited."""
 
     failure: bool = False
 
 
-Decision = CreateTrial | StopTrial | Shutdown
+Decision = CreateTrial | StopTrial | ResumeTrial | Shutdown
 
 
 class SearchContext:
