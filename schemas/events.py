@@ -50,6 +50,57 @@ class ExperimentKillRequested(Event, frozen=True, kw_only=True):
     requested_by: str = "anonymous"
 
 
+class ExperimentPauseRequested(Event, frozen=True, kw_only=True):
+    """A user paused an experiment: its trials checkpoint and release their slots; nothing new starts."""
+
+    experiment_id: int
+    requested_by: str = "anonymous"
+    request_id: str = ""  # unique per request: pause, activate, pause again are three facts
+
+
+class ExperimentActivateRequested(Event, frozen=True, kw_only=True):
+    """A user (re)activated a paused experiment: its trials queue again and resume from checkpoints."""
+
+    experiment_id: int
+    requested_by: str = "anonymous"
+    request_id: str = ""  # unique per request: pause, activate, pause again are three facts
+
+
+class ExperimentResourcesChanged(Event, frozen=True, kw_only=True):
+    """A user changed an experiment's scheduling knobs; None leaves a knob as it was."""
+
+    experiment_id: int
+    priority: int | None = None
+    weight: float | None = None
+    max_slots: int | None = None
+    change_id: str = ""  # unique per request: the same values set twice are two facts
+
+
+class TrialKillRequested(Event, frozen=True, kw_only=True):
+    """A user asked to kill one trial."""
+
+    experiment_id: int
+    trial_id: int
+    requested_by: str = "anonymous"
+
+
+class TrialPreemptRequested(Event, frozen=True, kw_only=True):
+    """The scheduler wants this run's slots back: checkpoint and exit (``should_preempt()`` turns True)."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+    reason: str = ""
+
+
+class TrialPreempted(Event, frozen=True, kw_only=True):
+    """A preempted run ended; the trial is back in the queue and resumes from its checkpoint."""
+
+    experiment_id: int
+    trial_id: int
+    allocation_id: str
+
+
 class TrialCreated(Event, frozen=True, kw_only=True):
     """The searcher created a trial with these hyperparameters."""
 
@@ -212,6 +263,12 @@ class TrialProgressReported(Event, frozen=True, kw_only=True):
 DomainEvent = (
     ExperimentSubmitted
     | ExperimentKillRequested
+    | ExperimentPauseRequested
+    | ExperimentActivateRequested
+    | ExperimentResourcesChanged
+    | TrialKillRequested
+    | TrialPreemptRequested
+    | TrialPreempted
     | TrialCreated
     | TrialStopRequested
     | TrialResumeRequested

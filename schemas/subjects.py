@@ -78,13 +78,23 @@ def deadletter_subject(consumer: str) -> str:
 def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:
     """The one subject an event is published on."""
     match event:
-        case ev.ExperimentSubmitted() | ev.ExperimentKillRequested() | ev.ExperimentEnded():
+        case (
+            ev.ExperimentSubmitted()
+            | ev.ExperimentKillRequested()
+            | ev.ExperimentEnded()
+            | ev.ExperimentPauseRequested()
+            | ev.ExperimentActivateRequested()
+            | ev.ExperimentResourcesChanged()
+        ):
             return f"kiln.events.{event.experiment_id}.experiment"
         case ev.AllocationAssigned() | ev.AllocationKillRequested():
             return f"kiln.events.{event.experiment_id}.worker.{check_token(event.worker_id, 'worker id')}"
         case (
             ev.TrialCreated()
             | ev.TrialStopRequested()
+            | ev.TrialKillRequested()
+            | ev.TrialPreemptRequested()
+            | ev.TrialPreempted()
             | ev.TrialResumeRequested()
             | ev.TrialPaused()
             | ev.TrialStarted()
@@ -118,6 +128,15 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"ExperimentKillRequested:{event.experiment_id}"
         case ev.ExperimentEnded():
             return f"ExperimentEnded:{event.experiment_id}"
+        case ev.ExperimentPauseRequested() | ev.ExperimentActivateRequested():
+            # Pause, activate, pause again are distinct facts; a retry of one request is not.
+            return f"{type(event).__name__}:{event.experiment_id}:{event.request_id}"
+        case ev.ExperimentResourcesChanged():
+            return f"ExperimentResourcesChanged:{event.experiment_id}:{event.change_id}"
+        case ev.TrialKillRequested():
+            return f"TrialKillRequested:{event.trial_id}"
+        case ev.TrialPreemptRequested() | ev.TrialPreempted():
+            return f"{type(event).__name__}:{event.allocation_id}"
         case ev.TrialCreated():
             return f"TrialCreated:{event.experiment_id}:{event.request_id}"
         case ev.TrialStopRequested():

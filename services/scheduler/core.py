@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from schemas import events as ev
+from services.scheduler import policy
 
 RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
 DEFAULT_PRIORITY = 42
@@ -29,6 +30,7 @@ class WorkerView(msgspec.Struct, kw_only=True):
     last_seen: float
     address: str = ""
     lost: bool = False
+    slots: list[ev.Slot] = []
 
 
 class TrialRun(msgspec.Struct, kw_only=True):
@@ -53,6 +55,9 @@ class TrialRun(msgspec.Struct, kw_only=True):
     max_length: int | None = None  # what the searcher wants it trained to now
     assigned_length: int | None = None  # what the current/last run was told to train to
     stop_requested: bool = False
+    preempt_requested: bool = False
+    preempt_since: float = 0.0  # when the tick first saw the request (0: not yet)
+    started_order: int = 0
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -63,6 +68,9 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     resource_pool: str = "default"
     max_restarts: int = 5
     killed: bool = False
+    paused: bool = False
+    weight: float = 1.0
+    max_slots: int | None = None
     # Promotion-based search (stop_once: false): a run that reached a shorter length than the
     # search's full length pauses instead of completing, and may be resumed.
     pausable: bool = False
@@ -76,6 +84,7 @@ class SchedulerState(msgspec.Struct, kw_only=True):
     trials: dict[int, TrialRun] = {}
     experiments: dict[int, ExperimentKnobs] = {}
     next_order: int = 0
+    next_start: int = 0
 
 
 _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
@@ -94,6 +103,8 @@ def knobs_from_config(config: dict) -> ExperimentKnobs:
         priority=int(priority) if priority is not None else DEFAULT_PRIORITY,
         resource_pool=str(resources.get("resource_pool") or "default"),
         max_restarts=int(config.get("max_restarts", 5)),
+        weight=float(resources.get("weight") or 1.0),
+        max_slots=int(resources["max_slots"]) if resources.get("max_slots") is not None else None,
         pausable=searcher.get("name") in ("adaptive_asha", "async_halving") and searcher.get("stop_once") is False,
         full_length=int(full) if full is not None else None,
     )
@@ -102,18 +113,20 @@ def knobs_from_config(config: dict) -> ExperimentKnobs:
 class SchedulerCore:
     """Places queued trials on free slots, restarts failed ones, notices lost workers."""
 
-    def __init__(self, state: SchedulerState | None = None, worker_timeout_s: float = 10.0) -> None:
+    def __init__(self, state: SchedulerState | None = None, worker_timeout_s: float = 10.0,
+                 preempt_timeout_s: float = 60.0) -> None:
         self.state = state or SchedulerState()
         self.worker_timeout_s = worker_timeout_s
+        self.preempt_timeout_s = preempt_timeout_s
 
     def snapshot(self) -> bytes:
         """The whole state as bytes."""
         return _SNAPSHOT_ENCODER.encode(self.state)
 
     @classmethod
-    def restore(cls, data: bytes, worker_timeout_s: float = 10.0) -> SchedulerCore:
+    def restore(cls, data: bytes, worker_timeout_s: float = 10.0, preempt_timeout_s: float = 60.0) -> SchedulerCore:
         """A core from a snapshot."""
-        return cls(_SNAPSHOT_DECODER.decode(data), worker_timeout_s)
+        return cls(_SNAPSHOT_DECODER.decode(data), worker_timeout_s, preempt_timeout_s)
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -127,6 +140,23 @@ class SchedulerCore:
                 return self._trial_created(event)
             case ev.ExperimentKillRequested():
                 return self._kill_experiment(event.experiment_id)
+            case ev.ExperimentPauseRequested():
+                return self._pause_experiment(event.experiment_id)
+            case ev.ExperimentActivateRequested():
+                self.state.experiments.setdefault(event.experiment_id, ExperimentKnobs()).paused = False
+                return []
+            case ev.ExperimentResourcesChanged():
+                self._change_resources(event)
+                return []
+            case ev.TrialKillRequested():
+                return self._kill_trial(event.trial_id, "killed by user")
+            case ev.TrialPreemptRequested():
+                run = self.state.trials.get(event.trial_id)
+                if run is not None and run.allocation_id == event.allocation_id and run.state in ("ASSIGNED", "RUNNING"):
+                    run.preempt_requested = True
+                return []
+            case ev.TrialPreempted():
+                return []
             case ev.AllocationAssigned():
                 self._assigned(event)
                 return []
@@ -135,6 +165,8 @@ class SchedulerCore:
                 if run is not None and run.allocation_id == event.allocation_id and run.state == "ASSIGNED":
                     run.state = "RUNNING"
                     run.started_at = event.started_at
+                    run.started_order = self.state.next_start
+                    self.state.next_start += 1
                 return []
             case ev.CheckpointStored():
                 run = self.state.trials.get(event.trial_id)
@@ -178,6 +210,7 @@ class SchedulerCore:
             self.state.workers[hb.worker_id] = worker
         worker.resource_pool = hb.resource_pool
         worker.slot_ids = [s.slot_id for s in hb.slots]
+        worker.slots = list(hb.slots)
         worker.last_seen = max(worker.last_seen, hb.sent_at)
         worker.address = hb.address
         return self._reconcile(worker, hb)
@@ -188,11 +221,21 @@ class SchedulerCore:
             worker.last_seen = max(worker.last_seen, now)
 
     def tick(self, now: float) -> list[ev.DomainEvent]:
-        """Declare silent workers lost, then place what fits."""
+        """Declare silent workers lost, kill runs that ignore a preemption, then place what fits."""
         out: list[ev.DomainEvent] = []
         for worker in list(self.state.workers.values()):
             if not worker.lost and now - worker.last_seen > self.worker_timeout_s:
                 out += self._lose_worker(worker)
+        for run in self.state.trials.values():
+            if not run.preempt_requested or run.state not in ("ASSIGNED", "RUNNING") or run.kill_requested:
+                continue
+            if not run.preempt_since:
+                run.preempt_since = now
+            elif now - run.preempt_since > self.preempt_timeout_s:
+                run.kill_requested = True
+                out.append(ev.AllocationKillRequested(
+                    experiment_id=run.experiment_id, trial_id=run.trial_id, allocation_id=run.allocation_id,
+                    worker_id=run.worker_id, reason=f"ignored preemption for {self.preempt_timeout_s:.0f}s"))
         return out + self._place(now)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -238,6 +281,45 @@ class SchedulerCore:
                                                       reason="experiment killed"))
         return out
 
+    def _pause_experiment(self, experiment_id: int) -> list[ev.DomainEvent]:
+        """Hold the experiment's queue and ask its running trials to checkpoint and give back their slots."""
+        knobs = self.state.experiments.setdefault(experiment_id, ExperimentKnobs())
+        knobs.paused = True
+        return [self._preempt(run, "experiment paused") for run in self.state.trials.values()
+                if run.experiment_id == experiment_id and run.state in ("ASSIGNED", "RUNNING")
+                and not run.preempt_requested]
+
+    def _preempt(self, run: TrialRun, reason: str) -> ev.TrialPreemptRequested:
+        run.preempt_requested = True
+        return ev.TrialPreemptRequested(experiment_id=run.experiment_id, trial_id=run.trial_id,
+                                        allocation_id=run.allocation_id, reason=reason)
+
+    def _kill_trial(self, trial_id: int, reason: str) -> list[ev.DomainEvent]:
+        run = self.state.trials.get(trial_id)
+        if run is None or run.state == "EXITED":
+            return []
+        if run.state in ("QUEUED", "PAUSED"):
+            run.state = "EXITED"
+            return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=trial_id, state="CANCELED",
+                                   restarts=run.restarts, reason=reason)]
+        if run.kill_requested:
+            return []
+        run.kill_requested = True
+        return [ev.AllocationKillRequested(experiment_id=run.experiment_id, trial_id=trial_id,
+                                           allocation_id=run.allocation_id, worker_id=run.worker_id, reason=reason)]
+
+    def _change_resources(self, event: ev.ExperimentResourcesChanged) -> None:
+        knobs = self.state.experiments.setdefault(event.experiment_id, ExperimentKnobs())
+        if event.priority is not None:
+            knobs.priority = event.priority
+            for run in self.state.trials.values():
+                if run.experiment_id == event.experiment_id:
+                    run.priority = event.priority
+        if event.weight is not None:
+            knobs.weight = event.weight
+        if event.max_slots is not None:
+            knobs.max_slots = event.max_slots if event.max_slots > 0 else None
+
     def _assigned(self, event: ev.AllocationAssigned) -> None:
         run = self.state.trials.get(event.trial_id)
         attempt = _attempt(event.allocation_id)
@@ -260,9 +342,16 @@ class SchedulerCore:
             return []  # stale or already handled
         run.worker_id, run.slot_ids = "", []
         base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts}
-        if run.kill_requested or self.state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
+        if (run.kill_requested and not run.preempt_requested) or \
+                self.state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
             run.state = "EXITED"
             return [ev.TrialExited(**base, state="CANCELED", exit_code=exit_code, reason="killed")]
+        if run.preempt_requested and (exit_code == 0 or run.kill_requested):
+            # It checkpointed and left (or was killed for ignoring the request): back to the queue,
+            # not counted as a restart.
+            run.preempt_requested, run.preempt_since, run.kill_requested = False, 0.0, False
+            run.state = "QUEUED"
+            return [ev.TrialPreempted(experiment_id=run.experiment_id, trial_id=trial_id, allocation_id=allocation_id)]
         if exit_code == 0:
             return self._finished_run(run, allocation_id)
         if run.restarts < run.max_restarts:
@@ -318,6 +407,7 @@ class SchedulerCore:
         run.restarts = restarts
         run.state = "QUEUED"
         run.worker_id, run.slot_ids = "", []
+        run.preempt_requested, run.preempt_since = False, 0.0
 
     def _lose_worker(self, worker: WorkerView) -> list[ev.DomainEvent]:
         worker.lost = True
@@ -349,49 +439,64 @@ class SchedulerCore:
             out += self._allocation_ended(run.trial_id, run.allocation_id, None, "worker no longer runs it")
         return out
 
-    def _free_slots(self) -> dict[str, list[str]]:
-        used = {(r.worker_id, s) for r in self.state.trials.values()
-                if r.state in ("ASSIGNED", "RUNNING") for s in r.slot_ids}
-        return {
-            w.worker_id: [s for s in w.slot_ids if (w.worker_id, s) not in used]
-            for w in self.state.workers.values()
+    def _hosts(self) -> list[policy.Host]:
+        used = {(r.worker_id, sl) for r in self.state.trials.values()
+                if r.state in ("ASSIGNED", "RUNNING") for sl in r.slot_ids}
+        return [
+            policy.Host(worker_id=w.worker_id, resource_pool=w.resource_pool, slot_ids=list(w.slot_ids),
+                        free=[sl for sl in w.slot_ids if (w.worker_id, sl) not in used])
+            for w in sorted(self.state.workers.values(), key=lambda w: w.worker_id)
             if not w.lost
-        }
+        ]
 
     def _place(self, now: float) -> list[ev.DomainEvent]:
-        """Priority first (lower runs first), then submission order; a gang gets all its slots or none."""
-        free = self._free_slots()
-        queued = sorted((r for r in self.state.trials.values() if r.state == "QUEUED"),
-                        key=lambda r: (r.priority, r.queued_order))
+        """One policy pass (policy.py): placements, and preemptions for what cannot fit."""
+        runs = self.state.trials
+        knobs = self.state.experiments
+        running = [
+            policy.Running(trial_id=r.trial_id, experiment_id=r.experiment_id, priority=r.priority,
+                           worker_slots={r.worker_id: list(r.slot_ids)}, started_order=r.started_order,
+                           preempting=r.preempt_requested)
+            for r in runs.values() if r.state in ("ASSIGNED", "RUNNING")
+        ]
+        queued = [
+            policy.Demand(trial_id=r.trial_id, experiment_id=r.experiment_id, priority=r.priority, slots=r.slots,
+                          resource_pool=r.resource_pool, queued_order=r.queued_order)
+            for r in runs.values()
+            if r.state == "QUEUED" and not knobs.get(r.experiment_id, ExperimentKnobs()).paused
+        ]
+        if not queued:
+            return []
+        shares = {e: policy.Share(weight=k.weight, max_slots=k.max_slots) for e, k in knobs.items()}
+        # Multi-host gangs are placed by the policy but workers cannot launch one yet: keep them whole.
+        decided = policy.plan(self._hosts(), running, queued, shares, span_hosts=False)
         out: list[ev.DomainEvent] = []
-        for run in queued:
-            worker_id = self._pick_worker(run, free)
-            if worker_id is None:
-                continue
-            slot_ids = free[worker_id][: run.slots]
-            free[worker_id] = free[worker_id][run.slots :]
+        for placement in decided.placements:
+            run = runs[placement.trial_id]
+            ((worker_id, slot_ids),) = placement.worker_slots.items()
             run.attempt += 1
             assigned = ev.AllocationAssigned(
                 experiment_id=run.experiment_id,
                 trial_id=run.trial_id,
                 allocation_id=f"{run.trial_id}.{run.attempt}",
                 worker_id=worker_id,
-                slot_ids=slot_ids,
+                slot_ids=list(slot_ids),
                 restarts=run.restarts,
                 latest_checkpoint=run.latest_checkpoint,
                 max_length=run.max_length,
             )
             self._assigned(assigned)
             out.append(assigned)
+        for trial_id in decided.preempt:
+            run = runs[trial_id]
+            if not run.preempt_requested:
+                out.append(self._preempt(run, "a higher-priority trial needs its slots"))
         return out
 
-    def _pick_worker(self, run: TrialRun, free: dict[str, list[str]]) -> str | None:
-        """The fitting worker with the fewest free slots (best fit keeps big holes for big gangs)."""
-        fits = [
-            (len(slots), wid) for wid, slots in free.items()
-            if self.state.workers[wid].resource_pool == run.resource_pool and len(slots) >= run.slots
-        ]
-        return min(fits)[1] if fits else None
+    def queue(self) -> list[TrialRun]:
+        """Waiting trials in the order the policy considers them (for `kiln job list`)."""
+        return sorted((r for r in self.state.trials.values() if r.state == "QUEUED"),
+                      key=lambda r: (r.priority, r.queued_order))
 
 
 def _attempt(allocation_id: str) -> int:

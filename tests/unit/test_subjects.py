@@ -38,6 +38,12 @@ SAMPLES: dict[type, Any] = {
     ev.ExperimentKillRequested: ev.ExperimentKillRequested(experiment_id=EXP),
     ev.TrialCreated: ev.TrialCreated(experiment_id=EXP, trial_id=TRIAL, request_id=0, hparams={"lr": 0.1}, seed=5),
     ev.TrialStopRequested: ev.TrialStopRequested(experiment_id=EXP, trial_id=TRIAL),
+    ev.ExperimentPauseRequested: ev.ExperimentPauseRequested(experiment_id=EXP, request_id="r1"),
+    ev.ExperimentActivateRequested: ev.ExperimentActivateRequested(experiment_id=EXP, request_id="r2"),
+    ev.ExperimentResourcesChanged: ev.ExperimentResourcesChanged(experiment_id=EXP, priority=10, change_id="c1"),
+    ev.TrialKillRequested: ev.TrialKillRequested(experiment_id=EXP, trial_id=TRIAL),
+    ev.TrialPreemptRequested: ev.TrialPreemptRequested(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1"),
+    ev.TrialPreempted: ev.TrialPreempted(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1"),
     ev.TrialResumeRequested: ev.TrialResumeRequested(experiment_id=EXP, trial_id=TRIAL, max_length=9),
     ev.TrialPaused: ev.TrialPaused(experiment_id=EXP, trial_id=TRIAL, allocation_id=f"{TRIAL}.1", length=3),
     ev.ExperimentEnded: ev.ExperimentEnded(experiment_id=EXP, state="COMPLETED"),
@@ -79,10 +85,12 @@ SAMPLES: dict[type, Any] = {
 
 SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 
-EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded}
+EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
+                     ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 TRIAL_EVENTS = {
-    ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
+    ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
+    ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
     ev.TrialRestarting, ev.TrialExited, ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
 }
 
