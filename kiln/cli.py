@@ -187,7 +187,8 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
         _print_json({"experiment": exp, "trials": trials})
         return
     click.echo(f"experiment {exp['id']}: {exp['name']}  state={exp['state']}  searcher={exp['searcher_name']}"
-               f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}")
+               f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}  priority={exp['priority']}"
+               f"  weight={exp['weight']:g}  max_slots={exp['max_slots'] or '-'}")
     click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
     for t in trials:
         best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
@@ -218,6 +219,48 @@ def experiment_kill(experiment_id: int) -> None:
         _fail(exc)
         return
     click.echo(f"experiment {experiment_id}: {out['state']}")
+
+
+@experiment.command("pause")
+@click.argument("experiment_id", type=int)
+def experiment_pause(experiment_id: int) -> None:
+    """Pause an experiment: trials checkpoint and release their slots."""
+    _echo_state(lambda c: c.pause_experiment(experiment_id), f"experiment {experiment_id}")
+
+
+@experiment.command("activate")
+@click.argument("experiment_id", type=int)
+def experiment_activate(experiment_id: int) -> None:
+    """Activate a paused experiment: trials resume from their checkpoints."""
+    _echo_state(lambda c: c.activate_experiment(experiment_id), f"experiment {experiment_id}")
+
+
+@experiment.command("set")
+@click.argument("knob", type=click.Choice(["priority", "weight", "max-slots"]))
+@click.argument("experiment_id", type=int)
+@click.argument("value")
+def experiment_set(knob: str, experiment_id: int, value: str) -> None:
+    """Change an experiment's priority (1-99, lower first), weight (fair share) or max-slots (0: no cap)."""
+    try:
+        parsed: float | int = float(value) if knob == "weight" else int(value)
+    except ValueError:
+        _fail(ValueError(f"{knob} must be a {'number' if knob == 'weight' else 'whole number'}, got {value!r}"))
+        return
+    try:
+        _client().set_resources(experiment_id, **{knob.replace("-", "_"): parsed})
+    except APIError as exc:
+        _fail(exc)
+        return
+    click.echo(f"experiment {experiment_id}: {knob} = {parsed}")
+
+
+def _echo_state(call: Any, what: str) -> None:
+    try:
+        out = call(_client())
+    except APIError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{what}: {out['state']}")
 
 
 # -- trials --------------------------------------------------------------------------------------------
@@ -255,6 +298,13 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         click.echo(f"  checkpoint {c['uuid']} at step {c['steps_completed']}")
 
 
+@trial.command("kill")
+@click.argument("trial_id", type=int)
+def trial_kill(trial_id: int) -> None:
+    """Kill one trial."""
+    _echo_state(lambda c: c.kill_trial(trial_id), f"trial {trial_id}")
+
+
 @trial.command("logs")
 @click.argument("trial_id", type=int)
 @click.option("--tail", type=int, default=None, help="Only the last N lines.")
@@ -267,6 +317,82 @@ def trial_logs(trial_id: int, tail: int | None) -> None:
         return
     for line in lines:
         click.echo(line["text"])
+
+
+# -- cluster -------------------------------------------------------------------------------------------
+
+
+@main.group()
+def agent() -> None:
+    """Worker agents."""
+
+
+@agent.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def agent_list(as_json: bool) -> None:
+    """List worker agents and how many of their slots are busy."""
+    try:
+        agents = _client().list_agents()
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(agents)
+        return
+    click.echo(f"{'AGENT':16} {'POOL':10} {'SLOTS':>5} {'BUSY':>5}  STATE")
+    for a in agents:
+        busy = sum(1 for s in a["slots"] if s["allocation_id"])
+        click.echo(f"{a['worker_id']:16} {a['resource_pool']:10} {len(a['slots']):>5} {busy:>5}  "
+                   f"{'lost' if a['lost'] else 'alive'}")
+
+
+@main.group()
+def slot() -> None:
+    """Slots (GPUs, or CPU slots)."""
+
+
+@slot.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def slot_list(as_json: bool) -> None:
+    """List every slot and the allocation on it."""
+    try:
+        agents = _client().list_agents()
+    except APIError as exc:
+        _fail(exc)
+        return
+    rows = [{"agent": a["worker_id"], **s} for a in agents for s in a["slots"]]
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(f"{'AGENT':16} {'SLOT':8} {'KIND':5} {'NAME':24} ALLOCATION")
+    for r in rows:
+        click.echo(f"{r['agent']:16} {r['slot']['slot_id']:8} {r['slot']['kind']:5} {r['slot']['name'][:24]:24} "
+                   f"{r['allocation_id'] or '-'}")
+
+
+@main.group()
+def job() -> None:
+    """The job queue."""
+
+
+@job.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def job_list(as_json: bool) -> None:
+    """List trials holding or waiting for slots, in scheduling order."""
+    try:
+        jobs = _client().list_jobs()
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(jobs)
+        return
+    click.echo(f"{'POS':>4} {'EXP':>5} {'TRIAL':>6} {'STATE':9} {'PRIO':>4} {'WEIGHT':>6} {'SLOTS':>5}  WORKER")
+    for j in jobs:
+        pos = j["position"] if j["position"] is not None else "-"
+        state = "PREEMPT" if j["preempting"] else j["state"]
+        click.echo(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
+                   f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-'}")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------

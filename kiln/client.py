@@ -87,13 +87,40 @@ class Client:
         """An experiment's trials."""
         return self._get(f"/api/v1/experiments/{experiment_id}/trials")  # type: ignore[no-any-return]
 
+    def _post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            resp = self._http.post(path, json=body) if body is not None else self._http.post(path)
+        except httpx.TransportError as exc:
+            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+        return self._check(resp)
+
     def kill_experiment(self, experiment_id: int) -> dict[str, Any]:
         """Kill an experiment."""
-        try:
-            resp = self._http.post(f"/api/v1/experiments/{experiment_id}/kill")
-        except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc}") from exc
-        return self._check(resp)  # type: ignore[no-any-return]
+        return self._post(f"/api/v1/experiments/{experiment_id}/kill")  # type: ignore[no-any-return]
+
+    def pause_experiment(self, experiment_id: int) -> dict[str, Any]:
+        """Pause an experiment (its trials checkpoint and release their slots)."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/pause")  # type: ignore[no-any-return]
+
+    def activate_experiment(self, experiment_id: int) -> dict[str, Any]:
+        """Activate a paused experiment."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/activate")  # type: ignore[no-any-return]
+
+    def set_resources(self, experiment_id: int, **knobs: Any) -> dict[str, Any]:
+        """Change priority, weight or max_slots."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/resources", knobs)  # type: ignore[no-any-return]
+
+    def kill_trial(self, trial_id: int) -> dict[str, Any]:
+        """Kill one trial."""
+        return self._post(f"/api/v1/trials/{trial_id}/kill")  # type: ignore[no-any-return]
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        """Worker agents and their slots."""
+        return self._get("/api/v1/agents")  # type: ignore[no-any-return]
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """The job queue."""
+        return self._get("/api/v1/jobs")  # type: ignore[no-any-return]
 
     def get_trial(self, trial_id: int) -> dict[str, Any]:
         """One trial with its allocations."""

@@ -100,6 +100,8 @@ class TrialBus:
                 return
             if isinstance(event, ev.TrialStopRequested):
                 on_stop(event.reason)
+            elif isinstance(event, ev.TrialPreemptRequested) and event.allocation_id == self.allocation_id:
+                on_stop(event.reason or "the scheduler needs this trial's slots")
 
         async def subscribe() -> None:
             # Ordered (ephemeral, flow-controlled) consumer over this trial's facts, from the start:

@@ -12,11 +12,14 @@ import io
 import secrets
 import tarfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
+import msgspec
+import nats.js.errors
 import structlog
 from litestar import Litestar, get, post
 from litestar.datastructures import State, UploadFile
@@ -30,6 +33,7 @@ from minio import Minio
 
 from kiln import context as code_context
 from schemas import events as ev
+from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, config_to_dict, parse_config
 from services.gateway import queries
 from services.runtime import Bus
@@ -180,6 +184,92 @@ async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
     return {"id": experiment_id, "state": "STOPPING_CANCELED"}
 
 
+async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str, Any]:
+    async with deps.pool.acquire() as conn:
+        found = await queries.get_experiment(conn, experiment_id)
+    if found is None:
+        raise NotFoundException(f"experiment {experiment_id} not found")
+    if found["ended_at"] is not None:
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} already ended ({found['state']})")
+    return found
+
+
+@post("/api/v1/experiments/{experiment_id:int}/pause", operation_id="pauseExperiment",
+      status_code=HTTP_202_ACCEPTED)
+async def pause_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+    """Pause: trials checkpoint and give back their slots; nothing new starts until activated."""
+    deps = _deps(state)
+    await _active_experiment(deps, experiment_id)
+    await deps.bus.publish(ev.ExperimentPauseRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
+    return {"id": experiment_id, "state": "PAUSED"}
+
+
+@post("/api/v1/experiments/{experiment_id:int}/activate", operation_id="activateExperiment",
+      status_code=HTTP_202_ACCEPTED)
+async def activate_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+    """Activate a paused experiment: its trials queue again and resume from their checkpoints."""
+    deps = _deps(state)
+    await _active_experiment(deps, experiment_id)
+    await deps.bus.publish(ev.ExperimentActivateRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
+    return {"id": experiment_id, "state": "ACTIVE"}
+
+
+class ResourcesPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Scheduling knobs to change; absent ones stay as they are."""
+
+    priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
+    weight: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_slots: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0 removes the cap
+
+
+@post("/api/v1/experiments/{experiment_id:int}/resources", operation_id="setExperimentResources",
+      status_code=HTTP_202_ACCEPTED)
+async def set_resources(state: State, experiment_id: int, data: ResourcesPatch) -> dict[str, Any]:
+    """Change priority, weight or max_slots of a running experiment."""
+    deps = _deps(state)
+    await _active_experiment(deps, experiment_id)
+    if data.priority is None and data.weight is None and data.max_slots is None:
+        raise _bad_request("nothing to change: give priority, weight or max_slots")
+    await deps.bus.publish(ev.ExperimentResourcesChanged(
+        experiment_id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots,
+        change_id=uuid.uuid4().hex))
+    return {"id": experiment_id, **msgspec.structs.asdict(data)}
+
+
+@post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED)
+async def kill_trial(state: State, trial_id: int) -> dict[str, Any]:
+    """Kill one trial; the experiment's other trials go on."""
+    deps = _deps(state)
+    async with deps.pool.acquire() as conn:
+        found = await queries.get_trial(conn, trial_id)
+    if found is None:
+        raise NotFoundException(f"trial {trial_id} not found")
+    if found["ended_at"] is None:
+        await deps.bus.publish(ev.TrialKillRequested(experiment_id=found["experiment_id"], trial_id=trial_id))
+    return {"id": trial_id, "state": found["state"] if found["ended_at"] else "STOPPING_CANCELED"}
+
+
+async def _cluster_view(deps: GatewayDeps) -> ClusterView:
+    try:
+        kv = await deps.bus.js.key_value(CLUSTER_BUCKET)
+        entry = await kv.get(CLUSTER_KEY)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError):
+        return ClusterView(as_of=0.0, agents=[], jobs=[])
+    return msgspec.json.decode(entry.value or b"", type=ClusterView)
+
+
+@get("/api/v1/agents", operation_id="listAgents")
+async def list_agents(state: State) -> list[AgentView]:
+    """Worker agents with their slots and what runs on each (as the scheduler last published)."""
+    return (await _cluster_view(_deps(state))).agents
+
+
+@get("/api/v1/jobs", operation_id="listJobs")
+async def list_jobs(state: State) -> list[JobView]:
+    """Trials holding or waiting for slots, with queue positions, priorities and weights."""
+    return (await _cluster_view(_deps(state))).jobs
+
+
 @get("/api/v1/trials/{trial_id:int}", operation_id="getTrial")
 async def get_trial(state: State, trial_id: int) -> dict[str, Any]:
     """One trial with its allocations."""
@@ -271,6 +361,7 @@ def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[s
 
 ROUTES = [
     health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
+    pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
 ]
 

@@ -7,7 +7,8 @@ from typing import Any
 
 EXPERIMENT_COLUMNS = (
     "e.id, e.name, e.description, e.labels, e.state, e.searcher_name, e.searcher_metric, e.smaller_is_better,"
-    " e.submitted_by, e.submitted_at, e.ended_at, e.end_reason, e.progress, e.context_digest"
+    " e.submitted_by, e.submitted_at, e.ended_at, e.end_reason, e.progress, e.context_digest,"
+    " e.priority, e.weight, e.max_slots"
 )
 TRIAL_COLUMNS = (
     "t.id, t.experiment_id, t.request_id, t.hparams, t.seed, t.max_length, t.state, t.restarts, t.exit_code,"

@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from schemas import events as ev
+from schemas.cluster import AgentView, ClusterView, JobView, SlotView
 from services.scheduler import policy
 
 RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
@@ -492,6 +493,34 @@ class SchedulerCore:
             if not run.preempt_requested:
                 out.append(self._preempt(run, "a higher-priority trial needs its slots"))
         return out
+
+    def view(self, now: float) -> ClusterView:
+        """Agents with their slots' occupants, and jobs with queue positions (for people)."""
+        holders = {(r.worker_id, sl): r for r in self.state.trials.values()
+                   if r.state in ("ASSIGNED", "RUNNING") for sl in r.slot_ids}
+
+        def slot_view(worker_id: str, slot: ev.Slot) -> SlotView:
+            holder = holders.get((worker_id, slot.slot_id))
+            if holder is None:
+                return SlotView(slot=slot)
+            return SlotView(slot=slot, allocation_id=holder.allocation_id, trial_id=holder.trial_id)
+
+        agents = [
+            AgentView(worker_id=w.worker_id, resource_pool=w.resource_pool, address=w.address,
+                      last_seen=w.last_seen, lost=w.lost, slots=[slot_view(w.worker_id, sl) for sl in w.slots])
+            for w in sorted(self.state.workers.values(), key=lambda w: w.worker_id)
+        ]
+        positions = {r.trial_id: i + 1 for i, r in enumerate(self.queue())}
+        knobs = self.state.experiments
+        jobs = [
+            JobView(experiment_id=r.experiment_id, trial_id=r.trial_id, state=r.state,  # type: ignore[arg-type]
+                    priority=r.priority, weight=knobs.get(r.experiment_id, ExperimentKnobs()).weight,
+                    slots=r.slots, resource_pool=r.resource_pool, position=positions.get(r.trial_id),
+                    worker_id=r.worker_id, preempting=r.preempt_requested)
+            for r in sorted(self.state.trials.values(), key=lambda r: (r.priority, r.queued_order))
+            if r.state != "EXITED"
+        ]
+        return ClusterView(as_of=now, agents=agents, jobs=jobs)
 
     def queue(self) -> list[TrialRun]:
         """Waiting trials in the order the policy considers them (for `kiln job list`)."""

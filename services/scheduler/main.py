@@ -6,12 +6,17 @@ import asyncio
 import contextlib
 import time
 
+from typing import Any
+
 import msgspec
+import nats.js.errors
 import structlog
 
 from schemas import events as ev
 from schemas import subjects
+from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY
 from services.runtime import (
+    Bus,
     BusSettings,
     ConsumerSpec,
     DecisionShell,
@@ -36,8 +41,17 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of the scheduler (``KILN_*`` environment variables)."""
 
     worker_timeout_s: float = 10.0
+    preempt_timeout_s: float = 60.0
     tick_s: float = 0.5
     log_level: str = "INFO"
+
+
+async def cluster_bucket(bus: Bus) -> Any:
+    """The key-value bucket the cluster view lives in (created on first use)."""
+    try:
+        return await bus.js.key_value(CLUSTER_BUCKET)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        return await bus.js.create_key_value(bucket=CLUSTER_BUCKET, history=1)
 
 
 async def main() -> None:
@@ -45,10 +59,11 @@ async def main() -> None:
     settings = read_settings(SchedulerSettings)
     configure_logging("scheduler", settings.log_level)
     stop = stop_on_signals()
-    timeout = settings.worker_timeout_s
+    timeout, preempt = settings.worker_timeout_s, settings.preempt_timeout_s
     async with connect_bus(read_settings(BusSettings), "scheduler") as bus:
-        shell = DecisionShell(bus, "scheduler", lambda: SchedulerCore(worker_timeout_s=timeout),
-                              lambda b: SchedulerCore.restore(b, timeout))
+        shell = DecisionShell(bus, "scheduler", lambda: SchedulerCore(worker_timeout_s=timeout,
+                                                                      preempt_timeout_s=preempt),
+                              lambda b: SchedulerCore.restore(b, timeout, preempt))
         await shell.load()
         shell.core.resume(time.time())
         hb_decoder = msgspec.json.Decoder(ev.WorkerHeartbeat)
@@ -64,12 +79,23 @@ async def main() -> None:
             except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
                 log.warning("scheduler.heartbeat_failed", error=repr(exc))
 
+        view_kv = await cluster_bucket(bus)
+        encoder = msgspec.json.Encoder()
+        last_view = b""
+
         async def tick_forever() -> None:
+            nonlocal last_view
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), settings.tick_s)
                 try:
                     await shell.decide(lambda core: core.tick(time.time()))
+                    # The published view (agents, queue) for the gateway; written only when it changed.
+                    view = shell.core.view(0.0)
+                    body = encoder.encode(view)
+                    if body != last_view:
+                        await view_kv.put(CLUSTER_KEY, encoder.encode(msgspec.structs.replace(view, as_of=time.time())))
+                        last_view = body
                 except Exception as exc:  # noqa: BLE001 - ticks retry by themselves
                     log.warning("scheduler.tick_failed", error=repr(exc))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 import sys
-from typing import Literal
+from typing import Literal, assert_never
 
 import msgspec
 
@@ -115,6 +115,8 @@ def mode_rungs(mode: Mode, rungs: int) -> list[int]:
             return list(range((rungs - 1) // 2 + 1, rungs + 1))
         case "conservative":
             return list(range(1, rungs + 1))
+        case _:
+            assert_never(mode)
 
 
 def bracket_max_trials(max_trials: int, divisor: float, bracket_rungs: list[int]) -> list[int]:
@@ -146,7 +148,7 @@ def initial_trials(max_concurrent: int, max_trials: int, divisor: float, rungs: 
     """How many trials a bracket starts with: its concurrency, or enough to fill the top rung."""
     if max_concurrent > 0:
         return min(max_concurrent, max_trials)
-    return min(max(int(go_pow(divisor, rungs - 1)), 1), max_trials)
+    return max(1, min(int(go_pow(divisor, rungs - 1)), max_trials))
 
 
 class Bracket(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,7 +170,10 @@ def make_brackets(
     bracket_rungs: list[int] | None = None,
 ) -> list[Bracket]:
     """Steps 1-4 (``makeBrackets``): the brackets, most early-stopping (most rungs) first."""
-    rungs = list(bracket_rungs) if bracket_rungs else mode_rungs(mode, num_rungs(max_time, max_trials, divisor, max_rungs))
+    if bracket_rungs:
+        rungs = list(bracket_rungs)
+    else:
+        rungs = mode_rungs(mode, num_rungs(max_time, max_trials, divisor, max_rungs))
     rungs.sort(reverse=True)
     trials = bracket_max_trials(max_trials, divisor, rungs)
     concurrent = bracket_max_concurrent_trials(max_concurrent_trials, divisor, trials)

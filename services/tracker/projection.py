@@ -76,17 +76,45 @@ class _Projector:
             case ev.ExperimentSubmitted():
                 cfg = e.config
                 searcher = cfg.get("searcher") or {}
+                resources = cfg.get("resources") or {}
                 await c.execute(
                     "INSERT INTO experiments (id, name, description, labels, state, config, config_yaml,"
                     " context_digest, searcher_name, searcher_metric, smaller_is_better, seed, submitted_by,"
-                    " submitted_at) VALUES ($1,$2,$3,$4,'ACTIVE',$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+                    " submitted_at, priority, weight, max_slots)"
+                    " VALUES ($1,$2,$3,$4,'ACTIVE',$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
                     " ON CONFLICT (id) DO NOTHING",
                     e.experiment_id, cfg.get("name") or "Experiment", cfg.get("description") or "",
                     _j(cfg.get("labels") or []), _j(cfg), e.config_yaml, e.context_digest,
                     searcher.get("name", ""), searcher.get("metric", ""),
                     bool(searcher.get("smaller_is_better", True)), e.seed, e.submitted_by,
-                    _ts(e.submitted_at or item.ts),
+                    _ts(e.submitted_at or item.ts), resources.get("priority") or 42,
+                    float(resources.get("weight") or 1.0), resources.get("max_slots"),
                 )
+            case ev.ExperimentPauseRequested():
+                await c.execute("UPDATE experiments SET state = 'PAUSED' WHERE id = $1 AND ended_at IS NULL",
+                                e.experiment_id)
+            case ev.ExperimentActivateRequested():
+                await c.execute("UPDATE experiments SET state = 'ACTIVE' WHERE id = $1 AND ended_at IS NULL",
+                                e.experiment_id)
+            case ev.ExperimentResourcesChanged():
+                await c.execute(
+                    "UPDATE experiments SET priority = COALESCE($2, priority), weight = COALESCE($3, weight),"
+                    " max_slots = CASE WHEN $4::int IS NULL THEN max_slots WHEN $4 <= 0 THEN NULL ELSE $4 END"
+                    " WHERE id = $1",
+                    e.experiment_id, e.priority, e.weight, e.max_slots,
+                )
+            case ev.TrialKillRequested():
+                await c.execute(
+                    "UPDATE trials SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
+            case ev.TrialPreemptRequested():
+                await c.execute(
+                    "UPDATE trials SET state = 'STOPPING' WHERE id = $1 AND ended_at IS NULL AND allocation_id = $2",
+                    e.trial_id, e.allocation_id)
+            case ev.TrialPreempted():
+                await c.execute(
+                    "UPDATE allocations SET end_reason = 'preempted' WHERE id = $1", e.allocation_id)
+                await c.execute(
+                    "UPDATE trials SET state = 'QUEUED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
             case ev.ExperimentKillRequested():
                 await c.execute(
                     "UPDATE experiments SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL",

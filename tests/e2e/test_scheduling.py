@@ -1,0 +1,118 @@
+"""Sharing the cluster: priority preemption, pause/activate, the live job queue."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.e2e.test_lifecycle import CONFIG, SLOW_TRAIN
+
+pytestmark = pytest.mark.e2e
+
+
+def _submit(stack: Stack, tmp: Path, name: str, steps: int, delay: float, priority: int | None = None) -> int:
+    d = tmp / name
+    d.mkdir()
+    (d / "train.py").write_text(SLOW_TRAIN.replace("STEPS", str(steps)).replace("DELAY", str(delay)))
+    config = CONFIG.replace("STEPS", str(steps)).replace("name: slow", f"name: {name}")
+    if priority is not None:
+        config += f"resources: {{priority: {priority}}}\n"
+    (d / "cfg.yaml").write_text(config)
+    run = stack.kiln("experiment", "create", str(d / "cfg.yaml"), str(d))
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split("Created experiment ", 1)[1].split()[0])
+
+
+def _get(stack: Stack, path: str) -> Any:
+    return httpx.get(f"{stack.cfg.master_url}{path}").json()
+
+
+def _wait(pred, timeout: float = 90.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _running_with_steps(stack: Stack, exp_id: int, steps: int) -> dict[str, Any] | None:
+    trials = _get(stack, f"/api/v1/experiments/{exp_id}/trials")
+    if trials and trials[0]["state"] == "RUNNING" and trials[0]["steps_completed"] >= steps:
+        return trials[0]  # type: ignore[no-any-return]
+    return None
+
+
+def _ended(stack: Stack, exp_id: int) -> dict[str, Any] | None:
+    exp = _get(stack, f"/api/v1/experiments/{exp_id}")
+    return exp if exp["state"] in ("COMPLETED", "ERROR", "CANCELED") else None
+
+
+def test_priority_10_preempts_priority_50_which_resumes_and_finishes(kiln_stack: Stack, tmp_path: Path) -> None:
+    """Both slots busy at priority 50; a priority-10 trial takes one; the victim resumes from its checkpoint."""
+    low = [_submit(kiln_stack, tmp_path, f"low{i}", steps=14, delay=0.35, priority=50) for i in range(2)]
+    for exp_id in low:
+        _wait(lambda e=exp_id: _running_with_steps(kiln_stack, e, 2), what="low-priority trials running")
+    high = _submit(kiln_stack, tmp_path, "high", steps=3, delay=0.2, priority=10)
+
+    # The queue is live: the high-priority trial waits at position 1 or a low one is being preempted.
+    jobs = json.loads(kiln_stack.kiln("job", "list", "--json").stdout)
+    assert any(j["experiment_id"] == high for j in jobs) or _ended(kiln_stack, high)
+
+    assert _wait(lambda: _ended(kiln_stack, high), what="high-priority experiment")["state"] == "COMPLETED"
+    for exp_id in low:
+        assert _wait(lambda e=exp_id: _ended(kiln_stack, e), timeout=120, what="low experiments")["state"] == \
+            "COMPLETED"
+    preempted = []
+    for exp_id in low:
+        (trial,) = _get(kiln_stack, f"/api/v1/experiments/{exp_id}/trials")
+        detail = _get(kiln_stack, f"/api/v1/trials/{trial['id']}")
+        points = _get(kiln_stack, f"/api/v1/trials/{trial['id']}/metrics?kind=validation")
+        assert [p["steps_completed"] for p in points] == list(range(1, 15))  # none lost, none doubled
+        assert detail["restarts"] == 0  # a preemption is not a failure
+        if any(a["end_reason"] == "preempted" for a in detail["allocations"]):
+            preempted.append(exp_id)
+            assert len(detail["allocations"]) >= 2
+    assert len(preempted) == 1
+
+
+def test_pause_releases_the_slot_and_activate_resumes_from_the_checkpoint(kiln_stack: Stack, tmp_path: Path) -> None:
+    exp_id = _submit(kiln_stack, tmp_path, "pausable", steps=14, delay=0.3)
+    trial = _wait(lambda: _running_with_steps(kiln_stack, exp_id, 3), what="trial running")
+    paused = kiln_stack.kiln("experiment", "pause", str(exp_id))
+    assert paused.returncode == 0 and "PAUSED" in paused.stdout
+
+    def released() -> bool:
+        t = _get(kiln_stack, f"/api/v1/trials/{trial['id']}")
+        agents = _get(kiln_stack, "/api/v1/agents")
+        holding = [s for a in agents for s in a["slots"] if s["trial_id"] == trial["id"]]
+        return t["state"] == "QUEUED" and not holding
+
+    _wait(released, what="slot released")
+    time.sleep(2.0)
+    assert _get(kiln_stack, f"/api/v1/trials/{trial['id']}")["state"] == "QUEUED"  # stays put while paused
+    assert _get(kiln_stack, f"/api/v1/experiments/{exp_id}")["state"] == "PAUSED"
+
+    activated = kiln_stack.kiln("experiment", "activate", str(exp_id))
+    assert activated.returncode == 0, activated.stderr
+    assert _wait(lambda: _ended(kiln_stack, exp_id), what="experiment end")["state"] == "COMPLETED"
+    points = _get(kiln_stack, f"/api/v1/trials/{trial['id']}/metrics?kind=validation")
+    assert [p["steps_completed"] for p in points] == list(range(1, 15))
+    logs = _get(kiln_stack, f"/api/v1/trials/{trial['id']}/logs")
+    assert any(line["text"].startswith("resumed at step ") for line in logs)
+
+
+def test_agent_slot_and_job_listings(kiln_stack: Stack) -> None:
+    """The cluster view names both workers and their CPU slots."""
+    agents = _wait(lambda: json.loads(kiln_stack.kiln("agent", "list", "--json").stdout), what="agents")
+    assert sorted(a["worker_id"] for a in agents) == ["worker-0", "worker-1"]
+    slots = json.loads(kiln_stack.kiln("slot", "list", "--json").stdout)
+    assert all(s["slot"]["kind"] == "cpu" for s in slots) and len(slots) == 2
+    assert kiln_stack.kiln("job", "list").returncode == 0
