@@ -62,7 +62,11 @@ def main() -> None:
     """Run and print the table."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    main_with(parser.parse_args().runs)
+
+
+def main_with(runs: int) -> None:
+    """Start a stack on free ports, measure ``runs`` times, stop it, print the table."""
     state = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     state.chmod(0o755)
     base = free_port_block(16)
@@ -73,7 +77,7 @@ def main() -> None:
     try:
         client = Client(cfg.master_url)
         kiln, bare = [], []
-        for _ in range(args.runs):
+        for _ in range(runs):
             bare.append(bare_first_report())
             kiln.append(kiln_first_report(client))
             time.sleep(6)  # let the trial finish so the next one finds the slot free

@@ -81,10 +81,19 @@ def plan(hosts: Iterable[Host], running: Iterable[Running], queued: Iterable[Dem
     """One scheduling pass over the whole queue (``span_hosts``: may a gang take several whole hosts)."""
     hosts = [msgspec.structs.replace(h, free=list(h.free)) for h in hosts]
     by_worker = {h.worker_id: h for h in hosts}
+    pools: dict[str, list[Host]] = defaultdict(list)
+    for h in hosts:
+        pools[h.resource_pool].append(h)
     running = list(running)
+    on_host: dict[str, list[Running]] = defaultdict(list)
     used: dict[int, int] = defaultdict(int)
     for r in running:
         used[r.experiment_id] += sum(len(s) for s in r.worker_slots.values())
+        for wid in r.worker_slots:
+            on_host[wid].append(r)
+    # A blocked demand that found no victims: identical ones behind it will not either, until a
+    # placement or preemption changes the hosts (the cache is cleared then).
+    no_victims: set[tuple[int, int, str]] = set()
     reserved: set[str] = set()
     placements: list[Placement] = []
     preempt: list[int] = []
@@ -99,7 +108,8 @@ def plan(hosts: Iterable[Host], running: Iterable[Running], queued: Iterable[Dem
             if share.max_slots is not None and used[d.experiment_id] + d.slots > share.max_slots:
                 blocked.append(d.trial_id)
                 continue
-            pool = [h for h in hosts if h.resource_pool == d.resource_pool and h.worker_id not in reserved]
+            in_pool = pools.get(d.resource_pool, [])
+            pool = [h for h in in_pool if h.worker_id not in reserved]
             chosen = _fit(pool, d.slots, span_hosts)
             if chosen is not None:
                 for wid, slots in chosen.items():
@@ -107,11 +117,18 @@ def plan(hosts: Iterable[Host], running: Iterable[Running], queued: Iterable[Dem
                     host.free = [s for s in host.free if s not in set(slots)]
                 placements.append(Placement(trial_id=d.trial_id, worker_slots=chosen))
                 used[d.experiment_id] += d.slots
+                no_victims.clear()
                 continue
             blocked.append(d.trial_id)
-            victims = _victims(d, [h for h in hosts if h.resource_pool == d.resource_pool], running, preempt)
-            preempt += victims
-            reserved |= _reservation(d, [h for h in hosts if h.resource_pool == d.resource_pool], span_hosts)
+            key = (d.priority, d.slots, d.resource_pool)
+            if key not in no_victims:
+                victims = _victims(d, in_pool, on_host, preempt)
+                if victims:
+                    preempt += victims
+                    no_victims.clear()
+                else:
+                    no_victims.add(key)
+            reserved |= _reservation(d, in_pool, span_hosts)
     return Plan(placements=placements, preempt=preempt, blocked=blocked)
 
 
@@ -166,7 +183,7 @@ def _fit(pool: list[Host], slots: int, span_hosts: bool = True) -> dict[str, lis
     return chosen if total >= slots else None
 
 
-def _victims(d: Demand, pool: list[Host], running: list[Running], already: list[int]) -> list[int]:
+def _victims(d: Demand, pool: list[Host], on_host: dict[str, list[Running]], already: list[int]) -> list[int]:
     """Lower-priority trials whose slots would let ``d`` fit on one host, least work lost first."""
     if d.slots == 0:
         return []
@@ -174,7 +191,7 @@ def _victims(d: Demand, pool: list[Host], running: list[Running], already: list[
     for host in pool:
         if len(host.slot_ids) < d.slots:
             continue
-        here = [r for r in running if host.worker_id in r.worker_slots]
+        here = on_host.get(host.worker_id, [])
         if any(r.preempting or r.trial_id in already for r in here if r.priority > d.priority):
             return []  # a preemption for this host is already under way: wait for it
         candidates = sorted((r for r in here if r.priority > d.priority),
