@@ -332,7 +332,9 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
             out.append(self._create(spawn))
         return out
 
-    def trial_exited(self, ctx: SearchContext, spawn: Spawn, request_id: int, kind: ExitKind) -> list[Decision]:
+    def trial_exited(
+        self, ctx: SearchContext, spawn: Spawn, request_id: int, kind: ExitKind
+    ) -> list[Decision]:
         """Early exits count as the worst result in their rung; invalid HP is forgotten and replaced."""
         if request_id not in self.trial_rungs:
             return []
@@ -346,7 +348,8 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
         if kind in ("errored", "canceled"):
             self.early_exit[request_id] = True
             rung = self.rungs[self.trial_rungs[request_id]]
-            rung.insert(asha.stopping_insert(rung.metrics, asha.EXITED_METRIC), request_id, asha.EXITED_METRIC)
+            index = asha.stopping_insert(rung.metrics, asha.EXITED_METRIC)
+            rung.insert(index, request_id, asha.EXITED_METRIC)
             return [self._create(spawn)] if self._budget_left() else []
         return []
 
@@ -418,7 +421,9 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
         del self.training[request_id]
         return self._promote(spawn, request_id, metric)
 
-    def trial_exited(self, ctx: SearchContext, spawn: Spawn, request_id: int, kind: ExitKind) -> list[Decision]:
+    def trial_exited(
+        self, ctx: SearchContext, spawn: Spawn, request_id: int, kind: ExitKind
+    ) -> list[Decision]:
         """Invalid HP: forget and replace. A trial that ends while training: the worst result."""
         if request_id not in self.trial_rungs:
             return []

@@ -4,7 +4,9 @@ The trials train one at a time, in the order they were created (or resumed). A t
 validation every ``period`` units of the searcher's time metric, and at the length it was asked to
 train to, with the value ``curve(request_id, time)``; it ends when the method stops it, when it reaches
 the searcher's full length, or, given a :class:`Fault`, when it crashes. A trial that reaches a shorter
-length (promotion-based ASHA) pauses until the method resumes or closes it, as Kiln's scheduler does.
+length (promotion-based ASHA) pauses until the method resumes or closes it, as Kiln's scheduler does;
+one promoted by its own validation trains on at once. Exits reach the method right after the decisions
+that caused them.
 
 ``kiln preview-search --simulate``, the benchmarks and the unit tests use it::
 
@@ -38,7 +40,7 @@ Curve = Callable[[int, int], float]
 TrialStatus = Literal["queued", "running", "paused", "exited"]
 
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODER: msgspec.msgpack.Decoder[MethodState] = msgspec.msgpack.Decoder(MethodState)  # type: ignore[arg-type]
+_DECODER: msgspec.msgpack.Decoder[MethodState] = msgspec.msgpack.Decoder(MethodState)
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,8 +149,6 @@ class Simulation:
             metric = self.curve(request_id, step)
             trial.validations.append((step, metric))
             self._apply(self._call(lambda m: m.validation_reported(self.ctx, request_id, metric, step)))
-            if trial.status == "exited":
-                return
             if trial.progress >= trial.target:
                 if trial.stop_requested or trial.target >= self.full_length:
                     self._exit(request_id, "completed")

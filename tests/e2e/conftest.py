@@ -51,13 +51,13 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def kiln_stack() -> Iterator[Stack]:
-    """Start the stack under a temporary state dir with two workers; stop it at the end."""
+    """Start the stack under a temporary state dir with three 1-slot workers; stop it at the end."""
     state_dir = Path(tempfile.mkdtemp(prefix="kiln-e2e-"))
     state_dir.chmod(0o755)  # the unprivileged postgres user must reach its data dir inside
     base = free_port_block(16)
     cfg = stack.StackConfig.load(
         state_dir, nats_port=base, nats_monitor_port=base + 1, pg_port=base + 2, s3_port=base + 3,
-        http_port=base + 4, s3_ports_base=base + 5, workers=2, slots_per_worker=1,
+        http_port=base + 4, s3_ports_base=base + 5, workers=3, slots_per_worker=1,
         max_context_bytes=2 * 1024 * 1024, worker_timeout_s=6.0,
     )
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy import parts
+from deploy import parts, stack
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
@@ -101,6 +101,15 @@ def test_a_lost_worker_s_trial_resumes_on_another_worker_from_its_checkpoint(kil
     pid = parts.read_pid(kiln_stack.cfg.state_dir, victim)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
+    try:
+        _check_resumed_elsewhere(kiln_stack, exp_id, trial, victim, steps)
+    finally:
+        stack.up(kiln_stack.cfg)  # bring the worker back for the tests that follow
+
+
+def _check_resumed_elsewhere(kiln_stack: Stack, exp_id: int, trial: dict, victim: str,  # type: ignore[type-arg]
+                             steps: int) -> None:
+    api = kiln_stack.cfg.master_url
 
     exp = _wait(lambda: (e := httpx.get(f"{api}/api/v1/experiments/{exp_id}").json())["state"] == "COMPLETED" and e,
                 timeout=120, what="experiment completed after the worker loss")

@@ -56,8 +56,9 @@ def _ended(stack: Stack, exp_id: int) -> dict[str, Any] | None:
 
 
 def test_priority_10_preempts_priority_50_which_resumes_and_finishes(kiln_stack: Stack, tmp_path: Path) -> None:
-    """Both slots busy at priority 50; a priority-10 trial takes one; the victim resumes from its checkpoint."""
-    low = [_submit(kiln_stack, tmp_path, f"low{i}", steps=14, delay=0.35, priority=50) for i in range(2)]
+    """Every slot busy at priority 50; a priority-10 trial takes one; the victim resumes from its checkpoint."""
+    workers = kiln_stack.cfg.workers * kiln_stack.cfg.slots_per_worker
+    low = [_submit(kiln_stack, tmp_path, f"low{i}", steps=14, delay=0.35, priority=50) for i in range(workers)]
     for exp_id in low:
         _wait(lambda e=exp_id: _running_with_steps(kiln_stack, e, 2), what="low-priority trials running")
     high = _submit(kiln_stack, tmp_path, "high", steps=3, delay=0.2, priority=10)
@@ -110,9 +111,10 @@ def test_pause_releases_the_slot_and_activate_resumes_from_the_checkpoint(kiln_s
 
 
 def test_agent_slot_and_job_listings(kiln_stack: Stack) -> None:
-    """The cluster view names both workers and their CPU slots."""
+    """The cluster view names every worker and its CPU slots."""
+    n = kiln_stack.cfg.workers
     agents = _wait(lambda: json.loads(kiln_stack.kiln("agent", "list", "--json").stdout), what="agents")
-    assert sorted(a["worker_id"] for a in agents) == ["worker-0", "worker-1"]
+    assert sorted(a["worker_id"] for a in agents) == [f"worker-{i}" for i in range(n)]
     slots = json.loads(kiln_stack.kiln("slot", "list", "--json").stdout)
-    assert all(s["slot"]["kind"] == "cpu" for s in slots) and len(slots) == 2
+    assert all(s["slot"]["kind"] == "cpu" for s in slots) and len(slots) == n * kiln_stack.cfg.slots_per_worker
     assert kiln_stack.kiln("job", "list").returncode == 0

@@ -152,7 +152,7 @@ def test_make_brackets_sorts_most_rungs_first_and_honours_bracket_rungs() -> Non
     )
     # R = min(5, int(4.98) + 1, int(3.32) + 1) = 4; standard: [2, 3, 4], sorted descending.
     assert [(b.num_rungs, b.max_trials, b.max_concurrent_trials) for b in brackets] == [
-        (4, 75, 6),  # w = 16, 5.33, 2 (sum 23.33): 68.6, 22.9, 8.57 -> 68, 22, 8; +2
+        (4, 70, 6),  # w = 16, 5.33, 2 (sum 23.33): 68.6, 22.9, 8.57 -> 68, 22, 8; +2
         (3, 22, 5),
         (2, 8, 5),
     ]
@@ -199,7 +199,9 @@ def test_rung_units(rungs: int, divisor: float, max_time: int, units: list[int])
         (0, 100, 2.5, 3, 6),  # int(6.25)
     ],
 )
-def test_initial_trials(max_concurrent: int, max_trials: int, divisor: float, rungs: int, initial: int) -> None:
+def test_initial_trials(
+    max_concurrent: int, max_trials: int, divisor: float, rungs: int, initial: int
+) -> None:
     assert asha.initial_trials(max_concurrent, max_trials, divisor, rungs) == initial
 
 
@@ -214,31 +216,39 @@ def test_stopping_insert_puts_a_tie_before(metrics: list[float], metric: float, 
     assert asha.stopping_insert(metrics, metric) == index
 
 
-@pytest.mark.parametrize(("size", "divisor", "keep"), [(1, 4.0, 1), (3, 4.0, 1), (8, 4.0, 2), (9, 2.0, 4), (0, 2.0, 1)])
+@pytest.mark.parametrize(
+    ("size", "divisor", "keep"), [(1, 4.0, 1), (3, 4.0, 1), (8, 4.0, 2), (9, 2.0, 4), (0, 2.0, 1)]
+)
 def test_keep_count(size: int, divisor: float, keep: int) -> None:
     assert asha.keep_count(size, divisor) == keep
+
+
+def promo(insert_index: int, promote_new: bool, promote_index: int | None) -> asha.Promotion:
+    return asha.Promotion(insert_index=insert_index, promote_new=promote_new, promote_index=promote_index)
 
 
 @pytest.mark.parametrize(
     ("metrics", "promoted", "metric", "expected"),
     [
         # len 3, divisor 2: old = 1, new = 2; 2.5 lands at 1 < 2: promote the new trial
-        ([2.0, 3.0, 4.0], [True, False, False], 2.5, asha.Promotion(insert_index=1, promote_new=True, promote_index=None)),
+        ([2.0, 3.0, 4.0], [True, False, False], 2.5, promo(1, True, None)),
         # a tie goes after: 2.0 lands at 2 (bisect_left would give 1 and promote it)
-        ([1.0, 2.0, 3.0], [True, False, False], 2.0, asha.Promotion(insert_index=2, promote_new=False, promote_index=1)),
+        ([1.0, 2.0, 3.0], [True, False, False], 2.0, promo(2, False, 1)),
         # not good enough, and new != old: the unpromoted entry at index old (= 1) goes up
-        ([1.0, 2.0, 3.0], [True, False, False], 5.0, asha.Promotion(insert_index=3, promote_new=False, promote_index=1)),
+        ([1.0, 2.0, 3.0], [True, False, False], 5.0, promo(3, False, 1)),
         # ... unless it already went up
-        ([1.0, 2.0, 3.0], [True, True, False], 5.0, asha.Promotion(insert_index=3, promote_new=False, promote_index=None)),
+        ([1.0, 2.0, 3.0], [True, True, False], 5.0, promo(3, False, None)),
         # len 2: old = new = 1, nothing changes
-        ([1.0, 3.0], [True, False], 2.0, asha.Promotion(insert_index=1, promote_new=False, promote_index=None)),
+        ([1.0, 3.0], [True, False], 2.0, promo(1, False, None)),
         # the first result of a rung: new = int(1/2) = 0, nobody goes up
-        ([], [], 1.0, asha.Promotion(insert_index=0, promote_new=False, promote_index=None)),
+        ([], [], 1.0, promo(0, False, None)),
         # the new entry shifts the old ones: after inserting 0.5 at 0, index old = 1 holds 1.0
-        ([1.0, 2.0, 3.0], [False, False, False], 0.5, asha.Promotion(insert_index=0, promote_new=True, promote_index=None)),
+        ([1.0, 2.0, 3.0], [False, False, False], 0.5, promo(0, True, None)),
     ],
 )
-def test_promotion_rule(metrics: list[float], promoted: list[bool], metric: float, expected: asha.Promotion) -> None:
+def test_promotion_rule(
+    metrics: list[float], promoted: list[bool], metric: float, expected: asha.Promotion
+) -> None:
     assert asha.promotion(metrics, promoted, metric, 2.0) == expected
 
 
@@ -252,7 +262,9 @@ def test_promotion_rule(metrics: list[float], promoted: list[bool], metric: floa
         (10, 10, 11, 1, 1.0),
     ],
 )
-def test_stopping_progress(rung0: int, max_trials: int, completed: int, invalid: int, progress: float) -> None:
+def test_stopping_progress(
+    rung0: int, max_trials: int, completed: int, invalid: int, progress: float
+) -> None:
     assert asha.stopping_progress(rung0, max_trials, completed, invalid) == pytest.approx(progress)
 
 
@@ -272,7 +284,9 @@ class Spawner:
         return CreateTrial(request_id=self.next - 1, hparams={}, seed=0, max_length=max_length)
 
 
-def stopping(units: list[int], max_trials: int, divisor: float = 4.0, **rungs: list[tuple[int, float]]) -> StoppingBracket:
+def stopping(
+    units: list[int], max_trials: int, divisor: float = 4.0, **rungs: list[tuple[int, float]]
+) -> StoppingBracket:
     """A bracket whose rung ``k`` (keyword ``r{k}``) already holds the (request id, metric) pairs given."""
     bracket = StoppingBracket(
         divisor=divisor, max_trials=max_trials, max_concurrent_trials=1, rungs=[Rung(units=u) for u in units]
@@ -444,15 +458,15 @@ def test_promotion_bracket_early_exit_while_training_counts_as_worst_and_invalid
 
 def test_promotion_of_a_trial_that_already_exited_records_the_worst_result_in_the_next_rung() -> None:
     bracket = PromotionBracket(
-        divisor=2.0, max_trials=3, max_concurrent_trials=3, rungs=[Rung(units=4), Rung(units=8), Rung(units=16)]
+        divisor=2.0, max_trials=3, max_concurrent_trials=3, rungs=[Rung(units=u) for u in (4, 8, 16)]
     )
     spawn = Spawner(first=0)
     bracket.initial_trials(CTX, spawn)
     assert bracket.validation_reported(CTX, spawn, 0, 5.0, 4) == []
     # Trial 0 is closed by the user while paused: its rung-0 result stays.
     assert bracket.trial_exited(CTX, spawn, 0, "canceled") == []
-    # Trial 1 is worse: old 0, new 1, lands at 1, not < 1; index 0 (trial 0) is not promoted: it is,
-    # but it has exited, so it "reports" the worst result in rung 1 at once; nothing else happens.
+    # Trial 1 is worse: old 0, new 1, lands at 1, not < 1; the entry at index old = 0 (trial 0) is
+    # promoted, but it has exited, so it "reports" the worst result in rung 1 at once.
     assert bracket.validation_reported(CTX, spawn, 1, 6.0, 4) == []
     assert bracket.rungs[1].metrics == [sys.float_info.max]
     assert bracket.rungs[1].outstanding == 0
