@@ -18,6 +18,7 @@ compressed table. Deterministic given ``--seed`` (except the measured seconds).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -41,6 +42,16 @@ SPACE = {
     "log2_width": (4.0, 7.0),  # hidden width 16 .. 128 (rounded to an int)
     "dropout": (0.0, 0.5),
 }
+# The same space as README/replay see it: natural-unit names; log dims carry their base and exponent range.
+SPACE_SPEC = [
+    {"name": "lr", "type": "log", "base": 10, "min": -3.5, "max": 0.0},
+    {"name": "momentum", "type": "double", "min": 0.0, "max": 0.95},
+    {"name": "weight_decay", "type": "log", "base": 10, "min": -6.0, "max": -2.0},
+    {"name": "width", "type": "log", "base": 2, "min": 4.0, "max": 7.0},
+    {"name": "dropout", "type": "double", "min": 0.0, "max": 0.5},
+    {"name": "batch_size", "type": "categorical", "vals": BATCH_SIZES},
+    {"name": "depth", "type": "categorical", "vals": DEPTHS},
+]
 N_TRAIN, N_VAL = 3000, 1000  # of mnist1d's 4000 training examples; its 1000 test examples are the test set
 
 
@@ -183,7 +194,8 @@ def finalize(args: argparse.Namespace) -> None:
         sys.exit(f"{len(missing)} configurations not built yet (first: {missing[0]})")
     parts = [np.load(work / f"c{c:05d}.npz") for c in range(n)]
     configs = draw_configs(n, args.seed)
-    out = {f"hp_{k}": v for k, v in configs.items()}
+    out = {f"hp_{s['name']}": configs[s["name"]] for s in SPACE_SPEC}
+    out["space"] = np.array(json.dumps(SPACE_SPEC))
     out["val"] = np.stack([p["val"] for p in parts])  # [config, seed, unit]
     out["test"] = np.stack([p["test"] for p in parts])
     out["seconds"] = np.stack([p["seconds"] for p in parts])

@@ -1,10 +1,12 @@
 """ASHA's arithmetic, exactly as Determined 0.38 computes it (``/work/shared/ASHA.md``). Pure, no I/O.
 
-Determined does this arithmetic in Go float64. Python floats are the same IEEE doubles, and Python's
-``+ - * /`` round the same way, but ``math.log`` and ``**`` come from the C library, which may differ
-from Go's ``math.Log`` and ``math.Pow`` in the last bit. A last-bit difference matters where a value
-is truncated to an int (``int(ln(1000)/ln(10)) + 1`` is 3 rungs, not 4), so :func:`go_log` and
-:func:`go_pow` reproduce Go's algorithms operation for operation.
+Determined does this arithmetic in Go float64. Python floats are the same IEEE doubles and ``+ - * /``
+round the same way. The number of rungs truncates ``ln(max_time)/ln(divisor)``, so the last bit of the
+logarithms matters at exact powers (``ln(1000)/ln(10)`` is 2.9999999999999996: 3 rungs, not 4); it uses
+the correctly rounded ``math.log`` values ASHA.md specifies (ln(243)/ln(3) = 4.999999999999999). Go's
+``math.Log`` is not always correctly rounded (golang/go#9546: its ln(3) is one ulp low, which would give
+5.0 there); that difference shows only with ``max_rungs`` >= 6 and is noted in the README as an open
+question. Powers use :func:`go_pow`, Go's ``math.Pow`` for whole exponents (square and multiply).
 
 The two rung rules live here too, as functions over a sorted list of metrics, so that the tables in
 the tests pin them without building a whole search.
@@ -26,43 +28,8 @@ EXITED_METRIC = sys.float_info.max
 
 
 # ---------------------------------------------------------------------------------------------
-# Go's float64 log and pow
+# Go's float64 pow for whole exponents
 # ---------------------------------------------------------------------------------------------
-
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-_L1 = 6.666666666666735130e-01
-_L2 = 3.999999999940941908e-01
-_L3 = 2.857142874366239149e-01
-_L4 = 2.222219843214978396e-01
-_L5 = 1.818357216161805012e-01
-_L6 = 1.531383769920937332e-01
-_L7 = 1.479819860511658591e-01
-
-
-def go_log(x: float) -> float:
-    """Go's ``math.Log`` (``log.go``; ``log_amd64.s`` does the same operations in the same order)."""
-    if math.isnan(x) or x == math.inf:
-        return x
-    if x < 0:
-        return math.nan
-    if x == 0:
-        return -math.inf
-    f1, ki = math.frexp(x)
-    if f1 < math.sqrt(2) / 2:
-        f1 *= 2
-        ki -= 1
-    f = f1 - 1
-    k = float(ki)
-    s = f / (2 + f)
-    s2 = s * s
-    s4 = s2 * s2
-    t1 = s2 * (_L1 + s4 * (_L3 + s4 * (_L5 + s4 * _L7)))
-    t2 = s4 * (_L2 + s4 * (_L4 + s4 * _L6))
-    r = t1 + t2
-    hfsq = 0.5 * f * f
-    return k * _LN2_HI - ((hfsq - (s * (hfsq + r) + k * _LN2_LO)) - f)
-
 
 def go_pow(x: float, n: int) -> float:
     """Go's ``math.Pow(x, float64(n))`` for a whole ``n >= 0`` and finite ``x > 0`` (repeated squaring)."""
@@ -101,8 +68,8 @@ def go_pow(x: float, n: int) -> float:
 
 def num_rungs(max_time: int, max_trials: int, divisor: float, max_rungs: int) -> int:
     """Step 1: ``min(max_rungs, int(ln(max_time)/ln(divisor)) + 1, int(ln(max_trials)/ln(divisor)) + 1)``."""
-    by_time = int(go_log(float(max_time)) / go_log(divisor)) + 1
-    by_trials = int(go_log(float(max_trials)) / go_log(divisor)) + 1
+    by_time = int(math.log(max_time) / math.log(divisor)) + 1
+    by_trials = int(math.log(max_trials) / math.log(divisor)) + 1
     return min(max_rungs, by_time, by_trials)
 
 

@@ -135,9 +135,7 @@ class SearcherCore:
         value = event.metrics.get(searcher.metric)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             return []  # the trial did not report the searcher metric: nothing to decide on
-        time_metric = searcher.time_metric
-        raw_time = event.metrics.get(time_metric) if time_metric else None
-        time_value = int(raw_time) if isinstance(raw_time, (int, float)) else event.steps_completed
+        time_value = _time_value(ctx.config, event)
         request_id = exp.request_of[event.trial_id]
         entry = exp.trials[request_id]
         if event.steps_completed <= entry.validated_steps:
@@ -242,3 +240,20 @@ def _exit_kind(event: ev.TrialExited) -> ExitKind:
     if event.state == "ERROR":
         return "errored"
     return "completed"
+
+
+def _time_value(config: ExperimentConfig, event: ev.ValidationReported) -> int:
+    """How far the trial is, in the searcher's units.
+
+    ``time_metric`` names a reported metric. With the legacy ``max_length: {batches: N}`` it is
+    ``steps_completed``; with ``{epochs: N}`` or ``{records: N}`` the trial reports ``epochs`` or
+    ``records`` with its validation metrics (steps are batches, not epochs).
+    """
+    searcher = config.searcher
+    name = searcher.time_metric
+    if name is None and searcher.max_length is not None and not isinstance(searcher.max_length, int):
+        name = None if searcher.max_length.unit == "batches" else searcher.max_length.unit
+    raw = event.metrics.get(name) if name else None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return int(raw)
+    return event.steps_completed

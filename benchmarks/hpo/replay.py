@@ -1,0 +1,728 @@
+"""Replay search methods against a learning-curve table with a simulated clock and W parallel workers.
+
+Each worker trains one trial at a time, unit by unit; a unit takes the seconds the table recorded for
+that (configuration, seed, unit), and the validation score recorded for it is delivered to the method
+when the unit ends. A stopped or pruned trial frees its worker at once (a stop that arrives while the
+trial is mid-unit charges the part of the unit already trained); a paused trial (promotion ASHA) frees
+its worker and goes back to the end of the queue when resumed, from where it stopped (checkpoint and
+restore are free here). Trials wait in a FIFO queue for a free worker, as in Kiln's scheduler.
+
+Methods: Kiln's own state machines from ``services/searcher/methods.py`` (driven exactly as Kiln's
+searcher core drives them), and Optuna samplers x pruners through the ask/tell API
+(``trial.report(value, step)`` after every unit, then ``trial.should_prune()``).
+
+The incumbent is the best validation score reported by any trial so far (at any unit). "Time to target"
+is the work consumed, summed over all trials (epochs = units / units-per-epoch, partial units included),
+and the simulated wall-clock seconds, until the incumbent first reaches the target. A run stops when the
+hardest target is reached or when the work cap is spent (then the unreached targets are censored).
+
+    .venv/bin/python benchmarks/hpo/replay.py --all                 # the README table (a few minutes)
+    .venv/bin/python benchmarks/hpo/replay.py --methods kiln-random,optuna-tpe-sha --workers 1 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import heapq
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from schemas.config import parse_config  # noqa: E402
+from services.searcher import asha as asha_math  # noqa: E402
+from services.searcher.methods import (  # noqa: E402
+    CreateTrial,
+    ResumeTrial,
+    SearchContext,
+    Shutdown,
+    StopTrial,
+    new_method,
+)
+
+TARGET_LEVELS = (0.98, 0.99, 0.995)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+class Table:
+    """A learning-curve table (README "Table format") plus the hyperparameter -> row mapping."""
+
+    def __init__(self, path: Path, mapping: str = "nearest") -> None:
+        z = np.load(path)
+        self.path = path
+        self.val = z["val"].astype(np.float64)  # [config, seed, unit]
+        self.test = z["test"].astype(np.float64)
+        self.seconds = z["seconds"].astype(np.float64)
+        self.n_configs, self.n_seeds, self.n_units = self.val.shape
+        self.units_per_epoch = int(z["units_per_epoch"])
+        self.space: list[dict[str, Any]] = json.loads(str(z["space"])) if "space" in z else []
+        self.hp = {k[3:]: z[k] for k in z.files if k.startswith("hp_")}
+        self.mapping = mapping if self.space else "ids"
+        self.best_mean_final = float(self.val[:, :, -1].mean(1).max())
+        self.targets = [lvl * self.best_mean_final for lvl in TARGET_LEVELS]
+        best_seen = self.val.max(2)  # a full-length run "reaches" a target if any validation does
+        self.reach_fraction = [float((best_seen >= t).mean()) for t in self.targets]
+        self.reach_fraction_final = [float((self.val[:, :, -1] >= t).mean()) for t in self.targets]
+        if self.mapping == "nearest":
+            self._prepare_nearest()
+
+    # The search space each method samples from. With ``nearest`` every method samples the space the
+    # table was drawn from, and a sample trains as the table configuration nearest to it (same
+    # categorical values, then Euclidean distance in the unit cube of the continuous coordinates,
+    # log10/log2 for log-scaled ones). With ``ids`` the space is one categorical over row ids.
+
+    def _coord(self, spec: dict[str, Any], value: float) -> float:
+        x = math.log(value, spec["base"]) if spec["type"] == "log" else float(value)
+        return (x - spec["min"]) / (spec["max"] - spec["min"])
+
+    def _prepare_nearest(self) -> None:
+        self.cont = [s for s in self.space if s["type"] != "categorical"]
+        self.cats = [s for s in self.space if s["type"] == "categorical"]
+        coords = np.stack(
+            [np.array([self._coord(s, v) for v in self.hp[s["name"]]]) for s in self.cont], axis=1
+        )
+        self.cells: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        keys = [tuple(self.hp[s["name"]][i].item() for s in self.cats) for i in range(self.n_configs)]
+        for key in set(keys):
+            rows = np.array([i for i, k in enumerate(keys) if k == key])
+            self.cells[key] = (rows, coords[rows])
+
+    def row_for(self, hparams: dict[str, Any]) -> int:
+        """The table configuration a sampled hyperparameter dict trains as."""
+        if self.mapping == "ids":
+            return int(hparams["config_id"])
+        key = tuple(hparams[s["name"]] for s in self.cats)
+        rows, coords = self.cells[key]
+        x = np.array([self._coord(s, hparams[s["name"]]) for s in self.cont])
+        return int(rows[np.argmin(((coords - x) ** 2).sum(1))])
+
+    def kiln_hyperparameters(self) -> dict[str, Any]:
+        if self.mapping == "ids":
+            return {"config_id": {"type": "categorical", "vals": list(range(self.n_configs))}}
+        out: dict[str, Any] = {}
+        for s in self.space:
+            if s["type"] == "categorical":
+                out[s["name"]] = {"type": "categorical", "vals": s["vals"]}
+            elif s["type"] == "log":
+                out[s["name"]] = {"type": "log", "base": s["base"], "minval": s["min"], "maxval": s["max"]}
+            else:
+                out[s["name"]] = {"type": "double", "minval": s["min"], "maxval": s["max"]}
+        return out
+
+    def optuna_params(self, trial: Any) -> dict[str, Any]:
+        if self.mapping == "ids":
+            return {"config_id": trial.suggest_categorical("config_id", list(range(self.n_configs)))}
+        out: dict[str, Any] = {}
+        for s in self.space:
+            name = s["name"]
+            if s["type"] == "categorical":
+                out[name] = trial.suggest_categorical(name, s["vals"])
+            elif s["type"] == "log":
+                lo, hi = s["base"] ** s["min"], s["base"] ** s["max"]
+                out[name] = trial.suggest_float(name, lo, hi, log=True)
+            else:
+                out[name] = trial.suggest_float(name, s["min"], s["max"])
+        return out
+
+    def random_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` rows as a random search draws them (for the large-sample random reference)."""
+        if self.mapping == "ids":
+            return rng.integers(self.n_configs, size=n)
+        out = np.empty(n, np.int64)
+        cat_draws = {s["name"]: rng.integers(len(s["vals"]), size=n) for s in self.cats}
+        cont = rng.uniform(size=(n, len(self.cont)))
+        keys = [tuple(self.cats[j]["vals"][cat_draws[s["name"]][i]] for j, s in enumerate(self.cats)) for i in range(n)]
+        for key in set(keys):
+            idx = np.array([i for i, k in enumerate(keys) if k == key])
+            rows, coords = self.cells[key]
+            d = ((cont[idx, None, :] - coords[None, :, :]) ** 2).sum(2)
+            out[idx] = rows[d.argmin(1)]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulation core: workers, clock, work accounting, incumbent
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimTrial:
+    key: Any  # the method's handle: Kiln request id or Optuna trial
+    row: int
+    seed: int
+    target: int  # train up to this many units, then pause or finish
+    progress: int = 0
+    status: str = "queued"  # queued | running | paused | exited
+    worker: int = -1
+    unit_start: float = 0.0
+    unit_secs: float = 0.0
+    stop_requested: bool = False
+
+
+@dataclass
+class RunResult:
+    method: str
+    workers: int
+    seed: int
+    hits: list[dict[str, float] | None]  # per target level: units, epochs, seconds, test, trials
+    trace: list[tuple[float, float, float, float]]  # (epochs, seconds, incumbent val, its test)
+    epochs_total: float
+    seconds_total: float
+    trials: int
+    final_val: float
+    final_test: float
+    wall_s: float
+
+
+class Simulation:
+    """The event loop shared by every method; subclasses decide what trials run and when they stop."""
+
+    def __init__(self, table: Table, workers: int, cap_units: float) -> None:
+        self.table = table
+        self.n_workers = workers
+        self.workers: list[SimTrial | None] = [None] * workers
+        self.tokens = [0] * workers
+        self.heap: list[tuple[float, int, int, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.units_done = 0.0
+        self.cap_units = cap_units
+        self.n_trials = 0
+        self.best_val = -math.inf
+        self.best_test = math.nan
+        self.trace: list[tuple[float, float, float, float]] = []
+        self.hits: list[dict[str, float] | None] = [None] * len(table.targets)
+        self.done = False
+
+    # accounting ---------------------------------------------------------------------------------
+
+    def consumed_units(self) -> float:
+        partial = 0.0
+        for t in self.workers:
+            if t is not None and t.unit_secs > 0:
+                partial += min(1.0, (self.now - t.unit_start) / t.unit_secs)
+        return self.units_done + partial
+
+    def observe(self, trial: SimTrial, unit: int) -> float:
+        """A validation at ``unit`` (1-based) of ``trial``: update the incumbent, check the targets."""
+        v = self.table.val[trial.row, trial.seed, unit - 1]
+        if v > self.best_val:
+            self.best_val = v
+            self.best_test = self.table.test[trial.row, trial.seed, unit - 1]
+            used = self.consumed_units()
+            epochs = used / self.table.units_per_epoch
+            self.trace.append((epochs, self.now, v, self.best_test))
+            for i, target in enumerate(self.table.targets):
+                if self.hits[i] is None and v >= target:
+                    self.hits[i] = {
+                        "epochs": epochs,
+                        "seconds": self.now,
+                        "test": self.best_test,
+                        "trials": self.n_trials,
+                    }
+            if all(h is not None for h in self.hits):
+                self.done = True
+        return v
+
+    # workers ------------------------------------------------------------------------------------
+
+    def free_worker(self) -> int | None:
+        for w, t in enumerate(self.workers):
+            if t is None:
+                return w
+        return None
+
+    def start_on(self, w: int, trial: SimTrial) -> None:
+        trial.status = "running"
+        trial.worker = w
+        self.workers[w] = trial
+        self.schedule_unit(trial)
+
+    def schedule_unit(self, trial: SimTrial) -> None:
+        w = trial.worker
+        trial.unit_start = self.now
+        trial.unit_secs = float(self.table.seconds[trial.row, trial.seed, trial.progress])
+        self.tokens[w] += 1
+        self.seq += 1
+        heapq.heappush(self.heap, (self.now + trial.unit_secs, self.seq, w, self.tokens[w]))
+
+    def release(self, trial: SimTrial) -> None:
+        """Take ``trial`` off its worker now, charging the part of the current unit it trained."""
+        if trial.status != "running":
+            return
+        if trial.unit_secs > 0:
+            self.units_done += min(1.0, (self.now - trial.unit_start) / trial.unit_secs)
+        trial.unit_secs = 0.0
+        self.tokens[trial.worker] += 1  # its pending unit event is void
+        self.workers[trial.worker] = None
+        trial.worker = -1
+
+    def between_units(self, trial: SimTrial) -> None:
+        """The unit just ended: nothing is in flight until the next one is scheduled."""
+        trial.unit_start = self.now
+        trial.unit_secs = 0.0
+
+    # the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.begin()
+        self.fill()
+        while self.heap and not self.done:
+            t, _, w, token = heapq.heappop(self.heap)
+            if token != self.tokens[w]:
+                continue
+            self.now = t
+            trial = self.workers[w]
+            assert trial is not None
+            trial.progress += 1
+            self.units_done += 1
+            self.between_units(trial)
+            self.on_unit(trial)
+            if self.done or self.units_done >= self.cap_units:
+                break
+            self.fill()
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def fill(self) -> None:
+        raise NotImplementedError
+
+    def on_unit(self, trial: SimTrial) -> None:
+        raise NotImplementedError
+
+
+class KilnSimulation(Simulation):
+    """A Kiln method, driven like Kiln's searcher core and scheduler drive it."""
+
+    def __init__(self, table: Table, workers: int, cap_units: float, searcher: dict[str, Any], seed: int):
+        super().__init__(table, workers, cap_units)
+        raw = {
+            "name": "hpo-replay",
+            "entrypoint": "model_def:Trial",
+            "hyperparameters": table.kiln_hyperparameters(),
+            "searcher": {
+                "metric": "val_accuracy",
+                "smaller_is_better": False,
+                "time_metric": "units",
+                "max_time": table.n_units,
+                "max_concurrent_trials": workers,
+                **searcher,
+            },
+        }
+        self.config, _ = parse_config(raw)
+        self.ctx = SearchContext(self.config, seed)
+        self.method = new_method(self.config)
+        self.trials: dict[int, SimTrial] = {}
+        self.queue: deque[int] = deque()
+        self.exits: deque[tuple[int, str]] = deque()
+        self.shutdown = False
+        self.full = table.n_units
+
+    def begin(self) -> None:
+        self.apply(self.method.initial_trials(self.ctx))
+
+    def fill(self) -> None:
+        while self.queue:
+            w = self.free_worker()
+            if w is None:
+                return
+            rid = self.queue.popleft()
+            trial = self.trials[rid]
+            if trial.status == "queued":
+                self.start_on(w, trial)
+
+    def on_unit(self, trial: SimTrial) -> None:
+        value = self.observe(trial, trial.progress)
+        self.apply(self.method.validation_reported(self.ctx, trial.key, float(value), trial.progress))
+        if trial.status != "running":
+            return
+        if trial.progress >= trial.target:
+            self.release(trial)
+            if trial.target >= self.full:
+                self.exit(trial, "completed")
+            else:
+                trial.status = "paused"  # checkpointed; waits for ResumeTrial or StopTrial
+        else:
+            self.schedule_unit(trial)
+
+    def exit(self, trial: SimTrial, kind: str) -> None:
+        self.release(trial)
+        trial.status = "exited"
+        self.exits.append((trial.key, kind))
+        self.drain()
+
+    def drain(self) -> None:
+        while self.exits:
+            rid, kind = self.exits.popleft()
+            self.apply(self.method.trial_exited(self.ctx, rid, kind))
+
+    def apply(self, decisions: list) -> None:
+        for d in decisions:
+            if isinstance(d, CreateTrial):
+                if self.shutdown or d.request_id in self.trials:
+                    continue
+                row = self.table.row_for(d.hparams)
+                target = d.max_length if d.max_length is not None else self.full
+                self.trials[d.request_id] = SimTrial(d.request_id, row, d.seed % self.table.n_seeds, target)
+                self.n_trials += 1
+                self.queue.append(d.request_id)
+                self.apply(self.method.trial_created(self.ctx, d.request_id))
+            elif isinstance(d, StopTrial):
+                trial = self.trials.get(d.request_id)
+                if trial is None or trial.status == "exited":
+                    continue
+                trial.stop_requested = True
+                self.exit(trial, "completed")  # running, queued or paused: it checkpoints and ends now
+            elif isinstance(d, ResumeTrial):
+                trial = self.trials.get(d.request_id)
+                if trial is None or trial.status == "exited" or trial.stop_requested:
+                    continue
+                trial.target = max(trial.target, d.max_length)
+                if trial.status == "paused":
+                    trial.status = "queued"
+                    self.queue.append(d.request_id)
+            elif isinstance(d, Shutdown):
+                self.shutdown = True
+        self.drain()
+
+
+class OptunaSimulation(Simulation):
+    """An Optuna sampler x pruner through ask/tell; a free worker asks for the next trial."""
+
+    def __init__(self, table: Table, workers: int, cap_units: float, sampler: str, pruner: str, seed: int):
+        super().__init__(table, workers, cap_units)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        self.seed = seed
+        n = table.n_units
+        # Rungs at 3, 9, 27, 81, 243 units: the same as Kiln's adaptive_asha with divisor 3 on this table.
+        min_resource = max(1, int(n / 3**4))
+        pruners = {
+            "none": lambda: optuna.pruners.NopPruner(),
+            "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=3),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(
+                min_resource=min_resource, max_resource=n, reduction_factor=3
+            ),
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=min_resource),
+        }
+        samplers = {
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        }
+        self.study = optuna.create_study(
+            study_name=f"replay-{seed}",
+            direction="maximize",
+            sampler=samplers[sampler](),
+            pruner=pruners[pruner](),
+        )
+        self.full = n
+
+    def begin(self) -> None:
+        pass
+
+    def fill(self) -> None:
+        while (w := self.free_worker()) is not None:
+            ot = self.study.ask()
+            params = self.table.optuna_params(ot)
+            row = self.table.row_for(params)
+            s = random.Random(f"{self.seed}:{ot.number}").randrange(self.table.n_seeds)
+            self.n_trials += 1
+            self.start_on(w, SimTrial(ot, row, s, self.full))
+
+    def on_unit(self, trial: SimTrial) -> None:
+        value = self.observe(trial, trial.progress)
+        ot = trial.key
+        ot.report(float(value), trial.progress)
+        if trial.progress >= self.full:
+            self.release(trial)
+            self.study.tell(ot, float(value))
+            trial.status = "exited"
+        elif ot.should_prune():
+            self.release(trial)
+            self.study.tell(ot, state=self.optuna.trial.TrialState.PRUNED)
+            trial.status = "exited"
+        else:
+            self.schedule_unit(trial)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods compared
+# ---------------------------------------------------------------------------------------------
+
+BIG = 100_000  # max_trials for Kiln's methods: never the limit; the work cap ends a run
+KILN_METHODS: dict[str, dict[str, Any]] = {
+    "kiln-random": {"name": "random", "max_trials": BIG},
+    "kiln-asha-aggressive": {"name": "adaptive_asha", "mode": "aggressive", "divisor": 3, "max_trials": BIG},
+    "kiln-asha-standard": {"name": "adaptive_asha", "mode": "standard", "divisor": 3, "max_trials": BIG},
+    "kiln-asha-conservative": {"name": "adaptive_asha", "mode": "conservative", "divisor": 3, "max_trials": BIG},
+    "kiln-asha-standard-div4": {"name": "adaptive_asha", "mode": "standard", "max_trials": BIG},
+    "kiln-asha-promotion": {
+        "name": "adaptive_asha", "mode": "aggressive", "divisor": 3, "stop_once": False, "max_trials": BIG,
+    },
+    "kiln-asha-6rungs": {"name": "adaptive_asha", "bracket_rungs": [6], "divisor": 3, "max_trials": BIG},
+}
+OPTUNA_METHODS = {
+    f"optuna-{s}-{p}": (s, p) for s in ("random", "tpe") for p in ("sha", "hyperband", "median", "none")
+}
+ALL_METHODS = [*KILN_METHODS, *OPTUNA_METHODS]
+
+
+def ceiling(table: Table, method: str) -> tuple[float, str] | None:
+    """Successive halving's ceiling eta^s/(s+1) for the method's most aggressive bracket."""
+    n = table.n_units
+    if method in KILN_METHODS:
+        spec = KILN_METHODS[method]
+        if spec["name"] != "adaptive_asha":
+            return None
+        divisor = float(spec.get("divisor", 4.0))
+        if spec.get("bracket_rungs"):
+            rungs = max(spec["bracket_rungs"])
+        else:
+            rungs = asha_math.num_rungs(n, spec["max_trials"], divisor, spec.get("max_rungs", 5))
+    elif OPTUNA_METHODS[method][1] in ("sha", "hyperband"):
+        divisor = 3.0
+        rungs = 5
+    else:
+        return None
+    s = rungs - 1
+    return divisor**s / (s + 1), f"{divisor:g}^{s}/{s + 1}"
+
+
+def run_one(table: Table, method: str, workers: int, seed: int, cap_units: float) -> RunResult:
+    t0 = time.perf_counter()
+    if method in KILN_METHODS:
+        sim: Simulation = KilnSimulation(table, workers, cap_units, KILN_METHODS[method], seed)
+    else:
+        sampler, pruner = OPTUNA_METHODS[method]
+        sim = OptunaSimulation(table, workers, cap_units, sampler, pruner, seed)
+    sim.run()
+    upe = table.units_per_epoch
+    return RunResult(
+        method=method,
+        workers=workers,
+        seed=seed,
+        hits=sim.hits,
+        trace=sim.trace,
+        epochs_total=sim.consumed_units() / upe,
+        seconds_total=sim.now,
+        trials=sim.n_trials,
+        final_val=sim.best_val,
+        final_test=sim.best_test,
+        wall_s=time.perf_counter() - t0,
+    )
+
+
+def random_reference(table: Table, draws: int = 4000, seed: int = 12345) -> list[dict[str, float]]:
+    """Random search with one worker, many repetitions (numpy): stable epochs-to-target quantiles."""
+    rng = np.random.default_rng(seed)
+    n_trials = 4000
+    upe = table.units_per_epoch
+    out = []
+    rows = table.random_rows(rng, draws * 50)
+    seeds = rng.integers(table.n_seeds, size=draws * 50)
+    per_target = []
+    for target in table.targets:
+        reach = table.val[rows, seeds] >= target  # [draw, unit]
+        first = np.where(reach.any(1), reach.argmax(1) + 1, -1)
+        per_target.append(first)
+    for i, target in enumerate(table.targets):
+        first = per_target[i].reshape(draws, 50)
+        epochs = []
+        for d in range(draws):
+            k = np.flatnonzero(first[d] > 0)
+            if len(k) == 0:
+                epochs.append(math.inf)
+            else:
+                epochs.append((k[0] * table.n_units + first[d, k[0]]) / upe)
+        p = float((per_target[i] > 0).mean())
+        out.append({"median": float(np.median(epochs)), "p_trial": p, "mean": float(np.mean(epochs))})
+    del n_trials
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[RunResult], level: int, what: str) -> tuple[float, float, float, int]:
+    """Median, 25th and 75th percentile of ``what`` at target ``level`` (inf = not reached), reached count."""
+    vals = [r.hits[level][what] if r.hits[level] is not None else math.inf for r in runs]
+    arr = np.array(vals)
+    q = np.quantile(arr, [0.5, 0.25, 0.75], method="lower") if len(arr) else [math.nan] * 3
+    med = float(np.median(arr)) if np.isfinite(arr).sum() * 2 > len(arr) or not np.isinf(arr).any() else math.inf
+    return med, float(q[1]), float(q[2]), int(np.isfinite(arr).sum())
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    if math.isinf(x):
+        return "∞"
+    if math.isnan(x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[dict[str, float]]) -> str:
+    lines: list[str] = []
+    lvl_names = [f"{int(round(l * 1000)) / 10:g}%" for l in TARGET_LEVELS]
+    lines.append(
+        f"Table: {table.path.name}, {table.n_configs} configs x {table.n_seeds} seeds x {table.n_units} units "
+        f"({table.n_units // table.units_per_epoch} epochs); best mean final validation accuracy "
+        f"{table.best_mean_final:.4f}."
+    )
+    lines.append("")
+    lines.append("| target | accuracy | full-length runs reaching it | random draw reaching it | random search, 1 worker, "
+                 "median epochs (4000 repetitions) |")
+    lines.append("|---|---|---|---|---|")
+    for i, name in enumerate(lvl_names):
+        lines.append(
+            f"| {name} | {table.targets[i]:.4f} | {100 * table.reach_fraction[i]:.2f}% "
+            f"(final score: {100 * table.reach_fraction_final[i]:.2f}%) | {100 * ref[i]['p_trial']:.2f}% "
+            f"| {fmt(ref[i]['median'])} |"
+        )
+    lines.append("")
+    by: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        by.setdefault((r.method, r.workers), []).append(r)
+    methods = list(dict.fromkeys(r.method for r in results))
+    worker_counts = sorted({r.workers for r in results})
+    for w in worker_counts:
+        n_seeds = len(by[(methods[0], w)])
+        lines.append(f"#### {w} worker{'s' if w > 1 else ''} ({n_seeds} seeds per method; work cap "
+                     f"{cap_epochs:,.0f} epochs)")
+        lines.append("")
+        header = "| method | ceiling |"
+        sep = "|---|---|"
+        for name in lvl_names:
+            header += f" {name}: epochs, median [IQR] (reached) | × vs random |"
+            sep += "---|---|"
+        header += f" sim. hours to {lvl_names[-1]}, median | test acc. at {lvl_names[-1]}, median |"
+        sep += "---|---|"
+        lines.append(header)
+        lines.append(sep)
+        base = by.get(("kiln-random", w))
+        for m in methods:
+            runs = by[(m, w)]
+            c = ceiling(table, m)
+            row = f"| {m} | {fmt(c[0], 1) + '×' if c else '-'} |"
+            for i in range(len(lvl_names)):
+                med, q1, q3, n = summarize(runs, i, "epochs")
+                row += f" {fmt(med)} [{fmt(q1)}–{fmt(q3)}] ({n}/{len(runs)}) |"
+                if base:
+                    bmed = summarize(base, i, "epochs")[0]
+                    ratio = bmed / med if med > 0 and not math.isinf(med) else math.nan
+                    row += f" {fmt(ratio, 1) if not math.isinf(bmed) else '>' + fmt(cap_epochs / med, 1)} |"
+                else:
+                    row += " - |"
+            hmed = summarize(runs, len(lvl_names) - 1, "seconds")[0] / 3600
+            tests = [r.hits[-1]["test"] for r in runs if r.hits[-1] is not None]
+            row += f" {fmt(hmed, 2)} | {fmt(float(np.median(tests)), 3) if tests else '-'} |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: Table, results: list[RunResult], out_dir: Path, cap_epochs: float) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    grid = np.logspace(0, math.log10(cap_epochs), 200)
+    by: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        by.setdefault((r.method, r.workers), []).append(r)
+    methods = list(dict.fromkeys(r.method for r in results))
+    for w in sorted({r.workers for r in results}):
+        fig, ax = plt.subplots(figsize=(9, 6))
+        for j, m in enumerate(methods):
+            curves = []
+            for r in by[(m, w)]:
+                xs = np.array([t[0] for t in r.trace])
+                ys = np.array([t[2] for t in r.trace])
+                idx = np.searchsorted(xs, grid, side="right") - 1
+                regret = np.where(idx >= 0, table.best_mean_final - ys[np.maximum(idx, 0)], np.nan)
+                # after the run ended (hardest target reached) the incumbent stays where it was
+                curves.append(regret)
+            med = np.nanmedian(np.array(curves), axis=0)
+            style = "-" if m.startswith("kiln") else "--"
+            ax.plot(grid, np.maximum(med, 1e-4), style, label=m, color=plt.cm.tab20(j % 20))
+        for lvl in TARGET_LEVELS:
+            ax.axhline((1 - lvl) * table.best_mean_final, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("epochs consumed (all trials)")
+        ax.set_ylabel("regret: best mean final val. acc. - incumbent val. acc. (median of seeds)")
+        ax.set_title(f"HPO replay on {table.path.name}, {w} worker(s)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        p = out_dir / f"regret_w{w}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default=str(HERE / "table.npz"))
+    p.add_argument("--mapping", choices=["nearest", "ids"], default="nearest")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--workers", default="1,2,4")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--cap-epochs", type=float, default=20_000, help="work cap per run, in epochs")
+    p.add_argument("--all", action="store_true", help="every method, 1/2/4 workers, 10 seeds; write results")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    table = Table(Path(args.table), args.mapping)
+    methods = ALL_METHODS if args.all else args.methods.split(",")
+    workers = [1, 2, 4] if args.all else [int(w) for w in args.workers.split(",")]
+    cap_units = args.cap_epochs * table.units_per_epoch
+    results: list[RunResult] = []
+    t0 = time.perf_counter()
+    for m in methods:
+        for w in workers:
+            t1 = time.perf_counter()
+            for s in range(args.seeds):
+                results.append(run_one(table, m, w, s, cap_units))
+            runs = results[-args.seeds :]
+            med = summarize(runs, len(TARGET_LEVELS) - 1, "epochs")[0]
+            print(f"{m:28s} w={w}: median epochs to {TARGET_LEVELS[-1]:.1%}: {fmt(med)}  "
+                  f"trials/run {statistics.mean(r.trials for r in runs):.0f}  "
+                  f"({time.perf_counter() - t1:.1f}s)", file=sys.stderr, flush=True)
+    ref = random_reference(table)
+    text = report(table, results, args.cap_epochs, ref)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n")
+    with gzip.open(out / "runs.json.gz", "wt") as f:
+        json.dump([r.__dict__ for r in results], f)
+    for path in plot(table, results, out, args.cap_epochs):
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"total {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
