@@ -395,6 +395,64 @@ def job_list(as_json: bool) -> None:
                    f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-'}")
 
 
+# -- search preview ------------------------------------------------------------------------------------
+
+
+@main.command("preview-search")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--simulate", type=click.Choice(["improving", "worsening", "random"]), default=None,
+              help="Also play the search with the real searcher against synthetic learning curves.")
+@click.option("--period", type=int, default=1, show_default=True,
+              help="With --simulate: trials validate every PERIOD units of the time metric.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --simulate: the experiment seed.")
+def preview_search(config: Path, as_json: bool, simulate: str | None, period: int, seed: int) -> None:
+    """Show brackets, rungs and total training length of CONFIG's search, before any GPU is spent."""
+    import msgspec
+
+    from schemas.config import ConfigError, parse_config
+    from services.searcher import preview as search_preview
+    from services.searcher.simulate import simulate as play
+
+    try:
+        cfg, warnings = parse_config(config.read_text())
+        shown = search_preview.preview(cfg)
+    except (ConfigError, ValueError) as exc:
+        _fail(exc)
+        return
+    records = []
+    if simulate:
+        if period < 1:
+            _fail(ValueError("--period must be at least 1"))
+        fn = search_preview.curve(simulate, cfg.searcher.smaller_is_better, seed)  # type: ignore[arg-type]
+        records = play(cfg, seed, fn, period)
+    if as_json:
+        out = msgspec.to_builtins(shown)
+        if simulate:
+            out["simulation"] = msgspec.to_builtins(records)
+        _print_json(out)
+        return
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    mode = "" if shown.method not in ("adaptive_asha",) else f" ({cfg.searcher.mode})"
+    click.echo(f"{shown.method}{mode}: {shown.trials} trials, max length {shown.max_length} {shown.unit}"
+               + ("" if shown.stop_once else ", promotion-based (stop_once: false)"))
+    for i, b in enumerate(shown.brackets):
+        click.echo(f"bracket {i}: {b.max_trials} trials, {b.max_concurrent_trials} at a time,"
+                   f" {b.total_length} {shown.unit} in all")
+        for k, rung in enumerate(b.rungs):
+            click.echo(f"  rung {k}: length {rung.length:>6} {shown.unit}, trials reaching it: {rung.trials}")
+    click.echo(f"total training length: {shown.total_length} {shown.unit}"
+               f" (vs {shown.trials * shown.max_length} if every trial trained to the end)")
+    if simulate:
+        click.echo(f"simulation ({simulate}, validating every {period} {shown.unit}):")
+        click.echo(f"{'TRIAL':>5} {'STOPPED AT':>10}  {'EARLY':5}  LENGTHS ASKED")
+        for r in records:
+            click.echo(f"{r.request_id:>5} {r.stop_length:>10}  {'yes' if r.stopped_early else 'no':5}  "
+                       f"{' -> '.join(str(x) for x in r.lengths_trained)}")
+        click.echo(f"simulated training length: {sum(r.stop_length for r in records)} {shown.unit}")
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 
