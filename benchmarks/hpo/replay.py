@@ -566,12 +566,13 @@ def random_reference(table: Table, draws: int = 4000, seed: int = 12345) -> list
 
 
 def summarize(runs: list[RunResult], level: int, what: str) -> tuple[float, float, float, int]:
-    """Median, 25th and 75th percentile of ``what`` at target ``level`` (inf = not reached), reached count."""
-    vals = [r.hits[level][what] if r.hits[level] is not None else math.inf for r in runs]
-    arr = np.array(vals)
-    q = np.quantile(arr, [0.5, 0.25, 0.75], method="lower") if len(arr) else [math.nan] * 3
-    med = float(np.median(arr)) if np.isfinite(arr).sum() * 2 > len(arr) or not np.isinf(arr).any() else math.inf
-    return med, float(q[1]), float(q[2]), int(np.isfinite(arr).sum())
+    """Median, 25th and 75th percentile of ``what`` at target ``level`` (inf: not reached), reached count."""
+    arr = np.sort([r.hits[level][what] if r.hits[level] is not None else math.inf for r in runs])
+    if len(arr) == 0:
+        return math.nan, math.nan, math.nan, 0
+    q1 = float(np.quantile(arr, 0.25, method="lower"))
+    q3 = float(np.quantile(arr, 0.75, method="higher"))
+    return float(np.median(arr)), q1, q3, int(np.isfinite(arr).sum())
 
 
 def fmt(x: float, digits: int = 0) -> str:

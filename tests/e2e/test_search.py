@@ -87,3 +87,26 @@ def test_adaptive_asha_stops_weak_trials_and_survives_a_searcher_restart(kiln_st
     assert stopped_early, "ASHA stopped no trial early"
     best = max(trials, key=lambda t: t["best_metric"] or 0.0)
     assert epochs_trained(best) == max_time
+
+
+def test_promotion_asha_pauses_trials_and_resumes_promoted_ones_from_checkpoints(kiln_stack: Stack) -> None:
+    """examples/digits/promotion.yaml (stop_once: false): promoted trials resume from their checkpoint
+    and train on to the next rung; the best reaches max_time; no trial counts a restart."""
+    config, _ = parse_config((REPO / "examples/digits/promotion.yaml").read_text())
+    run = kiln_stack.kiln("experiment", "create", "examples/digits/promotion.yaml", "examples/digits", "--follow")
+    assert run.returncode == 0, run.stdout + run.stderr
+    exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
+    api = kiln_stack.cfg.master_url
+    trials = httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()
+    assert len(trials) == config.searcher.max_trials
+    resumed = []
+    for t in trials:
+        detail = httpx.get(f"{api}/api/v1/trials/{t['id']}").json()
+        assert detail["restarts"] == 0
+        if len(detail["allocations"]) > 1:
+            resumed.append(t)
+            epochs = [p["metrics"]["epochs"] for p in
+                      httpx.get(f"{api}/api/v1/trials/{t['id']}/metrics", params={"kind": "validation"}).json()]
+            assert epochs == list(range(1, len(epochs) + 1))  # resumed where it paused: no epoch twice
+    assert resumed, "no trial was promoted and resumed"
+    assert max(int(t["latest_validation"]["metrics"]["epochs"]) for t in trials) == config.searcher.max_time
