@@ -535,7 +535,6 @@ def run_one(table: Table, method: str, workers: int, seed: int, cap_units: float
 def random_reference(table: Table, draws: int = 4000, seed: int = 12345) -> list[dict[str, float]]:
     """Random search with one worker, many repetitions (numpy): stable epochs-to-target quantiles."""
     rng = np.random.default_rng(seed)
-    n_trials = 4000
     upe = table.units_per_epoch
     out = []
     rows = table.random_rows(rng, draws * 50)
@@ -556,7 +555,6 @@ def random_reference(table: Table, draws: int = 4000, seed: int = 12345) -> list
                 epochs.append((k[0] * table.n_units + first[d, k[0]]) / upe)
         p = float((per_target[i] > 0).mean())
         out.append({"median": float(np.median(epochs)), "p_trial": p, "mean": float(np.mean(epochs))})
-    del n_trials
     return out
 
 
@@ -583,64 +581,81 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
-def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[dict[str, float]]) -> str:
-    lines: list[str] = []
-    lvl_names = [f"{int(round(l * 1000)) / 10:g}%" for l in TARGET_LEVELS]
-    lines.append(
-        f"Table: {table.path.name}, {table.n_configs} configs x {table.n_seeds} seeds x {table.n_units} units "
-        f"({table.n_units // table.units_per_epoch} epochs); best mean final validation accuracy "
-        f"{table.best_mean_final:.4f}."
-    )
-    lines.append("")
-    lines.append("| target | accuracy | full-length runs reaching it | random draw reaching it | random search, 1 worker, "
-                 "median epochs (4000 repetitions) |")
-    lines.append("|---|---|---|---|---|")
-    for i, name in enumerate(lvl_names):
-        lines.append(
-            f"| {name} | {table.targets[i]:.4f} | {100 * table.reach_fraction[i]:.2f}% "
-            f"(final score: {100 * table.reach_fraction_final[i]:.2f}%) | {100 * ref[i]['p_trial']:.2f}% "
-            f"| {fmt(ref[i]['median'])} |"
-        )
-    lines.append("")
+def group(results: list[RunResult]) -> dict[tuple[str, int], list[RunResult]]:
     by: dict[tuple[str, int], list[RunResult]] = {}
     for r in results:
         by.setdefault((r.method, r.workers), []).append(r)
+    return by
+
+
+def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[dict[str, float]]) -> str:
+    lines: list[str] = []
+    names = [f"{round(lvl * 100, 1):g}%" for lvl in TARGET_LEVELS]
+    lines.append(
+        f"Table `{table.path.name}`: {table.n_configs} configs x {table.n_seeds} seeds x {table.n_units} units "
+        f"({table.n_units // table.units_per_epoch} epochs of {table.units_per_epoch} units); best mean final "
+        f"validation accuracy {table.best_mean_final:.4f}; mapping `{table.mapping}`."
+    )
+    lines.append("")
+    lines.append(
+        "| target | val. acc. | full-length runs reaching it (any unit / final) | a random draw reaching it "
+        "| random search, 1 worker, median epochs to it (4000 repetitions) |"
+    )
+    lines.append("|---|---|---|---|---|")
+    for i, name in enumerate(names):
+        lines.append(
+            f"| {name} | {table.targets[i]:.4f} | {100 * table.reach_fraction[i]:.2f}% / "
+            f"{100 * table.reach_fraction_final[i]:.2f}% | {100 * ref[i]['p_trial']:.2f}% | {fmt(ref[i]['median'])} |"
+        )
+    lines.append("")
+    by = group(results)
     methods = list(dict.fromkeys(r.method for r in results))
-    worker_counts = sorted({r.workers for r in results})
-    for w in worker_counts:
-        n_seeds = len(by[(methods[0], w)])
-        lines.append(f"#### {w} worker{'s' if w > 1 else ''} ({n_seeds} seeds per method; work cap "
-                     f"{cap_epochs:,.0f} epochs)")
+    for w in sorted({r.workers for r in results}):
+        n_seeds = len(by[(methods[-1], w)])
+        base = by.get(("kiln-random", w))
+        lines.append(
+            f"#### {w} worker{'s' if w > 1 else ''}: epochs consumed until the incumbent reaches the target "
+            f"(median [25th–75th percentile], runs that reached it), and × = random's median / the method's"
+        )
+        lines.append("")
+        lines.append(
+            f"{n_seeds} seeds per method{f', {len(base)} for kiln-random' if base else ''}; "
+            f"work cap {cap_epochs:,.0f} epochs per run (∞: not reached within it)."
+        )
         lines.append("")
         header = "| method | ceiling |"
         sep = "|---|---|"
-        for name in lvl_names:
-            header += f" {name}: epochs, median [IQR] (reached) | × vs random |"
-            sep += "---|---|"
-        header += f" sim. hours to {lvl_names[-1]}, median | test acc. at {lvl_names[-1]}, median |"
-        sep += "---|---|"
-        lines.append(header)
-        lines.append(sep)
-        base = by.get(("kiln-random", w))
+        for name in names:
+            header += f" {name} epochs | × |"
+            sep += "---:|---:|"
+        header += f" sim. s to {names[-1]} | × | test acc. at {names[-1]} |"
+        sep += "---:|---:|---:|"
+        lines += [header, sep]
         for m in methods:
             runs = by[(m, w)]
             c = ceiling(table, m)
             row = f"| {m} | {fmt(c[0], 1) + '×' if c else '-'} |"
-            for i in range(len(lvl_names)):
+            for i in range(len(names)):
                 med, q1, q3, n = summarize(runs, i, "epochs")
-                row += f" {fmt(med)} [{fmt(q1)}–{fmt(q3)}] ({n}/{len(runs)}) |"
-                if base:
-                    bmed = summarize(base, i, "epochs")[0]
-                    ratio = bmed / med if med > 0 and not math.isinf(med) else math.nan
-                    row += f" {fmt(ratio, 1) if not math.isinf(bmed) else '>' + fmt(cap_epochs / med, 1)} |"
-                else:
-                    row += " - |"
-            hmed = summarize(runs, len(lvl_names) - 1, "seconds")[0] / 3600
+                row += f" {fmt(med)} [{fmt(q1)}–{fmt(q3)}] ({n}/{len(runs)}) | {speedup(base, med, i, 'epochs', cap_epochs)} |"
+            med_s = summarize(runs, len(names) - 1, "seconds")[0]
             tests = [r.hits[-1]["test"] for r in runs if r.hits[-1] is not None]
-            row += f" {fmt(hmed, 2)} | {fmt(float(np.median(tests)), 3) if tests else '-'} |"
+            row += f" {fmt(med_s)} | {speedup(base, med_s, len(names) - 1, 'seconds')} |"
+            row += f" {fmt(float(np.median(tests)), 3) if tests else '-'} |"
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
+
+
+def speedup(base: list[RunResult] | None, med: float, level: int, what: str, cap: float = math.nan) -> str:
+    if not base:
+        return "-"
+    bmed = summarize(base, level, what)[0]
+    if math.isinf(med):
+        return f"<{bmed / cap:.1f}" if not math.isinf(bmed) and not math.isnan(cap) else "-"
+    if math.isinf(bmed):
+        return "-"
+    return f"{bmed / med:.1f}"
 
 
 def plot(table: Table, results: list[RunResult], out_dir: Path, cap_epochs: float) -> list[Path]:
@@ -663,18 +678,19 @@ def plot(table: Table, results: list[RunResult], out_dir: Path, cap_epochs: floa
                 xs = np.array([t[0] for t in r.trace])
                 ys = np.array([t[2] for t in r.trace])
                 idx = np.searchsorted(xs, grid, side="right") - 1
-                regret = np.where(idx >= 0, table.best_mean_final - ys[np.maximum(idx, 0)], np.nan)
+                regret = np.where(idx >= 0, 1 - ys[np.maximum(idx, 0)] / table.best_mean_final, np.nan)
                 # after the run ended (hardest target reached) the incumbent stays where it was
                 curves.append(regret)
             med = np.nanmedian(np.array(curves), axis=0)
             style = "-" if m.startswith("kiln") else "--"
-            ax.plot(grid, np.maximum(med, 1e-4), style, label=m, color=plt.cm.tab20(j % 20))
+            ax.plot(grid, med, style, label=m, color=plt.cm.tab20(j % 20), lw=1.2)
         for lvl in TARGET_LEVELS:
-            ax.axhline((1 - lvl) * table.best_mean_final, color="grey", lw=0.5)
+            ax.axhline(1 - lvl, color="grey", lw=0.5)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(-0.01, 1)
         ax.set_xlabel("epochs consumed (all trials)")
-        ax.set_ylabel("regret: best mean final val. acc. - incumbent val. acc. (median of seeds)")
+        ax.set_ylabel("regret: 1 - incumbent val. acc. / best mean final val. acc.\n(median of seeds; grey: the targets)")
         ax.set_title(f"HPO replay on {table.path.name}, {w} worker(s)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -685,6 +701,19 @@ def plot(table: Table, results: list[RunResult], out_dir: Path, cap_epochs: floa
     return paths
 
 
+_TABLE: Table | None = None
+
+
+def _init_worker(path: str, mapping: str) -> None:
+    global _TABLE
+    _TABLE = Table(Path(path), mapping)
+
+
+def _task(task: tuple[str, int, int, float]) -> RunResult:
+    assert _TABLE is not None
+    return run_one(_TABLE, *task)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", default=str(HERE / "table.npz"))
@@ -692,26 +721,40 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--baseline-seeds", type=int, default=100, help="seeds for kiln-random, the denominator")
     p.add_argument("--cap-epochs", type=float, default=20_000, help="work cap per run, in epochs")
-    p.add_argument("--all", action="store_true", help="every method, 1/2/4 workers, 10 seeds; write results")
+    p.add_argument("--all", action="store_true", help="every method, 1/2/4 workers; write results/")
+    p.add_argument("--jobs", type=int, default=1, help="processes")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     table = Table(Path(args.table), args.mapping)
     methods = ALL_METHODS if args.all else args.methods.split(",")
     workers = [1, 2, 4] if args.all else [int(w) for w in args.workers.split(",")]
     cap_units = args.cap_epochs * table.units_per_epoch
-    results: list[RunResult] = []
+    tasks = [
+        (m, w, s, cap_units)
+        for m in methods
+        for w in workers
+        for s in range(args.baseline_seeds if m == "kiln-random" else args.seeds)
+    ]
     t0 = time.perf_counter()
-    for m in methods:
-        for w in workers:
-            t1 = time.perf_counter()
-            for s in range(args.seeds):
-                results.append(run_one(table, m, w, s, cap_units))
-            runs = results[-args.seeds :]
-            med = summarize(runs, len(TARGET_LEVELS) - 1, "epochs")[0]
-            print(f"{m:28s} w={w}: median epochs to {TARGET_LEVELS[-1]:.1%}: {fmt(med)}  "
-                  f"trials/run {statistics.mean(r.trials for r in runs):.0f}  "
-                  f"({time.perf_counter() - t1:.1f}s)", file=sys.stderr, flush=True)
+    results: list[RunResult] = []
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.jobs, _init_worker, (args.table, args.mapping)) as pool:
+            results = list(pool.imap(_task, tasks, chunksize=1))
+    else:
+        _init_worker(args.table, args.mapping)
+        results = [_task(t) for t in tasks]
+    for (m, w), runs in group(results).items():
+        med = summarize(runs, len(TARGET_LEVELS) - 1, "epochs")[0]
+        print(
+            f"{m:28s} w={w}: median epochs to {TARGET_LEVELS[-1]:.1%}: {fmt(med)}  "
+            f"trials/run {statistics.mean(r.trials for r in runs):.0f}  "
+            f"replay cpu {sum(r.wall_s for r in runs):.1f}s",
+            file=sys.stderr,
+        )
     ref = random_reference(table)
     text = report(table, results, args.cap_epochs, ref)
     print(text)

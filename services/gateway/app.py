@@ -162,12 +162,14 @@ async def list_trials(
     experiment_id: int,
     limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
     offset: Annotated[int, Parameter(ge=0)] = 0,
+    sort: Annotated[str, Parameter(pattern="^(id|best_metric|steps_completed|state|restarts)$")] = "id",
+    order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "asc",
 ) -> list[dict[str, Any]]:
-    """An experiment's trials in creation order."""
+    """An experiment's trials with hparams and best metric, sortable and paged."""
     async with _deps(state).pool.acquire() as conn:
         if await queries.get_experiment(conn, experiment_id) is None:
             raise NotFoundException(f"experiment {experiment_id} not found")
-        return await queries.list_trials(conn, experiment_id, limit, offset)
+        return await queries.list_trials(conn, experiment_id, limit, offset, sort, order == "desc")
 
 
 @post("/api/v1/experiments/{experiment_id:int}/kill", operation_id="killExperiment", status_code=HTTP_202_ACCEPTED)
@@ -293,6 +295,28 @@ async def trial_metrics(
         return await queries.trial_metrics(conn, trial_id, kind, limit, offset)
 
 
+@get("/api/v1/trials/{trial_id:int}/series", operation_id="getTrialSeries")
+async def trial_series(
+    state: State,
+    trial_id: int,
+    name: Annotated[list[str] | None, Parameter(query="name")] = None,
+    kind: Annotated[str, Parameter(pattern="^(training|validation)$")] = "training",
+    max_points: Annotated[int, Parameter(ge=2, le=100000)] = 1000,
+) -> dict[str, Any]:
+    """Series of one or more metrics, downsampled server-side to at most ~max_points keeping extremes."""
+    async with _deps(state).pool.acquire() as conn:
+        names = name or sorted({m["name"] for m in await queries.metric_names(conn, trial_id) if m["kind"] == kind})
+        return {"trial_id": trial_id, "kind": kind, "max_points": max_points,
+                "series": {n: await queries.series(conn, trial_id, kind, n, max_points) for n in names}}
+
+
+@get("/api/v1/trials/{trial_id:int}/metric-names", operation_id="getTrialMetricNames")
+async def trial_metric_names(state: State, trial_id: int) -> list[dict[str, Any]]:
+    """The metrics a trial reported, with their last, min and max values."""
+    async with _deps(state).pool.acquire() as conn:
+        return await queries.metric_names(conn, trial_id)
+
+
 @get("/api/v1/trials/{trial_id:int}/logs", operation_id="getTrialLogs")
 async def trial_logs(
     state: State,
@@ -362,6 +386,7 @@ def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[s
 ROUTES = [
     health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
+    trial_series, trial_metric_names,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
 ]
 

@@ -55,10 +55,46 @@ async def get_experiment(conn: Any, experiment_id: int) -> dict[str, Any] | None
     return out
 
 
-async def list_trials(conn: Any, experiment_id: int, limit: int, offset: int) -> list[dict[str, Any]]:
-    """An experiment's trials in creation order."""
+# Sort keys a client may ask for, mapped to SQL (never interpolate the client's text).
+TRIAL_SORTS = {"id": "t.id", "best_metric": "t.best_metric", "steps_completed": "t.steps_completed",
+               "state": "t.state", "restarts": "t.restarts"}
+
+
+async def list_trials(conn: Any, experiment_id: int, limit: int, offset: int, sort: str = "id",
+                      descending: bool = False) -> list[dict[str, Any]]:
+    """An experiment's trials, sorted (nulls last) and paged; served from the trials table alone."""
+    order = f"{TRIAL_SORTS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, t.id"
     records = await conn.fetch(f"SELECT {TRIAL_COLUMNS} FROM trials t WHERE t.experiment_id = $1"
-                               " ORDER BY t.id LIMIT $2 OFFSET $3", experiment_id, limit, offset)
+                               f" ORDER BY {order} LIMIT $2 OFFSET $3", experiment_id, limit, offset)
+    return _rows(records)
+
+
+async def metric_names(conn: Any, trial_id: int) -> list[dict[str, Any]]:
+    """The metrics a trial reported, with last/min/max (from the summaries, not the points)."""
+    records = await conn.fetch("SELECT kind, name, last_step, last_value, min_value, max_value"
+                               " FROM metric_summaries WHERE trial_id = $1 ORDER BY kind, name", trial_id)
+    return _rows(records)
+
+
+async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int) -> list[dict[str, Any]]:
+    """One metric's series, downsampled in Postgres to about ``max_points`` points that keep extremes.
+
+    The steps are cut into ``max_points / 2`` equal buckets; each bucket keeps its minimum and its
+    maximum (a spike or a NaN never disappears from a chart). Short series come back whole.
+    """
+    buckets = max(max_points // 2, 1)
+    records = await conn.fetch(
+        # One pass computes the range with window aggregates (a separate aggregate CTE joined to the
+        # points gets re-run per row when the planner's estimates are off).
+        "WITH b AS (SELECT step, value, CASE WHEN count(*) OVER () <= $4 THEN step"
+        "           ELSE ((step - min(step) OVER ()) * $5)"
+        "                / GREATEST(max(step) OVER () - min(step) OVER () + 1, 1) END AS bucket"
+        "           FROM metric_points WHERE trial_id = $1 AND kind = $2 AND name = $3 AND value IS NOT NULL),"
+        " lo AS (SELECT DISTINCT ON (bucket) step, value FROM b ORDER BY bucket, value ASC, step),"
+        " hi AS (SELECT DISTINCT ON (bucket) step, value FROM b ORDER BY bucket, value DESC, step)"
+        " SELECT step, value FROM lo UNION SELECT step, value FROM hi ORDER BY step",
+        trial_id, kind, name, max_points, buckets,
+    )
     return _rows(records)
 
 
@@ -78,8 +114,10 @@ async def get_trial(conn: Any, trial_id: int) -> dict[str, Any] | None:
 async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
     """A trial's metric points in step order."""
     records = await conn.fetch(
-        "SELECT kind, steps_completed, metrics, reported_at FROM metrics WHERE trial_id = $1"
-        " AND ($2::text IS NULL OR kind = $2) ORDER BY kind, steps_completed LIMIT $3 OFFSET $4",
+        "SELECT kind, step AS steps_completed,"
+        " jsonb_object_agg(name, COALESCE(to_jsonb(value), to_jsonb(text_value))) AS metrics,"
+        " max(reported_at) AS reported_at FROM metric_points WHERE trial_id = $1"
+        " AND ($2::text IS NULL OR kind = $2) GROUP BY kind, step ORDER BY kind, step LIMIT $3 OFFSET $4",
         trial_id, kind, limit, offset,
     )
     return _rows(records)

@@ -59,12 +59,31 @@ async def project_batch(conn: Any, consumer: str, items: Sequence[Item]) -> int:
         return len(fresh)
 
 
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_POINT_COLUMNS = ["trial_id", "kind", "name", "step", "value", "text_value", "reported_at"]
+
+
+def metric_value(value: Any) -> tuple[float | None, str | None]:
+    """A reported metric as (number, text): NaN/inf (sent as strings) and bools become numbers,
+    other strings stay text, None stays missing."""
+    if isinstance(value, bool):
+        return (1.0 if value else 0.0), None
+    if isinstance(value, (int, float)):
+        return float(value), None
+    if isinstance(value, str):
+        if value in _NON_FINITE:
+            return _NON_FINITE[value], None
+        return None, value
+    return None, None
+
+
 class _Projector:
     """Applies events one by one; bulk rows (metrics, logs) are buffered and written at flush."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.metric_rows: dict[tuple[int, str, int], tuple[Any, ...]] = {}
+        # Last write wins within a batch: a re-reported step replaces the earlier value.
+        self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
         self.log_rows: list[tuple[Any, ...]] = []
         self._metric_of: dict[int, tuple[str, bool]] = {}
 
@@ -215,9 +234,7 @@ class _Projector:
                 )
             case ev.TrainingMetricsReported():
                 for p in e.points:
-                    self.metric_rows[(e.trial_id, "training", p.steps_completed)] = (
-                        e.trial_id, "training", p.steps_completed, _j(p.metrics), _ts(p.reported_at or item.ts)
-                    )
+                    self._points(e.trial_id, "training", p.steps_completed, p.metrics, p.reported_at or item.ts)
             case ev.LogsShipped():
                 self.log_rows += [
                     (e.trial_id, e.allocation_id, ln.line_no, ln.stream, _ts(ln.ts), ln.text.replace("\x00", ""))
@@ -228,10 +245,14 @@ class _Projector:
             case _:
                 assert_never(e)
 
+    def _points(self, trial_id: int, kind: str, step: int, metrics: dict[str, Any], ts: float) -> None:
+        at = _ts(ts)
+        for name, raw in metrics.items():
+            value, text = metric_value(raw)
+            self.metric_rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
+
     async def _validation(self, e: ev.ValidationReported, item: Item) -> None:
-        self.metric_rows[(e.trial_id, "validation", e.steps_completed)] = (
-            e.trial_id, "validation", e.steps_completed, _j(e.metrics), _ts(e.reported_at or item.ts)
-        )
+        self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
         metric, smaller = await self._searcher_metric(e.experiment_id)
         value = e.metrics.get(metric)
         numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -256,15 +277,40 @@ class _Projector:
     async def flush(self) -> None:
         """Write buffered metric and log rows (upserts: a redelivered point replaces itself)."""
         if self.metric_rows:
-            await self.conn.executemany(
-                "INSERT INTO metrics (trial_id, kind, steps_completed, metrics, reported_at)"
-                " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (trial_id, kind, steps_completed)"
-                " DO UPDATE SET metrics = EXCLUDED.metrics, reported_at = EXCLUDED.reported_at",
-                list(self.metric_rows.values()),
-            )
+            await self._flush_points()
         if self.log_rows:
             await self.conn.executemany(
                 "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"
                 " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (allocation_id, line_no) DO NOTHING",
                 self.log_rows,
             )
+
+    async def _flush_points(self) -> None:
+        """COPY the batch into a staging table, then upsert points and fold the per-trial summaries.
+
+        COPY is the fast path into Postgres; the upsert makes a re-reported step (a restarted trial)
+        replace itself instead of failing or doubling; the summary keeps last/min/max per metric so
+        listing trials never reads the points.
+        """
+        c = self.conn
+        await c.execute("CREATE TEMP TABLE IF NOT EXISTS metric_staging (LIKE metric_points) ON COMMIT DELETE ROWS")
+        await c.copy_records_to_table("metric_staging", records=list(self.metric_rows.values()),
+                                      columns=_POINT_COLUMNS)
+        await c.execute(
+            "INSERT INTO metric_points SELECT * FROM metric_staging"
+            " ON CONFLICT (trial_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value,"
+            " text_value = EXCLUDED.text_value, reported_at = EXCLUDED.reported_at"
+        )
+        await c.execute(
+            "INSERT INTO metric_summaries (trial_id, kind, name, last_step, last_value, min_value, max_value)"
+            " SELECT DISTINCT ON (trial_id, kind, name) trial_id, kind, name, step, value,"
+            " min(value) FILTER (WHERE value <> 'NaN') OVER w, max(value) FILTER (WHERE value <> 'NaN') OVER w"
+            " FROM metric_staging WINDOW w AS (PARTITION BY trial_id, kind, name)"
+            " ORDER BY trial_id, kind, name, step DESC"
+            " ON CONFLICT (trial_id, kind, name) DO UPDATE SET"
+            " last_value = CASE WHEN EXCLUDED.last_step >= metric_summaries.last_step"
+            " THEN EXCLUDED.last_value ELSE metric_summaries.last_value END,"
+            " last_step = GREATEST(metric_summaries.last_step, EXCLUDED.last_step),"
+            " min_value = LEAST(metric_summaries.min_value, EXCLUDED.min_value),"
+            " max_value = GREATEST(metric_summaries.max_value, EXCLUDED.max_value)"
+        )

@@ -32,8 +32,9 @@ def test_digits_const_completes_with_metrics_and_a_loadable_checkpoint(kiln_stac
     async def rows() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(kiln_stack.pg_dsn)
         try:
-            return await conn.fetch("SELECT steps_completed, metrics FROM metrics WHERE trial_id = $1"
-                                    " AND kind = 'validation' ORDER BY steps_completed", trial["id"])
+            return await conn.fetch("SELECT step AS steps_completed, value FROM metric_points WHERE trial_id = $1"
+                                    " AND kind = 'validation' AND name = 'validation_accuracy' ORDER BY step",
+                                    trial["id"])
         finally:
             await conn.close()
 
@@ -41,7 +42,7 @@ def test_digits_const_completes_with_metrics_and_a_loadable_checkpoint(kiln_stac
 
     db_rows = asyncio.run(rows())
     assert len(db_rows) >= 2
-    accuracies = [json.loads(r["metrics"])["validation_accuracy"] for r in db_rows]
+    accuracies = [r["value"] for r in db_rows]
     assert accuracies[-1] > 0.8
 
     # ...and the gateway serves the same points.

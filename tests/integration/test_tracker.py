@@ -78,7 +78,8 @@ async def _digest(conn: Any) -> str:
     """A digest over every projected table, to compare whole read models."""
     h = hashlib.sha256()
     for table, order in [("experiments", "id"), ("trials", "id"), ("allocations", "id"),
-                         ("metrics", "trial_id, kind, steps_completed"), ("checkpoints", "uuid"),
+                         ("metric_points", "trial_id, kind, name, step"), ("metric_summaries", "trial_id, kind, name"),
+                         ("checkpoints", "uuid"),
                          ("trial_logs", "allocation_id, line_no"), ("projection_positions", "consumer")]:
         for row in await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}"):
             h.update(repr(tuple(row.values())).encode())
@@ -96,9 +97,9 @@ async def test_a_trial_life_projects_into_the_read_model(conn: Any) -> None:
     assert trial["best_metric"] == 0.5  # smaller is better: the best, not the latest
     assert trial["steps_completed"] == 10
     assert trial["latest_checkpoint"] == f"ck-{t}"
-    rows = await conn.fetch("SELECT steps_completed FROM metrics WHERE trial_id = $1 AND kind = 'validation'"
-                            " ORDER BY steps_completed", t)
-    assert [r["steps_completed"] for r in rows] == [5, 10]
+    rows = await conn.fetch("SELECT step, value FROM metric_points WHERE trial_id = $1 AND kind = 'validation'"
+                            " AND name = 'loss' ORDER BY step", t)
+    assert [(r["step"], r["value"]) for r in rows] == [(5, 0.5), (10, 0.7)]
     alloc = await conn.fetchrow("SELECT exit_code, started_at FROM allocations WHERE id = $1", f"{t}.1")
     assert alloc["exit_code"] == 0 and alloc["started_at"] is not None
     assert await conn.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = 'c'") == 10
@@ -135,13 +136,41 @@ async def test_training_points_redelivered_or_out_of_order_are_stored_once(conn:
 
     def batch(batch_id: str, steps: list[int]) -> ev.TrainingMetricsReported:
         return ev.TrainingMetricsReported(experiment_id=e, trial_id=t, batch_id=batch_id, points=[
-            ev.MetricPoint(steps_completed=s, metrics={"loss": 1.0 / s, "note": "NaN"}, reported_at=1.0) for s in steps
+            ev.MetricPoint(steps_completed=s, metrics={"loss": 1.0 / s}, reported_at=1.0) for s in steps
         ])
 
-    await project_batch(conn, "m", _items([batch("b2", [30, 40]), batch("b1", [10, 20]), batch("b1r", [20, 30])]))
-    rows = await conn.fetch("SELECT steps_completed, metrics FROM metrics WHERE trial_id = $1 AND kind = 'training'"
-                            " ORDER BY steps_completed", t)
-    assert [r["steps_completed"] for r in rows] == [10, 20, 30, 40]
+    await project_batch(conn, "m", _items([batch("b2", [30, 40]), batch("b1", [10, 20])]))
+    await project_batch(conn, "m", _items([batch("b1r", [20, 30])], first_seq=4))  # a restart re-reports
+    rows = await conn.fetch("SELECT step, value, text_value FROM metric_points WHERE trial_id = $1"
+                            " AND kind = 'training' ORDER BY name, step", t)
+    assert [(r["step"], r["value"]) for r in rows if r["text_value"] is None] == \
+        [(10, 0.1), (20, 0.05), (30, 1 / 30), (40, 0.025)]
+    notes = [r for r in rows if r["text_value"] is not None]
+    assert notes == [] and all(r["value"] is not None for r in rows)
+    summary = await conn.fetchrow("SELECT * FROM metric_summaries WHERE trial_id = $1 AND name = 'loss'", t)
+    # Out of order and re-sent: last is the highest step, min/max over everything.
+    assert (summary["last_step"], summary["last_value"]) == (40, 0.025)
+    assert (summary["min_value"], summary["max_value"]) == (0.025, 0.1)
+
+
+async def test_non_finite_and_non_numeric_values_are_kept_explicitly(conn: Any) -> None:
+    """NaN/inf become float8 NaN/Infinity (not dropped); strings are kept as text; NaN stays out of min/max."""
+    e, t = next(_ids), next(_ids)
+    await project_batch(conn, "c", _items(_life(e, t)[:2]))
+    points = [ev.MetricPoint(steps_completed=s, metrics=m) for s, m in
+              [(1, {"loss": 2.0, "phase": "warmup"}), (2, {"loss": "NaN"}), (3, {"loss": "Infinity"}),
+               (4, {"loss": 0.5, "flag": True})]]
+    await project_batch(conn, "m", _items([ev.TrainingMetricsReported(experiment_id=e, trial_id=t, batch_id="x",
+                                                                      points=points)]))
+    rows = {(r["name"], r["step"]): (r["value"], r["text_value"]) for r in
+            await conn.fetch("SELECT name, step, value, text_value FROM metric_points WHERE trial_id = $1", t)}
+    import math
+
+    assert math.isnan(rows[("loss", 2)][0]) and rows[("loss", 3)][0] == math.inf
+    assert rows[("phase", 1)] == (None, "warmup") and rows[("flag", 4)] == (1.0, None)
+    summary = await conn.fetchrow("SELECT * FROM metric_summaries WHERE trial_id = $1 AND name = 'loss'", t)
+    assert (summary["last_step"], summary["last_value"], summary["min_value"]) == (4, 0.5, 0.5)
+    assert summary["max_value"] == math.inf
 
 
 async def test_tracker_consumes_the_real_stream_and_dead_letters_poison(parts: p.RunningParts) -> None:
