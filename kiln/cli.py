@@ -221,6 +221,32 @@ def experiment_kill(experiment_id: int) -> None:
     click.echo(f"experiment {experiment_id}: {out['state']}")
 
 
+@experiment.command("events")
+@click.argument("experiment_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def experiment_events(experiment_id: int, as_json: bool) -> None:
+    """The audit trail: every event about the experiment, with stream sequence numbers."""
+    client = _client()
+    rows: list[dict[str, Any]] = []
+    try:
+        after = 0
+        while True:
+            page = client.experiment_events(experiment_id, after_seq=after)
+            rows += page
+            if len(page) < 1000:
+                break
+            after = page[-1]["seq"]
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        detail = {k: v for k, v in r["event"].items() if k not in ("type", "experiment_id", "config", "config_yaml")}
+        click.echo(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {json.dumps(detail, sort_keys=True)[:150]}")
+
+
 @experiment.command("pause")
 @click.argument("experiment_id", type=int)
 def experiment_pause(experiment_id: int) -> None:
@@ -393,6 +419,32 @@ def job_list(as_json: bool) -> None:
         state = "PREEMPT" if j["preempting"] else j["state"]
         click.echo(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
                    f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-'}")
+
+
+# -- events ------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def events() -> None:
+    """The event log: replay and verify projections."""
+
+
+@events.command("replay")
+@click.option("--verify", is_flag=True, help="Replay up to the live positions and compare every table's digest.")
+@click.option("--schema", default="replay", show_default=True, help="The fresh Postgres schema to rebuild into.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="The local stack to use.")
+def events_replay(verify: bool, schema: str, state_dir: Path | None) -> None:
+    """Rebuild every projection from the streams into a fresh schema (on the local stack)."""
+    import os
+
+    from deploy import stack
+    from services.tracker import replay
+
+    cfg = stack.StackConfig.load(state_dir)
+    if not (cfg.state_dir / "credentials.json").exists():
+        _fail(FileNotFoundError(f"no local stack under {cfg.state_dir} (run `kiln up`, or pass --state-dir)"))
+    os.environ.update(stack.service_env(cfg, stack.Credentials.load_or_create(cfg.state_dir), "tracker"))
+    sys.exit(replay.main(["--schema", schema] + (["--verify"] if verify else [])))
 
 
 # -- search preview ------------------------------------------------------------------------------------

@@ -114,6 +114,11 @@ class Client:
         """Kill one trial."""
         return self._post(f"/api/v1/trials/{trial_id}/kill")  # type: ignore[no-any-return]
 
+    def experiment_events(self, experiment_id: int, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """The experiment's audit trail, in stream order."""
+        return self._get(f"/api/v1/experiments/{experiment_id}/events",  # type: ignore[no-any-return]
+                         after_seq=after_seq, limit=limit)
+
     def list_agents(self) -> list[dict[str, Any]]:
         """Worker agents and their slots."""
         return self._get("/api/v1/agents")  # type: ignore[no-any-return]

@@ -33,12 +33,15 @@ from minio import Minio
 
 from kiln import context as code_context
 from schemas import events as ev
+from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, config_to_dict, parse_config
 from services.gateway import queries
 from services.runtime import Bus
 
 log = structlog.get_logger(__name__)
+
+_DOMAIN_DECODER = msgspec.json.Decoder(ev.DomainEvent)
 
 # Search methods the searcher service can run today; the config schema knows more of Determined's.
 IMPLEMENTED_SEARCHERS = {"single", "random", "grid", "adaptive_asha", "async_halving"}
@@ -184,6 +187,31 @@ async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
         return {"id": experiment_id, "state": found["state"]}
     await deps.bus.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
     return {"id": experiment_id, "state": "STOPPING_CANCELED"}
+
+
+@get("/api/v1/experiments/{experiment_id:int}/events", operation_id="getExperimentEvents")
+async def experiment_events(
+    state: State,
+    experiment_id: int,
+    after_seq: Annotated[int, Parameter(ge=0)] = 0,
+    limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
+) -> list[dict[str, Any]]:
+    """The audit trail: every event about the experiment, in stream order, with sequence numbers."""
+    deps = _deps(state)
+    out: list[dict[str, Any]] = []
+    trail = deps.bus.read(subjects.EVENTS, subjects.experiment_filter(experiment_id), _DOMAIN_DECODER,
+                          start_seq=after_seq + 1)
+    async with contextlib.aclosing(trail) as events:
+        async for d in events:
+            out.append({"seq": d.seq, "subject": d.msg.subject, "type": type(d.event).__name__,
+                        "time": d.msg.metadata.timestamp, "event": msgspec.to_builtins(d.event)})
+            if len(out) >= limit:
+                break
+    if not out and after_seq == 0:
+        async with deps.pool.acquire() as conn:
+            if await queries.get_experiment(conn, experiment_id) is None:
+                raise NotFoundException(f"experiment {experiment_id} not found")
+    return out
 
 
 async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str, Any]:
@@ -386,7 +414,7 @@ def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[s
 ROUTES = [
     health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
-    trial_series, trial_metric_names,
+    trial_series, trial_metric_names, experiment_events,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
 ]
 
