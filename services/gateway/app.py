@@ -27,7 +27,8 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import Body, Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, Stream
+from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
 from minio import Minio
 
@@ -42,6 +43,7 @@ from services.runtime import Bus
 log = structlog.get_logger(__name__)
 
 _DOMAIN_DECODER = msgspec.json.Decoder(ev.DomainEvent)
+_STREAM_DECODER = msgspec.json.Decoder(ev.DomainEvent | ev.TrainingMetricsReported)
 
 # Search methods the searcher service can run today; the config schema knows more of Determined's.
 IMPLEMENTED_SEARCHERS = {"single", "random", "grid", "adaptive_asha", "async_halving"}
@@ -212,6 +214,64 @@ async def experiment_events(
             if await queries.get_experiment(conn, experiment_id) is None:
                 raise NotFoundException(f"experiment {experiment_id} not found")
     return out
+
+
+@get("/api/v1/experiments/{experiment_id:int}/metrics/stream", operation_id="streamExperimentMetrics")
+async def stream_metrics(state: State, experiment_id: int) -> ServerSentEvent:
+    """Live metrics of an experiment as Server-Sent Events (``training`` and ``validation``), until it ends."""
+    deps = _deps(state)
+    async with deps.pool.acquire() as conn:
+        found = await queries.get_experiment(conn, experiment_id)
+    if found is None:
+        raise NotFoundException(f"experiment {experiment_id} not found")
+    return ServerSentEvent(_metric_events(deps, experiment_id, ended=found["ended_at"] is not None))
+
+
+async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> AsyncIterator[ServerSentEventMessage]:
+    """Relay the experiment's live metric messages; one SSE message per point."""
+    if ended:
+        yield ServerSentEventMessage(event="end", data="{}")
+        return
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10_000)
+
+    async def relay(msg: Any) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # a slow client loses points, never the gateway
+            queue.put_nowait(msg.data)
+
+    subs = [await deps.bus.nc.subscribe(f"kiln.metrics.{experiment_id}.*", cb=relay),
+            await deps.bus.nc.subscribe(f"kiln.events.{experiment_id}.trial.*", cb=relay),
+            await deps.bus.nc.subscribe(f"kiln.events.{experiment_id}.experiment", cb=relay)]
+    encoder = msgspec.json.Encoder()
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(queue.get(), timeout=15.0)
+            except asyncio.TimeoutError:
+                yield ServerSentEventMessage(comment="keep-alive")
+                continue
+            try:
+                event = _STREAM_DECODER.decode(data)
+            except msgspec.DecodeError:
+                continue
+            match event:
+                case ev.TrainingMetricsReported():
+                    for p in event.points:
+                        yield ServerSentEventMessage(event="training", data=encoder.encode(
+                            {"trial_id": event.trial_id, "steps_completed": p.steps_completed,
+                             "metrics": p.metrics}).decode())
+                case ev.ValidationReported():
+                    yield ServerSentEventMessage(event="validation", data=encoder.encode(
+                        {"trial_id": event.trial_id, "steps_completed": event.steps_completed,
+                         "metrics": event.metrics}).decode())
+                case ev.ExperimentEnded():
+                    yield ServerSentEventMessage(event="end", data=encoder.encode({"state": event.state}).decode())
+                    return
+                case _:
+                    pass
+    finally:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str, Any]:
@@ -414,7 +474,7 @@ def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[s
 ROUTES = [
     health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
-    trial_series, trial_metric_names, experiment_events,
+    trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
 ]
 

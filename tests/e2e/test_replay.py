@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import pytest
 
-from tests.e2e.conftest import Stack
+from kiln import context
+from tests.e2e.conftest import REPO, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -31,3 +34,32 @@ def test_replay_verify_is_equal_after_real_runs_and_the_audit_trail_tells_the_st
     seqs = [e["seq"] for e in trail]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert kinds.index("TrialCreated") < kinds.index("AllocationAssigned") < kinds.index("TrialExited")
+
+
+def test_an_experiment_s_metrics_stream_live_as_server_sent_events(kiln_stack: Stack) -> None:
+    """GET /experiments/{id}/metrics/stream relays training and validation points live, then `end`."""
+    api = kiln_stack.cfg.master_url
+    with httpx.Client(base_url=api, timeout=120) as http:
+        created = http.post("/api/v1/experiments", data={"config": (REPO / "examples/digits/const.yaml").read_text()},
+                            files={"context": ("c.tar.gz", context.pack(REPO / "examples/digits"), "application/gzip")})
+        assert created.status_code == 201, created.text
+        exp_id = created.json()["id"]
+        deadline = time.monotonic() + 30
+        while http.get(f"/api/v1/experiments/{exp_id}").status_code == 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen: dict[str, list[dict]] = {"training": [], "validation": [], "end": []}  # type: ignore[type-arg]
+        event = None
+        with http.stream("GET", f"/api/v1/experiments/{exp_id}/metrics/stream") as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: ") and event in seen:
+                    seen[event].append(json.loads(line[len("data: "):]))
+                    if event == "end":
+                        break
+    assert seen["end"] == [{"state": "COMPLETED"}]
+    assert seen["training"] and all("loss" in p["metrics"] for p in seen["training"])
+    steps = [p["steps_completed"] for p in seen["validation"]]
+    assert steps and steps == sorted(steps)
