@@ -37,3 +37,10 @@ test *ARGS: setup
 # Only the fast no-I/O tests
 test-unit: setup
     {{venv}}/python -m pytest -q tests/unit
+
+# Benchmarks (long; not part of `test`)
+bench-startup: setup
+    {{venv}}/python benchmarks/startup/run.py --runs 5
+
+bench-scheduler: setup
+    {{venv}}/python benchmarks/scheduler/run.py --passes 7 --runs 5
