@@ -6,13 +6,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from kiln.client import TERMINAL_STATES, APIError, Client
 
 LOG_TAIL_ON_ERROR = 20
+T = TypeVar("T")
 
 
 def _client() -> Client:
@@ -23,9 +25,17 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str, sort_keys=True))
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(1)
+
+
+def _call(fn: Callable[[Client], T]) -> T:
+    """Call the gateway; on an API error print it and exit 1."""
+    try:
+        return fn(_client())
+    except APIError as exc:
+        _fail(exc)
 
 
 @click.group()
@@ -158,11 +168,7 @@ def _fmt(value: Any) -> str:
 @click.option("--limit", default=100, show_default=True)
 def experiment_list(as_json: bool, limit: int) -> None:
     """List experiments, newest first."""
-    try:
-        rows = _client().list_experiments(limit=limit)
-    except APIError as exc:
-        _fail(exc)
-        return
+    rows = _call(lambda c: c.list_experiments(limit=limit))
     if as_json:
         _print_json(rows)
         return
@@ -213,11 +219,7 @@ def experiment_logs(experiment_id: int) -> None:
 @click.argument("experiment_id", type=int)
 def experiment_kill(experiment_id: int) -> None:
     """Kill an experiment and its trials."""
-    try:
-        out = _client().kill_experiment(experiment_id)
-    except APIError as exc:
-        _fail(exc)
-        return
+    out = _call(lambda c: c.kill_experiment(experiment_id))
     click.echo(f"experiment {experiment_id}: {out['state']}")
 
 
@@ -336,11 +338,7 @@ def trial_kill(trial_id: int) -> None:
 @click.option("--tail", type=int, default=None, help="Only the last N lines.")
 def trial_logs(trial_id: int, tail: int | None) -> None:
     """Print a trial's logs."""
-    try:
-        lines = _client().trial_logs(trial_id, limit=tail or 100000, tail=tail is not None)
-    except APIError as exc:
-        _fail(exc)
-        return
+    lines = _call(lambda c: c.trial_logs(trial_id, limit=tail or 100000, tail=tail is not None))
     for line in lines:
         click.echo(line["text"])
 
@@ -357,11 +355,7 @@ def agent() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def agent_list(as_json: bool) -> None:
     """List worker agents and how many of their slots are busy."""
-    try:
-        agents = _client().list_agents()
-    except APIError as exc:
-        _fail(exc)
-        return
+    agents = _call(lambda c: c.list_agents())
     if as_json:
         _print_json(agents)
         return
@@ -381,11 +375,7 @@ def slot() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def slot_list(as_json: bool) -> None:
     """List every slot and the allocation on it."""
-    try:
-        agents = _client().list_agents()
-    except APIError as exc:
-        _fail(exc)
-        return
+    agents = _call(lambda c: c.list_agents())
     rows = [{"agent": a["worker_id"], **s} for a in agents for s in a["slots"]]
     if as_json:
         _print_json(rows)
@@ -405,11 +395,7 @@ def job() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def job_list(as_json: bool) -> None:
     """List trials holding or waiting for slots, in scheduling order."""
-    try:
-        jobs = _client().list_jobs()
-    except APIError as exc:
-        _fail(exc)
-        return
+    jobs = _call(lambda c: c.list_jobs())
     if as_json:
         _print_json(jobs)
         return
@@ -518,11 +504,7 @@ def checkpoint() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def checkpoint_download(uuid: str, directory: Path) -> None:
     """Download checkpoint UUID's files into DIRECTORY."""
-    try:
-        names = _client().download_checkpoint(uuid, directory)
-    except APIError as exc:
-        _fail(exc)
-        return
+    names = _call(lambda c: c.download_checkpoint(uuid, directory))
     click.echo(f"downloaded {len(names)} files to {directory}: {', '.join(sorted(names))}")
 
 
