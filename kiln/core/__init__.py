@@ -126,10 +126,16 @@ class TrainContext:
 
 
 class PreemptContext:
-    """``core_context.preempt``: has the platform asked this trial to stop?"""
+    """``core_context.preempt``: has the platform asked this trial to stop?
 
-    def __init__(self) -> None:
+    Only the chief watches the bus; with several processes every rank calls ``should_preempt()`` at
+    the same point and gets the chief's answer (Determined's "workers ask chief"), so all ranks stop
+    together.
+    """
+
+    def __init__(self, distributed: DistributedContext | None = None) -> None:
         self._flag = threading.Event()
+        self._dist = distributed
         self.reason = ""
 
     def _request(self, reason: str) -> None:
@@ -138,6 +144,8 @@ class PreemptContext:
 
     def should_preempt(self, auto_ack: bool = True) -> bool:
         """True once the searcher stopped the trial or the platform wants its slots back."""
+        if self._dist is not None and self._dist.size > 1:
+            return bool(self._dist.broadcast(self._flag.is_set()))
         return self._flag.is_set()
 
     def acknowledge_preemption_signal(self) -> None:
@@ -222,12 +230,12 @@ def init(*, distributed: DistributedContext | None = None, checkpoint_storage: s
     """The Core API context: on a cluster it reports to Kiln, elsewhere it runs locally."""
     dist = distributed or DistributedContext.from_env()
     wire = wire_cluster_info()
-    preempt = PreemptContext()
+    preempt = PreemptContext(dist)
     if wire is None:
         reporter: Any = _Reporter()
         storage: Storage = SharedFSStorage(Path(checkpoint_storage or "checkpoints").resolve())
         train = TrainContext(reporter, 0, 0, dist.rank == 0)
-        ckpt = CheckpointContext(storage, lambda *a: log.info("checkpoint stored: %s", a[0]), dist.rank == 0)
+        ckpt = CheckpointContext(storage, lambda *a: log.info("checkpoint stored: %s", a[0]), dist.rank == 0, dist)
         return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
                        searcher=SearcherContext(train, None), info=None, reporter=reporter)
 
@@ -247,7 +255,7 @@ def init(*, distributed: DistributedContext | None = None, checkpoint_storage: s
             storage=storage.location(), resources=resources, metadata=metadata, reported_at=time.time()))
 
     train = TrainContext(reporter, trial.experiment_id, trial.trial_id, dist.rank == 0)
-    ckpt = CheckpointContext(storage, stored, dist.rank == 0)
+    ckpt = CheckpointContext(storage, stored, dist.rank == 0, dist)
     return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
                    searcher=SearcherContext(train, trial.max_length), info=get_cluster_info(), reporter=reporter)
 

@@ -101,16 +101,24 @@ class CheckpointContext:
     """Determined's ``core_context.checkpoint``: store, upload, download, restore."""
 
     def __init__(self, storage: Storage, on_stored: Callable[[str, int, dict[str, int], dict[str, Any]], None],
-                 is_chief: bool = True) -> None:
+                 is_chief: bool = True, distributed: Any = None) -> None:
         self._storage = storage
         self._on_stored = on_stored
         self._is_chief = is_chief
+        self._dist = distributed
+
+    def _new_id(self) -> str:
+        """A fresh storage id, the chief's on every rank (all ranks name the same checkpoint)."""
+        storage_id = str(uuidlib.uuid4())
+        if self._dist is not None and self._dist.size > 1:
+            storage_id = str(self._dist.broadcast(storage_id))
+        return storage_id
 
     @contextlib.contextmanager
     def store_path(self, metadata: dict[str, Any], *, shard: bool = False) -> Iterator[tuple[Path, str]]:
         """Yield ``(path, storage_id)``; what is written under path is uploaded when the block exits."""
         steps = _steps_completed(metadata)
-        storage_id = str(uuidlib.uuid4())
+        storage_id = self._new_id()
         with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
             path = Path(tmp)
             yield path, storage_id
@@ -119,7 +127,7 @@ class CheckpointContext:
     def upload(self, ckpt_dir: str | os.PathLike[str], metadata: dict[str, Any], *, shard: bool = False) -> str:
         """Upload an existing directory as a new checkpoint; return its storage id."""
         steps = _steps_completed(metadata)
-        storage_id = str(uuidlib.uuid4())
+        storage_id = self._new_id()
         self._finish(Path(ckpt_dir), storage_id, steps, metadata)
         return storage_id
 

@@ -33,21 +33,28 @@ LOG_BATCH_LINES = 500
 KILL_GRACE_S = 10.0
 
 
-def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable) -> list[str]:
+_LAUNCHERS = ("torchrun", "horovodrun", "deepspeed", "accelerate", "mpirun")
+
+
+def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, processes: int = 1) -> list[str]:
     """The command line for a Determined-style entrypoint.
 
     ``module:function`` runs that function through ``kiln.exec``; a command line runs as is, with a
     leading ``python``/``python3`` replaced by the worker's interpreter (where kiln and torch live).
+    With several slots, a Python entrypoint is started once per slot by torchrun (``--standalone``,
+    one process per slot); an entrypoint that names its own launcher (torchrun, horovodrun...) is left
+    to it.
     """
     if isinstance(entrypoint, str):
         text = entrypoint.strip()
-        if ":" in text and " " not in text and "/" not in text:
-            return [python, "-m", "kiln.exec", text]
-        argv = shlex.split(text)
+        argv = [python, "-m", "kiln.exec", text] if ":" in text and " " not in text and "/" not in text \
+            else shlex.split(text)
     else:
         argv = list(entrypoint)
     if argv and argv[0] in ("python", "python3", f"python{sys.version_info.major}.{sys.version_info.minor}"):
         argv[0] = python
+    if processes > 1 and argv and argv[0] == python:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv[1:]]
     return argv
 
 
@@ -104,7 +111,7 @@ class Allocation:
             if self.dir.exists():
                 shutil.rmtree(self.dir)
             await asyncio.to_thread(code_context.extract, data, self.dir)
-            argv = entrypoint_argv(self.submitted.config["entrypoint"])
+            argv = entrypoint_argv(self.submitted.config["entrypoint"], processes=max(len(a.slot_ids), 1))
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=self.dir,
