@@ -32,7 +32,16 @@ READY_MARKERS = {
     "scheduler": '"consumer.started"',
     "worker": '"consumer.started"',
 }
-NATS_USERS = ("gateway", "searcher", "scheduler", "tracker", "worker", "trial", "admin")
+NATS_USERS = ("gateway", "searcher", "scheduler", "tracker", "worker", "trial", "admin", "reader")
+# Users that may not do everything (deploy.parts.PartsConfig.nats_permissions). "reader" is the credential
+# for outside systems (README "Bus"): it subscribes to metrics and domain events as they are published and
+# can publish nothing, so it cannot forge events nor call the JetStream API ($JS.API.* are publishes).
+NATS_PERMISSIONS: dict[str, dict[str, dict[str, list[str]]]] = {
+    "reader": {
+        "publish": {"deny": [">"]},
+        "subscribe": {"allow": ["kiln.metrics.>", "kiln.events.>", "_INBOX.>"]},
+    },
+}
 
 
 class StackError(RuntimeError):
@@ -96,13 +105,19 @@ class Credentials(msgspec.Struct, kw_only=True):
         """Read the stack's credentials, creating them on first use."""
         path = state_dir / "credentials.json"
         if path.exists():
-            return msgspec.json.decode(path.read_bytes(), type=cls)
-        creds = cls(
-            nats={user: secrets.token_urlsafe(18) for user in NATS_USERS},
-            pg_password=secrets.token_urlsafe(18),
-            s3_access_key="kiln" + secrets.token_hex(6),
-            s3_secret_key=secrets.token_urlsafe(24),
-        )
+            creds = msgspec.json.decode(path.read_bytes(), type=cls)
+            missing = [user for user in NATS_USERS if user not in creds.nats]
+            if not missing:
+                return creds
+            # A state dir from before a user existed (e.g. "reader"): add only that user, keep the rest.
+            creds.nats.update({user: secrets.token_urlsafe(18) for user in missing})
+        else:
+            creds = cls(
+                nats={user: secrets.token_urlsafe(18) for user in NATS_USERS},
+                pg_password=secrets.token_urlsafe(18),
+                s3_access_key="kiln" + secrets.token_hex(6),
+                s3_secret_key=secrets.token_urlsafe(24),
+            )
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -123,7 +138,8 @@ def parts_config(cfg: StackConfig, creds: Credentials) -> parts.PartsConfig:
     return parts.PartsConfig(
         state_dir=cfg.state_dir, host=cfg.host, nats_port=cfg.nats_port, nats_monitor_port=cfg.nats_monitor_port,
         pg_port=cfg.pg_port, s3_port=cfg.s3_port, s3_ports_base=cfg.s3_ports_base, nats_users=creds.nats,
-        pg_password=creds.pg_password, s3_access_key=creds.s3_access_key, s3_secret_key=creds.s3_secret_key,
+        nats_permissions=NATS_PERMISSIONS, pg_password=creds.pg_password, s3_access_key=creds.s3_access_key,
+        s3_secret_key=creds.s3_secret_key,
     )
 
 
