@@ -194,8 +194,9 @@ class RunResult:
 class Simulation:
     """The event loop shared by every method; subclasses decide what trials run and when they stop."""
 
-    def __init__(self, table: Table, workers: int, cap_units: float) -> None:
+    def __init__(self, table: Table, workers: int, cap_units: float, cap_trials: int) -> None:
         self.table = table
+        self.cap_trials = cap_trials
         self.n_workers = workers
         self.workers: list[SimTrial | None] = [None] * workers
         self.tokens = [0] * workers
@@ -295,7 +296,7 @@ class Simulation:
             self.units_done += 1
             self.between_units(trial)
             self.on_unit(trial)
-            if self.done or self.units_done >= self.cap_units:
+            if self.done or self.units_done >= self.cap_units or self.n_trials > self.cap_trials:
                 break
             self.fill()
 
@@ -312,8 +313,10 @@ class Simulation:
 class KilnSimulation(Simulation):
     """A Kiln method, driven like Kiln's searcher core and scheduler drive it."""
 
-    def __init__(self, table: Table, workers: int, cap_units: float, searcher: dict[str, Any], seed: int):
-        super().__init__(table, workers, cap_units)
+    def __init__(
+        self, table: Table, workers: int, caps: tuple[float, int], searcher: dict[str, Any], seed: int
+    ) -> None:
+        super().__init__(table, workers, *caps)
         raw = {
             "name": "hpo-replay",
             "entrypoint": "model_def:Trial",
@@ -407,8 +410,8 @@ class KilnSimulation(Simulation):
 class OptunaSimulation(Simulation):
     """An Optuna sampler x pruner through ask/tell; a free worker asks for the next trial."""
 
-    def __init__(self, table: Table, workers: int, cap_units: float, sampler: str, pruner: str, seed: int):
-        super().__init__(table, workers, cap_units)
+    def __init__(self, table: Table, workers: int, caps: tuple[float, int], sampler: str, pruner: str, seed: int):
+        super().__init__(table, workers, *caps)
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -508,13 +511,14 @@ def ceiling(table: Table, method: str) -> tuple[float, str] | None:
     return divisor**s / (s + 1), f"{divisor:g}^{s}/{s + 1}"
 
 
-def run_one(table: Table, method: str, workers: int, seed: int, cap_units: float) -> RunResult:
+def run_one(table: Table, method: str, workers: int, seed: int, caps: tuple[float, int]) -> RunResult:
+    """One replay; ``caps`` = (work cap in units, trial cap)."""
     t0 = time.perf_counter()
     if method in KILN_METHODS:
-        sim: Simulation = KilnSimulation(table, workers, cap_units, KILN_METHODS[method], seed)
+        sim: Simulation = KilnSimulation(table, workers, caps, KILN_METHODS[method], seed)
     else:
         sampler, pruner = OPTUNA_METHODS[method]
-        sim = OptunaSimulation(table, workers, cap_units, sampler, pruner, seed)
+        sim = OptunaSimulation(table, workers, caps, sampler, pruner, seed)
     sim.run()
     upe = table.units_per_epoch
     return RunResult(
@@ -588,7 +592,9 @@ def group(results: list[RunResult]) -> dict[tuple[str, int], list[RunResult]]:
     return by
 
 
-def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[dict[str, float]]) -> str:
+def report(
+    table: Table, results: list[RunResult], cap_epochs: float, cap_trials: int, ref: list[dict[str, float]]
+) -> str:
     lines: list[str] = []
     names = [f"{round(lvl * 100, 1):g}%" for lvl in TARGET_LEVELS]
     lines.append(
@@ -620,7 +626,7 @@ def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[
         lines.append("")
         lines.append(
             f"{n_seeds} seeds per method{f', {len(base)} for kiln-random' if base else ''}; "
-            f"work cap {cap_epochs:,.0f} epochs per run (∞: not reached within it)."
+            f"caps per run: {cap_epochs:,.0f} epochs of work, {cap_trials:,} trials (∞: not reached within them)."
         )
         lines.append("")
         header = "| method | ceiling |"
@@ -644,7 +650,53 @@ def report(table: Table, results: list[RunResult], cap_epochs: float, ref: list[
             row += f" {fmt(float(np.median(tests)), 3) if tests else '-'} |"
             lines.append(row)
         lines.append("")
+    lines += verdict(table, results, names)
     return "\n".join(lines)
+
+
+def verdict(table: Table, results: list[RunResult], names: list[str]) -> list[str]:
+    """The issue's target: adaptive_asha >= 10x fewer epochs than random (median), and no worse than
+    Optuna's best pruner. Per worker count and target: the best adaptive_asha mode (stopping-based,
+    divisor 3) against random and against the best Optuna pruner (random sampler; any sampler)."""
+    by = group(results)
+    modes = [m for m in ("kiln-asha-aggressive", "kiln-asha-standard", "kiln-asha-conservative") if (m, 1) in by
+             or any(k[0] == m for k in by)]
+    pruned = [m for m in OPTUNA_METHODS if OPTUNA_METHODS[m][1] != "none" and any(k[0] == m for k in by)]
+    if not modes or not pruned:
+        return []
+    c = ceiling(table, modes[0])
+    lines = [
+        "#### The issue's target: adaptive_asha ≥ 10× fewer epochs than random (median) and no worse than "
+        "Optuna's best pruner",
+        "",
+        f"Ceiling of successive halving on this table with divisor 3 and {table.n_units} units: "
+        f"{c[1] if c else '-'} = {fmt(c[0], 1) if c else '-'}×.",
+        "",
+        "| workers | target | random | best adaptive_asha mode | × vs random | best Optuna pruner, random sampler "
+        "| × | best Optuna pruner, any sampler | × | adaptive_asha / best Optuna (epochs) |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---:|",
+    ]
+    for w in sorted({r.workers for r in results}):
+        base = by.get(("kiln-random", w))
+        if not base:
+            continue
+        for i, name in enumerate(names):
+            bmed = summarize(base, i, "epochs")[0]
+
+            def best(cands: list[str]) -> tuple[str, float]:
+                meds = [(summarize(by[(m, w)], i, "epochs")[0], m) for m in cands if (m, w) in by]
+                med, m = min(meds)
+                return m, med
+
+            am, amed = best(modes)
+            om, omed = best([m for m in pruned if OPTUNA_METHODS[m][0] == "random"] or pruned)
+            xm, xmed = best(pruned)
+            lines.append(
+                f"| {w} | {name} | {fmt(bmed)} | {am} ({fmt(amed)}) | {fmt(bmed / amed, 1)} | {om} ({fmt(omed)}) "
+                f"| {fmt(bmed / omed, 1)} | {xm} ({fmt(xmed)}) | {fmt(bmed / xmed, 1)} | {fmt(amed / xmed, 2)} |"
+            )
+    lines.append("")
+    return lines
 
 
 def speedup(base: list[RunResult] | None, med: float, level: int, what: str, cap: float = math.nan) -> str:
@@ -709,7 +761,7 @@ def _init_worker(path: str, mapping: str) -> None:
     _TABLE = Table(Path(path), mapping)
 
 
-def _task(task: tuple[str, int, int, float]) -> RunResult:
+def _task(task: tuple[str, int, int, tuple[float, int]]) -> RunResult:
     assert _TABLE is not None
     return run_one(_TABLE, *task)
 
@@ -722,7 +774,8 @@ def main() -> None:
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--baseline-seeds", type=int, default=100, help="seeds for kiln-random, the denominator")
-    p.add_argument("--cap-epochs", type=float, default=20_000, help="work cap per run, in epochs")
+    p.add_argument("--cap-epochs", type=float, default=10_000, help="work cap per run, in epochs")
+    p.add_argument("--cap-trials", type=int, default=1000, help="trial cap per run")
     p.add_argument("--all", action="store_true", help="every method, 1/2/4 workers; write results/")
     p.add_argument("--jobs", type=int, default=1, help="processes")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -730,9 +783,9 @@ def main() -> None:
     table = Table(Path(args.table), args.mapping)
     methods = ALL_METHODS if args.all else args.methods.split(",")
     workers = [1, 2, 4] if args.all else [int(w) for w in args.workers.split(",")]
-    cap_units = args.cap_epochs * table.units_per_epoch
+    caps = (args.cap_epochs * table.units_per_epoch, args.cap_trials)
     tasks = [
-        (m, w, s, cap_units)
+        (m, w, s, caps)
         for m in methods
         for w in workers
         for s in range(args.baseline_seeds if m == "kiln-random" else args.seeds)
@@ -756,7 +809,7 @@ def main() -> None:
             file=sys.stderr,
         )
     ref = random_reference(table)
-    text = report(table, results, args.cap_epochs, ref)
+    text = report(table, results, args.cap_epochs, args.cap_trials, ref)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

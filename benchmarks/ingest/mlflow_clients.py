@@ -52,6 +52,7 @@ def log(uri: str, runs_json: str, indices: list[int], batches: int, steps: int) 
     print("ready", flush=True)
     line = sys.stdin.readline().split()
     deadline = float(line[1])
+    cpu0 = os.times()
     results: list[list[float]] = []
     lock = threading.Lock()
     errors: list[str] = []
@@ -76,7 +77,9 @@ def log(uri: str, runs_json: str, indices: list[int], batches: int, steps: int) 
         t.start()
     for t in threads:
         t.join()
-    print(json.dumps({"batches": results, "errors": errors}), flush=True)
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    print(json.dumps({"batches": results, "errors": errors, "cpu": cpu}), flush=True)
 
 
 def main() -> None:
