@@ -322,36 +322,35 @@ class Bus:
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(start_seq, 1),
-            ack_policy=js_api.AckPolicy.NONE,
             filter_subject=filter_subject,
-            inactive_threshold=30.0,
         )
-        psub = await self.js.pull_subscribe(filter_subject, stream=stream.name, config=config)
+        # An ordered push consumer streams with flow control; a pull consumer's fetch returned one or
+        # two messages per round trip here and capped replay at a few thousand events/s.
+        sub = await self.js.subscribe(filter_subject, stream=stream.name, ordered_consumer=True, config=config,
+                                      pending_msgs_limit=65536)
         try:
             while stop is None or not stop.is_set():
                 try:
-                    msgs = await psub.fetch(256, timeout=0.5)
+                    msg = await sub.next_msg(timeout=1.0)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     if follow:
                         continue
-                    # Nothing more for this filter before the end seen at start.
-                    pending = (await psub.consumer_info()).num_pending
-                    if pending == 0:
-                        return
-                    continue
-                for msg in msgs:
-                    seq = msg.metadata.sequence.stream
-                    try:
-                        event = decoder.decode(msg.data)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        log.warning("reader.undecodable", subject=msg.subject, seq=seq, error=str(exc))
-                        continue
+                    return  # nothing (more) for this filter
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                try:
+                    event = decoder.decode(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("reader.undecodable", subject=msg.subject, seq=seq, error=str(exc))
+                    event = None
+                if event is not None:
                     yield Delivery(event, msg, seq)
-                    if not follow and seq >= last:
-                        return
+                # num_pending: what the consumer still has for this filter after this message.
+                if not follow and (seq >= last or meta.num_pending == 0):
+                    return
         finally:
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+                await sub.unsubscribe()
 
     async def snapshots(self) -> Snapshots:
         """The key-value bucket decision services keep their state snapshots in."""

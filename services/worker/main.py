@@ -147,9 +147,10 @@ class Worker:
         self.finished[alloc.allocation_id] = time.time()
 
     async def _find(self, stream: subjects.StreamSpec, subject: str, kind: type) -> object | None:
-        async for d in self.bus.read(stream, subject, self._decoder):
-            if isinstance(d.event, kind):
-                return d.event
+        async with contextlib.aclosing(self.bus.read(stream, subject, self._decoder)) as events:
+            async for d in events:
+                if isinstance(d.event, kind):
+                    return d.event
         return None
 
     async def _fetch_context(self, digest: str) -> bytes:
