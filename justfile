@@ -44,3 +44,10 @@ bench-startup: setup
 
 bench-scheduler: setup
     {{venv}}/python benchmarks/scheduler/run.py --passes 7 --runs 5
+
+bench-ingest: setup
+    {{venv}}/python benchmarks/ingest/run.py
+
+bench-hpo: setup
+    {{venv}}/python -m pip install --quiet -e ".[bench]"
+    bash benchmarks/hpo/run.sh
