@@ -17,7 +17,7 @@ and the simulated wall-clock seconds, until the incumbent first reaches the targ
 hardest target is reached or when a cap (epochs of work, trials) is reached: then the unreached targets
 are censored (reported as ∞).
 
-    .venv/bin/python benchmarks/hpo/replay.py --all            # the README table (~21 min; --quick: ~6 min)
+    .venv/bin/python benchmarks/hpo/replay.py --all            # the README table (~20 min; --quick: ~5 min)
     .venv/bin/python benchmarks/hpo/replay.py --methods kiln-random,optuna-tpe-sha --workers 1 --seeds 3
 """
 
@@ -655,13 +655,29 @@ def report(
     return "\n".join(lines)
 
 
+def _epochs(runs: list[RunResult], level: int) -> np.ndarray:
+    return np.array([r.hits[level]["epochs"] if r.hits[level] is not None else math.inf for r in runs])
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, resamples: int = 2000) -> tuple[float, float]:
+    """A 90% bootstrap interval of median(num) / median(den) (seeded: the report is deterministic)."""
+    rng = np.random.default_rng(0)
+    r = [
+        np.median(rng.choice(num, len(num))) / np.median(rng.choice(den, len(den)))
+        for _ in range(resamples)
+    ]
+    lo, hi = np.nanpercentile(np.array(r, dtype=float), [5, 95])
+    return float(lo), float(hi)
+
+
 def verdict(table: Table, results: list[RunResult], names: list[str]) -> list[str]:
     """The issue's target: adaptive_asha >= 10x fewer epochs than random (median), and no worse than
     Optuna's best pruner. Per worker count and target: the best adaptive_asha mode (stopping-based,
-    divisor 3) against random and against the best Optuna pruner (random sampler; any sampler)."""
+    divisor 3) against random and against the best Optuna pruner (random sampler; any sampler), with
+    90% bootstrap intervals over the seeds."""
     by = group(results)
-    modes = [m for m in ("kiln-asha-aggressive", "kiln-asha-standard", "kiln-asha-conservative") if (m, 1) in by
-             or any(k[0] == m for k in by)]
+    modes = [m for m in ("kiln-asha-aggressive", "kiln-asha-standard", "kiln-asha-conservative")
+             if any(k[0] == m for k in by)]
     pruned = [m for m in OPTUNA_METHODS if OPTUNA_METHODS[m][1] != "none" and any(k[0] == m for k in by)]
     if not modes or not pruned:
         return []
@@ -671,10 +687,10 @@ def verdict(table: Table, results: list[RunResult], names: list[str]) -> list[st
         "Optuna's best pruner",
         "",
         f"Ceiling of successive halving on this table with divisor 3 and {table.n_units} units: "
-        f"{c[1] if c else '-'} = {fmt(c[0], 1) if c else '-'}×.",
+        f"{c[1] if c else '-'} = {fmt(c[0], 1) if c else '-'}×. Brackets: 90% bootstrap intervals over the seeds.",
         "",
         "| workers | target | random | best adaptive_asha mode | × vs random | best Optuna pruner, random sampler "
-        "| × | best Optuna pruner, any sampler | × | adaptive_asha / best Optuna (epochs) |",
+        "| × | best Optuna pruner, any sampler | × | adaptive_asha epochs / best Optuna's |",
         "|---|---|---:|---|---:|---|---:|---|---:|---:|",
     ]
     for w in sorted({r.workers for r in results}):
@@ -682,19 +698,29 @@ def verdict(table: Table, results: list[RunResult], names: list[str]) -> list[st
         if not base:
             continue
         for i, name in enumerate(names):
-            bmed = summarize(base, i, "epochs")[0]
+            b = _epochs(base, i)
+            bmed = float(np.median(b))
 
-            def best(cands: list[str]) -> tuple[str, float]:
-                meds = [(summarize(by[(m, w)], i, "epochs")[0], m) for m in cands if (m, w) in by]
-                med, m = min(meds)
-                return m, med
+            def best(cands: list[str]) -> tuple[str, np.ndarray]:
+                meds = [(float(np.median(_epochs(by[(m, w)], i))), m) for m in cands if (m, w) in by]
+                _, m = min(meds)
+                return m, _epochs(by[(m, w)], i)
 
-            am, amed = best(modes)
-            om, omed = best([m for m in pruned if OPTUNA_METHODS[m][0] == "random"] or pruned)
-            xm, xmed = best(pruned)
+            am, a = best(modes)
+            om, o = best([m for m in pruned if OPTUNA_METHODS[m][0] == "random"] or pruned)
+            xm, x = best(pruned)
+            amed, omed, xmed = (float(np.median(v)) for v in (a, o, x))
+
+            def cell(num: np.ndarray, den: np.ndarray, value: float) -> str:
+                if not math.isfinite(value):
+                    return "-"
+                lo, hi = ratio_ci(num, den)
+                return f"{value:.2f} [{lo:.2f}–{hi:.2f}]"
+
             lines.append(
-                f"| {w} | {name} | {fmt(bmed)} | {am} ({fmt(amed)}) | {fmt(bmed / amed, 1)} | {om} ({fmt(omed)}) "
-                f"| {fmt(bmed / omed, 1)} | {xm} ({fmt(xmed)}) | {fmt(bmed / xmed, 1)} | {fmt(amed / xmed, 2)} |"
+                f"| {w} | {name} | {fmt(bmed)} | {am} ({fmt(amed)}) | {cell(b, a, bmed / amed)} "
+                f"| {om} ({fmt(omed)}) | {cell(b, o, bmed / omed)} | {xm} ({fmt(xmed)}) | {cell(b, x, bmed / xmed)} "
+                f"| {cell(a, x, amed / xmed)} |"
             )
     lines.append("")
     return lines
@@ -838,9 +864,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
     if not args.from_runs:
-        # Every run's hits and incumbent trace (about 10 MB): kept out of git, in the ignored build/.
-        (HERE / "build").mkdir(exist_ok=True)
-        with gzip.open(HERE / "build" / "runs.json.gz", "wt") as f:
+        # Every run's hits and incumbent trace (about 10 MB): for the default --out, kept out of git in
+        # the ignored build/; for any other --out, next to the report.
+        runs_path = HERE / "build" / "runs.json.gz" if out == HERE / "results" else out / "runs.json.gz"
+        runs_path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(runs_path, "wt") as f:
             json.dump([r.__dict__ for r in results], f)
     for path in plot(table, results, out, args.cap_epochs):
         print(f"wrote {path}", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the README's results table from the committed learning-curve table (no training).
-#   benchmarks/hpo/run.sh            # every method, 1/2/4 workers (about 21 min on the 2-core dev machine)
-#   benchmarks/hpo/run.sh --quick    # without the Optuna TPE rows (about 6 min)
+#   benchmarks/hpo/run.sh            # every method, 1/2/4 workers (about 20 min on the 2-core dev machine)
+#   benchmarks/hpo/run.sh --quick    # without the Optuna TPE rows (about 5 min)
 #   JOBS=2 benchmarks/hpo/run.sh     # spread the replays over 2 processes
 # Writes benchmarks/hpo/results/{results.md,regret_w*.png} and every run to build/runs.json.gz (not committed);
 # replay.py --all --from-runs benchmarks/hpo/build/runs.json.gz re-makes the report and plots from that file.
