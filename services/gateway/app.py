@@ -45,9 +45,6 @@ log = structlog.get_logger(__name__)
 _DOMAIN_DECODER = msgspec.json.Decoder(ev.DomainEvent)
 _STREAM_DECODER = msgspec.json.Decoder(ev.DomainEvent | ev.TrainingMetricsReported)
 
-# Search methods the searcher service can run today; the config schema knows more of Determined's.
-IMPLEMENTED_SEARCHERS = {"single", "random", "grid", "adaptive_asha", "async_halving"}
-
 
 @dataclass
 class GatewayDeps:
@@ -100,11 +97,6 @@ async def create_experiment(
     except ConfigError as exc:
         raise _bad_request("invalid experiment config",
                            errors=[{"path": e.path, "message": e.message} for e in exc.errors]) from exc
-    if config.searcher.name not in IMPLEMENTED_SEARCHERS:
-        raise _bad_request("invalid experiment config", errors=[{
-            "path": "searcher.name",
-            "message": f"{config.searcher.name!r} is not available yet (available: {sorted(IMPLEMENTED_SEARCHERS)})",
-        }])
     blob = await data.context.read(deps.max_context_bytes + 1)
     try:
         code_context.check(blob, max_bytes=deps.max_context_bytes)
