@@ -50,7 +50,7 @@ def handler_for(pool: asyncpg.Pool, consumer: str) -> Callable[[list[Delivery[An
     """A batch handler that projects and commits before the runtime acks."""
 
     async def handle(batch: list[Delivery[Any]]) -> None:
-        items = [Item(d.seq, d.msg.metadata.timestamp.timestamp(), d.event) for d in batch]
+        items = [Item(d.seq, d.timestamp, d.event) for d in batch]
         try:
             async with pool.acquire() as conn:
                 await project_batch(conn, consumer, items)

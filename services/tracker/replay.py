@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 
 from schemas import readmodel
-from services.runtime import BusSettings, configure_logging, connect_bus, read_settings
+from services.runtime import BusSettings, ConsumerSpec, configure_logging, connect_bus, read_settings
 from services.tracker.main import CONSUMERS, TrackerSettings
 from services.tracker.projection import Item, project_batch
 
@@ -76,6 +76,28 @@ async def digests(conn: Any, schema: str) -> dict[str, str]:
     return out
 
 
+async def _read_chunks(bus: Any, spec: ConsumerSpec, decoder: msgspec.json.Decoder[Any], limit: int | None,
+                       chunks: asyncio.Queue[list[Item] | None]) -> None:
+    """Read a consumer's subjects in order into chunks of ``BATCH`` items; ``None`` marks the end."""
+    items: list[Item] = []
+    try:
+        for subject in spec.filter_subjects:
+            async with contextlib.aclosing(bus.read(spec.stream, subject, decoder)) as stream:
+                async for d in stream:
+                    if limit is not None and d.seq > limit:
+                        break
+                    items.append(Item(d.seq, d.timestamp, d.event))
+                    if len(items) >= BATCH:
+                        await chunks.put(items)
+                        items = []
+        if items:
+            await chunks.put(items)
+    except Exception:
+        await chunks.put(None)  # wake the projecting side, which then re-raises this by awaiting the task
+        raise
+    await chunks.put(None)
+
+
 async def replay(bus: Any, conn: Any, schema: str, up_to: dict[str, int] | None = None) -> ReplayReport:
     """Rebuild the read model into ``schema`` (dropped first) from every stream; ``up_to`` caps each consumer."""
     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -88,20 +110,16 @@ async def replay(bus: Any, conn: Any, schema: str, up_to: dict[str, int] | None 
         if up_to is not None and not limit:
             counts[spec.durable] = 0
             continue
-        decoder = msgspec.json.Decoder(kind)
-        items: list[Item] = []
+        # Reading and projecting overlap: while Postgres applies one chunk, the next is read and decoded.
+        chunks: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=2)
+        reader = asyncio.create_task(_read_chunks(bus, spec, msgspec.json.Decoder(kind), limit, chunks))
         n = 0
-        for subject in spec.filter_subjects:
-            async with contextlib.aclosing(bus.read(spec.stream, subject, decoder)) as stream:
-                async for d in stream:
-                    if limit is not None and d.seq > limit:
-                        break
-                    items.append(Item(d.seq, d.msg.metadata.timestamp.timestamp(), d.event))
-                    if len(items) >= BATCH:
-                        n += await project_batch(conn, spec.durable, items)
-                        items = []
-        if items:
-            n += await project_batch(conn, spec.durable, items)
+        try:
+            while (chunk := await chunks.get()) is not None:
+                n += await project_batch(conn, spec.durable, chunk)
+            await reader  # re-raises a failed read
+        finally:
+            reader.cancel()
         if limit is not None:
             # Positions must match the live ones even when the tail of the range was filtered out.
             await conn.execute(
