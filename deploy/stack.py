@@ -176,6 +176,7 @@ def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str
         env = service_env(cfg, creds, "worker")
         env.update(
             KILN_WORKER_ID=f"worker-{i}",
+            KILN_ADDRESS=cfg.host,  # where a trial spanning local workers meets its rank 0
             KILN_CPU_SLOTS=str(cfg.slots_per_worker),
             KILN_WORK_DIR=str(cfg.state_dir / "work"),
             KILN_MASTER_URL=cfg.master_url,

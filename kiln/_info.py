@@ -43,6 +43,7 @@ class ClusterInfo:
         self.latest_checkpoint = wire.latest_checkpoint
         self.container_addrs = list(wire.container_addrs)
         self.container_rank = wire.container_rank
+        self.agent_id = wire.worker_id
         self.slot_ids = list(wire.slot_ids)
         self.gpu_uuids: list[str] = []
         self.restarts = wire.restarts

@@ -145,8 +145,21 @@ class ExperimentEnded(Event, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class AllocationNode(msgspec.Struct, frozen=True, kw_only=True):
+    """One host of a trial that spans several: its worker, address and slots."""
+
+    worker_id: str
+    address: str
+    slot_ids: list[str]
+
+
 class AllocationAssigned(Event, frozen=True, kw_only=True):
-    """The scheduler placed a trial run on a worker's slots."""
+    """The scheduler placed a trial run on a worker's slots.
+
+    A trial spanning hosts gets one of these per host, all with the same allocation id: ``node_rank``
+    says which host this one is, ``nodes`` lists them all in rank order and ``master_port`` is where
+    node 0 (at ``nodes[0].address``) hosts the rendezvous. A single-host run leaves those empty.
+    """
 
     experiment_id: int
     trial_id: int
@@ -157,6 +170,9 @@ class AllocationAssigned(Event, frozen=True, kw_only=True):
     latest_checkpoint: str | None = None
     # The length (searcher units) this run trains to; None: the trial's own max_length.
     max_length: int | None = None
+    node_rank: int = 0
+    nodes: list[AllocationNode] = []
+    master_port: int = 0
 
 
 class AllocationKillRequested(Event, frozen=True, kw_only=True):
@@ -190,6 +206,7 @@ class AllocationExited(Event, frozen=True, kw_only=True):
     reason: str = ""
     killed: bool = False
     exited_at: float = 0.0
+    node_rank: int = 0  # which host of a multi-host allocation this process ran on
 
 
 class WorkerLost(Event, frozen=True, kw_only=True):

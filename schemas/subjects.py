@@ -145,9 +145,13 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"TrialResumeRequested:{event.trial_id}:{event.max_length}"
         case ev.TrialPaused():
             return f"TrialPaused:{event.allocation_id}"
-        case ev.AllocationAssigned() | ev.AllocationKillRequested() | ev.TrialStarted():
-            return f"{type(event).__name__}:{event.allocation_id}"
-        case ev.AllocationExited() | ev.AllocationLost():
+        case ev.AllocationAssigned() | ev.AllocationExited():
+            # A multi-host allocation has one per host; node 0 keeps the single-host key.
+            suffix = f"#{event.node_rank}" if event.node_rank else ""
+            return f"{type(event).__name__}:{event.allocation_id}{suffix}"
+        case ev.AllocationKillRequested():
+            return f"AllocationKillRequested:{event.allocation_id}:{event.worker_id}"
+        case ev.TrialStarted() | ev.AllocationLost():
             return f"{type(event).__name__}:{event.allocation_id}"
         case ev.WorkerLost():
             return f"WorkerLost:{event.worker_id}:{event.last_seen}"

@@ -32,8 +32,13 @@ class DistributedContext:
         rank = int(env.get("RANK") or env.get("HOROVOD_RANK") or 0)
         local_rank = int(env.get("LOCAL_RANK") or env.get("HOROVOD_LOCAL_RANK") or 0)
         local_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("HOROVOD_LOCAL_SIZE") or size)
+        # torchrun names the host (GROUP_RANK); hosts may run different numbers of ranks, so it is not
+        # always rank // local_size.
+        cross_rank = int(env.get("GROUP_RANK") or env.get("HOROVOD_CROSS_RANK") or rank // max(local_size, 1))
+        cross_size = int(env.get("GROUP_WORLD_SIZE") or env.get("HOROVOD_CROSS_SIZE")
+                         or max(size // max(local_size, 1), 1))
         return cls(rank=rank, size=size, local_rank=local_rank, local_size=local_size,
-                   cross_rank=rank // max(local_size, 1), cross_size=max(size // max(local_size, 1), 1))
+                   cross_rank=cross_rank, cross_size=cross_size)
 
     @classmethod
     def from_torch_distributed(cls) -> DistributedContext:
@@ -73,9 +78,8 @@ class DistributedContext:
 
     def allgather_local(self, stuff: Any) -> list[Any]:
         """``stuff`` from the ranks on this host."""
-        everything = self.allgather(stuff)
-        start = self.cross_rank * self.local_size
-        return everything[start:start + self.local_size]
+        everything = self.allgather((self.cross_rank, stuff))
+        return [item for host, item in everything if host == self.cross_rank]
 
     def gather_local(self, stuff: Any) -> list[Any] | None:
         """``stuff`` from this host's ranks on its local rank 0."""

@@ -10,6 +10,7 @@ again when they come back through the stream, where applying them is a no-op.
 
 from __future__ import annotations
 
+import zlib
 from typing import Literal
 
 import msgspec
@@ -20,6 +21,9 @@ from services.scheduler import policy
 
 RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
 DEFAULT_PRIORITY = 42
+# torch.distributed rendezvous ports for multi-host trials: node 0 listens on one of these, picked from
+# the allocation id so every node computes the same one.
+RENDEZVOUS_PORTS = range(29400, 30000)
 
 
 class WorkerView(msgspec.Struct, kw_only=True):
@@ -48,8 +52,9 @@ class TrialRun(msgspec.Struct, kw_only=True):
     attempt: int = 0
     restarts: int = 0
     allocation_id: str = ""
-    worker_id: str = ""
+    worker_id: str = ""  # the run's (first) host
     slot_ids: list[str] = []
+    peers: dict[str, list[str]] = {}  # the other hosts of a multi-host run: worker id -> slot ids
     latest_checkpoint: str | None = None
     kill_requested: bool = False
     started_at: float = 0.0
@@ -184,6 +189,9 @@ class SchedulerCore:
                     run.state = "PAUSED"
                 return []
             case ev.AllocationExited():
+                run = self.state.trials.get(event.trial_id)
+                if event.node_rank and event.exit_code == 0 and run is not None and run.allocation_id == event.allocation_id:
+                    return []  # a multi-host run ends with node 0's exit, or with the first failure
                 return self._allocation_ended(event.trial_id, event.allocation_id, event.exit_code, event.reason)
             case ev.AllocationLost():
                 return self._allocation_ended(event.trial_id, event.allocation_id, None, "worker lost")
@@ -234,9 +242,7 @@ class SchedulerCore:
                 run.preempt_since = now
             elif now - run.preempt_since > self.preempt_timeout_s:
                 run.kill_requested = True
-                out.append(ev.AllocationKillRequested(
-                    experiment_id=run.experiment_id, trial_id=run.trial_id, allocation_id=run.allocation_id,
-                    worker_id=run.worker_id, reason=f"ignored preemption for {self.preempt_timeout_s:.0f}s"))
+                out += _kill_requests(run, f"ignored preemption for {self.preempt_timeout_s:.0f}s")
         return out + self._place(now)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -277,9 +283,7 @@ class SchedulerCore:
                                           restarts=run.restarts, reason="experiment killed"))
             elif not run.kill_requested:
                 run.kill_requested = True
-                out.append(ev.AllocationKillRequested(experiment_id=experiment_id, trial_id=run.trial_id,
-                                                      allocation_id=run.allocation_id, worker_id=run.worker_id,
-                                                      reason="experiment killed"))
+                out += _kill_requests(run, "experiment killed")
         return out
 
     def _pause_experiment(self, experiment_id: int) -> list[ev.DomainEvent]:
@@ -306,8 +310,7 @@ class SchedulerCore:
         if run.kill_requested:
             return []
         run.kill_requested = True
-        return [ev.AllocationKillRequested(experiment_id=run.experiment_id, trial_id=trial_id,
-                                           allocation_id=run.allocation_id, worker_id=run.worker_id, reason=reason)]
+        return _kill_requests(run, reason)
 
     def _change_resources(self, event: ev.ExperimentResourcesChanged) -> None:
         knobs = self.state.experiments.setdefault(event.experiment_id, ExperimentKnobs())
@@ -327,6 +330,12 @@ class SchedulerCore:
         if run is None or run.state == "EXITED" or event.restarts < run.restarts or attempt < run.attempt:
             return  # a late echo of a placement a later decision (restart, pause) already replaced
         # The log is the truth: adopt what it says even if our in-memory decision differed.
+        if event.node_rank:
+            if event.allocation_id == run.allocation_id:
+                run.peers[event.worker_id] = list(event.slot_ids)
+            return
+        if event.allocation_id != run.allocation_id:
+            run.peers = {}
         run.attempt = attempt
         run.allocation_id = event.allocation_id
         run.worker_id = event.worker_id
@@ -341,7 +350,16 @@ class SchedulerCore:
         run = self.state.trials.get(trial_id)
         if run is None or run.allocation_id != allocation_id or run.state not in ("ASSIGNED", "RUNNING"):
             return []  # stale or already handled
-        run.worker_id, run.slot_ids = "", []
+        others: list[ev.DomainEvent] = []
+        if run.peers and exit_code != 0:
+            # The other hosts of a multi-host run would wait for the failed one forever: stop them.
+            others = _kill_requests(run, f"a host of the allocation failed: {reason or f'exit code {exit_code}'}")
+        return others + self._run_ended(run, allocation_id, exit_code, reason)
+
+    def _run_ended(self, run: TrialRun, allocation_id: str, exit_code: int | None,
+                   reason: str) -> list[ev.DomainEvent]:
+        trial_id = run.trial_id
+        run.worker_id, run.slot_ids, run.peers = "", [], {}
         base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts}
         if (run.kill_requested and not run.preempt_requested) or \
                 self.state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
@@ -407,13 +425,13 @@ class SchedulerCore:
             return
         run.restarts = restarts
         run.state = "QUEUED"
-        run.worker_id, run.slot_ids = "", []
+        run.worker_id, run.slot_ids, run.peers = "", [], {}
         run.preempt_requested, run.preempt_since = False, 0.0
 
     def _lose_worker(self, worker: WorkerView) -> list[ev.DomainEvent]:
         worker.lost = True
         victims = [r for r in self.state.trials.values()
-                   if r.worker_id == worker.worker_id and r.state in ("ASSIGNED", "RUNNING")]
+                   if r.state in ("ASSIGNED", "RUNNING") and worker.worker_id in _holdings(r)]
         out: list[ev.DomainEvent] = [
             ev.WorkerLost(worker_id=worker.worker_id, last_seen=worker.last_seen,
                           allocation_ids=[r.allocation_id for r in victims])
@@ -432,7 +450,7 @@ class SchedulerCore:
         for run in list(self.state.trials.values()):
             # Only judge runs started well before this heartbeat was sent: an older heartbeat
             # can overtake the TrialStarted event.
-            if (run.worker_id != worker.worker_id or run.state != "RUNNING"
+            if (worker.worker_id not in _holdings(run) or run.state != "RUNNING"
                     or run.allocation_id in known or hb.sent_at < run.started_at + 5.0):
                 continue
             out.append(ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
@@ -441,8 +459,8 @@ class SchedulerCore:
         return out
 
     def _hosts(self) -> list[policy.Host]:
-        used = {(r.worker_id, sl) for r in self.state.trials.values()
-                if r.state in ("ASSIGNED", "RUNNING") for sl in r.slot_ids}
+        used = {(w, sl) for r in self.state.trials.values()
+                if r.state in ("ASSIGNED", "RUNNING") for w, slots in _holdings(r).items() for sl in slots}
         return [
             policy.Host(worker_id=w.worker_id, resource_pool=w.resource_pool, slot_ids=list(w.slot_ids),
                         free=[sl for sl in w.slot_ids if (w.worker_id, sl) not in used])
@@ -456,7 +474,7 @@ class SchedulerCore:
         knobs = self.state.experiments
         running = [
             policy.Running(trial_id=r.trial_id, experiment_id=r.experiment_id, priority=r.priority,
-                           worker_slots={r.worker_id: list(r.slot_ids)}, started_order=r.started_order,
+                           worker_slots=_holdings(r), started_order=r.started_order,
                            preempting=r.preempt_requested)
             for r in runs.values() if r.state in ("ASSIGNED", "RUNNING")
         ]
@@ -469,35 +487,40 @@ class SchedulerCore:
         if not queued:
             return []
         shares = {e: policy.Share(weight=k.weight, max_slots=k.max_slots) for e, k in knobs.items()}
-        # Multi-host gangs are placed by the policy but workers cannot launch one yet: keep them whole.
-        decided = policy.plan(self._hosts(), running, queued, shares, span_hosts=False)
+        decided = policy.plan(self._hosts(), running, queued, shares)
         out: list[ev.DomainEvent] = []
         for placement in decided.placements:
             run = runs[placement.trial_id]
-            ((worker_id, slot_ids),) = placement.worker_slots.items()
             run.attempt += 1
-            assigned = ev.AllocationAssigned(
-                experiment_id=run.experiment_id,
-                trial_id=run.trial_id,
-                allocation_id=f"{run.trial_id}.{run.attempt}",
-                worker_id=worker_id,
-                slot_ids=list(slot_ids),
-                restarts=run.restarts,
-                latest_checkpoint=run.latest_checkpoint,
-                max_length=run.max_length,
-            )
-            self._assigned(assigned)
-            out.append(assigned)
+            for assigned in self._assignments(run, f"{run.trial_id}.{run.attempt}", placement.worker_slots):
+                self._assigned(assigned)
+                out.append(assigned)
         for trial_id in decided.preempt:
             run = runs[trial_id]
             if not run.preempt_requested:
                 out.append(self._preempt(run, "a higher-priority trial needs its slots"))
         return out
 
+    def _assignments(self, run: TrialRun, allocation_id: str,
+                     worker_slots: dict[str, list[str]]) -> list[ev.AllocationAssigned]:
+        """One AllocationAssigned per host; several hosts get their ranks and the rendezvous address."""
+        nodes = [ev.AllocationNode(worker_id=w, address=self.state.workers[w].address, slot_ids=list(slots))
+                 for w, slots in worker_slots.items()] if len(worker_slots) > 1 else []
+        port = RENDEZVOUS_PORTS[zlib.crc32(allocation_id.encode()) % len(RENDEZVOUS_PORTS)] if nodes else 0
+        return [
+            ev.AllocationAssigned(
+                experiment_id=run.experiment_id, trial_id=run.trial_id, allocation_id=allocation_id,
+                worker_id=worker_id, slot_ids=list(slot_ids), restarts=run.restarts,
+                latest_checkpoint=run.latest_checkpoint, max_length=run.max_length,
+                node_rank=rank, nodes=nodes, master_port=port,
+            )
+            for rank, (worker_id, slot_ids) in enumerate(worker_slots.items())
+        ]
+
     def view(self, now: float) -> ClusterView:
         """Agents with their slots' occupants, and jobs with queue positions (for people)."""
-        holders = {(r.worker_id, sl): r for r in self.state.trials.values()
-                   if r.state in ("ASSIGNED", "RUNNING") for sl in r.slot_ids}
+        holders = {(w, sl): r for r in self.state.trials.values()
+                   if r.state in ("ASSIGNED", "RUNNING") for w, slots in _holdings(r).items() for sl in slots}
 
         def slot_view(worker_id: str, slot: ev.Slot) -> SlotView:
             holder = holders.get((worker_id, slot.slot_id))
@@ -526,6 +549,20 @@ class SchedulerCore:
         """Waiting trials in the order the policy considers them (for `kiln job list`)."""
         return sorted((r for r in self.state.trials.values() if r.state == "QUEUED"),
                       key=lambda r: (r.priority, r.queued_order))
+
+
+def _holdings(run: TrialRun) -> dict[str, list[str]]:
+    """Every host a run holds slots on (worker id -> slot ids); empty when it holds none."""
+    if not run.worker_id:
+        return {}
+    return {run.worker_id: run.slot_ids, **run.peers}
+
+
+def _kill_requests(run: TrialRun, reason: str) -> list[ev.DomainEvent]:
+    """Ask every host of the run's allocation to kill its process."""
+    return [ev.AllocationKillRequested(experiment_id=run.experiment_id, trial_id=run.trial_id,
+                                       allocation_id=run.allocation_id, worker_id=w, reason=reason)
+            for w in _holdings(run)]
 
 
 def _attempt(allocation_id: str) -> int:

@@ -7,7 +7,8 @@ Rules, in order (Determined's priority scheduler with fair share):
   experiment whose ``used slots / weight`` is lowest, so with enough demand weights 1:3 on 8 slots end at
   2:6. ``max_slots`` caps an experiment.
 * Gangs: a trial gets all its slots at once or none. One host is preferred (the best fit, which keeps
-  big holes for big gangs); a trial larger than any host takes whole free hosts.
+  big holes for big gangs); a trial larger than any host takes whole free hosts (the last one only for
+  the slots still missing).
 * No starvation: a trial that cannot fit reserves the hosts it is waiting for, so trials behind it cannot
   keep taking those slots; it fits as soon as they drain.
 * Preemption: a trial that cannot fit may take slots from running trials of strictly lower priority
@@ -178,8 +179,10 @@ def _fit(pool: list[Host], slots: int, span_hosts: bool = True) -> dict[str, lis
     for host in whole:
         if total >= slots:
             break
-        chosen[host.worker_id] = list(host.free)  # a spanning trial takes whole hosts
-        total += len(host.free)
+        # A spanning trial takes whole hosts; the last one only the slots still missing, since the
+        # trial runs exactly one process per slot.
+        chosen[host.worker_id] = host.free[:slots - total]
+        total += len(chosen[host.worker_id])
     return chosen if total >= slots else None
 
 

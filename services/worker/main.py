@@ -38,6 +38,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of one worker agent (``KILN_*`` environment variables)."""
 
     worker_id: str = socket.gethostname().split(".")[0]
+    # Where the worker's peers reach it: the rendezvous of a trial spanning hosts listens here.
+    address: str = socket.gethostname()
     resource_pool: str = "default"
     cpu_slots: int = 1
     work_dir: str = "/tmp/kiln-worker"
@@ -93,7 +95,7 @@ class Worker:
                 self.finished.popitem(last=False)
             hb = ev.WorkerHeartbeat(
                 worker_id=self.settings.worker_id,
-                address=socket.gethostname(),
+                address=self.settings.address,
                 resource_pool=self.settings.resource_pool,
                 slots=self.slots,
                 running=sorted(self.running),

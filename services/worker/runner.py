@@ -31,19 +31,33 @@ _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV
 LOG_FLUSH_S = 0.25
 LOG_BATCH_LINES = 500
 KILL_GRACE_S = 10.0
+# Log line numbers of host r of a multi-host allocation start at r x this, so the hosts' lines never
+# collide in (allocation_id, line_no).
+NODE_LINE_STRIDE = 100_000_000
 
 
 _LAUNCHERS = ("torchrun", "horovodrun", "deepspeed", "accelerate", "mpirun")
 
 
-def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, processes: int = 1) -> list[str]:
+class Rendezvous(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the hosts of a trial spanning several meet: torchrun's static rendezvous on node 0."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, processes: int = 1,
+                    rendezvous: Rendezvous | None = None) -> list[str]:
     """The command line for a Determined-style entrypoint.
 
     ``module:function`` runs that function through ``kiln.exec``; a command line runs as is, with a
     leading ``python``/``python3`` replaced by the worker's interpreter (where kiln and torch live).
     With several slots, a Python entrypoint is started once per slot by torchrun (``--standalone``,
-    one process per slot); an entrypoint that names its own launcher (torchrun, horovodrun...) is left
-    to it.
+    one process per slot); on several hosts, each host's torchrun joins node 0's rendezvous and ranks
+    are numbered across hosts. An entrypoint that names its own launcher (torchrun, horovodrun...) is
+    left to it.
     """
     if isinstance(entrypoint, str):
         text = entrypoint.strip()
@@ -53,9 +67,24 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
         argv = list(entrypoint)
     if argv and argv[0] in ("python", "python3", f"python{sys.version_info.major}.{sys.version_info.minor}"):
         argv[0] = python
-    if processes > 1 and argv and argv[0] == python:
+    if not argv or argv[0] != python:
+        return argv
+    if rendezvous is not None and rendezvous.nnodes > 1:
+        r = rendezvous
+        return [python, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}", f"--node_rank={r.node_rank}",
+                f"--nproc_per_node={processes}", f"--master_addr={r.master_addr}", f"--master_port={r.master_port}",
+                *argv[1:]]
+    if processes > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv[1:]]
     return argv
+
+
+def _rendezvous(a: ev.AllocationAssigned) -> Rendezvous | None:
+    """The rendezvous of a multi-host allocation; None on a single host."""
+    if len(a.nodes) < 2:
+        return None
+    return Rendezvous(nnodes=len(a.nodes), node_rank=a.node_rank, master_addr=a.nodes[0].address,
+                      master_port=a.master_port)
 
 
 def _die_with_parent() -> None:
@@ -92,7 +121,7 @@ class Allocation:
         self.fetch_context = fetch_context
         self.proc: asyncio.subprocess.Process | None = None
         self.killed = False
-        self._line_no = 0
+        self._line_no = assigned.node_rank * NODE_LINE_STRIDE
         self._pending: list[ev.LogLine] = []
         self._flush_lock = asyncio.Lock()
 
@@ -111,7 +140,8 @@ class Allocation:
             if self.dir.exists():
                 shutil.rmtree(self.dir)
             await asyncio.to_thread(code_context.extract, data, self.dir)
-            argv = entrypoint_argv(self.submitted.config["entrypoint"], processes=max(len(a.slot_ids), 1))
+            argv = entrypoint_argv(self.submitted.config["entrypoint"], processes=max(len(a.slot_ids), 1),
+                                   rendezvous=_rendezvous(a))
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=self.dir,
@@ -130,6 +160,7 @@ class Allocation:
                 ev.AllocationExited(
                     experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
                     worker_id=a.worker_id, exit_code=None, reason=f"could not start: {exc}", exited_at=time.time(),
+                    node_rank=a.node_rank,
                 )
             )
             return False
@@ -158,7 +189,7 @@ class Allocation:
             ev.AllocationExited(
                 experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
                 worker_id=a.worker_id, exit_code=code, killed=self.killed,
-                reason="killed" if self.killed else "", exited_at=time.time(),
+                reason="killed" if self.killed else "", exited_at=time.time(), node_rank=a.node_rank,
             )
         )
         log.info("allocation.exited", allocation=a.allocation_id, code=code, killed=self.killed)
@@ -186,6 +217,8 @@ class Allocation:
             latest_checkpoint=a.latest_checkpoint,
             restarts=a.restarts,
             slot_ids=list(a.slot_ids),
+            container_rank=a.node_rank,
+            container_addrs=[n.address for n in a.nodes] or self.info_base.container_addrs,
             trial=TrialInfo(
                 trial_id=a.trial_id,
                 experiment_id=a.experiment_id,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from services.worker.runner import entrypoint_argv
+from services.worker.runner import Rendezvous, entrypoint_argv
 
 PY = sys.executable
 
@@ -26,3 +26,15 @@ PY = sys.executable
 )
 def test_entrypoint_command_lines(entrypoint: str | list[str], processes: int, argv: list[str]) -> None:
     assert entrypoint_argv(entrypoint, PY, processes) == argv
+
+
+def test_a_host_of_a_spanning_trial_joins_node_zeros_rendezvous_with_its_own_rank_and_processes() -> None:
+    rdzv = Rendezvous(nnodes=2, node_rank=1, master_addr="10.0.0.7", master_port=29411)
+    assert entrypoint_argv("python3 train.py", PY, 1, rdzv) == [
+        PY, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--nproc_per_node=1",
+        "--master_addr=10.0.0.7", "--master_port=29411", "train.py",
+    ]
+    # A single host never needs a rendezvous address; an entrypoint with its own launcher is left alone.
+    assert entrypoint_argv("python3 train.py", PY, 1, Rendezvous(nnodes=1, node_rank=0, master_addr="",
+                                                                 master_port=0)) == [PY, "train.py"]
+    assert entrypoint_argv("horovodrun -np 4 python train.py", PY, 2, rdzv)[0] == "horovodrun"

@@ -75,6 +75,7 @@ def alloc_exited(a: ev.AllocationAssigned, exit_code: int | None, reason: str = 
         worker_id=a.worker_id,
         exit_code=exit_code,
         reason=reason,
+        node_rank=a.node_rank,
     )
 
 
@@ -152,38 +153,110 @@ def test_nothing_is_placed_without_heartbeats() -> None:
 @pytest.mark.parametrize(
     ("trial_slots", "trial_pool", "workers", "placed_on"),
     [
-        (1, "default", [("w1", 1, "default")], "w1"),
-        (2, "default", [("w1", 1, "default")], None),  # too few slots
-        (1, "gpu", [("w1", 4, "default")], None),  # wrong pool
-        (1, "gpu", [("w1", 4, "default"), ("w2", 1, "gpu")], "w2"),
-        (4, "default", [("w1", 2, "default"), ("w2", 2, "default")], None),  # gang: all or nothing
-        (4, "default", [("w1", 2, "default"), ("w2", 4, "default")], "w2"),
-        (1, "default", [("big", 4, "default"), ("small", 1, "default")], "small"),  # best fit
+        (1, "default", [("w1", 1, "default")], ["w1"]),
+        (2, "default", [("w1", 1, "default")], []),  # too few slots
+        (1, "gpu", [("w1", 4, "default")], []),  # wrong pool
+        (1, "gpu", [("w1", 4, "default"), ("w2", 1, "gpu")], ["w2"]),
+        (4, "default", [("w1", 2, "default"), ("w2", 1, "default")], []),  # gang: all or nothing
+        (4, "default", [("w1", 2, "default"), ("w2", 2, "default")], ["w1", "w2"]),  # whole hosts
+        (4, "default", [("w1", 2, "default"), ("w2", 4, "default")], ["w2"]),  # one host preferred
+        (1, "default", [("big", 4, "default"), ("small", 1, "default")], ["small"]),  # best fit
     ],
 )
 def test_placement_needs_enough_slots_in_the_right_pool(
-    trial_slots: int, trial_pool: str, workers: list[tuple[str, int, str]], placed_on: str | None
+    trial_slots: int, trial_pool: str, workers: list[tuple[str, int, str]], placed_on: list[str]
 ) -> None:
     core = core_with(submitted(1, slots=trial_slots, pool=trial_pool), created(1, 10))
     for worker_id, slots, pool in workers:
         core.heartbeat(heartbeat(worker_id, slots, T0, pool=pool))
     got = assigned(core.tick(T0))
-    assert [a.worker_id for a in got] == ([placed_on] if placed_on else [])
+    assert [a.worker_id for a in got] == placed_on
+    assert sum(len(a.slot_ids) for a in got) == (trial_slots if placed_on else 0)
     for a in got:
-        assert len(a.slot_ids) == trial_slots
-        assert all(s.startswith(f"{placed_on}-") for s in a.slot_ids)
+        assert all(s.startswith(f"{a.worker_id}-") for s in a.slot_ids)
 
 
 def test_a_gang_that_fits_nowhere_stays_queued_while_a_smaller_trial_runs() -> None:
     core = core_with(submitted(1, slots=4), created(1, 10), submitted(2, slots=2), created(2, 20))
     core.heartbeat(heartbeat("w1", 2, T0))
-    core.heartbeat(heartbeat("w2", 2, T0))
+    core.heartbeat(heartbeat("w2", 1, T0))
     a = only_assignment(core.tick(T0))
     assert (a.trial_id, len(a.slot_ids)) == (20, 2)
     assert core.tick(T0 + 1) == []  # the 4-slot trial is still waiting
     core.heartbeat(heartbeat("w3", 4, T0 + 1))
     b = only_assignment(core.tick(T0 + 1))
     assert (b.trial_id, b.worker_id, len(b.slot_ids)) == (10, "w3", 4)
+
+
+# --- trials spanning hosts ----------------------------------------------------------------------
+
+
+def spanning_run(at: float = T0) -> tuple[SchedulerCore, list[ev.AllocationAssigned]]:
+    """A 3-slot trial on two 2-slot hosts, placed, echoed and started."""
+    core = core_with(submitted(1, slots=3), created(1, 10))
+    core.heartbeat(heartbeat("w1", 2, at))
+    core.heartbeat(heartbeat("w2", 2, at))
+    parts = assigned(core.tick(at))
+    echo(core, parts)
+    core.handle(started(parts[0], at))
+    return core, parts
+
+
+def test_a_gang_larger_than_any_host_gets_one_assignment_per_host_with_ranks_and_one_rendezvous() -> None:
+    core, parts = spanning_run()
+    assert [(a.worker_id, a.node_rank, a.slot_ids) for a in parts] == [
+        ("w1", 0, ["w1-gpu0", "w1-gpu1"]),
+        ("w2", 1, ["w2-gpu0"]),  # exactly the slots still missing: one process per slot
+    ]
+    assert len({a.allocation_id for a in parts}) == 1
+    assert parts[0].nodes == parts[1].nodes == [
+        ev.AllocationNode(worker_id="w1", address="10.0.0.1", slot_ids=["w1-gpu0", "w1-gpu1"]),
+        ev.AllocationNode(worker_id="w2", address="10.0.0.1", slot_ids=["w2-gpu0"]),
+    ]
+    assert parts[0].master_port == parts[1].master_port and 29400 <= parts[0].master_port < 30000
+    # Every slot it holds shows as taken, on both hosts; the host's spare slot stays free.
+    view = core.view(T0)
+    held = {(ag.worker_id, sv.slot.slot_id) for ag in view.agents for sv in ag.slots if sv.trial_id == 10}
+    assert held == {("w1", "w1-gpu0"), ("w1", "w1-gpu1"), ("w2", "w2-gpu0")}
+    assert core.tick(T0 + 1) == []
+
+
+def test_a_spanning_run_ends_with_node_zero_not_with_an_earlier_peer() -> None:
+    core, (chief, peer) = spanning_run()
+    assert core.handle(alloc_exited(peer, 0)) == []
+    out = core.handle(alloc_exited(chief, 0))
+    assert [type(e).__name__ for e in out] == ["TrialExited"]
+    assert out[0].state == "COMPLETED"
+
+
+def test_a_failed_host_of_a_spanning_run_stops_the_others_and_the_trial_restarts_on_fresh_slots() -> None:
+    core, (chief, peer) = spanning_run()
+    out = core.handle(alloc_exited(peer, 1, "rank 2 crashed"))
+    kills = [e for e in out if isinstance(e, ev.AllocationKillRequested)]
+    assert sorted(k.worker_id for k in kills) == ["w1", "w2"]
+    assert {k.allocation_id for k in kills} == {chief.allocation_id}
+    assert [type(e).__name__ for e in out if not isinstance(e, ev.AllocationKillRequested)] == ["TrialRestarting"]
+    assert core.handle(alloc_exited(chief, 1)) == []  # the chief, killed, is stale now
+    again = assigned(core.tick(T0 + 1))
+    assert [(a.allocation_id, a.node_rank) for a in again] == [("10.2", 0), ("10.2", 1)]
+    assert all(a.restarts == 1 for a in again)
+
+
+def test_losing_one_host_of_a_spanning_run_restarts_it() -> None:
+    core, (chief, peer) = spanning_run()
+    core.heartbeat(heartbeat("w1", 2, T0 + TIMEOUT, running=[chief.allocation_id]))
+    out = core.tick(T0 + TIMEOUT + 1)
+    names = [type(e).__name__ for e in out]
+    assert names[:2] == ["WorkerLost", "AllocationLost"]
+    assert "TrialRestarting" in names
+    assert sorted(e.worker_id for e in out if isinstance(e, ev.AllocationKillRequested)) == ["w1", "w2"]
+
+
+def test_killing_a_spanning_trial_asks_every_host() -> None:
+    core, (chief, _) = spanning_run()
+    out = core.handle(ev.TrialKillRequested(experiment_id=1, trial_id=10))
+    assert sorted((e.worker_id, e.allocation_id) for e in out) == [("w1", chief.allocation_id),
+                                                                   ("w2", chief.allocation_id)]
 
 
 def test_slots_are_never_handed_out_twice() -> None:

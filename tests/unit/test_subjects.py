@@ -226,6 +226,11 @@ def _r(cls: type, **changes: Any) -> Any:
         (_r(ev.AllocationAssigned, allocation_id="17.1"), _r(ev.AllocationAssigned, allocation_id="17.2"), False),
         (_r(ev.AllocationExited, allocation_id="17.1"), _r(ev.AllocationExited, allocation_id="17.2"), False),
         (SAMPLES[ev.AllocationExited], SAMPLES[ev.AllocationLost], False),
+        # A multi-host allocation: one assignment, exit and kill request per host.
+        (_r(ev.AllocationAssigned, node_rank=0), _r(ev.AllocationAssigned, node_rank=1, worker_id="w2"), False),
+        (_r(ev.AllocationExited, node_rank=0), _r(ev.AllocationExited, node_rank=1, worker_id="w2"), False),
+        (_r(ev.AllocationKillRequested, worker_id="w1"), _r(ev.AllocationKillRequested, worker_id="w2"), False),
+        (_r(ev.AllocationKillRequested, reason="a"), _r(ev.AllocationKillRequested, reason="b"), True),
         (SAMPLES[ev.AllocationAssigned], SAMPLES[ev.TrialStarted], False),
         (_r(ev.TrialRestarting, restarts=1), _r(ev.TrialRestarting, restarts=2), False),
         (_r(ev.TrialExited, trial_id=1), _r(ev.TrialExited, trial_id=2), False),
