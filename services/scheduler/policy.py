@@ -12,7 +12,8 @@ Rules, in order (Determined's priority scheduler with fair share):
 * No starvation: a trial that cannot fit reserves the hosts it is waiting for, so trials behind it cannot
   keep taking those slots; it fits as soon as they drain.
 * Preemption: a trial that cannot fit may take slots from running trials of strictly lower priority
-  (a larger number); the victims are asked to checkpoint and stop, and come back later.
+  (a larger number); the victims are asked to checkpoint and stop, and come back later. A gang larger
+  than any host empties whole hosts that run only lower-priority trials.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def plan(hosts: Iterable[Host], running: Iterable[Running], queued: Iterable[Dem
             blocked.append(d.trial_id)
             key = (d.priority, d.slots, d.resource_pool)
             if key not in no_victims:
-                victims = _victims(d, in_pool, on_host, preempt)
+                victims = _victims(d, in_pool, on_host, preempt, span_hosts)
                 if victims:
                     preempt += victims
                     no_victims.clear()
@@ -186,10 +187,13 @@ def _fit(pool: list[Host], slots: int, span_hosts: bool = True) -> dict[str, lis
     return chosen if total >= slots else None
 
 
-def _victims(d: Demand, pool: list[Host], on_host: dict[str, list[Running]], already: list[int]) -> list[int]:
+def _victims(d: Demand, pool: list[Host], on_host: dict[str, list[Running]], already: list[int],
+             span_hosts: bool) -> list[int]:
     """Lower-priority trials whose slots would let ``d`` fit on one host, least work lost first."""
     if d.slots == 0:
         return []
+    if span_hosts and not any(len(h.slot_ids) >= d.slots for h in pool):
+        return _spanning_victims(d, pool, on_host, already)
     best: list[int] | None = None
     for host in pool:
         if len(host.slot_ids) < d.slots:
@@ -209,6 +213,28 @@ def _victims(d: Demand, pool: list[Host], on_host: dict[str, list[Running]], alr
         if free >= d.slots and (best is None or len(picked) < len(best)):
             best = picked
     return best or []
+
+
+def _spanning_victims(d: Demand, pool: list[Host], on_host: dict[str, list[Running]],
+                      already: list[int]) -> list[int]:
+    """For a gang larger than any host: empty whole hosts that hold only lower-priority trials,
+    the hosts with the fewest such trials first."""
+    emptiable: list[tuple[int, str, Host, list[Running]]] = []
+    for host in pool:
+        here = on_host.get(host.worker_id, [])
+        if any(r.priority <= d.priority for r in here):
+            continue  # an equal or higher priority trial keeps this host
+        if any(r.preempting or r.trial_id in already for r in here):
+            return []  # a preemption is already under way: wait for it
+        emptiable.append((len(here), host.worker_id, host, here))
+    picked: list[int] = []
+    total = 0
+    for _, _, host, here in sorted(emptiable, key=lambda e: (e[0], e[1])):
+        if total >= d.slots:
+            break
+        picked += [r.trial_id for r in here if r.trial_id not in picked]
+        total += len(host.slot_ids)
+    return picked if total >= d.slots else []
 
 
 def _reservation(d: Demand, pool: list[Host], span_hosts: bool) -> set[str]:

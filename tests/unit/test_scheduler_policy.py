@@ -166,6 +166,30 @@ def test_a_preemption_under_way_is_not_repeated() -> None:
     assert result.preempt == [] and result.placements == []
 
 
+def test_a_gang_larger_than_any_host_preempts_whole_hosts_of_lower_priority_only() -> None:
+    """Hosts w0..w2 with 2 slots each; w1 holds an equal-priority trial, so w0 and w2 are emptied."""
+    running = [
+        Running(trial_id=1, experiment_id=5, priority=50, worker_slots={"w0": ["s0"]}, started_order=0),
+        Running(trial_id=2, experiment_id=5, priority=50, worker_slots={"w0": ["s1"]}, started_order=1),
+        Running(trial_id=3, experiment_id=6, priority=10, worker_slots={"w1": ["s0"]}, started_order=2),
+        Running(trial_id=4, experiment_id=5, priority=50, worker_slots={"w2": ["s0", "s1"]}, started_order=3),
+    ]
+    gang = demands(1, 1, slots=3, priority=10)
+    result = plan(hosts(2, 2, 2, used={0: 2, 1: 1, 2: 2}), running, gang, {})
+    assert result.placements == []
+    assert sorted(result.preempt) == [1, 2, 4]
+    # Once they are gone it runs on those two hosts.
+    result = plan(hosts(2, 2, 2, used={1: 1}), running[2:3], gang, {})
+    assert [sorted(p.worker_slots) for p in result.placements] == [["w0", "w2"]]
+
+
+def test_a_gang_larger_than_any_host_does_not_preempt_when_whole_hosts_cannot_be_freed() -> None:
+    running = [Running(trial_id=t, experiment_id=5, priority=10, worker_slots={f"w{t}": ["s0"]}, started_order=t)
+               for t in range(2)]
+    result = plan(hosts(2, 2, used={0: 1, 1: 1}), running, demands(1, 1, slots=3, priority=10), {})
+    assert result.preempt == [] and result.placements == []
+
+
 def test_resource_pools_are_kept_apart() -> None:
     queued = demands(1, 2, pool="gpu")
     result = plan(hosts(4, pool="cpu"), [], queued, {})
