@@ -108,7 +108,7 @@ async def get_trial(conn: Any, trial_id: int) -> dict[str, Any] | None:
         return None
     out = dict(row)
     allocations = await conn.fetch(
-        "SELECT id, worker_id, slot_ids, restarts, assigned_at, started_at, ended_at, exit_code, end_reason"
+        "SELECT id, worker_id, slot_ids, nodes, restarts, assigned_at, started_at, ended_at, exit_code, end_reason"
         " FROM allocations WHERE trial_id = $1 ORDER BY assigned_at", trial_id)
     out["allocations"] = _rows(allocations)
     return out

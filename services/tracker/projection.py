@@ -4,14 +4,20 @@
 anything at or below the recorded position, so a redelivered message changes nothing (STYLE.md 7).
 Timestamps come from the events (or the stream's own timestamp), never from the clock, so a replay
 into a fresh schema produces the same rows.
+
+Domain events are folded in memory (``Fold``, no I/O): the shell loads the rows a batch touches with a few
+``= ANY`` queries, applies every event in order to those rows, and writes the changed rows back with one
+``unnest`` upsert per table. A statement per event capped replay at ~12k events/s; the result does not
+depend on where batches begin and end, so the live tracker (256-event batches) and a replay (2,000) agree.
+The tracker is the only writer of these tables.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
-from typing import Any, assert_never
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -19,6 +25,8 @@ import msgspec
 from schemas import events as ev
 
 _json = msgspec.json.Encoder()
+
+Row = dict[str, Any]
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -47,10 +55,10 @@ async def project_batch(conn: Any, consumer: str, items: Sequence[Item]) -> int:
         fresh = [i for i in items if i.seq > last]
         if not fresh:
             return 0
-        projector = _Projector(conn)
+        fold = Fold(**await _load(conn, fresh))
         for item in fresh:
-            await projector.apply(item)
-        await projector.flush()
+            fold.apply(item)
+        await _write(conn, fold)
         await conn.execute(
             "INSERT INTO projection_positions (consumer, last_seq) VALUES ($1, $2)"
             " ON CONFLICT (consumer) DO UPDATE SET last_seq = EXCLUDED.last_seq",
@@ -78,173 +86,282 @@ def metric_value(value: Any) -> tuple[float | None, str | None]:
     return None, None
 
 
-class _Projector:
-    """Applies events one by one; bulk rows (metrics, logs) are buffered and written at flush."""
+# Columns of the folded tables, with their SQL types (jsonb travels as text and is cast on write).
+_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "experiments": [
+        ("id", "bigint"), ("name", "text"), ("description", "text"), ("labels", "jsonb"), ("state", "text"),
+        ("config", "jsonb"), ("config_yaml", "text"), ("context_digest", "text"), ("searcher_name", "text"),
+        ("searcher_metric", "text"), ("smaller_is_better", "boolean"), ("seed", "bigint"),
+        ("submitted_by", "text"), ("submitted_at", "timestamptz"), ("ended_at", "timestamptz"),
+        ("end_reason", "text"), ("progress", "float8"), ("priority", "integer"), ("weight", "float8"),
+        ("max_slots", "integer"),
+    ],
+    "trials": [
+        ("id", "bigint"), ("experiment_id", "bigint"), ("request_id", "integer"), ("hparams", "jsonb"),
+        ("seed", "bigint"), ("max_length", "bigint"), ("state", "text"), ("restarts", "integer"),
+        ("exit_code", "integer"), ("end_reason", "text"), ("stop_requested", "boolean"),
+        ("allocation_id", "text"), ("worker_id", "text"), ("created_at", "timestamptz"),
+        ("started_at", "timestamptz"), ("ended_at", "timestamptz"), ("steps_completed", "bigint"),
+        ("progress", "float8"), ("latest_validation", "jsonb"), ("best_metric", "float8"),
+        ("latest_checkpoint", "text"),
+    ],
+    "allocations": [
+        ("id", "text"), ("trial_id", "bigint"), ("experiment_id", "bigint"), ("worker_id", "text"),
+        ("slot_ids", "jsonb"), ("nodes", "jsonb"), ("restarts", "integer"), ("assigned_at", "timestamptz"),
+        ("started_at", "timestamptz"), ("ended_at", "timestamptz"), ("exit_code", "integer"),
+        ("end_reason", "text"),
+    ],
+    "checkpoints": [
+        ("uuid", "text"), ("trial_id", "bigint"), ("experiment_id", "bigint"), ("steps_completed", "bigint"),
+        ("storage", "text"), ("resources", "jsonb"), ("metadata", "jsonb"), ("reported_at", "timestamptz"),
+    ],
+    "workers_lost": [("worker_id", "text"), ("last_seen", "timestamptz")],
+}
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = _Batched(conn)
+
+class Fold:
+    """The read model's rows a batch touches, and the pure fold of domain events over them.
+
+    Rows are plain dicts keyed by column. An event about a row that is not there (not loaded, not
+    inserted earlier in the batch) changes nothing, as an UPDATE of a missing row would not; an insert of
+    a row that is there changes nothing (first insert wins).
+    """
+
+    def __init__(self, experiments: dict[int, Row] | None = None, trials: dict[int, Row] | None = None,
+                 allocations: dict[str, Row] | None = None,
+                 progress_of: dict[int, dict[int, float]] | None = None) -> None:
+        self.experiments = experiments or {}
+        self.trials = trials or {}
+        self.allocations = allocations or {}
+        # Every trial's progress (trial id -> progress) of the experiments whose progress the batch moves.
+        self.progress_of = progress_of or {}
+        self.checkpoints: dict[str, Row] = {}
+        self.workers_lost: dict[tuple[str, dt.datetime], Row] = {}
+        self.changed: dict[str, set[Any]] = {"experiments": set(), "trials": set(), "allocations": set()}
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
         self.log_rows: list[tuple[Any, ...]] = []
-        self._metric_of: dict[int, tuple[str, bool]] = {}
+        # Experiments whose progress (the mean of their trials') is owed since their last progress event.
+        self._progress_owed: set[int] = set()
 
-    async def apply(self, item: Item) -> None:
-        """Project one event."""
-        e = item.event
-        c = self.conn
-        match e:
-            case ev.ExperimentSubmitted():
-                cfg = e.config
-                searcher = cfg.get("searcher") or {}
-                resources = cfg.get("resources") or {}
-                await c.execute(
-                    "INSERT INTO experiments (id, name, description, labels, state, config, config_yaml,"
-                    " context_digest, searcher_name, searcher_metric, smaller_is_better, seed, submitted_by,"
-                    " submitted_at, priority, weight, max_slots)"
-                    " VALUES ($1,$2,$3,$4,'ACTIVE',$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    e.experiment_id, cfg.get("name") or "Experiment", cfg.get("description") or "",
-                    _j(cfg.get("labels") or []), _j(cfg), e.config_yaml, e.context_digest,
-                    searcher.get("name", ""), searcher.get("metric", ""),
-                    bool(searcher.get("smaller_is_better", True)), e.seed, e.submitted_by,
-                    _ts(e.submitted_at or item.ts), resources.get("priority") or 42,
-                    float(resources.get("weight") or 1.0), resources.get("max_slots"),
-                )
-            case ev.ExperimentPauseRequested():
-                await c.execute("UPDATE experiments SET state = 'PAUSED' WHERE id = $1 AND ended_at IS NULL",
-                                e.experiment_id)
-            case ev.ExperimentActivateRequested():
-                await c.execute("UPDATE experiments SET state = 'ACTIVE' WHERE id = $1 AND ended_at IS NULL",
-                                e.experiment_id)
-            case ev.ExperimentResourcesChanged():
-                await c.execute(
-                    "UPDATE experiments SET priority = COALESCE($2, priority), weight = COALESCE($3, weight),"
-                    " max_slots = CASE WHEN $4::int IS NULL THEN max_slots WHEN $4 <= 0 THEN NULL ELSE $4 END"
-                    " WHERE id = $1",
-                    e.experiment_id, e.priority, e.weight, e.max_slots,
-                )
-            case ev.TrialKillRequested():
-                await c.execute(
-                    "UPDATE trials SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
-            case ev.TrialPreemptRequested():
-                await c.execute(
-                    "UPDATE trials SET state = 'STOPPING' WHERE id = $1 AND ended_at IS NULL AND allocation_id = $2",
-                    e.trial_id, e.allocation_id)
-            case ev.TrialPreempted():
-                await c.execute(
-                    "UPDATE allocations SET end_reason = 'preempted' WHERE id = $1", e.allocation_id)
-                await c.execute(
-                    "UPDATE trials SET state = 'QUEUED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
-            case ev.ExperimentKillRequested():
-                await c.execute(
-                    "UPDATE experiments SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL",
-                    e.experiment_id,
-                )
-            case ev.ExperimentEnded():
-                await c.execute(
-                    "UPDATE experiments SET state = $2, ended_at = $3, end_reason = $4,"
-                    " progress = CASE WHEN $2 = 'COMPLETED' THEN 1 ELSE progress END WHERE id = $1",
-                    e.experiment_id, e.state, _ts(item.ts), e.reason,
-                )
-            case ev.TrialCreated():
-                await c.execute(
-                    "INSERT INTO trials (id, experiment_id, request_id, hparams, seed, max_length, state,"
-                    " created_at) VALUES ($1,$2,$3,$4,$5,$6,'QUEUED',$7) ON CONFLICT (id) DO NOTHING",
-                    e.trial_id, e.experiment_id, e.request_id, _j(e.hparams), e.seed, e.max_length,
-                    _ts(item.ts),
-                )
-            case ev.TrialStopRequested():
-                await c.execute("UPDATE trials SET stop_requested = true WHERE id = $1", e.trial_id)
-            case ev.TrialPaused():
-                await c.execute("UPDATE trials SET state = 'PAUSED' WHERE id = $1 AND ended_at IS NULL", e.trial_id)
-            case ev.TrialResumeRequested():
-                await c.execute(
-                    "UPDATE trials SET max_length = $2,"
-                    " state = CASE WHEN state = 'PAUSED' THEN 'QUEUED' ELSE state END"
-                    " WHERE id = $1 AND ended_at IS NULL",
-                    e.trial_id, e.max_length,
-                )
-            case ev.AllocationAssigned():
-                await c.execute(
-                    "INSERT INTO allocations (id, trial_id, experiment_id, worker_id, slot_ids, restarts,"
-                    " assigned_at) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (id) DO NOTHING",
-                    e.allocation_id, e.trial_id, e.experiment_id, e.worker_id, _j(e.slot_ids), e.restarts,
-                    _ts(item.ts),
-                )
-                await c.execute(
-                    "UPDATE trials SET state = 'STARTING', allocation_id = $2, worker_id = $3"
-                    " WHERE id = $1 AND ended_at IS NULL",
-                    e.trial_id, e.allocation_id, e.worker_id,
-                )
-            case ev.AllocationKillRequested():
-                await c.execute(
-                    "UPDATE trials SET state = 'STOPPING_CANCELED' WHERE id = $1 AND ended_at IS NULL",
-                    e.trial_id,
-                )
-            case ev.TrialStarted():
-                await c.execute("UPDATE allocations SET started_at = $2 WHERE id = $1",
-                                e.allocation_id, _ts(e.started_at or item.ts))
-                await c.execute(
-                    "UPDATE trials SET state = 'RUNNING', started_at = COALESCE(started_at, $2)"
-                    " WHERE id = $1 AND ended_at IS NULL AND allocation_id = $3",
-                    e.trial_id, _ts(e.started_at or item.ts), e.allocation_id,
-                )
-            case ev.AllocationExited():
-                await c.execute(
-                    "UPDATE allocations SET ended_at = $2, exit_code = $3, end_reason = $4 WHERE id = $1",
-                    e.allocation_id, _ts(e.exited_at or item.ts), e.exit_code, e.reason,
-                )
-            case ev.AllocationLost():
-                await c.execute(
-                    "UPDATE allocations SET ended_at = $2, end_reason = 'worker lost'"
-                    " WHERE id = $1 AND ended_at IS NULL",
-                    e.allocation_id, _ts(item.ts),
-                )
-            case ev.WorkerLost():
-                await c.execute(
-                    "INSERT INTO workers_lost (worker_id, last_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    e.worker_id, _ts(e.last_seen),
-                )
-            case ev.TrialRestarting():
-                await c.execute(
-                    "UPDATE trials SET state = 'QUEUED', restarts = $2, end_reason = $3 WHERE id = $1",
-                    e.trial_id, e.restarts, e.reason,
-                )
-            case ev.TrialExited():
-                await c.execute(
-                    "UPDATE trials SET state = $2, exit_code = $3, restarts = $4, end_reason = $5,"
-                    " ended_at = $6 WHERE id = $1",
-                    e.trial_id, e.state, e.exit_code, e.restarts, e.reason, _ts(item.ts),
-                )
-            case ev.ValidationReported():
-                await self._validation(e, item)
-            case ev.CheckpointStored():
-                await c.execute(
-                    "INSERT INTO checkpoints (uuid, trial_id, experiment_id, steps_completed, storage, resources,"
-                    " metadata, reported_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (uuid) DO NOTHING",
-                    e.uuid, e.trial_id, e.experiment_id, e.steps_completed, e.storage, _j(e.resources),
-                    _j(e.metadata), _ts(e.reported_at or item.ts),
-                )
-                await c.execute("UPDATE trials SET latest_checkpoint = $2 WHERE id = $1", e.trial_id, e.uuid)
-            case ev.TrialProgressReported():
-                await c.execute("UPDATE trials SET progress = $2 WHERE id = $1", e.trial_id, e.progress)
-                await c.execute(
-                    "UPDATE experiments SET progress = (SELECT avg(progress) FROM trials WHERE experiment_id = $1)"
-                    " WHERE id = $1 AND ended_at IS NULL",
-                    e.experiment_id,
-                )
-            case ev.TrainingMetricsReported():
-                for p in e.points:
-                    self._points(e.trial_id, "training", p.steps_completed, p.metrics, p.reported_at or item.ts)
-            case ev.LogsShipped():
-                self.log_rows += [
-                    (e.trial_id, e.allocation_id, ln.line_no, ln.stream, _ts(ln.ts), ln.text.replace("\x00", ""))
-                    for ln in e.lines
-                ]
-            case ev.MessageDeadLettered():
-                pass
-            case _:
-                assert_never(e)
+    # -- row access ------------------------------------------------------------------------------
+
+    def _experiment(self, experiment_id: int, *, running: bool = False) -> Row | None:
+        row = self.experiments.get(experiment_id)
+        if row is None or (running and row["ended_at"] is not None):
+            return None
+        self.changed["experiments"].add(experiment_id)
+        return row
+
+    def _trial(self, trial_id: int, *, running: bool = False) -> Row | None:
+        row = self.trials.get(trial_id)
+        if row is None or (running and row["ended_at"] is not None):
+            return None
+        self.changed["trials"].add(trial_id)
+        return row
+
+    def _allocation(self, allocation_id: str) -> Row | None:
+        row = self.allocations.get(allocation_id)
+        if row is not None:
+            self.changed["allocations"].add(allocation_id)
+        return row
+
+    # -- the fold ---------------------------------------------------------------------------------
+
+    def apply(self, item: Item) -> None:
+        """Fold one event into the rows."""
+        # A dict of handlers by exact type: a ``match`` over 28 class patterns cost ~5 µs an event in
+        # isinstance checks, a third of the whole fold.
+        _HANDLERS[type(item.event)](self, item.event, item)
+
+    # -- experiments ------------------------------------------------------------------------------
+
+    def _submitted(self, e: ev.ExperimentSubmitted, item: Item) -> None:
+        if e.experiment_id in self.experiments:
+            return
+        cfg = e.config
+        searcher = cfg.get("searcher") or {}
+        resources = cfg.get("resources") or {}
+        self.experiments[e.experiment_id] = {
+            "id": e.experiment_id, "name": cfg.get("name") or "Experiment", "description": cfg.get("description") or "",
+            "labels": _j(cfg.get("labels") or []), "state": "ACTIVE", "config": _j(cfg), "config_yaml": e.config_yaml,
+            "context_digest": e.context_digest, "searcher_name": searcher.get("name", ""),
+            "searcher_metric": searcher.get("metric", ""),
+            "smaller_is_better": bool(searcher.get("smaller_is_better", True)), "seed": e.seed,
+            "submitted_by": e.submitted_by, "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None,
+            "end_reason": "", "progress": 0.0, "priority": resources.get("priority") or 42,
+            "weight": float(resources.get("weight") or 1.0), "max_slots": resources.get("max_slots"),
+        }
+        self.changed["experiments"].add(e.experiment_id)
+        self.progress_of.setdefault(e.experiment_id, {})  # a new experiment: all its trials are in this fold
+
+    def _experiment_state(self, e: Any, state: str) -> None:
+        if (x := self._experiment(e.experiment_id, running=True)) is not None:
+            x["state"] = state
+
+    def _resources_changed(self, e: ev.ExperimentResourcesChanged, item: Item) -> None:
+        if (x := self._experiment(e.experiment_id)) is not None:
+            if e.priority is not None:
+                x["priority"] = e.priority
+            if e.weight is not None:
+                x["weight"] = float(e.weight)
+            if e.max_slots is not None:
+                x["max_slots"] = e.max_slots if e.max_slots > 0 else None
+
+    def _experiment_ended(self, e: ev.ExperimentEnded, item: Item) -> None:
+        self._settle_progress(e.experiment_id)
+        if (x := self._experiment(e.experiment_id)) is not None:
+            x.update(state=e.state, ended_at=_ts(item.ts), end_reason=e.reason)
+            if e.state == "COMPLETED":
+                x["progress"] = 1.0
+
+    # -- trials -----------------------------------------------------------------------------------
+
+    def _created(self, e: ev.TrialCreated, item: Item) -> None:
+        self._settle_progress(e.experiment_id)  # the mean so far did not count this trial
+        if e.trial_id in self.trials:
+            return
+        self.trials[e.trial_id] = _new_trial(e, item)
+        self.changed["trials"].add(e.trial_id)
+        if (progress := self.progress_of.get(e.experiment_id)) is not None:
+            progress[e.trial_id] = 0.0
+
+    def _trial_state(self, e: Any, state: str) -> None:
+        if (t := self._trial(e.trial_id, running=True)) is not None:
+            t["state"] = state
+
+    def _preempt_requested(self, e: ev.TrialPreemptRequested, item: Item) -> None:
+        t = self.trials.get(e.trial_id)
+        if t is not None and t["ended_at"] is None and t["allocation_id"] == e.allocation_id:
+            self._trial(e.trial_id)
+            t["state"] = "STOPPING"
+
+    def _preempted(self, e: ev.TrialPreempted, item: Item) -> None:
+        if (a := self._allocation(e.allocation_id)) is not None:
+            a["end_reason"] = "preempted"
+        self._trial_state(e, "QUEUED")
+
+    def _stop_requested(self, e: ev.TrialStopRequested, item: Item) -> None:
+        if (t := self._trial(e.trial_id)) is not None:
+            t["stop_requested"] = True
+
+    def _resume_requested(self, e: ev.TrialResumeRequested, item: Item) -> None:
+        if (t := self._trial(e.trial_id, running=True)) is not None:
+            t["max_length"] = e.max_length
+            if t["state"] == "PAUSED":
+                t["state"] = "QUEUED"
+
+    def _restarting(self, e: ev.TrialRestarting, item: Item) -> None:
+        if (t := self._trial(e.trial_id)) is not None:
+            t.update(state="QUEUED", restarts=e.restarts, end_reason=e.reason)
+
+    def _exited(self, e: ev.TrialExited, item: Item) -> None:
+        if (t := self._trial(e.trial_id)) is not None:
+            t.update(state=e.state, exit_code=e.exit_code, restarts=e.restarts, end_reason=e.reason,
+                     ended_at=_ts(item.ts))
+
+    def _validation(self, e: ev.ValidationReported, item: Item) -> None:
+        self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
+        t = self._trial(e.trial_id)
+        if t is None:
+            return
+        x = self.experiments.get(e.experiment_id)
+        metric, smaller = (x["searcher_metric"], x["smaller_is_better"]) if x is not None else ("", True)
+        value = e.metrics.get(metric)
+        numeric = float(value) if type(value) in (int, float) else None  # bool is not a metric value here
+        t["latest_validation"] = _j({"steps_completed": e.steps_completed, "metrics": e.metrics})
+        if e.steps_completed > t["steps_completed"]:
+            t["steps_completed"] = e.steps_completed
+        if numeric is not None and math.isfinite(numeric):
+            best = t["best_metric"]
+            t["best_metric"] = numeric if best is None else (min if smaller else max)(best, numeric)
+
+    def _checkpoint(self, e: ev.CheckpointStored, item: Item) -> None:
+        self.checkpoints.setdefault(e.uuid, {
+            "uuid": e.uuid, "trial_id": e.trial_id, "experiment_id": e.experiment_id,
+            "steps_completed": e.steps_completed, "storage": e.storage, "resources": _j(e.resources),
+            "metadata": _j(e.metadata), "reported_at": _ts(e.reported_at or item.ts)})
+        if (t := self._trial(e.trial_id)) is not None:
+            t["latest_checkpoint"] = e.uuid
+
+    def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
+        if (t := self._trial(e.trial_id)) is not None:
+            t["progress"] = e.progress
+            if (progress := self.progress_of.get(t["experiment_id"])) is not None:
+                progress[e.trial_id] = e.progress
+        x = self.experiments.get(e.experiment_id)
+        if x is not None and x["ended_at"] is None:
+            self._progress_owed.add(e.experiment_id)
+
+    # -- allocations ------------------------------------------------------------------------------
+
+    def _assigned(self, e: ev.AllocationAssigned, item: Item) -> None:
+        if e.node_rank:
+            return  # node 0's assignment carries every host (``nodes``)
+        if e.allocation_id not in self.allocations:
+            self.allocations[e.allocation_id] = {
+                "id": e.allocation_id, "trial_id": e.trial_id, "experiment_id": e.experiment_id,
+                "worker_id": e.worker_id, "slot_ids": _j(e.slot_ids), "nodes": _j(e.nodes), "restarts": e.restarts,
+                "assigned_at": _ts(item.ts), "started_at": None, "ended_at": None, "exit_code": None,
+                "end_reason": "",
+            }
+            self.changed["allocations"].add(e.allocation_id)
+        if (t := self._trial(e.trial_id, running=True)) is not None:
+            t.update(state="STARTING", allocation_id=e.allocation_id, worker_id=e.worker_id)
+
+    def _started(self, e: ev.TrialStarted, item: Item) -> None:
+        at = _ts(e.started_at or item.ts)
+        if (a := self._allocation(e.allocation_id)) is not None:
+            a["started_at"] = at
+        t = self.trials.get(e.trial_id)
+        if t is not None and t["ended_at"] is None and t["allocation_id"] == e.allocation_id:
+            self._trial(e.trial_id)
+            t["state"] = "RUNNING"
+            if t["started_at"] is None:
+                t["started_at"] = at
+
+    def _allocation_exited(self, e: ev.AllocationExited, item: Item) -> None:
+        a = self.allocations.get(e.allocation_id)
+        # Another host of a multi-host run: only its failure ends the allocation, and only if nothing did.
+        if a is not None and (e.node_rank == 0 or (e.exit_code != 0 and a["ended_at"] is None)):
+            self._allocation(e.allocation_id)
+            a.update(ended_at=_ts(e.exited_at or item.ts), exit_code=e.exit_code, end_reason=e.reason)
+
+    def _allocation_lost(self, e: ev.AllocationLost, item: Item) -> None:
+        a = self.allocations.get(e.allocation_id)
+        if a is not None and a["ended_at"] is None:
+            self._allocation(e.allocation_id)
+            a.update(ended_at=_ts(item.ts), end_reason="worker lost")
+
+    def _worker_lost(self, e: ev.WorkerLost, item: Item) -> None:
+        at = _ts(e.last_seen)
+        self.workers_lost.setdefault((e.worker_id, at), {"worker_id": e.worker_id, "last_seen": at})
+
+    # -- bulk rows --------------------------------------------------------------------------------
+
+    def _training(self, e: ev.TrainingMetricsReported, item: Item) -> None:
+        for p in e.points:
+            self._points(e.trial_id, "training", p.steps_completed, p.metrics, p.reported_at or item.ts)
+
+    def _logs(self, e: ev.LogsShipped, item: Item) -> None:
+        self.log_rows += [
+            (e.trial_id, e.allocation_id, ln.line_no, ln.stream, _ts(ln.ts), ln.text.replace("\x00", ""))
+            for ln in e.lines
+        ]
+
+    def finish(self) -> None:
+        """Settle what is owed at the end of the batch."""
+        for experiment_id in list(self._progress_owed):
+            self._settle_progress(experiment_id)
+
+    def _settle_progress(self, experiment_id: int) -> None:
+        """An experiment's progress is the mean of its trials' as of its latest progress event."""
+        if experiment_id not in self._progress_owed:
+            return
+        self._progress_owed.discard(experiment_id)
+        values = (self.progress_of.get(experiment_id) or {}).values()
+        if values and (x := self._experiment(experiment_id, running=True)) is not None:
+            x["progress"] = math.fsum(values) / len(values)  # exactly rounded: no dependence on row order
 
     def _points(self, trial_id: int, kind: str, step: int, metrics: dict[str, Any], ts: float) -> None:
         at = _ts(ts)
@@ -252,71 +369,194 @@ class _Projector:
             value, text = metric_value(raw)
             self.metric_rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
 
-    async def _validation(self, e: ev.ValidationReported, item: Item) -> None:
-        self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
-        metric, smaller = await self._searcher_metric(e.experiment_id)
-        value = e.metrics.get(metric)
-        numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if numeric is not None and not math.isfinite(numeric):
-            numeric = None
-        best = "LEAST" if smaller else "GREATEST"
-        await self.conn.execute(
-            f"UPDATE trials SET latest_validation = $2, steps_completed = GREATEST(steps_completed, $3),"
-            f" best_metric = CASE WHEN $4::float8 IS NULL THEN best_metric"
-            f" ELSE {best}(COALESCE(best_metric, $4::float8), $4::float8) END WHERE id = $1",
-            e.trial_id, _j({"steps_completed": e.steps_completed, "metrics": e.metrics}), e.steps_completed, numeric,
+
+_HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
+    ev.ExperimentSubmitted: Fold._submitted,
+    ev.ExperimentPauseRequested: lambda f, e, _: f._experiment_state(e, "PAUSED"),
+    ev.ExperimentActivateRequested: lambda f, e, _: f._experiment_state(e, "ACTIVE"),
+    ev.ExperimentResourcesChanged: Fold._resources_changed,
+    ev.ExperimentKillRequested: lambda f, e, _: f._experiment_state(e, "STOPPING_CANCELED"),
+    ev.ExperimentEnded: Fold._experiment_ended,
+    ev.TrialCreated: Fold._created,
+    ev.TrialKillRequested: lambda f, e, _: f._trial_state(e, "STOPPING_CANCELED"),
+    ev.AllocationKillRequested: lambda f, e, _: f._trial_state(e, "STOPPING_CANCELED"),
+    ev.TrialPreemptRequested: Fold._preempt_requested,
+    ev.TrialPreempted: Fold._preempted,
+    ev.TrialStopRequested: Fold._stop_requested,
+    ev.TrialPaused: lambda f, e, _: f._trial_state(e, "PAUSED"),
+    ev.TrialResumeRequested: Fold._resume_requested,
+    ev.AllocationAssigned: Fold._assigned,
+    ev.TrialStarted: Fold._started,
+    ev.AllocationExited: Fold._allocation_exited,
+    ev.AllocationLost: Fold._allocation_lost,
+    ev.WorkerLost: Fold._worker_lost,
+    ev.TrialRestarting: Fold._restarting,
+    ev.TrialExited: Fold._exited,
+    ev.ValidationReported: Fold._validation,
+    ev.CheckpointStored: Fold._checkpoint,
+    ev.TrialProgressReported: Fold._progress,
+    ev.TrainingMetricsReported: Fold._training,
+    ev.LogsShipped: Fold._logs,
+    ev.MessageDeadLettered: lambda f, e, _: None,
+}
+
+
+def _new_trial(e: ev.TrialCreated, item: Item) -> Row:
+    return {
+        "id": e.trial_id, "experiment_id": e.experiment_id, "request_id": e.request_id, "hparams": _j(e.hparams),
+        "seed": e.seed, "max_length": e.max_length, "state": "QUEUED", "restarts": 0, "exit_code": None,
+        "end_reason": "", "stop_requested": False, "allocation_id": None, "worker_id": None,
+        "created_at": _ts(item.ts), "started_at": None, "ended_at": None, "steps_completed": 0, "progress": 0.0,
+        "latest_validation": None, "best_metric": None, "latest_checkpoint": None,
+    }
+
+
+# -- the I/O shell --------------------------------------------------------------------------------
+
+
+def _select(table: str, where: str) -> str:
+    cols = ", ".join(f"{c}::text AS {c}" if t == "jsonb" else c for c, t in _COLUMNS[table])
+    return f"SELECT {cols} FROM {table} WHERE {where}"
+
+
+_WITHOUT_ROWS = {ev.TrainingMetricsReported, ev.LogsShipped, ev.MessageDeadLettered, ev.WorkerLost}
+
+
+async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
+    """The rows the batch's domain events touch, and every trial's progress of the experiments whose
+    progress it moves."""
+    experiment_ids: set[int] = set()
+    trial_ids: set[int] = set()
+    allocation_ids: set[str] = set()
+    progress_of: set[int] = set()
+    for item in items:
+        e = item.event
+        kind = type(e)
+        if kind in _WITHOUT_ROWS:
+            continue
+        experiment_ids.add(e.experiment_id)
+        if (trial_id := getattr(e, "trial_id", None)) is not None:
+            trial_ids.add(trial_id)
+        if (allocation_id := getattr(e, "allocation_id", None)) is not None:
+            allocation_ids.add(allocation_id)
+        if kind is ev.TrialProgressReported:
+            progress_of.add(e.experiment_id)
+    if not experiment_ids:
+        return {}
+    experiments = await conn.fetch(_select("experiments", "id = ANY($1::bigint[])"), list(experiment_ids))
+    trials = await conn.fetch(_select("trials", "id = ANY($1::bigint[])"), list(trial_ids))
+    allocations = await conn.fetch(_select("allocations", "id = ANY($1::text[])"), list(allocation_ids)) \
+        if allocation_ids else []
+    progress: dict[int, dict[int, float]] = {e: {} for e in progress_of}
+    if progress_of:
+        for r in await conn.fetch("SELECT experiment_id, array_agg(id) AS ids, array_agg(progress) AS values"
+                                  " FROM trials WHERE experiment_id = ANY($1::bigint[]) GROUP BY experiment_id",
+                                  list(progress_of)):
+            progress[r["experiment_id"]] = dict(zip(r["ids"], r["values"], strict=True))
+    return {
+        "experiments": {r["id"]: dict(r) for r in experiments},
+        "trials": {r["id"]: dict(r) for r in trials},
+        "allocations": {r["id"]: dict(r) for r in allocations},
+        "progress_of": progress,
+    }
+
+
+_KEYS = {"experiments": "id", "trials": "id", "allocations": "id", "checkpoints": None, "workers_lost": None}
+# Above this many rows a table's changes go through COPY into a staging table: asyncpg checks every element
+# of an array parameter for nesting (an isinstance through abc each), which cost more than the fold.
+_COPY_ABOVE = 64
+
+
+def _upsert(table: str, source: str) -> str:
+    """INSERT rows from ``source`` (columns named as the table's, jsonb as text); on a key conflict replace
+    the row, or keep it where the table has no replaceable key."""
+    columns = _COLUMNS[table]
+    key = _KEYS[table]
+    names = ", ".join(c for c, _ in columns)
+    values = ", ".join(f"u.{c}::jsonb" if t == "jsonb" else f"u.{c}" for c, t in columns)
+    conflict = "DO NOTHING" if key is None else \
+        f"({key}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in columns if c != key)
+    return f"INSERT INTO {table} ({names}) SELECT {values} FROM {source} ON CONFLICT {conflict}"
+
+
+def _unnest(table: str) -> str:
+    columns = _COLUMNS[table]
+    arrays = ", ".join(f"${i}::{'text' if t == 'jsonb' else t}[]" for i, (_, t) in enumerate(columns, 1))
+    return f"unnest({arrays}) AS u({', '.join(c for c, _ in columns)})"
+
+
+_UPSERT_ARRAYS = {table: _upsert(table, _unnest(table)) for table in _COLUMNS}
+_UPSERT_STAGED = {table: _upsert(table, f"stage_{table} u") for table in _COLUMNS}
+_STAGING = {
+    table: f"CREATE TEMP TABLE IF NOT EXISTS stage_{table} ("
+           + ", ".join(f"{c} {'text' if t == 'jsonb' else t}" for c, t in columns) + ") ON COMMIT DELETE ROWS"
+    for table, columns in _COLUMNS.items()
+}
+
+
+async def _write_rows(conn: Any, table: str, rows: Sequence[Row]) -> None:
+    """One upsert for a table's changed rows: array parameters when few, COPY and a staging table when many."""
+    if not rows:
+        return
+    names = [c for c, _ in _COLUMNS[table]]
+    if len(rows) <= _COPY_ABOVE:
+        await conn.execute(_UPSERT_ARRAYS[table], *([r[c] for r in rows] for c in names))
+        return
+    await conn.execute(_STAGING[table])
+    await conn.copy_records_to_table(f"stage_{table}", records=[tuple(r[c] for c in names) for r in rows],
+                                     columns=names)
+    await conn.execute(_UPSERT_STAGED[table])
+
+
+async def _write(conn: Any, fold: Fold) -> None:
+    """Write what the fold changed, parents before children, then metric points and log lines."""
+    fold.finish()
+    for table, rows in (("experiments", fold.experiments), ("trials", fold.trials), ("allocations", fold.allocations)):
+        await _write_rows(conn, table, [rows[k] for k in sorted(fold.changed[table])])
+    await _write_rows(conn, "checkpoints", list(fold.checkpoints.values()))
+    await _write_rows(conn, "workers_lost", list(fold.workers_lost.values()))
+    if fold.metric_rows:
+        await _flush_points(conn, list(fold.metric_rows.values()))
+    if fold.log_rows:
+        await conn.executemany(
+            "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"
+            " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (allocation_id, line_no) DO NOTHING",
+            fold.log_rows,
         )
 
-    async def _searcher_metric(self, experiment_id: int) -> tuple[str, bool]:
-        if experiment_id not in self._metric_of:
-            row = await self.conn.fetchrow(
-                "SELECT searcher_metric, smaller_is_better FROM experiments WHERE id = $1", experiment_id
-            )
-            self._metric_of[experiment_id] = (row["searcher_metric"], row["smaller_is_better"]) if row else ("", True)
-        return self._metric_of[experiment_id]
 
-    async def flush(self) -> None:
-        """Write queued statements, then buffered metric and log rows."""
-        await self.conn.flush()
-        if self.metric_rows:
-            await self._flush_points()
-        if self.log_rows:
-            await self.conn.executemany(
-                "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"
-                " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (allocation_id, line_no) DO NOTHING",
-                self.log_rows,
-            )
-        await self.conn.flush()
+async def _flush_points(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+    """COPY the batch straight into ``metric_points`` and fold the per-trial summaries.
 
-    async def _flush_points(self) -> None:
-        """COPY the batch straight into ``metric_points`` and fold the per-trial summaries.
-
-        The fast path is a plain COPY inside a savepoint. Only when a step is already there (a
-        restarted trial re-reporting it) does it roll back to the savepoint and take the slower path:
-        COPY into a staging table and upsert, so the newer value replaces the older one. The summaries
-        (last/min/max per metric) are folded in Python and written with one statement, so listing
-        trials never reads the points. Measured in benchmarks/ingest (projection_ab.py): 2.2x the
-        staging-always version.
-        """
-        rows = list(self.metric_rows.values())
-        c = self.conn
-        await c.flush()  # nothing queued may straddle the savepoint
-        try:
-            async with c.transaction():  # a savepoint inside project_batch's transaction
-                await c.copy_records_to_table("metric_points", records=rows, columns=_POINT_COLUMNS)
-        except asyncpg.UniqueViolationError:
-            await c.execute("CREATE TEMP TABLE IF NOT EXISTS metric_staging (LIKE metric_points)"
-                            " ON COMMIT DELETE ROWS")
-            await c.copy_records_to_table("metric_staging", records=rows, columns=_POINT_COLUMNS)
-            await c.execute(
-                "INSERT INTO metric_points SELECT * FROM metric_staging"
-                " ON CONFLICT (trial_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value,"
-                " text_value = EXCLUDED.text_value, reported_at = EXCLUDED.reported_at"
-            )
-        await c.execute(_SUMMARY_UPSERT, *_summary_columns(rows))
+    The fast path is a plain COPY inside a savepoint. Only when a step is already there (a
+    restarted trial re-reporting it) does it roll back to the savepoint and take the slower path:
+    COPY into a staging table and upsert, so the newer value replaces the older one (2.2x faster
+    than staging always, measured in benchmarks/ingest). The summaries (last/min/max per metric)
+    are folded in Python and written with one upsert, so listing trials never reads the points.
+    """
+    try:
+        async with conn.transaction():  # a savepoint inside project_batch's transaction
+            await conn.copy_records_to_table("metric_points", records=rows, columns=_POINT_COLUMNS)
+    except asyncpg.UniqueViolationError:
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS metric_staging (LIKE metric_points)"
+                           " ON COMMIT DELETE ROWS")
+        await conn.copy_records_to_table("metric_staging", records=rows, columns=_POINT_COLUMNS)
+        await conn.execute(
+            "INSERT INTO metric_points SELECT * FROM metric_staging"
+            " ON CONFLICT (trial_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value,"
+            " text_value = EXCLUDED.text_value, reported_at = EXCLUDED.reported_at"
+        )
+    summaries = _summaries(rows)
+    if len(summaries) <= _COPY_ABOVE:
+        await conn.execute(_SUMMARY_UPSERT.format(source=_SUMMARY_ARRAYS), *map(list, zip(*summaries, strict=True)))
+        return
+    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS summary_staging (LIKE metric_summaries)"
+                       " ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table("summary_staging", records=summaries, columns=_SUMMARY_COLUMNS)
+    await conn.execute(_SUMMARY_UPSERT.format(source="summary_staging"))
 
 
-def _summary_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+def _summaries(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Per (trial, kind, name): the highest step with its value, and min/max over non-NaN values."""
     folded: dict[tuple[int, str, str], list[Any]] = {}
     for trial_id, kind, name, step, value, _text, _at in rows:
@@ -330,18 +570,16 @@ def _summary_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
         if usable is not None:
             s[2] = usable if s[2] is None else min(s[2], usable)
             s[3] = usable if s[3] is None else max(s[3], usable)
-    columns: list[list[Any]] = [[], [], [], [], [], [], []]
-    for (trial_id, kind, name), (step, last, lo, hi) in folded.items():
-        for column, v in zip(columns, (trial_id, kind, name, step, last, lo, hi), strict=True):
-            column.append(v)
-    return columns
+    return [(*key, *s) for key, s in folded.items()]
 
 
+_SUMMARY_COLUMNS = ["trial_id", "kind", "name", "last_step", "last_value", "min_value", "max_value"]
+_SUMMARY_ARRAYS = ("unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[],"
+                   " $7::float8[])")
 # Summaries: the newest step wins last_value; min/max accumulate (LEAST/GREATEST skip NULLs).
 _SUMMARY_UPSERT = (
     "INSERT INTO metric_summaries (trial_id, kind, name, last_step, last_value, min_value, max_value)"
-    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[],"
-    " $7::float8[])"
+    " SELECT * FROM {source}"
     " ON CONFLICT (trial_id, kind, name) DO UPDATE SET"
     " last_value = CASE WHEN EXCLUDED.last_step >= metric_summaries.last_step"
     " THEN EXCLUDED.last_value ELSE metric_summaries.last_value END,"
@@ -349,52 +587,3 @@ _SUMMARY_UPSERT = (
     " min_value = LEAST(metric_summaries.min_value, EXCLUDED.min_value),"
     " max_value = GREATEST(metric_summaries.max_value, EXCLUDED.max_value)"
 )
-
-
-class _Batched:
-    """The projector's connection: consecutive identical statements go out as one ``executemany``.
-
-    Domain events come in runs (a search creates many trials, trials report many validations), and a
-    round trip per statement bounds replay. Order is kept: any other statement, read or COPY flushes
-    the queued run first.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self._sql: str | None = None
-        self._args: list[tuple[Any, ...]] = []
-
-    async def execute(self, sql: str, *args: Any) -> None:
-        """Queue a statement (sent with the next different one, a read, or flush)."""
-        if sql != self._sql:
-            await self.flush()
-            self._sql = sql
-        self._args.append(args)
-
-    async def flush(self) -> None:
-        """Send the queued run."""
-        if self._sql is not None and self._args:
-            if len(self._args) == 1:
-                await self._conn.execute(self._sql, *self._args[0])
-            else:
-                await self._conn.executemany(self._sql, self._args)
-        self._sql, self._args = None, []
-
-    async def fetchrow(self, *args: Any) -> Any:
-        """A read sees everything queued before it."""
-        await self.flush()
-        return await self._conn.fetchrow(*args)
-
-    async def executemany(self, *args: Any) -> Any:
-        """Bulk rows, after the queued run."""
-        await self.flush()
-        return await self._conn.executemany(*args)
-
-    async def copy_records_to_table(self, *args: Any, **kwargs: Any) -> Any:
-        """COPY, after the queued run."""
-        await self.flush()
-        return await self._conn.copy_records_to_table(*args, **kwargs)
-
-    def transaction(self) -> Any:
-        """A savepoint (the queued run must be flushed before entering it)."""
-        return self._conn.transaction()
