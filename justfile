@@ -48,6 +48,10 @@ bench-scheduler: setup
 bench-ingest: setup
     {{venv}}/python benchmarks/ingest/run.py
 
+bench-replay: setup
+    {{venv}}/python benchmarks/ingest/replay_profile.py --shape mixed
+    {{venv}}/python benchmarks/ingest/replay_profile.py --shape validations
+
 bench-hpo: setup
     {{venv}}/python -m pip install --quiet -e ".[bench]"
     bash benchmarks/hpo/run.sh
