@@ -318,7 +318,8 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
     click.echo(f"trial {t['id']} of experiment {t['experiment_id']}: state={t['state']} restarts={t['restarts']}"
                f" steps={t['steps_completed']} hparams={json.dumps(t['hparams'], sort_keys=True)}")
     for a in t["allocations"]:
-        click.echo(f"  allocation {a['id']} on {a['worker_id']}: exit={a['exit_code']} {a['end_reason']}")
+        hosts = ", ".join(n["worker_id"] for n in a.get("nodes") or []) or a["worker_id"]  # several: it spans
+        click.echo(f"  allocation {a['id']} on {hosts}: exit={a['exit_code']} {a['end_reason']}")
     for m in metrics:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(m["metrics"].items()))
         click.echo(f"  validation at step {m['steps_completed']}: {shown}")

@@ -76,6 +76,13 @@ def test_a_two_slot_trial_on_one_slot_workers_spans_two_of_them(kiln_stack: Stac
     assert trial["steps_completed"] == steps
 
     # The audit trail: one assignment per host, ranks 0 and 1, one allocation, one rendezvous.
+    # The trial's allocation lists both hosts, in rank order, for people and for the API.
+    (alloc,) = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}").json()["allocations"]
+    hosts = [n["worker_id"] for n in alloc["nodes"]]
+    assert len(set(hosts)) == 2 and alloc["worker_id"] == hosts[0] and alloc["exit_code"] == 0
+    described = kiln_stack.kiln("trial", "describe", str(trial["id"]))
+    assert f"allocation {alloc['id']} on {hosts[0]}, {hosts[1]}: exit=0" in described.stdout, described.stdout
+
     assigned = _assignments(kiln_stack, exp_id)
     assert sorted(a.get("node_rank", 0) for a in assigned) == [0, 1]
     assert len({a["worker_id"] for a in assigned}) == 2
