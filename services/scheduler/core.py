@@ -189,8 +189,7 @@ class SchedulerCore:
                     run.state = "PAUSED"
                 return []
             case ev.AllocationExited():
-                run = self.state.trials.get(event.trial_id)
-                if event.node_rank and event.exit_code == 0 and run is not None and run.allocation_id == event.allocation_id:
+                if event.node_rank and event.exit_code == 0:
                     return []  # a multi-host run ends with node 0's exit, or with the first failure
                 return self._allocation_ended(event.trial_id, event.allocation_id, event.exit_code, event.reason)
             case ev.AllocationLost():

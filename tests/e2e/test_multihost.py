@@ -91,7 +91,8 @@ def test_a_two_slot_trial_on_one_slot_workers_spans_two_of_them(kiln_stack: Stac
     # Both hosts' output reached the trial's logs.
     logs = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/logs",
                      params={"limit": 5000}).json()
-    done = sorted(line["text"].split(" done")[0] for line in logs if " done" in line["text"] and "rank " in line["text"])
+    done = sorted(line["text"].split(" done")[0] for line in logs
+                  if " done" in line["text"] and "rank " in line["text"])
     assert [t.split(" on ")[0] for t in done] == ["rank 0 of 2", "rank 1 of 2"]
     assert {t.split("(host ")[1] for t in done} == {"0)", "1)"}
 
