@@ -170,8 +170,7 @@ class Fold:
 
     def apply(self, item: Item) -> None:
         """Fold one event into the rows."""
-        # A dict of handlers by exact type: a ``match`` over 28 class patterns cost ~5 µs an event in
-        # isinstance checks, a third of the whole fold.
+        # One handler per event type (``_HANDLERS``, checked complete by a test).
         _HANDLERS[type(item.event)](self, item.event, item)
 
     # -- experiments ------------------------------------------------------------------------------

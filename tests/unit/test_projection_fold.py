@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any
 
 import pytest
 
 from schemas import events as ev
-from services.tracker.projection import Fold, Item
+from services.tracker.projection import _HANDLERS, Fold, Item
 
 E, T, T2 = 1, 10, 11
 CONFIG = {"name": "x", "searcher": {"name": "single", "metric": "loss", "smaller_is_better": True}}
@@ -146,3 +147,10 @@ def test_only_touched_rows_are_written() -> None:
     assert f.changed["trials"] == set()
     f.apply(Item(seq=2, ts=2.0, event=ev.TrialKillRequested(experiment_id=E, trial_id=T2)))
     assert f.changed["trials"] == {T2} and f.trials[T2]["state"] == "STOPPING_CANCELED"
+
+
+def test_every_event_the_tracker_consumes_has_a_handler() -> None:
+    consumed = {member for kind in (ev.DomainEvent, ev.MetricEvent, ev.LogEvent, ev.MessageDeadLettered)
+                for member in (typing.get_args(kind) or (kind,))}
+    assert len(consumed) > 25 and ev.TrainingMetricsReported in consumed and ev.LogsShipped in consumed
+    assert consumed <= set(_HANDLERS)
