@@ -7,8 +7,9 @@ into a fresh schema produces the same rows.
 
 Domain events are folded in memory (``Fold``, no I/O): the shell loads the rows a batch touches with a few
 ``= ANY`` queries, applies every event in order to those rows, and writes the changed rows back with one
-``unnest`` upsert per table. A statement per event capped replay at ~12k events/s; the result does not
-depend on where batches begin and end, so the live tracker (256-event batches) and a replay (2,000) agree.
+upsert per table (array parameters for a few rows, COPY into a staging table for many). A statement per
+event capped replay at ~12k events/s. The result does not depend on where batches begin and end, so the
+live tracker (256-event batches) and a replay (2,000) agree.
 The tracker is the only writer of these tables.
 """
 
@@ -146,24 +147,13 @@ class Fold:
 
     # -- row access ------------------------------------------------------------------------------
 
-    def _experiment(self, experiment_id: int, *, running: bool = False) -> Row | None:
-        row = self.experiments.get(experiment_id)
+    def _row(self, table: str, key: Any, *, running: bool = False) -> Row | None:
+        """The row of ``table`` at ``key``, marked as changed; None when it is not there (or, with
+        ``running``, when it has ended)."""
+        row = getattr(self, table).get(key)
         if row is None or (running and row["ended_at"] is not None):
             return None
-        self.changed["experiments"].add(experiment_id)
-        return row
-
-    def _trial(self, trial_id: int, *, running: bool = False) -> Row | None:
-        row = self.trials.get(trial_id)
-        if row is None or (running and row["ended_at"] is not None):
-            return None
-        self.changed["trials"].add(trial_id)
-        return row
-
-    def _allocation(self, allocation_id: str) -> Row | None:
-        row = self.allocations.get(allocation_id)
-        if row is not None:
-            self.changed["allocations"].add(allocation_id)
+        self.changed[table].add(key)
         return row
 
     # -- the fold ---------------------------------------------------------------------------------
@@ -195,11 +185,11 @@ class Fold:
         self.progress_of.setdefault(e.experiment_id, {})  # a new experiment: all its trials are in this fold
 
     def _experiment_state(self, e: Any, state: str) -> None:
-        if (x := self._experiment(e.experiment_id, running=True)) is not None:
+        if (x := self._row("experiments", e.experiment_id, running=True)) is not None:
             x["state"] = state
 
     def _resources_changed(self, e: ev.ExperimentResourcesChanged, item: Item) -> None:
-        if (x := self._experiment(e.experiment_id)) is not None:
+        if (x := self._row("experiments", e.experiment_id)) is not None:
             if e.priority is not None:
                 x["priority"] = e.priority
             if e.weight is not None:
@@ -209,7 +199,7 @@ class Fold:
 
     def _experiment_ended(self, e: ev.ExperimentEnded, item: Item) -> None:
         self._settle_progress(e.experiment_id)
-        if (x := self._experiment(e.experiment_id)) is not None:
+        if (x := self._row("experiments", e.experiment_id)) is not None:
             x.update(state=e.state, ended_at=_ts(item.ts), end_reason=e.reason)
             if e.state == "COMPLETED":
                 x["progress"] = 1.0
@@ -226,42 +216,42 @@ class Fold:
             progress[e.trial_id] = 0.0
 
     def _trial_state(self, e: Any, state: str) -> None:
-        if (t := self._trial(e.trial_id, running=True)) is not None:
+        if (t := self._row("trials", e.trial_id, running=True)) is not None:
             t["state"] = state
 
     def _preempt_requested(self, e: ev.TrialPreemptRequested, item: Item) -> None:
         t = self.trials.get(e.trial_id)
         if t is not None and t["ended_at"] is None and t["allocation_id"] == e.allocation_id:
-            self._trial(e.trial_id)
+            self._row("trials", e.trial_id)
             t["state"] = "STOPPING"
 
     def _preempted(self, e: ev.TrialPreempted, item: Item) -> None:
-        if (a := self._allocation(e.allocation_id)) is not None:
+        if (a := self._row("allocations", e.allocation_id)) is not None:
             a["end_reason"] = "preempted"
         self._trial_state(e, "QUEUED")
 
     def _stop_requested(self, e: ev.TrialStopRequested, item: Item) -> None:
-        if (t := self._trial(e.trial_id)) is not None:
+        if (t := self._row("trials", e.trial_id)) is not None:
             t["stop_requested"] = True
 
     def _resume_requested(self, e: ev.TrialResumeRequested, item: Item) -> None:
-        if (t := self._trial(e.trial_id, running=True)) is not None:
+        if (t := self._row("trials", e.trial_id, running=True)) is not None:
             t["max_length"] = e.max_length
             if t["state"] == "PAUSED":
                 t["state"] = "QUEUED"
 
     def _restarting(self, e: ev.TrialRestarting, item: Item) -> None:
-        if (t := self._trial(e.trial_id)) is not None:
+        if (t := self._row("trials", e.trial_id)) is not None:
             t.update(state="QUEUED", restarts=e.restarts, end_reason=e.reason)
 
     def _exited(self, e: ev.TrialExited, item: Item) -> None:
-        if (t := self._trial(e.trial_id)) is not None:
+        if (t := self._row("trials", e.trial_id)) is not None:
             t.update(state=e.state, exit_code=e.exit_code, restarts=e.restarts, end_reason=e.reason,
                      ended_at=_ts(item.ts))
 
     def _validation(self, e: ev.ValidationReported, item: Item) -> None:
         self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
-        t = self._trial(e.trial_id)
+        t = self._row("trials", e.trial_id)
         if t is None:
             return
         x = self.experiments.get(e.experiment_id)
@@ -280,11 +270,11 @@ class Fold:
             "uuid": e.uuid, "trial_id": e.trial_id, "experiment_id": e.experiment_id,
             "steps_completed": e.steps_completed, "storage": e.storage, "resources": _j(e.resources),
             "metadata": _j(e.metadata), "reported_at": _ts(e.reported_at or item.ts)})
-        if (t := self._trial(e.trial_id)) is not None:
+        if (t := self._row("trials", e.trial_id)) is not None:
             t["latest_checkpoint"] = e.uuid
 
     def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
-        if (t := self._trial(e.trial_id)) is not None:
+        if (t := self._row("trials", e.trial_id)) is not None:
             t["progress"] = e.progress
             if (progress := self.progress_of.get(t["experiment_id"])) is not None:
                 progress[e.trial_id] = e.progress
@@ -305,16 +295,16 @@ class Fold:
                 "end_reason": "",
             }
             self.changed["allocations"].add(e.allocation_id)
-        if (t := self._trial(e.trial_id, running=True)) is not None:
+        if (t := self._row("trials", e.trial_id, running=True)) is not None:
             t.update(state="STARTING", allocation_id=e.allocation_id, worker_id=e.worker_id)
 
     def _started(self, e: ev.TrialStarted, item: Item) -> None:
         at = _ts(e.started_at or item.ts)
-        if (a := self._allocation(e.allocation_id)) is not None:
+        if (a := self._row("allocations", e.allocation_id)) is not None:
             a["started_at"] = at
         t = self.trials.get(e.trial_id)
         if t is not None and t["ended_at"] is None and t["allocation_id"] == e.allocation_id:
-            self._trial(e.trial_id)
+            self._row("trials", e.trial_id)
             t["state"] = "RUNNING"
             if t["started_at"] is None:
                 t["started_at"] = at
@@ -323,13 +313,13 @@ class Fold:
         a = self.allocations.get(e.allocation_id)
         # Another host of a multi-host run: only its failure ends the allocation, and only if nothing did.
         if a is not None and (e.node_rank == 0 or (e.exit_code != 0 and a["ended_at"] is None)):
-            self._allocation(e.allocation_id)
+            self._row("allocations", e.allocation_id)
             a.update(ended_at=_ts(e.exited_at or item.ts), exit_code=e.exit_code, end_reason=e.reason)
 
     def _allocation_lost(self, e: ev.AllocationLost, item: Item) -> None:
         a = self.allocations.get(e.allocation_id)
         if a is not None and a["ended_at"] is None:
-            self._allocation(e.allocation_id)
+            self._row("allocations", e.allocation_id)
             a.update(ended_at=_ts(item.ts), end_reason="worker lost")
 
     def _worker_lost(self, e: ev.WorkerLost, item: Item) -> None:
@@ -359,7 +349,7 @@ class Fold:
             return
         self._progress_owed.discard(experiment_id)
         values = (self.progress_of.get(experiment_id) or {}).values()
-        if values and (x := self._experiment(experiment_id, running=True)) is not None:
+        if values and (x := self._row("experiments", experiment_id, running=True)) is not None:
             x["progress"] = math.fsum(values) / len(values)  # exactly rounded: no dependence on row order
 
     def _points(self, trial_id: int, kind: str, step: int, metrics: dict[str, Any], ts: float) -> None:

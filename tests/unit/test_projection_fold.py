@@ -12,7 +12,6 @@ from schemas import events as ev
 from services.tracker.projection import _HANDLERS, Fold, Item
 
 E, T, T2 = 1, 10, 11
-CONFIG = {"name": "x", "searcher": {"name": "single", "metric": "loss", "smaller_is_better": True}}
 
 
 def submitted(smaller: bool = True) -> ev.ExperimentSubmitted:
