@@ -116,8 +116,10 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
     durable: str
     stream: StreamSpec
     filter_subjects: list[str]
+    # Tries of a message whose handler fails for a reason that is not transient, before it is
+    # dead-lettered; transient failures are waited out and never count.
     max_deliver: int = 8
-    # Redelivery delays after a nak or a missed ack; JetStream needs max_deliver > len(backoff).
+    # Waits between those tries (the last one repeats).
     backoff_s: tuple[float, ...] = (0.5, 2.0, 5.0, 15.0, 30.0)
     ack_wait_s: float = 60.0
     max_ack_pending: int = 10_000
@@ -129,6 +131,8 @@ class AckPosition(NamedTuple):
     stream_seq: int
     timestamp: float  # seconds since the epoch, as the stream stored it
     num_pending: int
+    consumer_seq: int = 0  # the consumer's delivery counter: a skipped value means a lost delivery
+    delivered: int = 1  # how many times this message has been delivered to the consumer
 
 
 def ack_position(reply: str) -> AckPosition:
@@ -142,7 +146,8 @@ def ack_position(reply: str) -> AckPosition:
     try:
         if tokens[0] != "$JS" or tokens[1] != "ACK" or not (len(tokens) == 9 or len(tokens) >= 11):
             raise ValueError
-        return AckPosition(int(tokens[off + 5]), int(tokens[off + 7]) / 1e9, int(tokens[off + 8]))
+        return AckPosition(int(tokens[off + 5]), int(tokens[off + 7]) / 1e9, int(tokens[off + 8]),
+                           int(tokens[off + 6]), int(tokens[off + 4]))
     except (ValueError, IndexError):
         raise ValueError(f"not a JetStream ack subject: {reply!r}") from None
 
@@ -180,6 +185,9 @@ class Bus:
         self.nc = nc
         self.js = nc.jetstream()
         self.service = service
+        # Bumped each time the connection comes back after an outage: what was heard live (heartbeats)
+        # during the gap is missing, and a service that judges silence must start counting afresh.
+        self.reconnects = 0
 
     async def ensure_streams(self, specs: Sequence[StreamSpec] = ALL_STREAMS) -> None:
         """Create the streams if missing (idempotent; existing streams are left as they are)."""
@@ -236,99 +244,155 @@ class Bus:
         batch: int = 1,
         idle: Callable[[], Awaitable[None]] | None = None,
         fetch_timeout_s: float = 1.0,
+        position: Callable[[], Awaitable[int]] | None = None,
+        transient: Callable[[BaseException], bool] | None = None,
     ) -> None:
-        """Pull, decode and hand batches to ``handler`` until ``stop`` is set.
+        """Pull, decode and hand batches to ``handler``, in stream order, until ``stop`` is set.
 
-        Ack policy (STYLE.md 8): undecodable → dead-letter + term; handler failure → nak with the
-        backoff delay, and after ``max_deliver`` tries → dead-letter + term; success → ack, only
-        after the handler returned (it commits first). A failing batch is retried one message at
-        a time so one poison message cannot hold back the rest.
+        Ack policy (STYLE.md 8). Success → ack, only after the handler returned (it commits first).
+        A transient failure (``is_transient``: a server unreachable, a timeout) retries the same batch
+        in this process with backoff for as long as it lasts, keeping the messages' ack leases alive
+        and fetching nothing newer meanwhile, so nothing behind it is applied first. Any other failure
+        is retried one message at a time; a message that fails ``max_deliver`` times in a row, and an
+        undecodable one, is dead-lettered with its reason and the consumer moves on.
+
+        With ``position`` (the seq the consumer's own store says it applied last), the durable consumer
+        is recreated to start right after it whenever the process starts or a delivery goes missing (a
+        gap in the consumer sequence), so a position can never pass a message that was not applied.
         """
-        psub = await self._durable(spec)
+        puller = _Puller(self, spec, position)
+        classify = transient or is_transient
+        await self._until_done(lambda: puller.bind(), stop, classify, f"bind {spec.durable}")
         log.info("consumer.started", durable=spec.durable, stream=spec.stream.name)
         try:
-            await self._consume_loop(spec, psub, decoder, handler, stop, batch, idle, fetch_timeout_s)
+            while not stop.is_set():
+                if puller.lost:
+                    await self._until_done(lambda: puller.bind(), stop, classify, f"rebind {spec.durable}")
+                try:
+                    msgs = await puller.fetch(batch, fetch_timeout_s)
+                except nats.errors.ConnectionClosedError:
+                    break
+                if msgs is None:
+                    if idle is not None:
+                        await idle()
+                    continue
+                if not puller.in_order(msgs):
+                    log.warning("consumer.gap", durable=spec.durable, action="rebinding at the applied position")
+                    await self._until_done(lambda: puller.bind(), stop, classify, f"rebind {spec.durable}")
+                    continue
+                await self._deliver(spec, decoder, handler, stop, msgs, classify)
         finally:
-            # A pull subscription left open makes drain() wait for its whole timeout.
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            await puller.close()
             log.info("consumer.stopped", durable=spec.durable)
 
-    async def _consume_loop(
+    async def _deliver(
         self,
         spec: ConsumerSpec,
-        psub: Any,
         decoder: msgspec.json.Decoder[T],
         handler: Handler[T],
         stop: asyncio.Event,
-        batch: int,
-        idle: Callable[[], Awaitable[None]] | None,
-        fetch_timeout_s: float,
+        msgs: list[Msg],
+        classify: Callable[[BaseException], bool],
     ) -> None:
-        while not stop.is_set():
+        deliveries: list[Delivery[T]] = []
+        for msg in msgs:
             try:
-                msgs = await psub.fetch(batch, timeout=fetch_timeout_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                if idle is not None:
-                    await idle()
-                continue
-            except nats.errors.ConnectionClosedError:
-                break
-            deliveries: list[Delivery[T]] = []
-            for msg in msgs:
-                try:
-                    deliveries.append(Delivery.of(decoder.decode(msg.data), msg))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
-                    await self.dead_letter(spec.durable, msg, f"undecodable: {exc}")
-                    await msg.term()
-            if not deliveries:
-                continue
+                deliveries.append(Delivery.of(decoder.decode(msg.data), msg))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
+                await self._until_done(lambda m=msg, e=exc: self._give_up(spec, m, f"undecodable: {e}"),
+                                       stop, classify, "dead-letter")
+        if not deliveries:
+            return
+        error = await self._attempt(spec, handler, deliveries, stop, classify)
+        if error is None:
+            await _ack_all(deliveries)
+            return
+        if stop.is_set():
+            return
+        single = len(deliveries) == 1
+        if not single:
+            log.warning("consumer.batch_failed", durable=spec.durable, size=len(deliveries), error=repr(error))
+        # One at a time, in order: the bad one is found, the others are applied.
+        for one in deliveries:
+            failures, failed = (1, error) if single else (0, None)
+            if not single:
+                failed = await self._attempt(spec, handler, [one], stop, classify)
+                failures = 0 if failed is None else 1
+            while failed is not None and not stop.is_set():
+                if failures >= spec.max_deliver:
+                    log.error("consumer.poison", durable=spec.durable, seq=one.seq, error=repr(failed))
+                    reason = f"handler failed {failures} times: {failed!r}"
+                    await self._until_done(lambda o=one, r=reason: self._give_up(spec, o.msg, r),
+                                           stop, classify, "dead-letter")
+                    break
+                delay = spec.backoff_s[min(failures - 1, len(spec.backoff_s) - 1)]
+                log.error("consumer.retry", durable=spec.durable, seq=one.seq, delay=delay, error=repr(failed))
+                await _sleep_or_stop(stop, delay)
+                failed = await self._attempt(spec, handler, [one], stop, classify)
+                failures += 1 if failed is not None else 0
+            if failed is None:
+                await _ack_all([one])
+            elif stop.is_set():
+                return
+
+    async def _attempt(
+        self,
+        spec: ConsumerSpec,
+        handler: Handler[T],
+        deliveries: list[Delivery[T]],
+        stop: asyncio.Event,
+        classify: Callable[[BaseException], bool],
+    ) -> BaseException | None:
+        """Run the handler until it succeeds or fails for a reason that is not transient; None = applied."""
+        waits = 0
+        while True:
             try:
                 await handler(deliveries)
-            except Exception as exc:  # noqa: BLE001 - every failure gets the policy below
-                if len(deliveries) == 1:
-                    await self._failed(spec, deliveries[0], exc)
-                    continue
-                log.warning("consumer.batch_failed", durable=spec.durable, size=len(deliveries), error=repr(exc))
-                for one in deliveries:
-                    try:
-                        await handler([one])
-                    except Exception as exc_one:  # noqa: BLE001
-                        await self._failed(spec, one, exc_one)
-                    else:
-                        await one.msg.ack()
-                continue
-            for d in deliveries:
-                await d.msg.ack()
+                if waits:
+                    log.info("consumer.recovered", durable=spec.durable, seq=deliveries[0].seq, retries=waits)
+                return None
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not classify(exc):
+                    return exc
+                if stop.is_set():
+                    return exc
+                delay = _TRANSIENT_BACKOFF_S[min(waits, len(_TRANSIENT_BACKOFF_S) - 1)]
+                if waits % 10 == 0:
+                    log.warning("consumer.waiting", durable=spec.durable, seq=deliveries[0].seq, retry_in=delay,
+                                error=repr(exc))
+                waits += 1
+                await _sleep_or_stop(stop, delay)
+                # Keep the ack leases: a message waited on is not redelivered to anyone meanwhile.
+                for d in deliveries:
+                    with contextlib.suppress(Exception):
+                        await d.msg.in_progress()
 
-    async def _failed(self, spec: ConsumerSpec, d: Delivery[Any], exc: Exception) -> None:
-        """Nak with backoff, or dead-letter once the delivery budget is spent."""
-        if d.num_delivered >= spec.max_deliver:
-            log.error("consumer.poison", durable=spec.durable, seq=d.seq, error=repr(exc))
-            await self.dead_letter(spec.durable, d.msg, f"handler failed {d.num_delivered} times: {exc!r}")
-            await d.msg.term()
-            return
-        delay = spec.backoff_s[min(d.num_delivered - 1, len(spec.backoff_s) - 1)]
-        level = "warning" if isinstance(exc, Transient) else "error"
-        getattr(log, level)("consumer.retry", durable=spec.durable, seq=d.seq, delay=delay, error=repr(exc))
-        await d.msg.nak(delay=delay)
+    async def _give_up(self, spec: ConsumerSpec, msg: Msg, reason: str) -> None:
+        await self.dead_letter(spec.durable, msg, reason)
+        await msg.term()
 
-    async def _durable(self, spec: ConsumerSpec) -> Any:
-        """Bind to the durable consumer, creating it with ``spec`` on first use."""
-        config = js_api.ConsumerConfig(
-            durable_name=spec.durable,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-            ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=spec.ack_wait_s,
-            max_deliver=spec.max_deliver,
-            filter_subjects=spec.filter_subjects if len(spec.filter_subjects) > 1 else None,
-            filter_subject=spec.filter_subjects[0] if len(spec.filter_subjects) == 1 else None,
-            max_ack_pending=spec.max_ack_pending,
-        )
-        return await self.js.pull_subscribe(
-            spec.filter_subjects[0], durable=spec.durable, stream=spec.stream.name, config=config
-        )
+    async def _until_done(
+        self,
+        step: Callable[[], Awaitable[object]],
+        stop: asyncio.Event,
+        classify: Callable[[BaseException], bool],
+        what: str,
+    ) -> None:
+        """Run a bus step (bind, dead-letter) until it succeeds; only a transient failure is retried."""
+        waits = 0
+        while not stop.is_set():
+            try:
+                await step()
+                return
+            except Exception as exc:  # noqa: BLE001
+                if not classify(exc):
+                    raise
+                delay = _TRANSIENT_BACKOFF_S[min(waits, len(_TRANSIENT_BACKOFF_S) - 1)]
+                if waits % 10 == 0:
+                    log.warning("consumer.waiting", step=what, retry_in=delay, error=repr(exc))
+                waits += 1
+                await _sleep_or_stop(stop, delay)
 
     async def read(
         self,
@@ -415,6 +479,135 @@ class Bus:
         return Snapshots(kv)
 
 
+# Waits between retries of a step that failed for a transient reason; the last one repeats.
+_TRANSIENT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a failure says a server is away or slow (worth waiting out), not that the input is bad.
+
+    Looks through ``__cause__``/``__context__`` too, so a handler that wraps a connection error keeps
+    it transient.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (Transient, OSError, TimeoutError, _NATS_TRANSIENT)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+_NATS_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _ack_all(deliveries: Sequence[Delivery[Any]]) -> None:
+    """Ack applied messages. A lost ack only means a redelivery, which the position (or the handler's
+    own idempotency) absorbs, so a failing ack is not an error."""
+    for d in deliveries:
+        try:
+            await d.msg.ack()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("consumer.ack_failed", seq=d.seq, error=repr(exc))
+
+
+class _Puller:
+    """The pull subscription of one durable consumer, kept in step with the consumer's applied position."""
+
+    def __init__(self, bus: Bus, spec: ConsumerSpec, position: Callable[[], Awaitable[int]] | None) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.position = position
+        self.psub: Any = None
+        self.next_cseq: int | None = None  # the consumer sequence the next delivery must carry
+        self.lost = False  # set when the server no longer knows the consumer
+
+    def _config(self, start_seq: int) -> js_api.ConsumerConfig:
+        spec = self.spec
+        return js_api.ConsumerConfig(
+            durable_name=spec.durable,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else js_api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait_s,
+            # Redelivery is this process's business (it retries in place); the server never gives up on one.
+            max_deliver=-1,
+            filter_subjects=spec.filter_subjects if len(spec.filter_subjects) > 1 else None,
+            filter_subject=spec.filter_subjects[0] if len(spec.filter_subjects) == 1 else None,
+            max_ack_pending=spec.max_ack_pending,
+        )
+
+    async def bind(self) -> None:
+        """Subscribe; with a position, recreate the durable to start right after it."""
+        await self.close()
+        self.lost = False
+        js, spec = self.bus.js, self.spec
+        if self.position is None:
+            self.psub = await js.pull_subscribe(spec.filter_subjects[0], durable=spec.durable, stream=spec.stream.name,
+                                                config=self._config(1))
+            self.next_cseq = None
+            return
+        applied = await self.position()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(spec.stream.name, spec.durable)
+        await js.add_consumer(spec.stream.name, config=self._config(applied + 1))
+        self.psub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream.name)
+        self.next_cseq = 1
+        log.info("consumer.bound", durable=spec.durable, after_seq=applied)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg] | None:
+        """The next messages, or None when there were none (or the server is away for now)."""
+        try:
+            msgs: list[Msg] = await self.psub.fetch(batch, timeout=timeout)
+            return msgs
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return None
+        except nats.errors.ConnectionClosedError:
+            raise  # closed for good (drained at shutdown): the consumer ends
+        except Exception as exc:  # noqa: BLE001 - a reconnecting or restarted server
+            if not is_transient(exc) and not isinstance(exc, nats.js.errors.NotFoundError):
+                raise
+            log.warning("consumer.fetch_failed", durable=self.spec.durable, error=repr(exc))
+            await asyncio.sleep(0.5)
+            if isinstance(exc, nats.js.errors.NotFoundError):
+                self.lost = True  # the consumer is gone (a server that lost its state): bind again
+            return None
+
+    def in_order(self, msgs: list[Msg]) -> bool:
+        """False when a delivery went missing (its consumer sequence skips), so the consumer must rebind."""
+        if self.next_cseq is None:
+            return True
+        for msg in msgs:
+            if ack_position(msg.reply).consumer_seq != self.next_cseq:
+                return False
+            self.next_cseq += 1
+        return True
+
+    async def close(self) -> None:
+        """Unsubscribe (a pull subscription left open makes drain() wait for its whole timeout)."""
+        if self.psub is not None:
+            with contextlib.suppress(Exception):
+                await self.psub.unsubscribe()
+            self.psub = None
+
+
 class Snapshots:
     """Serialized state of a decision service with the stream seq it reflects."""
 
@@ -476,6 +669,10 @@ class DecisionShell(Generic[C]):
             self.core = self._restore(self._saved)
             log.info("decision.restored", key=self.key, seq=self.last_seq)
 
+    async def position(self) -> int:
+        """The last stream seq folded into the saved snapshot: the consumer resumes right after it."""
+        return self.last_seq
+
     async def on_events(self, batch: list[Delivery[Any]]) -> None:
         """Consumer handler: each event past the snapshot goes through the core."""
         for d in batch:
@@ -513,8 +710,20 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password
+    holder: list[Bus] = []
+
+    async def disconnected() -> None:
+        log.warning("bus.disconnected", service=service)
+
+    async def reconnected() -> None:
+        if holder:
+            holder[0].reconnects += 1
+        log.info("bus.reconnected", service=service)
+
+    options.update(disconnected_cb=disconnected, reconnected_cb=reconnected)
     nc = await nats.connect(**options)
     bus = Bus(nc, service)
+    holder.append(bus)
     try:
         if ensure:
             await bus.ensure_streams()

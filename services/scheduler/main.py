@@ -85,9 +85,17 @@ async def main() -> None:
 
         async def tick_forever() -> None:
             nonlocal last_view
+            reconnects, grace_until = bus.reconnects, 0.0
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), settings.tick_s)
+                if bus.reconnects != reconnects or not bus.nc.is_connected:
+                    # Heartbeats were not heard while the bus was away: that silence is the bus's, not the
+                    # workers'. Until one heartbeat period after it is back, nobody is judged lost for it
+                    # (resumed on every tick, so a decision rolled back meanwhile cannot undo it).
+                    reconnects, grace_until = bus.reconnects, time.monotonic() + 2 * settings.tick_s + 1.0
+                if time.monotonic() < grace_until or not bus.nc.is_connected:
+                    shell.core.resume(time.time())
                 try:
                     await shell.decide(lambda core: core.tick(time.time()))
                     # The published view (agents, queue) for the gateway; written only when it changed.
@@ -107,7 +115,7 @@ async def main() -> None:
             await shell.on_events(batch)
             await shell.decide(lambda core: core.tick(time.time()))
 
-        await bus.consume(CONSUMER, msgspec.json.Decoder(ev.DomainEvent), on_events, stop)
+        await bus.consume(CONSUMER, msgspec.json.Decoder(ev.DomainEvent), on_events, stop, position=shell.position)
         ticker.cancel()
 
 

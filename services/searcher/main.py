@@ -44,7 +44,8 @@ async def main() -> None:
         shell = DecisionShell(bus, "searcher", SearcherCore, SearcherCore.restore)
         await shell.load()
         log.info("searcher.ready", seq=shell.last_seq)
-        await bus.consume(CONSUMER, msgspec.json.Decoder(ev.DomainEvent), shell.on_events, stop)
+        await bus.consume(CONSUMER, msgspec.json.Decoder(ev.DomainEvent), shell.on_events, stop,
+                           position=shell.position)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,10 @@ def test_positions_from_v1_and_v2_ack_subjects(reply: str, expected: AckPosition
 def test_a_subject_that_is_not_an_ack_is_refused(reply: str) -> None:
     with pytest.raises(ValueError, match="not a JetStream ack subject"):
         ack_position(reply)
+
+
+def test_the_consumer_sequence_and_delivery_count_are_read_too() -> None:
+    got = ack_position("$JS.ACK.KILN_EVENTS.c1.3.42.7.1795520256562308681.99")
+    assert (got.delivered, got.stream_seq, got.consumer_seq) == (3, 42, 7)
+    got = ack_position("$JS.ACK.hub.ACCHASH.KILN_EVENTS.c1.2.43.8.1795520257000000000.5")
+    assert (got.delivered, got.stream_seq, got.consumer_seq) == (2, 43, 8)
