@@ -38,6 +38,10 @@ test *ARGS: setup
 test-unit: setup
     {{venv}}/python -m pytest -q tests/unit
 
+# The long chaos run: every service killed 3 times, 2 workers, NATS 10 s and Postgres 15 s away (twice), 24 trials
+chaos *ARGS: setup
+    KILN_CHAOS=full {{venv}}/python -m pytest -q -s tests/chaos {{ARGS}}
+
 # Benchmarks (long; not part of `test`)
 bench-startup: setup
     {{venv}}/python benchmarks/startup/run.py --runs 5

@@ -1,8 +1,11 @@
 """The local stack: NATS, Postgres and S3 (deploy.parts), then the five services and the workers.
 
-``up`` is idempotent (what already runs is kept), waits for every process to say it is ready, and
-returns; the processes outlive it. ``down`` stops them by pid, services first. Everything lives under
-one state directory: credentials, pids, logs, data.
+The services and workers run under supervisord (deploy.supervise), which restarts any that exits; the
+parts are started and stopped directly. ``up`` is idempotent (what already runs is kept, what died is
+started again, a changed size or setting is applied), waits for every process it started to say it is
+ready, and returns; the processes outlive it. ``down`` stops the processes through supervisord, then
+supervisord, then the parts. Everything lives under one state directory: credentials, config, pids,
+logs, data.
 """
 
 from __future__ import annotations
@@ -10,17 +13,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
 import structlog
 
-from deploy import parts
+from deploy import parts, supervise
 
 log = structlog.get_logger(__name__)
 
@@ -126,11 +129,26 @@ class Credentials(msgspec.Struct, kw_only=True):
 
 
 class StackInfo(msgspec.Struct, kw_only=True):
-    """What ``up`` reports."""
+    """What ``up`` reports: where the stack is, how long it took, and what it changed on a running one."""
 
     master_url: str
     state_dir: str
     seconds: float
+    changes: list[str] = []
+
+
+class ProcessStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One process of the stack as ``status`` sees it."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    # How often supervisord restarted it on its own since supervisord started (the `up` that started the
+    # stack); always 0 for the parts, which are not supervised.
+    restarts: int
+    uptime_s: float | None
+    # supervisord's state (RUNNING, STARTING, BACKOFF, FATAL, STOPPED...); RUNNING/STOPPED for the parts.
+    state: str
 
 
 def parts_config(cfg: StackConfig, creds: Credentials) -> parts.PartsConfig:
@@ -190,10 +208,42 @@ def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str
     return out
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# supervisord priorities: lower starts first and stops last (services before workers).
+_SERVICE_PRIORITY = 10
+_WORKER_PRIORITY = 100
+
+
+def _base_env() -> dict[str, str]:
+    """supervisord's own environment, which its programs inherit (each program's config adds its own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+
+
+def _programs(cfg: StackConfig, creds: Credentials) -> list[supervise.Program]:
+    """Every Kiln process of the stack as a supervisord program."""
+    out = []
+    for i, (name, argv, env) in enumerate(_processes(cfg, creds)):
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        priority = _WORKER_PRIORITY if name.startswith("worker-") else _SERVICE_PRIORITY + i
+        out.append(supervise.Program(name=name, argv=argv, env=env, log_path=cfg.state_dir / "logs" / f"{name}.log",
+                                     pid_path=parts.pid_path(cfg.state_dir, name), priority=priority))
+    return out
+
+
+def _saved_sizes(state_dir: Path) -> tuple[int, int] | None:
+    """(workers, slots_per_worker) of the stack.json an earlier ``up`` wrote, if any."""
+    try:
+        saved = json.loads((state_dir / "stack.json").read_text())
+        return int(saved["workers"]), int(saved["slots_per_worker"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
 def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
-    """Start whatever is not running yet and wait until every piece is ready."""
+    """Start whatever is not running yet, apply a changed size or setting, and wait until every piece is ready."""
     started = time.monotonic()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    previous = _saved_sizes(cfg.state_dir)
     (cfg.state_dir / "stack.json").write_bytes(msgspec.json.encode(cfg, enc_hook=str))
     creds = Credentials.load_or_create(cfg.state_dir)
     pcfg = parts_config(cfg, creds)
@@ -203,44 +253,129 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
         parts.start_s3(pcfg)
     except parts.PartError as exc:
         raise StackError(str(exc)) from exc
-    repo_root = Path(__file__).resolve().parent.parent
-    launched: list[tuple[str, subprocess.Popen[bytes] | None, Path, int]] = []
-    for name, argv, env in _processes(cfg, creds):
-        log_path = cfg.state_dir / "logs" / f"{name}.log"
-        pid = parts.read_pid(cfg.state_dir, name)
-        if pid is not None and parts.pid_alive(pid):
-            launched.append((name, None, log_path, -1))
-            continue
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        env["PYTHONPATH"] = str(repo_root) + os.pathsep + env.get("PYTHONPATH", "")
-        with log_path.open("ab") as fh:
-            proc = subprocess.Popen(argv, env=env, cwd=repo_root, stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        parts.pid_path(cfg.state_dir, name).parent.mkdir(parents=True, exist_ok=True)
-        parts.pid_path(cfg.state_dir, name).write_text(str(proc.pid))
-        launched.append((name, proc, log_path, offset))
-    deadline = time.monotonic() + timeout
-    for name, proc, log_path, offset in launched:
-        if proc is None:
-            continue
-        _wait_ready(cfg, name, proc, log_path, offset, deadline)
-    return StackInfo(master_url=cfg.master_url, state_dir=str(cfg.state_dir), seconds=time.monotonic() - started)
+    programs = _programs(cfg, creds)
+    paths = supervise.Paths.of(cfg.state_dir)
+    changes = []
+    if previous is not None and previous[0] != cfg.workers:
+        changes.append(f"workers: {previous[0]} -> {cfg.workers}")
+    if previous is not None and previous[1] != cfg.slots_per_worker:
+        changes.append(f"slots per worker: {previous[1]} -> {cfg.slots_per_worker}")
+    try:
+        base = _base_env()
+        supervise.write_config(paths, supervise.config_text(paths, programs, directory=REPO_ROOT, base_env=base))
+        sup = supervise.Supervisor(paths)
+        if sup.running():
+            pending, done = _apply(sup, cfg.state_dir, programs)
+            changes += done
+        else:
+            orphans = _stop_orphans(cfg.state_dir)
+            if orphans:
+                changes.append(f"restarted under supervisord: {', '.join(orphans)}")
+            # Offsets before supervisord starts them all: readiness is judged on what they write from here.
+            pending = {p.name: _size(p.log_path) for p in programs}
+            sup = supervise.start_daemon(paths, env=base, cwd=REPO_ROOT)
+        _wait_ready(cfg, sup, programs, pending, time.monotonic() + timeout)
+    except supervise.SupervisorError as exc:
+        raise StackError(str(exc)) from exc
+    except supervise.RPC_ERRORS as exc:
+        raise StackError(f"lost supervisord ({paths.socket}) while starting the stack: {exc!r}") from exc
+    for change in changes:
+        log.info("stack changed", change=change)
+    return StackInfo(master_url=cfg.master_url, state_dir=str(cfg.state_dir), seconds=time.monotonic() - started,
+                     changes=changes)
 
 
-def _wait_ready(cfg: StackConfig, name: str, proc: subprocess.Popen[bytes], log_path: Path, offset: int,
-                deadline: float) -> None:
+def _apply(sup: supervise.Supervisor, state_dir: Path,
+           programs: list[supervise.Program]) -> tuple[dict[str, int], list[str]]:
+    """Bring a running supervisord to the written config; (log offset of each process started, what changed)."""
+    added, changed, removed = sup.update()
+    done = []
+    # Changed (e.g. slots per worker) and removed (workers beyond the new count) stop together, in parallel.
+    sup.stop(changed + removed)
+    for name in removed:
+        sup.remove(name)
+        parts.pid_path(state_dir, name).unlink(missing_ok=True)
+    if removed:
+        done.append(f"stopped and removed: {', '.join(_ordered(removed))}")
+    logs = {p.name: p.log_path for p in programs}
+    pending: dict[str, int] = {}
+    for name in _ordered(changed + added):
+        pending[name] = _size(logs[name])
+        if name in changed:
+            sup.remove(name)
+        sup.add(name)  # autostart: it starts now, with the new settings
+    if changed:
+        done.append(f"restarted with the new settings: {', '.join(_ordered(changed))}")
+    if added:
+        done.append(f"started: {', '.join(_ordered(added))}")
+    revived = []
+    infos = sup.processes()
+    for name in _ordered([n for n in infos if n not in pending and n in logs]):
+        state = infos[name]["statename"]
+        if state == "BACKOFF":
+            sup.stop([name])  # crash-looping: start it afresh now rather than after its backoff
+        elif state not in supervise.DOWN_STATES:
+            continue  # running or (re)starting: kept as it is
+        pending[name] = _size(logs[name])
+        sup.start(name)
+        revived.append(f"{name} (was {state})")
+    if revived:
+        done.append(f"started again: {', '.join(revived)}")
+    return pending, done
+
+
+def _ordered(names: list[str]) -> list[str]:
+    """Services in start order, then workers by number."""
+    def key(name: str) -> tuple[int, int, str]:
+        if name in SERVICES:
+            return (0, SERVICES.index(name), name)
+        suffix = name.removeprefix("worker-")
+        return (1, int(suffix), name) if suffix.isdigit() else (2, 0, name)
+    return sorted(names, key=key)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_ready(cfg: StackConfig, sup: supervise.Supervisor, programs: list[supervise.Program],
+                pending: dict[str, int], deadline: float) -> None:
+    """Wait for each started process's ready marker; a process that exits or restarts meanwhile fails ``up``."""
+    logs = {p.name: p.log_path for p in programs}
+    pids: dict[str, int] = {}
+    pending = dict(pending)
+    while pending:
+        infos = sup.processes()
+        for name, offset in list(pending.items()):
+            info = infos.get(name, {"statename": "UNKNOWN", "start": 0, "pid": 0, "description": "not configured"})
+            state = info["statename"]
+            if state == "STOPPED" and not info["start"]:
+                continue  # not spawned yet: supervisord starts its programs on its first tick
+            if state not in ("STARTING", "RUNNING") or pids.setdefault(name, info["pid"]) != info["pid"]:
+                # supervisord would keep restarting it; stop it so the failure is seen, not looped over.
+                try:
+                    sup.stop([name])
+                except supervise.SupervisorError as exc:
+                    log.warning("could not stop a failed process", process=name, error=str(exc))
+                raise StackError(f"{name} exited while starting ({state}: {info.get('description', '')}):\n"
+                                 f"{_tail(logs[name], offset)}")
+            if _ready(cfg, name, logs[name], offset):
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            name = _ordered(list(pending))[0]
+            raise StackError(f"{name} was not ready in time:\n{_tail(logs[name], pending[name])}")
+        if pending:
+            time.sleep(0.1)
+
+
+def _ready(cfg: StackConfig, name: str, log_path: Path, offset: int) -> bool:
+    if name == "gateway":
+        return _http_ok(f"{cfg.master_url}/health")
     marker = READY_MARKERS.get("worker" if name.startswith("worker-") else name)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting:\n{_tail(log_path, offset)}")
-        if name == "gateway":
-            if _http_ok(f"{cfg.master_url}/health"):
-                return
-        elif marker is not None and marker in _read_from(log_path, offset):
-            return
-        time.sleep(0.1)
-    raise StackError(f"{name} was not ready in time:\n{_tail(log_path, offset)}")
+    return marker is None or marker in _read_from(log_path, offset)
 
 
 def _http_ok(url: str) -> bool:
@@ -264,21 +399,60 @@ def _tail(path: Path, offset: int, lines: int = 30) -> str:
     return "\n".join(_read_from(path, offset).splitlines()[-lines:])
 
 
-def _kiln_names(cfg: StackConfig) -> list[str]:
-    pids = cfg.state_dir / "pids"
+def _program_names(state_dir: Path) -> list[str]:
+    """Services and workers that have a pid file here, in start order."""
+    pids = state_dir / "pids"
     names = [p.stem for p in pids.glob("*.pid")] if pids.exists() else []
-    workers = sorted(n for n in names if n.startswith("worker-"))
-    return workers + [s for s in reversed(SERVICES) if s in names]
+    return _ordered([n for n in names if n not in parts.PART_NAMES and n != "supervisord"])
+
+
+def _is_kiln_process(pid: int) -> bool:
+    """Whether pid runs one of our services (``python -m services.<name>.main``), not a reused pid."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(a.startswith("services.") and a.endswith(".main") for a in argv)
+
+
+def _stop_orphans(state_dir: Path) -> list[str]:
+    """Stop, in parallel, services and workers that run without a supervisord (it died, or an older ``up``)."""
+    victims = []
+    for name in _program_names(state_dir):
+        pid = parts.read_pid(state_dir, name)
+        if pid is not None and parts.pid_alive(pid) and _is_kiln_process(pid):
+            victims.append((name, pid))
+        else:
+            parts.pid_path(state_dir, name).unlink(missing_ok=True)
+    if victims:
+        with ThreadPoolExecutor(max_workers=len(victims)) as pool:
+            list(pool.map(lambda v: parts.stop_pid(v[1], timeout=float(supervise.STOP_WAIT_SECS)), victims))
+        for name, _ in victims:
+            parts.pid_path(state_dir, name).unlink(missing_ok=True)
+        log.warning("stopped processes that ran without supervisord", processes=[n for n, _ in victims])
+    return [n for n, _ in victims]
 
 
 def down(cfg: StackConfig) -> list[str]:
-    """Stop services and workers, then the parts; return the names stopped."""
+    """Stop workers, then services (each set in parallel), then supervisord, then the parts; return the names stopped."""
     stopped = []
-    for name in _kiln_names(cfg):
-        pid = parts.read_pid(cfg.state_dir, name)
-        if pid is not None and parts.pid_alive(pid):
-            parts.stop_pid(pid, timeout=20.0)
-            stopped.append(name)
+    paths = supervise.Paths.of(cfg.state_dir)
+    sup = supervise.Supervisor(paths)
+    if sup.running():
+        try:
+            names = list(sup.processes())
+            stopped += sup.stop(_ordered([n for n in names if n.startswith("worker-")]))
+            stopped += sup.stop(_ordered([n for n in names if not n.startswith("worker-")]))
+            sup.shutdown()
+        except (supervise.SupervisorError, *supervise.RPC_ERRORS) as exc:
+            # Go on: what supervisord leaves behind is stopped by pid below, and the parts still go down.
+            log.warning("supervisord did not stop cleanly", error=str(exc))
+    pid = sup.pid()
+    if pid is not None and parts.pid_alive(pid) and "supervisor.supervisord" in _cmdline(pid):
+        parts.stop_pid(pid, timeout=float(supervise.STOP_WAIT_SECS))  # alive but not answering
+    paths.pid_file.unlink(missing_ok=True)
+    stopped += _stop_orphans(cfg.state_dir)
+    for name in _program_names(cfg.state_dir):
         parts.pid_path(cfg.state_dir, name).unlink(missing_ok=True)
     for name in ("s3", "postgres", "nats"):
         pid = parts.read_pid(cfg.state_dir, name)
@@ -288,13 +462,61 @@ def down(cfg: StackConfig) -> list[str]:
     return stopped
 
 
-def status(cfg: StackConfig) -> list[tuple[str, int | None, bool]]:
-    """(name, pid, alive) of every process this state dir started."""
-    names = ["nats", "postgres", "s3"] + list(reversed(_kiln_names(cfg)))
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _uptime_s(pid: int) -> float | None:
+    """Seconds since pid started, from /proc (for processes supervisord does not know)."""
+    try:
+        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0.0, boot_uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def supervisor_pid(cfg: StackConfig) -> int | None:
+    """supervisord's pid when it runs for this state dir."""
+    sup = supervise.Supervisor(supervise.Paths.of(cfg.state_dir))
+    return sup.pid() if sup.running() else None
+
+
+def status(cfg: StackConfig) -> list[ProcessStatus]:
+    """The parts, then every service and worker: pid, alive, restarts since ``up``, uptime, state."""
     rows = []
-    for name in names:
+    for name in parts.PART_NAMES:
         pid = parts.read_pid(cfg.state_dir, name)
-        if pid is None and name in ("nats", "postgres", "s3"):
+        if pid is None:
             continue
-        rows.append((name, pid, pid is not None and parts.pid_alive(pid)))
+        alive = parts.pid_alive(pid)
+        rows.append(ProcessStatus(name=name, pid=pid, alive=alive, restarts=0,
+                                  uptime_s=_uptime_s(pid) if alive else None, state="RUNNING" if alive else "STOPPED"))
+    paths = supervise.Paths.of(cfg.state_dir)
+    sup = supervise.Supervisor(paths)
+    restarts = supervise.read_restarts(paths)
+    try:
+        infos = sup.processes() if sup.running() else None
+    except supervise.RPC_ERRORS:
+        infos = None
+    if infos is None:
+        # No supervisord: report what the pid files say (nothing restarts these).
+        for name in _program_names(cfg.state_dir):
+            pid = parts.read_pid(cfg.state_dir, name)
+            alive = pid is not None and parts.pid_alive(pid) and _is_kiln_process(pid)
+            rows.append(ProcessStatus(name=name, pid=pid, alive=alive, restarts=restarts.get(name, 0),
+                                      uptime_s=_uptime_s(pid) if alive and pid else None,
+                                      state="UNSUPERVISED" if alive else "STOPPED"))
+        return rows
+    for name in _ordered(list(infos)):
+        info = infos[name]
+        pid = int(info["pid"]) or None
+        rows.append(ProcessStatus(
+            name=name, pid=pid, alive=pid is not None, restarts=restarts.get(name, 0),
+            uptime_s=float(info["now"] - info["start"]) if pid is not None and info["start"] else None,
+            state=str(info["statename"]),
+        ))
     return rows

@@ -48,10 +48,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Where the stack keeps its state.")
-@click.option("--workers", default=1, show_default=True, help="Number of local worker agents.")
-@click.option("--slots-per-worker", default=2, show_default=True, help="CPU slots each worker offers.")
-def up(state_dir: Path | None, workers: int, slots_per_worker: int) -> None:
-    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine."""
+@click.option("--workers", type=int, default=None,
+              help="Number of local worker agents.  [default: the stack's current number, else 1]")
+@click.option("--slots-per-worker", type=int, default=None,
+              help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
+def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None) -> None:
+    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised)."""
     from deploy import stack
 
     started = time.monotonic()
@@ -60,6 +62,8 @@ def up(state_dir: Path | None, workers: int, slots_per_worker: int) -> None:
     except stack.StackError as exc:
         _fail(exc)
         return
+    for change in info.changes:
+        click.echo(f"changed: {change}")
     click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
     click.echo(f"  export KILN_MASTER={info.master_url}")
 
@@ -67,7 +71,7 @@ def up(state_dir: Path | None, workers: int, slots_per_worker: int) -> None:
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 def down(state_dir: Path | None) -> None:
-    """Stop everything ``kiln up`` started (by pid)."""
+    """Stop everything ``kiln up`` started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
     stopped = stack.down(stack.StackConfig.load(state_dir))
@@ -76,15 +80,36 @@ def down(state_dir: Path | None) -> None:
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-def status(state_dir: Path | None) -> None:
-    """Show which local stack processes run."""
+@click.option("--json", "as_json", is_flag=True)
+def status(state_dir: Path | None, as_json: bool) -> None:
+    """Show the local stack's processes: pid, state, restarts by the supervisor, uptime."""
+    import msgspec
+
     from deploy import stack
 
-    rows = stack.status(stack.StackConfig.load(state_dir))
-    for name, pid, alive in rows:
-        click.echo(f"{name:24} {pid or '-':>8}  {'running' if alive else 'stopped'}")
+    cfg = stack.StackConfig.load(state_dir)
+    rows = stack.status(cfg)
+    if as_json:
+        _print_json(msgspec.to_builtins(rows))
+        return
     if not rows:
         click.echo("nothing started here")
+        return
+    click.echo(f"{'NAME':12} {'PID':>8}  {'STATE':12} {'RESTARTS':>8}  UPTIME")
+    for r in rows:
+        uptime = _duration(r.uptime_s) if r.uptime_s is not None else "-"
+        click.echo(f"{r.name:12} {r.pid or '-':>8}  {r.state:12} {r.restarts:>8}  {uptime}")
+    supervisor = stack.supervisor_pid(cfg)
+    click.echo(f"supervisord: pid {supervisor}" if supervisor else "supervisord: not running (nothing restarts them)")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 # -- experiments -------------------------------------------------------------------------------------
@@ -418,9 +443,11 @@ def events() -> None:
 
 @events.command("replay")
 @click.option("--verify", is_flag=True, help="Replay up to the live positions and compare every table's digest.")
+@click.option("--swap", is_flag=True, help="Repair: rebuild, check the rebuild with a second one, then make it the"
+              " live read model in one transaction (the old one is kept in a kiln_backup_* schema).")
 @click.option("--schema", default="replay", show_default=True, help="The fresh Postgres schema to rebuild into.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="The local stack to use.")
-def events_replay(verify: bool, schema: str, state_dir: Path | None) -> None:
+def events_replay(verify: bool, swap: bool, schema: str, state_dir: Path | None) -> None:
     """Rebuild every projection from the streams into a fresh schema (on the local stack)."""
     import os
 
@@ -431,7 +458,7 @@ def events_replay(verify: bool, schema: str, state_dir: Path | None) -> None:
     if not (cfg.state_dir / "credentials.json").exists():
         _fail(FileNotFoundError(f"no local stack under {cfg.state_dir} (run `kiln up`, or pass --state-dir)"))
     os.environ.update(stack.service_env(cfg, stack.Credentials.load_or_create(cfg.state_dir), "tracker"))
-    sys.exit(replay.main(["--schema", schema] + (["--verify"] if verify else [])))
+    sys.exit(replay.main(["--schema", schema] + (["--verify"] if verify else []) + (["--swap"] if swap else [])))
 
 
 # -- search preview ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+import asyncpg
 import msgspec
 import nats
 import nats.errors
@@ -493,13 +494,15 @@ def is_transient(exc: BaseException) -> bool:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, (Transient, OSError, TimeoutError, _NATS_TRANSIENT)):
+        if isinstance(cur, (Transient, OSError, TimeoutError, NATS_UNAVAILABLE)) or postgres_unavailable(cur):
             return True
         cur = cur.__cause__ or cur.__context__
     return False
 
 
-_NATS_TRANSIENT = (
+# NATS failures that mean "not reachable now"; a 4xx API error (a bad request, not found) is not one, and
+# neither is a connection closed for good (the process is shutting down).
+NATS_UNAVAILABLE: tuple[type[Exception], ...] = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.StaleConnectionError,
@@ -511,6 +514,20 @@ _NATS_TRANSIENT = (
     nats.js.errors.ServerError,
     nats.js.errors.NoStreamResponseError,
 )
+# PostgreSQL failures that mean "not reachable now": refused or dropped connections (OSError, class 08),
+# shutdown / starting up (class 57), out of connections or resources (class 53). A bare InterfaceError is a
+# connection asyncpg already closed or a pool closing; its subclasses (DataError...) are client misuse, a bug.
+_PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.InternalClientError,
+)
+
+
+def postgres_unavailable(exc: BaseException) -> bool:
+    """Whether an exception out of asyncpg (or its socket) means PostgreSQL cannot be reached now."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return type(exc) is asyncpg.InterfaceError
+    return isinstance(exc, _PG_UNAVAILABLE)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -2,6 +2,12 @@
 
 Controllers decode, call a query or the submission service, and encode (STYLE.md 9). Every route has an
 ``operation_id`` and a one-line docstring; the OpenAPI schema is served at ``/schema``.
+
+Degraded, not broken: a part that is down (Postgres, NATS, the object store) makes a request answer 503
+with ``Retry-After`` and the part named, never 500. Routes reach Postgres through ``GatewayDeps.db()``, the
+bus through ``GatewayDeps.publish()``; those attribute a failure to its part, and ``outage()`` with one
+exception handler (``_error_response``) turn every outage into the 503. Every 5xx is logged with its request
+id (``X-Request-Id``, taken from the request or made up).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from typing import Annotated, Any
 
 import asyncpg
 import msgspec
+import nats.errors
 import nats.js.errors
 import structlog
-from litestar import Litestar, get, post
+import urllib3.exceptions
+from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, NotFoundException
@@ -29,8 +37,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.response.sse import ServerSentEventMessage
-from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from minio import Minio
+from minio.error import S3Error, ServerError
 
 from kiln import context as code_context
 from schemas import events as ev
@@ -38,12 +48,48 @@ from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, config_to_dict, parse_config
 from services.gateway import queries
-from services.runtime import Bus
+from services.runtime import NATS_UNAVAILABLE, Bus, postgres_unavailable
 
 log = structlog.get_logger(__name__)
 
 _DOMAIN_DECODER = msgspec.json.Decoder(ev.DomainEvent)
 _STREAM_DECODER = msgspec.json.Decoder(ev.DomainEvent | ev.TrainingMetricsReported)
+
+
+# -- outages -----------------------------------------------------------------------------------------------
+
+RETRY_AFTER_S = 5
+# The parts a request may need, as /health and 503 answers name them.
+_PART_NAMES = {"postgres": "the read model (PostgreSQL)", "nats": "the event bus (NATS)",
+               "s3": "the object store (S3)"}
+
+
+class Unavailable(Exception):
+    """Parts a request needs are down: answered 503 with ``Retry-After``, never 500."""
+
+    def __init__(self, down: list[str], detail: str | None = None, **extra: Any) -> None:
+        self.down = down
+        self.detail = detail or (" and ".join(_PART_NAMES[d] for d in down)
+                                 + (" is" if len(down) == 1 else " are") + " unavailable; retry shortly")
+        self.extra = extra
+        super().__init__(self.detail)
+
+
+def outage(exc: BaseException) -> Unavailable | None:
+    """The one mapping from an exception to the parts that are down; None when it is not an outage.
+
+    A bare OSError (TimeoutError included) says nothing about which part failed, so it counts only when
+    ``GatewayDeps.db()`` or ``.s3()`` already attributed it (as ``Unavailable``); the asyncpg and nats
+    exception types name their part themselves.
+    """
+    if isinstance(exc, Unavailable):
+        return exc
+    if isinstance(exc, (*NATS_UNAVAILABLE, nats.errors.ConnectionClosedError)):  # closed: the gateway is cut off
+        return Unavailable(["nats"])
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)) \
+            and postgres_unavailable(exc):
+        return Unavailable(["postgres"])
+    return None
 
 
 @dataclass
@@ -55,6 +101,47 @@ class GatewayDeps:
     minio: Minio
     bucket: str
     max_context_bytes: int
+    # How long a request waits for a pooled connection (all busy, or Postgres not answering) before a 503.
+    acquire_timeout_s: float = 5.0
+    # Set once the read model is migrated (at start, or when a Postgres that was down at start came back).
+    migrated: asyncio.Event | None = None
+
+    @contextlib.asynccontextmanager
+    async def db(self) -> AsyncIterator[Any]:
+        """A read-model connection from the pool; Postgres being unreachable becomes ``Unavailable``."""
+        if self.migrated is not None and not self.migrated.is_set():
+            raise Unavailable(["postgres"])
+        try:
+            async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
+                yield conn
+        except Exception as exc:
+            if not postgres_unavailable(exc):
+                raise
+            # Idle connections the outage broke (or that never heard of it, behind a dead network) must
+            # not be handed out once Postgres is back: replace every one on its next acquire.
+            await self.pool.expire_connections()
+            raise Unavailable(["postgres"]) from exc
+
+    def require_bus(self) -> None:
+        """Fail fast while NATS is disconnected: nats-py would buffer a publish and send it after an
+        answer of 503, recording what the caller was told was not recorded."""
+        if not self.bus.nc.is_connected:
+            raise Unavailable(["nats"])
+
+    async def publish(self, event: Any) -> int:
+        """Publish an event on the bus (see ``Bus.publish``); NATS being unreachable becomes ``Unavailable``."""
+        self.require_bus()
+        try:
+            return await self.bus.publish(event)
+        except NATS_UNAVAILABLE as exc:
+            raise Unavailable(["nats"]) from exc
+
+    async def s3(self, fn: Any, *args: Any) -> Any:
+        """Run a blocking object-store call in a thread; the store being unreachable becomes ``Unavailable``."""
+        try:
+            return await asyncio.to_thread(fn, self, *args)
+        except (urllib3.exceptions.HTTPError, OSError, ServerError) as exc:  # ServerError: a 5xx answer
+            raise Unavailable(["s3"]) from exc
 
 
 @dataclass
@@ -77,12 +164,18 @@ def _bad_request(detail: str, **extra: Any) -> ClientException:
 
 @get("/health", operation_id="health")
 async def health(state: State) -> dict[str, str]:
-    """Liveness and readiness: Postgres answers and the bus is connected."""
+    """Readiness: 200 when Postgres answers and the bus is connected, else 503 naming what is down."""
     deps = _deps(state)
-    async with deps.pool.acquire() as conn:
-        await conn.fetchval("SELECT 1")
+    down, cause = [], None
+    try:
+        async with deps.db() as conn:
+            await conn.fetchval("SELECT 1", timeout=deps.acquire_timeout_s)
+    except Unavailable as exc:
+        down, cause = ["postgres"], exc.__cause__
     if not deps.bus.nc.is_connected:
-        raise ClientException(status_code=503, detail="not connected to NATS")
+        down.append("nats")
+    if down:
+        raise Unavailable(down) from cause
     return {"status": "ok"}
 
 
@@ -103,9 +196,12 @@ async def create_experiment(
     except code_context.ContextError as exc:
         raise _bad_request(f"invalid code context: {exc}") from exc
     digest = code_context.digest(blob)
-    await asyncio.to_thread(_store_context, deps, digest, blob)
-    async with deps.pool.acquire() as conn:
+    # Order: every part is needed, and the one step that records anything (the publish) comes last. The
+    # bus is checked first, the id taken next (nothing stored when Postgres is down), then the context.
+    deps.require_bus()
+    async with deps.db() as conn:
         experiment_id = await queries.next_experiment_id(conn)
+    await deps.s3(_store_context, digest, blob)
     seed = config.reproducibility.experiment_seed if config.reproducibility else None
     event = ev.ExperimentSubmitted(
         experiment_id=experiment_id,
@@ -117,7 +213,15 @@ async def create_experiment(
         submitted_by=data.submitted_by,
         submitted_at=time.time(),
     )
-    await deps.bus.publish(event)
+    try:
+        await deps.publish(event)
+    except Unavailable as exc:
+        if not isinstance(exc.__cause__, nats.errors.TimeoutError):
+            raise  # never sent: nothing recorded
+        # Sent but not acknowledged: JetStream may still have stored it. Say which id to look for.
+        raise Unavailable(["nats"], f"the event bus (NATS) did not confirm the submission in time; it may still"
+                          f" appear as experiment {experiment_id}: check before submitting again",
+                          experiment_id=experiment_id) from exc
     log.info("experiment.submitted", experiment_id=experiment_id, digest=digest, warnings=warnings)
     return {"id": experiment_id, "warnings": warnings, "context_digest": digest}
 
@@ -125,7 +229,7 @@ async def create_experiment(
 def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
     """Store a context once under its digest (identical contexts share one object)."""
     key = code_context.object_key(digest)
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(S3Error):  # not there yet; an unreachable store raises on (503, not stored)
         deps.minio.stat_object(deps.bucket, key)
         return
     deps.minio.put_object(deps.bucket, key, io.BytesIO(blob), len(blob), content_type="application/gzip")
@@ -139,14 +243,14 @@ async def list_experiments(
     experiment_state: Annotated[str | None, Parameter(query="state")] = None,
 ) -> list[dict[str, Any]]:
     """Experiments, newest first."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         return await queries.list_experiments(conn, limit, offset, experiment_state)
 
 
 @get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment")
 async def get_experiment(state: State, experiment_id: int) -> dict[str, Any]:
     """One experiment with its config, trial states and best trial."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
@@ -163,7 +267,7 @@ async def list_trials(
     order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "asc",
 ) -> list[dict[str, Any]]:
     """An experiment's trials with hparams and best metric, sortable and paged."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         if await queries.get_experiment(conn, experiment_id) is None:
             raise NotFoundException(f"experiment {experiment_id} not found")
         return await queries.list_trials(conn, experiment_id, limit, offset, sort, order == "desc")
@@ -173,13 +277,13 @@ async def list_trials(
 async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
     """Ask for an experiment and all its trials to be killed."""
     deps = _deps(state)
-    async with deps.pool.acquire() as conn:
+    async with deps.db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
     if found["ended_at"] is not None:
         return {"id": experiment_id, "state": found["state"]}
-    await deps.bus.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
+    await deps.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
     return {"id": experiment_id, "state": "STOPPING_CANCELED"}
 
 
@@ -192,6 +296,7 @@ async def experiment_events(
 ) -> list[dict[str, Any]]:
     """The audit trail: every event about the experiment, in stream order, with sequence numbers."""
     deps = _deps(state)
+    deps.require_bus()
     out: list[dict[str, Any]] = []
     trail = deps.bus.read(subjects.EVENTS, subjects.experiment_filter(experiment_id), _DOMAIN_DECODER,
                           start_seq=after_seq + 1)
@@ -202,7 +307,7 @@ async def experiment_events(
             if len(out) >= limit:
                 break
     if not out and after_seq == 0:
-        async with deps.pool.acquire() as conn:
+        async with deps.db() as conn:
             if await queries.get_experiment(conn, experiment_id) is None:
                 raise NotFoundException(f"experiment {experiment_id} not found")
     return out
@@ -212,10 +317,12 @@ async def experiment_events(
 async def stream_metrics(state: State, experiment_id: int) -> ServerSentEvent:
     """Live metrics of an experiment as Server-Sent Events (``training`` and ``validation``), until it ends."""
     deps = _deps(state)
-    async with deps.pool.acquire() as conn:
+    async with deps.db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
+    if found["ended_at"] is None:
+        deps.require_bus()  # before the stream starts: afterwards no status can be sent
     return ServerSentEvent(_metric_events(deps, experiment_id, ended=found["ended_at"] is not None))
 
 
@@ -267,7 +374,7 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
 
 
 async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str, Any]:
-    async with deps.pool.acquire() as conn:
+    async with deps.db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
@@ -282,7 +389,7 @@ async def pause_experiment(state: State, experiment_id: int) -> dict[str, Any]:
     """Pause: trials checkpoint and give back their slots; nothing new starts until activated."""
     deps = _deps(state)
     await _active_experiment(deps, experiment_id)
-    await deps.bus.publish(ev.ExperimentPauseRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
+    await deps.publish(ev.ExperimentPauseRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
     return {"id": experiment_id, "state": "PAUSED"}
 
 
@@ -292,7 +399,7 @@ async def activate_experiment(state: State, experiment_id: int) -> dict[str, Any
     """Activate a paused experiment: its trials queue again and resume from their checkpoints."""
     deps = _deps(state)
     await _active_experiment(deps, experiment_id)
-    await deps.bus.publish(ev.ExperimentActivateRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
+    await deps.publish(ev.ExperimentActivateRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
     return {"id": experiment_id, "state": "ACTIVE"}
 
 
@@ -312,7 +419,7 @@ async def set_resources(state: State, experiment_id: int, data: ResourcesPatch) 
     await _active_experiment(deps, experiment_id)
     if data.priority is None and data.weight is None and data.max_slots is None:
         raise _bad_request("nothing to change: give priority, weight or max_slots")
-    await deps.bus.publish(ev.ExperimentResourcesChanged(
+    await deps.publish(ev.ExperimentResourcesChanged(
         experiment_id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots,
         change_id=uuid.uuid4().hex))
     return {"id": experiment_id, **msgspec.structs.asdict(data)}
@@ -322,16 +429,17 @@ async def set_resources(state: State, experiment_id: int, data: ResourcesPatch) 
 async def kill_trial(state: State, trial_id: int) -> dict[str, Any]:
     """Kill one trial; the experiment's other trials go on."""
     deps = _deps(state)
-    async with deps.pool.acquire() as conn:
+    async with deps.db() as conn:
         found = await queries.get_trial(conn, trial_id)
     if found is None:
         raise NotFoundException(f"trial {trial_id} not found")
     if found["ended_at"] is None:
-        await deps.bus.publish(ev.TrialKillRequested(experiment_id=found["experiment_id"], trial_id=trial_id))
+        await deps.publish(ev.TrialKillRequested(experiment_id=found["experiment_id"], trial_id=trial_id))
     return {"id": trial_id, "state": found["state"] if found["ended_at"] else "STOPPING_CANCELED"}
 
 
 async def _cluster_view(deps: GatewayDeps) -> ClusterView:
+    deps.require_bus()
     try:
         kv = await deps.bus.js.key_value(CLUSTER_BUCKET)
         entry = await kv.get(CLUSTER_KEY)
@@ -355,7 +463,7 @@ async def list_jobs(state: State) -> list[JobView]:
 @get("/api/v1/trials/{trial_id:int}", operation_id="getTrial")
 async def get_trial(state: State, trial_id: int) -> dict[str, Any]:
     """One trial with its allocations."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         found = await queries.get_trial(conn, trial_id)
     if found is None:
         raise NotFoundException(f"trial {trial_id} not found")
@@ -371,7 +479,7 @@ async def trial_metrics(
     offset: Annotated[int, Parameter(ge=0)] = 0,
 ) -> list[dict[str, Any]]:
     """A trial's metric points, by kind and step."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         return await queries.trial_metrics(conn, trial_id, kind, limit, offset)
 
 
@@ -384,7 +492,7 @@ async def trial_series(
     max_points: Annotated[int, Parameter(ge=2, le=100000)] = 1000,
 ) -> dict[str, Any]:
     """Series of one or more metrics, downsampled server-side to at most ~max_points keeping extremes."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         names = name or sorted({m["name"] for m in await queries.metric_names(conn, trial_id) if m["kind"] == kind})
         return {"trial_id": trial_id, "kind": kind, "max_points": max_points,
                 "series": {n: await queries.series(conn, trial_id, kind, n, max_points) for n in names}}
@@ -393,7 +501,7 @@ async def trial_series(
 @get("/api/v1/trials/{trial_id:int}/metric-names", operation_id="getTrialMetricNames")
 async def trial_metric_names(state: State, trial_id: int) -> list[dict[str, Any]]:
     """The metrics a trial reported, with their last, min and max values."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         return await queries.metric_names(conn, trial_id)
 
 
@@ -406,21 +514,21 @@ async def trial_logs(
     tail: bool = False,
 ) -> list[dict[str, Any]]:
     """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         return await queries.trial_logs(conn, trial_id, limit, offset, tail)
 
 
 @get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints")
 async def trial_checkpoints(state: State, trial_id: int) -> list[dict[str, Any]]:
     """A trial's checkpoints in step order."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         return await queries.trial_checkpoints(conn, trial_id)
 
 
 @get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint")
 async def get_checkpoint(state: State, uuid: str) -> dict[str, Any]:
     """One checkpoint's record: trial, steps, files and metadata."""
-    async with _deps(state).pool.acquire() as conn:
+    async with _deps(state).db() as conn:
         found = await queries.get_checkpoint(conn, uuid)
     if found is None:
         raise NotFoundException(f"checkpoint {uuid} not found")
@@ -431,7 +539,7 @@ async def get_checkpoint(state: State, uuid: str) -> dict[str, Any]:
 async def download_checkpoint(state: State, uuid: str) -> Stream:
     """The checkpoint's files as a tar stream (checkpoints in the cluster's store)."""
     deps = _deps(state)
-    async with deps.pool.acquire() as conn:
+    async with deps.db() as conn:
         found = await queries.get_checkpoint(conn, uuid)
     if found is None:
         raise NotFoundException(f"checkpoint {uuid} not found")
@@ -441,7 +549,7 @@ async def download_checkpoint(state: State, uuid: str) -> Stream:
                               " outside the cluster's store; read it from there")
     key_prefix = str(found["storage"])[len(prefix):].strip("/")
     files = list(found["resources"])
-    blob = await asyncio.to_thread(_tar_checkpoint, deps, key_prefix, uuid, files)
+    blob = await deps.s3(_tar_checkpoint, key_prefix, uuid, files)
     return Stream(iter([blob]), media_type="application/x-tar",
                   headers={"Content-Disposition": f'attachment; filename="{uuid}.tar"'})
 
@@ -471,6 +579,56 @@ ROUTES = [
 ]
 
 
+def _request_id(scope: Scope) -> str:
+    state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    if "request_id" not in state:
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        state["request_id"] = given[:128] if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
+    return str(state["request_id"])
+
+
+def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The one place failures become 5xx answers: an outage is 503 with Retry-After, anything else 500."""
+    request_id = _request_id(request.scope)
+    request.scope["state"]["error_logged"] = True  # type: ignore[typeddict-item]
+    where = {"method": request.method, "path": request.url.path, "request_id": request_id}
+    if (down := outage(exc)) is not None:
+        cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ is not None else exc
+        log.warning("request.unavailable", down=down.down, error=repr(cause)[:500], **where)
+        body = {"status_code": 503, "status": "degraded", "down": down.down, "detail": down.detail,
+                "request_id": request_id}
+        if down.extra:
+            body["extra"] = down.extra
+        return Response(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    log.error("request.failed", exc_info=exc, **where)
+    return Response({"status_code": 500, "detail": "internal server error", "request_id": request_id},
+                    status_code=500)
+
+
+def _request_ids(app: ASGIApp) -> ASGIApp:
+    """Middleware: every answer carries ``X-Request-Id``; a 5xx the error handler did not log is logged here."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                state = scope["state"]  # type: ignore[typeddict-item]
+                if message["status"] >= 500 and not state.get("error_logged"):
+                    log.error("request.5xx", status=message["status"], method=scope.get("method"),
+                              path=scope.get("path"), request_id=request_id)
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await app(scope, receive, send_with_id)
+
+    return middleware
+
+
 def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
     """The Litestar app; ``deps_factory`` is an async context manager yielding GatewayDeps."""
 
@@ -485,5 +643,7 @@ def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="Kiln", version="0.1.0"),
         request_max_body_size=max_body_bytes,
+        exception_handlers={Unavailable: _error_response, HTTP_500_INTERNAL_SERVER_ERROR: _error_response},
+        middleware=[_request_ids],
         debug=False,
     )

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 
 import asyncpg
+import certifi
 import msgspec
+import structlog
+import urllib3
 import uvicorn
+from litestar import Litestar
 from minio import Minio
 
 from kiln import context as code_context
 from schemas import readmodel
 from services.gateway.app import GatewayDeps, create_app
+from services.runtime import postgres_unavailable
 from services.gateway.queries import init_connection
 from services.runtime import BusSettings, S3Settings, configure_logging, connect_bus, read_settings
+
+log = structlog.get_logger(__name__)
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,29 +33,91 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "127.0.0.1"
     http_port: int = 18080
     max_context_bytes: int = code_context.DEFAULT_MAX_BYTES
+    pg_connect_timeout_s: float = 5.0
+    pg_command_timeout_s: float = 60.0
     log_level: str = "INFO"
+
+
+def minio_client(s3: S3Settings) -> Minio:
+    """The object-store client: an unreachable store fails a request in seconds (503), not minutes."""
+    retries = urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504])
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0), maxsize=10, retries=retries,
+                               cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where())
+    return Minio(s3.s3_endpoint, access_key=s3.s3_access_key, secret_key=s3.s3_secret_key, secure=s3.s3_secure,
+                 http_client=http)
+
+
+async def _migrate(settings: GatewaySettings) -> None:
+    # On a connection of its own: no command timeout may cut a long migration short.
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_connect_timeout_s)
+    try:
+        await readmodel.migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def _migrate_when_back(settings: GatewaySettings, migrated: asyncio.Event) -> None:
+    """Retry the migration until Postgres answers; the gateway serves 503 for the read model meanwhile."""
+    delay = 0.5
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await _migrate(settings)
+        except Exception as exc:  # noqa: BLE001 - an outage is waited out, anything else is shouted about
+            (log.warning if postgres_unavailable(exc) else log.error)("gateway.migrate_failed", retry_in=delay,
+                                                                 error=repr(exc))
+            delay = min(delay * 2, 5.0)
+            continue
+        migrated.set()
+        log.info("gateway.migrated", after="postgres came back")
+        return
+
+
+@contextlib.asynccontextmanager
+async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3Settings) -> AsyncIterator[GatewayDeps]:
+    """Open what the routes need (migrating the read model first); closed on the way out.
+
+    A Postgres that is down at start does not stop the gateway: it starts degraded (503 for what needs the
+    read model) and migrates once Postgres answers. A Postgres that refuses it (bad password, no such
+    database) does stop it: that is a mistake to fix, not an outage to wait out.
+    """
+    migrated = asyncio.Event()
+    waiting: asyncio.Task[None] | None = None
+    try:
+        await _migrate(settings)
+        migrated.set()
+    except Exception as exc:
+        if not postgres_unavailable(exc):
+            raise
+        log.warning("gateway.postgres_unavailable_at_start", error=repr(exc))
+        waiting = asyncio.create_task(_migrate_when_back(settings, migrated))
+    # Bounded waits: a Postgres that is down or hung answers a request with 503 within seconds
+    # (app.GatewayDeps.db), and the pool replaces broken connections by itself once it is back. No
+    # connection is opened up front (min_size=0): Postgres may be down now.
+    try:
+        async with asyncpg.create_pool(settings.pg_dsn, min_size=0, max_size=8, init=init_connection,
+                                       timeout=settings.pg_connect_timeout_s,
+                                       command_timeout=settings.pg_command_timeout_s) as pool:
+            async with connect_bus(bus_settings, "gateway") as bus:
+                yield GatewayDeps(pool=pool, bus=bus, minio=minio_client(s3), bucket=s3.s3_bucket,
+                                  max_context_bytes=settings.max_context_bytes, migrated=migrated)
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+
+
+def build_app(settings: GatewaySettings, bus_settings: BusSettings, s3: S3Settings) -> Litestar:
+    """The gateway app over these settings; connections open in its lifespan."""
+    # Room for the multipart envelope and the config around the context itself.
+    return create_app(lambda: open_deps(settings, bus_settings, s3),
+                      max_body_bytes=settings.max_context_bytes + 4 * 1024 * 1024)
 
 
 def main() -> None:
     """Composition root: settings once; connections open in the app's lifespan."""
     settings = read_settings(GatewaySettings)
     configure_logging("gateway", settings.log_level)
-    bus_settings = read_settings(BusSettings)
-    s3 = read_settings(S3Settings)
-
-    @contextlib.asynccontextmanager
-    async def deps() -> AsyncIterator[GatewayDeps]:
-        async with asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=8, init=init_connection) as pool:
-            async with pool.acquire() as conn:
-                await readmodel.migrate(conn)
-            async with connect_bus(bus_settings, "gateway") as bus:
-                minio = Minio(s3.s3_endpoint, access_key=s3.s3_access_key, secret_key=s3.s3_secret_key,
-                              secure=s3.s3_secure)
-                yield GatewayDeps(pool=pool, bus=bus, minio=minio, bucket=s3.s3_bucket,
-                                  max_context_bytes=settings.max_context_bytes)
-
-    # Room for the multipart envelope and the config around the context itself.
-    app = create_app(deps, max_body_bytes=settings.max_context_bytes + 4 * 1024 * 1024)
+    app = build_app(settings, read_settings(BusSettings), read_settings(S3Settings))
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             lifespan="on")
     asyncio.run(uvicorn.Server(config).serve())

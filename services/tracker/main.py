@@ -12,7 +12,6 @@ import structlog
 
 from schemas import events as ev
 from schemas import readmodel, subjects
-from services import runtime
 from services.runtime import (
     BusSettings,
     ConsumerSpec,
@@ -20,6 +19,7 @@ from services.runtime import (
     Transient,
     configure_logging,
     connect_bus,
+    postgres_unavailable,
     read_settings,
     stop_on_signals,
 )
@@ -47,21 +47,6 @@ CONSUMERS: list[tuple[ConsumerSpec, type]] = [
 ]
 
 
-# What asyncpg raises while PostgreSQL is away, restarting or shutting down: waited out, never dead-lettered.
-PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
-    asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin shutdown, 57P02 crash, 57P03 cannot connect now
-    asyncpg.InterfaceError,  # "connection is closed", a pool closing under a restart
-    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, disk full
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A failure to wait out: the bus's transient errors, or Postgres being unavailable."""
-    return runtime.is_transient(exc) or isinstance(exc, PG_UNAVAILABLE) or isinstance(exc.__cause__, PG_UNAVAILABLE)
-
-
 def handler_for(pool: asyncpg.Pool, consumer: str) -> Callable[[list[Delivery[Any]]], Coroutine[Any, Any, None]]:
     """A batch handler that projects and commits before the runtime acks."""
 
@@ -70,8 +55,10 @@ def handler_for(pool: asyncpg.Pool, consumer: str) -> Callable[[list[Delivery[An
         try:
             async with pool.acquire() as conn:
                 await project_batch(conn, consumer, items)
-        except PG_UNAVAILABLE as exc:
-            raise Transient(f"postgres unavailable: {exc!r}") from exc
+        except Exception as exc:
+            if postgres_unavailable(exc):
+                raise Transient(f"postgres unavailable: {exc!r}") from exc
+            raise
 
     return handle
 
@@ -83,8 +70,10 @@ def position_of(pool: asyncpg.Pool, consumer: str) -> Callable[[], Coroutine[Any
         try:
             async with pool.acquire() as conn:
                 value = await conn.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = $1", consumer)
-        except PG_UNAVAILABLE as exc:
-            raise Transient(f"postgres unavailable: {exc!r}") from exc
+        except Exception as exc:
+            if postgres_unavailable(exc):
+                raise Transient(f"postgres unavailable: {exc!r}") from exc
+            raise
         return int(value or 0)
 
     return position
@@ -103,7 +92,7 @@ async def main() -> None:
         async with connect_bus(bus_settings, "tracker") as bus:
             await asyncio.gather(*(
                 bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable), stop,
-                            batch=settings.batch, position=position_of(pool, spec.durable), transient=is_transient)
+                            batch=settings.batch, position=position_of(pool, spec.durable))
                 for spec, kind in CONSUMERS
             ))
 

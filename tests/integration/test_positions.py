@@ -21,7 +21,7 @@ from deploy import parts as p
 from schemas import events as ev
 from schemas import readmodel, subjects
 from services.runtime import Bus, BusSettings, ConsumerSpec, Delivery, Transient, connect_bus
-from services.tracker.main import handler_for, is_transient, position_of
+from services.tracker.main import handler_for, position_of
 from services.tracker.projection import Item, project_batch
 from tests.integration.conftest import TEST_NATS_USERS
 from tests.integration.test_tracker import _digest, _dsn, _life
@@ -246,7 +246,7 @@ async def test_the_tracker_loses_nothing_when_postgres_is_killed_mid_stream(part
                 seqs += [await bus.publish(event) for event in life]
             task = asyncio.create_task(bus.consume(spec, msgspec.json.Decoder(ev.DomainEvent),
                                                    handler_for(pool, durable), stop, batch=4,
-                                                   position=position_of(pool, durable), transient=is_transient))
+                                                   position=position_of(pool, durable)))
             await asyncio.sleep(1.0)
             _kill_postgres(parts)
             for life in lives[3:]:

@@ -70,3 +70,13 @@ def test_a_wrapped_connection_error_stays_transient() -> None:
             raise RuntimeError("projecting failed") from inner
     except RuntimeError as outer:
         assert is_transient(outer)
+
+
+def test_postgres_away_is_transient_but_client_misuse_is_not() -> None:
+    import asyncpg
+
+    assert is_transient(asyncpg.exceptions.CannotConnectNowError("starting up"))
+    assert is_transient(asyncpg.exceptions.AdminShutdownError("terminating connection"))
+    assert is_transient(asyncpg.InterfaceError("connection is closed"))
+    assert not is_transient(asyncpg.exceptions.DataError("invalid input for query argument $1"))
+    assert not is_transient(asyncpg.exceptions.UniqueViolationError("duplicate key"))
