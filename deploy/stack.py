@@ -198,8 +198,6 @@ def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str
             KILN_CPU_SLOTS=str(cfg.slots_per_worker),
             KILN_WORK_DIR=str(cfg.state_dir / "work"),
             KILN_MASTER_URL=cfg.master_url,
-            KILN_TRIAL_NATS_USER="trial",
-            KILN_TRIAL_NATS_PASSWORD=creds.nats["trial"],
             # One S3 identity for now: per-trial S3 credentials come with least-privilege access.
             KILN_TRIAL_S3_ACCESS_KEY=creds.s3_access_key,
             KILN_TRIAL_S3_SECRET_KEY=creds.s3_secret_key,

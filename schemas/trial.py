@@ -1,7 +1,13 @@
-"""What a worker tells a trial process about itself: the contract between worker and ``kiln.core``."""
+"""What a worker tells a trial process about itself, and the local link they speak over.
+
+The contract between worker and ``kiln.core``: the ClusterInfo the worker puts in the trial's
+environment, and the frames of the trial → worker link (a Unix socket the worker serves per
+allocation; the trial holds no bus credential and reports only through it).
+"""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgspec
@@ -36,12 +42,104 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     slot_ids: list[str] = []
     container_addrs: list[str] = []
     container_rank: int = 0
-    # How the trial reaches the bus and the checkpoint store; its own credentials.
-    nats_url: str = ""
-    nats_user: str = ""
-    nats_password: str = ""
+    # The worker's Unix socket for this allocation (LinkFrame below): the trial reports through it and
+    # hears stop requests on it; it gets no bus credential.
+    link_path: str = ""
+    # How the trial reaches the checkpoint store.
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_bucket: str = "kiln"
     s3_secure: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial → worker link: length-prefixed msgpack frames over the allocation's Unix socket.
+# ---------------------------------------------------------------------------------------------
+
+# A frame is a 4-byte big-endian body length, then the msgpack body. Bigger frames are refused:
+# JetStream takes at most 1 MiB per message anyway.
+FRAME_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Trial → worker: append this event to the outbox (``event``: one msgpack-encoded wire event)."""
+
+    id: int
+    event: msgspec.Raw
+
+
+class WatchStops(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Trial → worker: push a StopRequested frame when the platform asks this trial to stop."""
+
+    id: int
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Worker → trial: frame ``id`` was handled (a Report is durable in the outbox) or refused."""
+
+    id: int
+    ok: bool = True
+    error: str = ""
+
+
+class StopRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Worker → trial: the searcher stopped the trial or the scheduler wants its slots."""
+
+    reason: str
+
+
+LinkFrame = Report | WatchStops | Reply | StopRequested
+
+
+class FrameError(ValueError):
+    """Bytes on the link that are not a frame (too big, or not decodable)."""
+
+
+_FRAME_ENCODER = msgspec.msgpack.Encoder()
+_FRAME_DECODER = msgspec.msgpack.Decoder(LinkFrame)
+
+
+def encode_frame(frame: LinkFrame) -> bytes:
+    """One frame, ready to write: the length header, then the body."""
+    body = _FRAME_ENCODER.encode(frame)
+    if len(body) > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {len(body)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length a header announces; FrameError past the limit."""
+    (n,) = FRAME_HEADER.unpack(header)
+    if n > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {n} bytes announced, the limit is {MAX_FRAME_BYTES}")
+    return int(n)
+
+
+def decode_frame(body: bytes) -> LinkFrame:
+    """A frame body back to its Struct; FrameError if it is not one."""
+    try:
+        return _FRAME_DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"not a link frame: {exc}") from None
+
+
+class FrameBuffer:
+    """Cuts a byte stream (as ``recv`` returns it) into frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[LinkFrame]:
+        """Add received bytes; return the frames now complete, in order."""
+        self._buf += data
+        out: list[LinkFrame] = []
+        while len(self._buf) >= FRAME_HEADER.size:
+            n = frame_length(bytes(self._buf[: FRAME_HEADER.size]))
+            end = FRAME_HEADER.size + n
+            if len(self._buf) < end:
+                break
+            out.append(decode_frame(bytes(self._buf[FRAME_HEADER.size:end])))
+            del self._buf[:end]
+        return out

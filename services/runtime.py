@@ -217,6 +217,11 @@ class Bus:
         ack = await self.js.publish(subject_for(event), _ENCODER.encode(event), headers=headers)
         return ack.seq
 
+    async def publish_raw(self, subject: str, payload: bytes, msg_id: str) -> int:
+        """Publish an already-encoded event (an outbox row) with its ``Nats-Msg-Id``; return its seq."""
+        ack = await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        return ack.seq
+
     async def publish_many(self, events: Sequence[Any]) -> None:
         """Publish events in order, each awaited, so their stream order is their list order."""
         for event in events:

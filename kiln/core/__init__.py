@@ -1,8 +1,9 @@
 """The Core API, in Determined's shape: ``with kiln.core.init() as core_context: ...``.
 
-On a cluster the context reports to the bus and stores checkpoints in the configured storage. Outside
-one (no ``KILN_CLUSTER_INFO``), ``init()`` returns a local context: metrics are logged, checkpoints go
-to ``./checkpoints``, ``should_preempt()`` is False, so the same script runs on a laptop.
+On a cluster the context reports through its worker (a local socket, ``kiln.core._bus``) and stores
+checkpoints in the configured storage. Outside one (no ``KILN_CLUSTER_INFO``), ``init()`` returns a local
+context: metrics are logged, checkpoints go to ``./checkpoints``, ``should_preempt()`` is False, so the same
+script runs on a laptop.
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ class TrainContext:
 class PreemptContext:
     """``core_context.preempt``: has the platform asked this trial to stop?
 
-    Only the chief watches the bus; with several processes every rank calls ``should_preempt()`` at
-    the same point and gets the chief's answer (Determined's "workers ask chief"), so all ranks stop
-    together.
+    Only the chief hears stop requests (from its worker); with several processes every rank calls
+    ``should_preempt()`` at the same point and gets the chief's answer (Determined's "workers ask chief"),
+    so all ranks stop together.
     """
 
     def __init__(self, distributed: DistributedContext | None = None) -> None:
@@ -239,10 +240,12 @@ def init(*, distributed: DistributedContext | None = None, checkpoint_storage: s
         return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
                        searcher=SearcherContext(train, None), info=None, reporter=reporter)
 
-    from kiln.core._bus import TrialBus  # only on a cluster: nats is not needed locally
+    from kiln.core._bus import TrialBus  # only on a cluster
 
     trial = wire.trial
-    reporter = TrialBus(wire.nats_url, wire.nats_user, wire.nats_password, trial.experiment_id, trial.trial_id,
+    # The chief reports through its worker's link (no bus credential in the trial); other ranks report
+    # nothing and hear stop requests from the chief (PreemptContext).
+    reporter = TrialBus(wire.link_path, trial.experiment_id, trial.trial_id,
                         wire.allocation_id) if dist.rank == 0 else _Reporter()
     storage = _storage_for(trial.config, wire)
     if dist.rank == 0:

@@ -1,137 +1,258 @@
-"""The trial process's link to the bus: a private event loop in a daemon thread.
+"""The trial process's link to its worker: frames over the allocation's Unix socket, no bus credential.
 
-Training code is synchronous; nats-py is asyncio. Calls hop onto the loop with
-``run_coroutine_threadsafe``. Training metrics are buffered and sent in batches (by size and time, and
-at close), so reporting a point never waits on the network.
+The worker serves a socket per allocation (``ClusterInfo.link_path``); every report goes there, the worker
+checks it is about this trial, stores it in its outbox and replies (schemas.trial frames). Training code
+is synchronous, so the client is plain blocking sockets and two daemon threads: one reads replies and stop
+requests, one sends training points in batches (every 1 s or 500 points, and at close), so reporting a
+point never waits on anything. Batches go out without waiting for each reply (a few in flight); the worker
+handles one connection's frames in order, so a reply to frame n means every earlier frame was handled.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import nats
 
 from schemas import events as ev
-from schemas.subjects import EVENTS, dedupe_key, subject_for, trial_filter
+from schemas.trial import FrameBuffer, FrameError, LinkFrame, Reply, Report, StopRequested, WatchStops, encode_frame
+
+log = logging.getLogger("kiln.core")
 
 FLUSH_POINTS = 500
 FLUSH_SECONDS = 1.0
+# Metric batches sent and not yet acknowledged before the sender waits (memory stays bounded).
+MAX_IN_FLIGHT = 8
+# A batch whose JSON is bigger than this is split: a bus message holds at most 1 MiB.
+MAX_BATCH_BYTES = 512 * 1024
+# How long a report may wait for the worker's "stored" before it is an error.
+REPLY_TIMEOUT_S = 120.0
+
+
+class LinkError(RuntimeError):
+    """The worker refused a report, or the link to it is gone."""
 
 
 class TrialBus:
-    """Publishes a trial's events and watches for requests addressed to it."""
+    """Publishes a trial's events through its worker and hears the requests addressed to it."""
 
-    def __init__(self, url: str, user: str, password: str, experiment_id: int, trial_id: int,
-                 allocation_id: str) -> None:
+    def __init__(self, link_path: str, experiment_id: int, trial_id: int, allocation_id: str) -> None:
         self.experiment_id = experiment_id
         self.trial_id = trial_id
         self.allocation_id = allocation_id
-        self._encoder = msgspec.json.Encoder()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._json = msgspec.json.Encoder()
         self._points: list[ev.MetricPoint] = []
-        self._batches = 0
         self._points_lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kiln-bus", daemon=True)
-        self._thread.start()
-        self._nc: Any = None
-        self._flusher: Any = None
-        self._call(self._connect(url, user, password))
+        self._batch_lock = threading.Lock()  # taking points and sending them is one step: batch ids stay in order
+        self._batches = 0
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._sent = 0  # id of the last frame sent
+        self._replied = 0  # id of the last reply (replies come in frame order)
+        self._awaited: dict[int, str | None] = {}  # ids a caller waits on -> error text once replied
+        self._broken = ""
+        self._closing = False
+        self._on_stop: Callable[[str], None] | None = None
+        self._kick = threading.Event()
+        self._sock = _connect(link_path)
+        self._reader = threading.Thread(target=self._read_forever, name="kiln-link-reader", daemon=True)
+        self._reader.start()
+        self._flusher = threading.Thread(target=self._flush_forever, name="kiln-link-flusher", daemon=True)
+        self._flusher.start()
 
-    def _call(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    # -- frames ---------------------------------------------------------------------------------
 
-    async def _connect(self, url: str, user: str, password: str) -> None:
-        options: dict[str, Any] = {"servers": [url], "name": f"trial-{self.trial_id}",
-                                   "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
-        if user:
-            options.update(user=user, password=password)
-        self._nc = await nats.connect(**options)
-        self._js = self._nc.jetstream()
-        self._flusher = asyncio.ensure_future(self._flush_periodically())
+    def _send(self, make: Callable[[int], LinkFrame], awaited: bool) -> int:
+        with self._send_lock:
+            with self._cond:
+                if self._broken:
+                    raise LinkError(self._broken)
+                frame_id = self._sent + 1
+                if awaited:
+                    self._awaited[frame_id] = None
+            data = encode_frame(make(frame_id))
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self._fail(f"link to the worker lost: {exc}")
+                raise LinkError(self._broken) from exc
+            with self._cond:
+                self._sent = frame_id
+        return frame_id
 
-    async def _publish(self, event: Any) -> None:
-        await self._js.publish(subject_for(event), self._encoder.encode(event),
-                               headers={"Nats-Msg-Id": dedupe_key(event)})
+    def _wait(self, frame_id: int, timeout: float = REPLY_TIMEOUT_S) -> None:
+        """Until the worker replied to ``frame_id``; LinkError if it refused it or the link broke."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            try:
+                while self._replied < frame_id:
+                    if self._broken:
+                        raise LinkError(self._broken)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise LinkError(f"no reply from the worker in {timeout:.0f} s")
+                    self._cond.wait(left)
+                error = self._awaited.get(frame_id)
+            finally:
+                self._awaited.pop(frame_id, None)
+        if error:
+            raise LinkError(error)
+
+    def _read_forever(self) -> None:
+        frames = FrameBuffer()
+        try:
+            while True:
+                data = self._sock.recv(1 << 16)
+                if not data:
+                    break
+                for frame in frames.feed(data):
+                    self._on_frame(frame)
+        except (OSError, FrameError) as exc:
+            if not self._closing:
+                self._fail(f"link to the worker lost: {exc}")
+                return
+        self._fail("the worker closed the link")
+
+    def _on_frame(self, frame: LinkFrame) -> None:
+        match frame:
+            case Reply():
+                with self._cond:
+                    self._replied = max(self._replied, frame.id)
+                    if frame.id in self._awaited:
+                        self._awaited[frame.id] = "" if frame.ok else (frame.error or "refused")
+                    elif not frame.ok:
+                        log.error("the worker refused a report: %s", frame.error)
+                    self._cond.notify_all()
+            case StopRequested():
+                if self._on_stop is not None:
+                    self._on_stop(frame.reason)
+            case _:
+                log.warning("unexpected frame from the worker: %s", type(frame).__name__)
+
+    def _fail(self, why: str) -> None:
+        with self._cond:
+            if not self._broken:
+                self._broken = why
+            self._cond.notify_all()
+
+    # -- the reporter interface kiln.core uses ----------------------------------------------------
 
     def publish(self, event: Any) -> None:
-        """Publish one event and wait for JetStream's ack."""
-        self._call(self._publish(event))
+        """Send one event and wait until the worker has stored it (LinkError if it refused it)."""
+        payload = msgspec.Raw(self._encoder.encode(event))
+        self._wait(self._send(lambda i: Report(id=i, event=payload), awaited=True))
 
     def add_point(self, point: ev.MetricPoint) -> None:
-        """Buffer a training point; a full buffer is sent without waiting."""
+        """Buffer a training point; a full buffer is sent by the sender thread, without waiting."""
         with self._points_lock:
             self._points.append(point)
             full = len(self._points) >= FLUSH_POINTS
         if full:
-            asyncio.run_coroutine_threadsafe(self._flush(), self._loop)
+            self._kick.set()
 
-    async def _flush(self) -> None:
-        with self._points_lock:
-            points, self._points = self._points, []
-            if not points:
+    def _send_points(self) -> int:
+        """Send the buffered points as batches (a few in flight at most); the last frame id, 0 if none."""
+        with self._batch_lock:
+            with self._points_lock:
+                points, self._points = self._points, []
+            last = 0
+            for i in range(0, len(points), FLUSH_POINTS):
+                for chunk in self._fitting(points[i:i + FLUSH_POINTS]):
+                    with self._cond:
+                        while self._sent - self._replied >= MAX_IN_FLIGHT and not self._broken:
+                            self._cond.wait(1.0)
+                    self._batches += 1
+                    batch = ev.TrainingMetricsReported(experiment_id=self.experiment_id, trial_id=self.trial_id,
+                                                       batch_id=f"{self.allocation_id}:{self._batches}",
+                                                       points=chunk)
+                    payload = msgspec.Raw(self._encoder.encode(batch))
+                    last = self._send(lambda n, p=payload: Report(id=n, event=p), awaited=False)
+            return last
+
+    def _fitting(self, points: list[ev.MetricPoint]) -> list[list[ev.MetricPoint]]:
+        """``points`` cut so each batch fits one bus message."""
+        if len(points) <= 1 or len(self._json.encode(points)) <= MAX_BATCH_BYTES:
+            return [points]
+        mid = len(points) // 2
+        return self._fitting(points[:mid]) + self._fitting(points[mid:])
+
+    def _flush_forever(self) -> None:
+        while not self._closing:
+            self._kick.wait(FLUSH_SECONDS)
+            self._kick.clear()
+            if self._closing:
                 return
-            self._batches += 1
-            batch_id = f"{self.allocation_id}:{self._batches}"
-        await self._publish(ev.TrainingMetricsReported(experiment_id=self.experiment_id, trial_id=self.trial_id,
-                                                       batch_id=batch_id, points=points))
-
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            await self._flush()
+            try:
+                self._send_points()
+            except LinkError as exc:
+                log.error("training metrics not sent: %s", exc)
+                return
 
     def flush(self) -> None:
-        """Send buffered points now (before a validation, so the order on the read side holds)."""
-        self._call(self._flush())
+        """Send buffered points and wait until the worker stored them (before a validation, so order holds)."""
+        self._send_points()
+        with self._cond:
+            through = self._sent
+        if through:
+            self._wait_through(through)
+
+    def _wait_through(self, frame_id: int, timeout: float = REPLY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._replied < frame_id:
+                if self._broken:
+                    raise LinkError(self._broken)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LinkError(f"no reply from the worker in {timeout:.0f} s")
+                self._cond.wait(left)
 
     def watch_stop(self, on_stop: Callable[[str], None]) -> None:
-        """Call ``on_stop(reason)`` when a stop request for this trial appears on the bus."""
-        decoder = msgspec.json.Decoder(ev.DomainEvent)
-
-        async def on_msg(msg: Any) -> None:
-            try:
-                event = decoder.decode(msg.data)
-            except msgspec.DecodeError:
-                return
-            if isinstance(event, ev.TrialStopRequested):
-                on_stop(event.reason)
-            elif isinstance(event, ev.TrialPreemptRequested) and event.allocation_id == self.allocation_id:
-                on_stop(event.reason or "the scheduler needs this trial's slots")
-
-        async def subscribe() -> None:
-            # Ordered (ephemeral, flow-controlled) consumer over this trial's facts, from the start:
-            # a stop decided before this run started must still be seen.
-            await self._js.subscribe(trial_filter(self.experiment_id, self.trial_id), stream=EVENTS.name,
-                                     cb=on_msg, ordered_consumer=True)
-
-        self._call(subscribe())
-
-    async def _shutdown(self) -> None:
-        await self._nc.drain()
-        # nats-py leaves helper tasks (flow control, activity checks) behind; end them quietly.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        """Call ``on_stop(reason)`` (from the reader thread) when the platform asks this trial to stop."""
+        self._on_stop = on_stop
+        self._wait(self._send(lambda i: WatchStops(id=i), awaited=True))
 
     def close(self) -> None:
-        """Flush, drain and stop the loop thread."""
-        if self._nc is None:
+        """Send what is buffered, wait until it is stored, and close the link."""
+        if self._closing:
             return
         try:
-            if self._flusher is not None:
-                self._loop.call_soon_threadsafe(self._flusher.cancel)
-            self._call(self._flush())
-            self._call(self._shutdown(), timeout=15.0)
+            self.flush()
+        except LinkError as exc:
+            log.error("training metrics not stored at close: %s", exc)
         finally:
-            self._nc = None
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5.0)
+            self._closing = True
+            self._kick.set()
+            self._flusher.join(timeout=5.0)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._reader.join(timeout=5.0)
+
+
+def _connect(path: str, timeout: float = 10.0) -> socket.socket:
+    """Connect to the worker's socket (it listens before the trial starts; retry briefly anyway)."""
+    if not path:
+        raise LinkError("no link to the worker in the cluster info (a worker older than this kiln?)")
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise LinkError(f"cannot reach the worker at {path}: {exc}") from exc
+            time.sleep(0.1)
 
 
 def now() -> float:

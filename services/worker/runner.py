@@ -1,4 +1,8 @@
-"""Runs one allocation: fetch the code context, start the trial process, ship its logs, report its exit."""
+"""Runs one allocation: fetch the code context, start the trial process, ship its logs, report its exit.
+
+Everything it reports (and everything the trial reports through its link) goes through ``publish``: the
+worker's outbox, which stores it before returning and publishes it to the bus in that order.
+"""
 
 from __future__ import annotations
 
@@ -20,16 +24,21 @@ import structlog
 from kiln import context as code_context
 from schemas import events as ev
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
+from services.worker.link import Identity, StopWatcher, TrialLink, socket_path
+from services.worker.outbox import OversizedEvent
 
 log = structlog.get_logger(__name__)
 
-Publish = Callable[[Any], Awaitable[object]]
+# Stores an event durably and returns its outbox row id (services.worker.outbox.Outbox.append).
+Publish = Callable[[Any], Awaitable[int]]
 
 # Environment a trial inherits from the worker; everything else (the worker's own credentials
 # above all) stays out of the trial.
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "CUDA_HOME", "LD_LIBRARY_PATH")
 LOG_FLUSH_S = 0.25
 LOG_BATCH_LINES = 500
+# Text per log batch: with lines of up to 64 KiB, a batch stays well inside one 1 MiB bus message.
+LOG_BATCH_CHARS = 256 * 1024
 KILL_GRACE_S = 10.0
 # Log line numbers of host r of a multi-host allocation start at r x this, so the hosts' lines never
 # collide in (allocation_id, line_no).
@@ -111,6 +120,7 @@ class Allocation:
         work_root: Path,
         publish: Publish,
         fetch_context: Callable[[str], Awaitable[bytes]],
+        watch_stops: StopWatcher,
     ) -> None:
         self.assigned = assigned
         self.submitted = submitted
@@ -119,10 +129,16 @@ class Allocation:
         self.dir = work_root / assigned.allocation_id
         self.publish = publish
         self.fetch_context = fetch_context
+        self.watch_stops = watch_stops
+        self.link: TrialLink | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.killed = False
+        # The outbox row of this allocation's AllocationExited: until it is published, heartbeats list
+        # the allocation as finished, so the scheduler never judges it lost while the bus was away.
+        self.exit_row = 0
         self._line_no = assigned.node_rank * NODE_LINE_STRIDE
         self._pending: list[ev.LogLine] = []
+        self._pending_chars = 0
         self._flush_lock = asyncio.Lock()
 
     @property
@@ -140,6 +156,11 @@ class Allocation:
             if self.dir.exists():
                 shutil.rmtree(self.dir)
             await asyncio.to_thread(code_context.extract, data, self.dir)
+            self.link = TrialLink(socket_path(self.dir),
+                                  Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
+                                           allocation_id=a.allocation_id),
+                                  self.publish, self.watch_stops)
+            await self.link.start()
             argv = entrypoint_argv(self.submitted.config["entrypoint"], processes=max(len(a.slot_ids), 1),
                                    rendezvous=_rendezvous(a))
             self.proc = await asyncio.create_subprocess_exec(
@@ -154,9 +175,11 @@ class Allocation:
             )
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, not raised
             log.error("allocation.start_failed", allocation=a.allocation_id, error=repr(exc))
+            if self.link is not None:
+                await self.link.close(grace_s=0.0)
             await self._system_line(f"could not start trial: {exc}")
             await self._flush()
-            await self.publish(
+            self.exit_row = await self.publish(
                 ev.AllocationExited(
                     experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
                     worker_id=a.worker_id, exit_code=None, reason=f"could not start: {exc}", exited_at=time.time(),
@@ -182,10 +205,13 @@ class Allocation:
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
+        if self.link is not None:
+            # What the trial sent before it exited is stored before its exit is.
+            await self.link.close()
         await self._system_line(f"trial process exited with code {code}")
         await self._flush()
         a = self.assigned
-        await self.publish(
+        self.exit_row = await self.publish(
             ev.AllocationExited(
                 experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
                 worker_id=a.worker_id, exit_code=code, killed=self.killed,
@@ -219,6 +245,7 @@ class Allocation:
             slot_ids=list(a.slot_ids),
             container_rank=a.node_rank,
             container_addrs=[n.address for n in a.nodes] or self.info_base.container_addrs,
+            link_path=str(self.link.path) if self.link is not None else "",
             trial=TrialInfo(
                 trial_id=a.trial_id,
                 experiment_id=a.experiment_id,
@@ -251,8 +278,9 @@ class Allocation:
 
     async def _add_line(self, stream: str, text: str) -> None:
         self._pending.append(ev.LogLine(line_no=self._line_no, stream=stream, text=text, ts=time.time()))  # type: ignore[arg-type]
+        self._pending_chars += len(text)
         self._line_no += 1
-        if len(self._pending) >= LOG_BATCH_LINES:
+        if len(self._pending) >= LOG_BATCH_LINES or self._pending_chars >= LOG_BATCH_CHARS:
             await self._flush()
 
     async def _system_line(self, text: str) -> None:
@@ -267,9 +295,19 @@ class Allocation:
         async with self._flush_lock:
             if not self._pending:
                 return
-            lines, self._pending = self._pending, []
-            a = self.assigned
-            await self.publish(
-                ev.LogsShipped(experiment_id=a.experiment_id, trial_id=a.trial_id,
-                               allocation_id=a.allocation_id, lines=lines)
-            )
+            lines, self._pending, self._pending_chars = self._pending, [], 0
+            await self._ship(lines)
+
+    async def _ship(self, lines: list[ev.LogLine]) -> None:
+        """One LogsShipped; a batch too big for a bus message (text that escapes badly) goes in halves."""
+        a = self.assigned
+        try:
+            await self.publish(ev.LogsShipped(experiment_id=a.experiment_id, trial_id=a.trial_id,
+                                              allocation_id=a.allocation_id, lines=lines))
+        except OversizedEvent:
+            if len(lines) > 1:
+                await self._ship(lines[: len(lines) // 2])
+                await self._ship(lines[len(lines) // 2:])
+            else:
+                line = lines[0]
+                await self._ship([msgspec.structs.replace(line, text=line.text[:16384] + " [truncated]")])
