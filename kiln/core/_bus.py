@@ -88,19 +88,11 @@ class TrialBus:
 
     def _wait(self, frame_id: int, timeout: float = REPLY_TIMEOUT_S) -> None:
         """Until the worker replied to ``frame_id``; LinkError if it refused it or the link broke."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            try:
-                while self._replied < frame_id:
-                    if self._broken:
-                        raise LinkError(self._broken)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise LinkError(f"no reply from the worker in {timeout:.0f} s")
-                    self._cond.wait(left)
-                error = self._awaited.get(frame_id)
-            finally:
-                self._awaited.pop(frame_id, None)
+        try:
+            self._wait_through(frame_id, timeout)
+        finally:
+            with self._cond:
+                error = self._awaited.pop(frame_id, None)
         if error:
             raise LinkError(error)
 
@@ -203,6 +195,7 @@ class TrialBus:
             self._wait_through(through)
 
     def _wait_through(self, frame_id: int, timeout: float = REPLY_TIMEOUT_S) -> None:
+        """Until the worker replied to every frame up to ``frame_id``; LinkError if the link broke."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._replied < frame_id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -49,16 +50,16 @@ class Stack:
         return f"nats://{self.cfg.host}:{self.cfg.nats_port}", "admin", self.creds.nats["admin"]
 
 
-@pytest.fixture(scope="session")
-def kiln_stack() -> Iterator[Stack]:
-    """Start the stack under a temporary state dir with three 1-slot workers; stop it at the end."""
-    state_dir = Path(tempfile.mkdtemp(prefix="kiln-e2e-"))
+@contextlib.contextmanager
+def local_stack(prefix: str, **sizes: object) -> Iterator[Stack]:
+    """Start a stack of its own under a temporary state dir on free ports; stop and remove it at the end
+    (``KILN_KEEP_E2E_STATE=1`` keeps the state dir for a post-mortem)."""
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
     state_dir.chmod(0o755)  # the unprivileged postgres user must reach its data dir inside
     base = free_port_block(16)
     cfg = stack.StackConfig.load(
         state_dir, nats_port=base, nats_monitor_port=base + 1, pg_port=base + 2, s3_port=base + 3,
-        http_port=base + 4, s3_ports_base=base + 5, workers=3, slots_per_worker=1,
-        max_context_bytes=2 * 1024 * 1024, worker_timeout_s=6.0,
+        http_port=base + 4, s3_ports_base=base + 5, worker_timeout_s=6.0, **sizes,
     )
     try:
         stack.up(cfg)
@@ -67,3 +68,10 @@ def kiln_stack() -> Iterator[Stack]:
         stack.down(cfg)
         if os.environ.get("KILN_KEEP_E2E_STATE") != "1":
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kiln_stack() -> Iterator[Stack]:
+    """The shared stack of the e2e tests: three 1-slot workers."""
+    with local_stack("kiln-e2e-", workers=3, slots_per_worker=1, max_context_bytes=2 * 1024 * 1024) as s:
+        yield s

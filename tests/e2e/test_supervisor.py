@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,8 +16,7 @@ from typing import TypeVar
 import pytest
 
 from deploy import parts, stack, supervise
-from deploy.ports import free_port_block
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, local_stack
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -121,19 +118,8 @@ def test_plain_up_keeps_three_workers_and_starts_a_stopped_one_again(kiln_stack:
 @pytest.fixture(scope="module")
 def small_stack() -> Iterator[Stack]:
     """A stack of its own (one 1-slot worker) to resize without disturbing the shared one."""
-    state_dir = Path(tempfile.mkdtemp(prefix="kiln-e2e-sv-"))
-    state_dir.chmod(0o755)  # the unprivileged postgres user must reach its data dir inside
-    base = free_port_block(16)
-    cfg = stack.StackConfig.load(
-        state_dir, nats_port=base, nats_monitor_port=base + 1, pg_port=base + 2, s3_port=base + 3,
-        http_port=base + 4, s3_ports_base=base + 5, workers=1, slots_per_worker=1, worker_timeout_s=6.0,
-    )
-    try:
-        stack.up(cfg)
-        yield Stack(cfg)
-    finally:
-        stack.down(cfg)
-        shutil.rmtree(state_dir, ignore_errors=True)
+    with local_stack("kiln-e2e-sv-", workers=1, slots_per_worker=1) as s:
+        yield s
 
 
 def test_up_applies_new_sizes_and_says_so(small_stack: Stack) -> None:
