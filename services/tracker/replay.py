@@ -21,14 +21,22 @@ import contextlib
 import datetime as dt
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 import nats.js.errors
 
 from schemas import readmodel
-from services.runtime import BusSettings, ConsumerSpec, configure_logging, connect_bus, read_settings
+from services.runtime import (
+    BusSettings,
+    ConsumerSpec,
+    configure_logging,
+    connect_bus,
+    is_transient,
+    read_settings,
+)
 from services.tracker.main import CONSUMERS, TrackerSettings
 from services.tracker.projection import Item, project_batch
 
@@ -201,10 +209,16 @@ async def _aged_out(bus: Any) -> list[str]:
     return out
 
 
+# Tables the migrations make that are not projections of the event log: the gateway owns them, a rebuild has
+# them empty, and a swap must leave the live ones in place (users and their tokens would be lost otherwise, and
+# the rebuilt experiment id counter starts at 0: ids would be handed out again).
+NOT_PROJECTED = ("schema_migrations", "users", "api_tokens", "id_counters")
+
+
 async def _tables(conn: Any, schema: str) -> list[str]:
-    """The read-model tables of a schema (what the migrations made, less their own bookkeeping)."""
-    rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 AND tablename <> 'schema_migrations'"
-                            " ORDER BY tablename", schema)
+    """The read-model tables of a schema (what the migrations made, less what is not projected)."""
+    rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 AND tablename <> ALL($2::text[])"
+                            " ORDER BY tablename", schema, list(NOT_PROJECTED))
     return [r["tablename"] for r in rows]
 
 
@@ -293,8 +307,36 @@ async def swap(bus: Any, conn: Any, swap_conn: Any, schema: str = "replay", live
     return report
 
 
+T = TypeVar("T")
+
+# Waits before a replay starts over after PostgreSQL or NATS went away under it (the last one repeats).
+_OUTAGE_BACKOFF_S = (1.0, 2.0, 5.0)
+
+
+async def _waiting_out_outages(attempt: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run ``attempt`` until it finishes; an outage (``is_transient``) makes it start over once the part is
+    back. A rebuild goes into a schema of its own that each attempt drops first, so starting over is safe;
+    ``swap`` changes the live schema only in its last transaction, which commits whole or not at all."""
+    failures = 0
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            delay = _OUTAGE_BACKOFF_S[min(failures, len(_OUTAGE_BACKOFF_S) - 1)]
+            failures += 1
+            print(f"{what}: a server is unavailable ({exc!r}); starting over in {delay:.0f}s", file=sys.stderr,
+                  flush=True)
+            await asyncio.sleep(delay)
+
+
 async def run(schema: str, verify: bool, live_schema: str = "public") -> ReplayReport:
-    """Connect with the tracker's settings, replay, and verify if asked."""
+    """Connect with the tracker's settings, replay, and verify if asked; outages are waited out."""
+    return await _waiting_out_outages(lambda: _run_once(schema, verify, live_schema), "replay")
+
+
+async def _run_once(schema: str, verify: bool, live_schema: str) -> ReplayReport:
     settings = read_settings(TrackerSettings)
     async with connect_bus(read_settings(BusSettings), "replay", ensure=False) as bus:
         conn = await asyncpg.connect(settings.pg_dsn)
@@ -310,7 +352,11 @@ async def run(schema: str, verify: bool, live_schema: str = "public") -> ReplayR
 
 
 async def run_swap(schema: str, keep_backups: int = 2) -> ReplayReport:
-    """Connect with the tracker's settings and ``swap``."""
+    """Connect with the tracker's settings and ``swap``; outages are waited out."""
+    return await _waiting_out_outages(lambda: _run_swap_once(schema, keep_backups), "replay --swap")
+
+
+async def _run_swap_once(schema: str, keep_backups: int) -> ReplayReport:
     settings = read_settings(TrackerSettings)
     async with connect_bus(read_settings(BusSettings), "replay", ensure=False) as bus:
         conn = await asyncpg.connect(settings.pg_dsn)

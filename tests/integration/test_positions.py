@@ -305,3 +305,30 @@ async def test_experiment_ids_do_not_jump_after_postgres_is_killed(parts: p.Runn
         await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
     finally:
         await c.close()
+
+
+async def test_a_replay_waits_out_a_postgres_outage(parts: p.RunningParts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln events replay` started while PostgreSQL is dead finishes once it is back, instead of failing."""
+    from services.tracker import replay
+
+    user, password = next(iter(TEST_NATS_USERS.items()))
+    monkeypatch.setenv("KILN_PG_DSN", _dsn(parts))
+    monkeypatch.setenv("KILN_NATS_URL", parts.nats_url)
+    monkeypatch.setenv("KILN_NATS_USER", user)
+    monkeypatch.setenv("KILN_NATS_PASSWORD", password)
+    schema = f"r_{uuid.uuid4().hex[:12]}"
+    async with connect_bus(_settings(parts), "test") as bus:
+        for event in _life(_exp(), _exp()):
+            await bus.publish(event)
+    _kill_postgres(parts)
+    task = asyncio.create_task(replay.run(schema, verify=False))
+    await asyncio.sleep(3.0)
+    assert not task.done()
+    parts.postgres = p.start_postgres(parts.cfg)
+    report = await asyncio.wait_for(task, 120)
+    assert report.events >= 10
+    c = await asyncpg.connect(_dsn(parts))
+    try:
+        await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await c.close()
