@@ -42,6 +42,10 @@ test-unit: setup
 chaos *ARGS: setup
     KILN_CHAOS=full {{venv}}/python -m pytest -q -s tests/chaos {{ARGS}}
 
+# Fuzz the HTTP API on a stack of its own: schemathesis, >= 10,000 cases signed in and as many anonymous; no 5xx
+fuzz EXAMPLES="500" *ARGS: setup
+    KILN_FUZZ_EXAMPLES={{EXAMPLES}} {{venv}}/python -m pytest -q -s tests/e2e/test_fuzz.py -k fuzzing {{ARGS}}
+
 # Benchmarks (long; not part of `test`)
 bench-startup: setup
     {{venv}}/python benchmarks/startup/run.py --runs 5

@@ -502,6 +502,12 @@ def start_nats(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) -> P
     existing = _existing(cfg, "nats", str(conf), signal.SIGTERM)
     reused = _reuse(existing, probe, timeout) if existing is not None else None
     if reused is not None:
+        text = nats_config_text(cfg)
+        if not conf.exists() or conf.read_text() != text:
+            # Users or permissions changed (a worker added, its own user with it): reload, keep serving.
+            conf.write_text(text)
+            os.kill(reused.pid, signal.SIGHUP)
+            log.info("nats config changed, reloaded", pid=reused.pid)
         return reused
     _ensure_ports_free(cfg.host, [cfg.nats_port, cfg.nats_monitor_port], "nats")
     # Written fresh each start so the configured users are authoritative; it holds passwords: 0600.

@@ -10,6 +10,7 @@ logs, data.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +26,9 @@ import msgspec
 import structlog
 
 from deploy import parts, supervise
+from schemas import subjects
+from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY
+from services import runtime
 
 log = structlog.get_logger(__name__)
 
@@ -35,16 +40,94 @@ READY_MARKERS = {
     "scheduler": '"consumer.started"',
     "worker": '"consumer.started"',
 }
-NATS_USERS = ("gateway", "searcher", "scheduler", "tracker", "worker", "trial", "admin", "reader")
-# Users that may not do everything (deploy.parts.PartsConfig.nats_permissions). "reader" is the credential
-# for outside systems (README "Bus"): it subscribes to metrics and domain events as they are published and
-# can publish nothing, so it cannot forge events nor call the JetStream API ($JS.API.* are publishes).
-NATS_PERMISSIONS: dict[str, dict[str, dict[str, list[str]]]] = {
-    "reader": {
-        "publish": {"deny": [">"]},
-        "subscribe": {"allow": ["kiln.metrics.>", "kiln.events.>", "_INBOX.>"]},
-    },
-}
+SERVICE_USERS = ("gateway", "searcher", "scheduler", "tracker")
+# The fixed NATS users; each worker gets one more of its own, worker-<i> (nats_users). "admin" bootstraps
+# the streams and buckets and is for operators; no process of the stack uses it.
+NATS_USERS = (*SERVICE_USERS, "admin", "reader")
+
+
+def nats_users(workers: int) -> tuple[str, ...]:
+    """Every NATS user of a stack with ``workers`` workers (a worker's user is its worker id)."""
+    return NATS_USERS + tuple(f"worker-{i}" for i in range(workers))
+
+
+# What no user but admin may do: manage streams (KV buckets are streams too) or read a stream's messages
+# by a request body that no permission can look into (key-value gets go by DIRECT.GET, key in the subject).
+_STREAM_ADMIN = ["$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>", "$JS.API.STREAM.DELETE.>",
+                 "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.MSG.GET.>"]
+
+
+def _durable(stream: subjects.StreamSpec, durable: str) -> list[str]:
+    """JetStream API a durable pull consumer of one's own needs: (re)create, info, delete, fetch, ack, and
+    dead-letter to its own subject."""
+    s = stream.name
+    return [f"$JS.API.CONSUMER.CREATE.{s}.{durable}", f"$JS.API.CONSUMER.CREATE.{s}.{durable}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.{durable}", f"$JS.API.CONSUMER.INFO.{s}.{durable}",
+            f"$JS.API.CONSUMER.DELETE.{s}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{s}.{durable}",
+            f"$JS.ACK.{s}.{durable}.>", f"$JS.API.STREAM.INFO.{s}", subjects.deadletter_subject(durable)]
+
+
+def _reads(stream: subjects.StreamSpec) -> list[str]:
+    """JetStream API an ordered (ephemeral, unacknowledged) read of a stream needs (Bus.read)."""
+    s = stream.name
+    return [f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}", f"$JS.FC.{s}.>"]
+
+
+def _kv(bucket: str, key: str, *, write: bool) -> list[str]:
+    """One key of a key-value bucket: direct get of that key (and put, with ``write``)."""
+    read = [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"]
+    return read + ([f"$KV.{bucket}.{key}"] if write else [])
+
+
+def _user(publish: list[str], subscribe: list[str]) -> dict[str, dict[str, list[str]]]:
+    return {"publish": {"allow": sorted(set(publish)), "deny": _STREAM_ADMIN},
+            "subscribe": {"allow": sorted(set(subscribe))}}
+
+
+def user_permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
+    """One NATS user's permissions (None: admin, everything); publish allow-lists of events come from
+    schemas.subjects.OWNERS, so a principal publishes only the event types it owns."""
+    inbox = f"{runtime.inbox_prefix(user)}.>"
+    E = subjects.EVENTS
+    match user:
+        case "admin":
+            return None
+        case "reader":
+            # The credential for outside systems (README "Bus"): subscribes to metrics and domain events as
+            # they are published; publishes nothing, so it forges nothing and calls no JetStream API.
+            return {"publish": {"deny": [">"]},
+                    "subscribe": {"allow": ["kiln.metrics.>", "kiln.events.>", inbox]}}
+        case "gateway":
+            return _user(subjects.publish_allow("gateway") + _reads(E) + _kv(CLUSTER_BUCKET, CLUSTER_KEY, write=False),
+                         [inbox, "kiln.metrics.>", "kiln.events.>"])  # live metrics (SSE)
+        case "searcher":
+            return _user(subjects.publish_allow("searcher") + _durable(E, "searcher")
+                         + _kv(runtime.SNAPSHOT_BUCKET, "searcher", write=True), [inbox])
+        case "scheduler":
+            return _user(subjects.publish_allow("scheduler") + _durable(E, "scheduler")
+                         + _kv(runtime.SNAPSHOT_BUCKET, "scheduler", write=True)
+                         + _kv(CLUSTER_BUCKET, CLUSTER_KEY, write=True), [inbox, subjects.HEARTBEAT_SUBJECT])
+        case "tracker":
+            # Its three durables, and ordered reads of every stream for `kiln events replay`.
+            return _user([*_durable(E, "tracker-events"), *_durable(subjects.METRICS, "tracker-metrics"),
+                          *_durable(subjects.LOGS, "tracker-logs"),
+                          *(r for spec in subjects.ALL_STREAMS for r in _reads(spec))], [inbox])
+        case _ if user.startswith("worker-"):
+            # One user per worker (its id): its own and its trials' facts, on subjects carrying its id only.
+            return _user(subjects.publish_allow("worker", user) + [subjects.heartbeat_subject(user)]
+                         + _durable(E, f"worker-{user}") + _reads(E), [inbox])
+        case _:
+            raise ValueError(f"no NATS permissions defined for user {user!r}")
+
+
+def nats_permissions(users: Iterable[str]) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """deploy.parts.PartsConfig.nats_permissions for these users (admin is left unrestricted)."""
+    out = {}
+    for user in users:
+        perms = user_permissions(user)
+        if perms is not None:
+            out[user] = perms
+    return out
 
 
 class StackError(RuntimeError):
@@ -102,24 +185,29 @@ class Credentials(msgspec.Struct, kw_only=True):
     pg_password: str
     s3_access_key: str
     s3_secret_key: str
+    # The gateway's first admin (user "admin"); `kiln up` signs the CLI in with it.
+    admin_password: str = ""
 
     @classmethod
-    def load_or_create(cls, state_dir: Path) -> Credentials:
-        """Read the stack's credentials, creating them on first use."""
+    def load_or_create(cls, state_dir: Path, users: Iterable[str] = NATS_USERS) -> Credentials:
+        """Read the stack's credentials, creating them (or the ``users`` missing from them) on first use."""
         path = state_dir / "credentials.json"
+        users = tuple(users)
         if path.exists():
             creds = msgspec.json.decode(path.read_bytes(), type=cls)
-            missing = [user for user in NATS_USERS if user not in creds.nats]
-            if not missing:
+            missing = [user for user in users if user not in creds.nats]
+            if not missing and creds.admin_password:
                 return creds
             # A state dir from before a user existed (e.g. "reader"): add only that user, keep the rest.
             creds.nats.update({user: secrets.token_urlsafe(18) for user in missing})
+            creds.admin_password = creds.admin_password or secrets.token_urlsafe(18)
         else:
             creds = cls(
-                nats={user: secrets.token_urlsafe(18) for user in NATS_USERS},
+                nats={user: secrets.token_urlsafe(18) for user in users},
                 pg_password=secrets.token_urlsafe(18),
                 s3_access_key="kiln" + secrets.token_hex(6),
                 s3_secret_key=secrets.token_urlsafe(24),
+                admin_password=secrets.token_urlsafe(18),
             )
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -152,11 +240,12 @@ class ProcessStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def parts_config(cfg: StackConfig, creds: Credentials) -> parts.PartsConfig:
-    """The infrastructure half of the stack config."""
+    """The infrastructure half of the stack config: only this size's NATS users (a removed worker's is gone)."""
+    users = {user: creds.nats[user] for user in nats_users(cfg.workers)}
     return parts.PartsConfig(
         state_dir=cfg.state_dir, host=cfg.host, nats_port=cfg.nats_port, nats_monitor_port=cfg.nats_monitor_port,
-        pg_port=cfg.pg_port, s3_port=cfg.s3_port, s3_ports_base=cfg.s3_ports_base, nats_users=creds.nats,
-        nats_permissions=NATS_PERMISSIONS, pg_password=creds.pg_password, s3_access_key=creds.s3_access_key,
+        pg_port=cfg.pg_port, s3_port=cfg.s3_port, s3_ports_base=cfg.s3_ports_base, nats_users=users,
+        nats_permissions=nats_permissions(users), pg_password=creds.pg_password, s3_access_key=creds.s3_access_key,
         s3_secret_key=creds.s3_secret_key,
     )
 
@@ -186,21 +275,21 @@ def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str
         env = service_env(cfg, creds, svc)
         if svc == "gateway":
             env.update(KILN_HTTP_HOST=cfg.host, KILN_HTTP_PORT=str(cfg.http_port),
-                       KILN_MAX_CONTEXT_BYTES=str(cfg.max_context_bytes))
+                       KILN_MAX_CONTEXT_BYTES=str(cfg.max_context_bytes),
+                       KILN_ADMIN_PASSWORD=creds.admin_password)  # used on its first start only
         if svc == "scheduler":
             env["KILN_WORKER_TIMEOUT_S"] = str(cfg.worker_timeout_s)
         out.append((svc, [py, "-m", f"services.{svc}.main"], env))
     for i in range(cfg.workers):
-        env = service_env(cfg, creds, "worker")
+        env = service_env(cfg, creds, f"worker-{i}")  # its own NATS user, named as its worker id
         env.update(
             KILN_WORKER_ID=f"worker-{i}",
             KILN_ADDRESS=cfg.host,  # where a trial spanning local workers meets its rank 0
             KILN_CPU_SLOTS=str(cfg.slots_per_worker),
             KILN_WORK_DIR=str(cfg.state_dir / "work"),
             KILN_MASTER_URL=cfg.master_url,
-            # One S3 identity for now: per-trial S3 credentials come with least-privilege access.
-            KILN_TRIAL_S3_ACCESS_KEY=creds.s3_access_key,
-            KILN_TRIAL_S3_SECRET_KEY=creds.s3_secret_key,
+            # No store key for trials: they get presigned URLs for their own experiment's checkpoints from
+            # their worker (services/worker/link.py).
         )
         out.append((f"worker-{i}", [py, "-m", "services.worker.main"], env))
     return out
@@ -237,13 +326,27 @@ def _saved_sizes(state_dir: Path) -> tuple[int, int] | None:
         return None
 
 
+def private_state_dir(state_dir: Path) -> None:
+    """Nothing in the state dir is readable by other users (trials run as one): 0711 on the dir, so a trial can
+    pass through to its work dir under ``work/`` without listing anything; every other entry 0700/0600.
+
+    The parts' data (the S3 store's volume files above all), logs, configs and credentials stay the
+    services'. Postgres's data dir keeps its owner (an unprivileged user) and its 0700.
+    """
+    state_dir.chmod(0o711)
+    for entry in state_dir.iterdir():
+        if entry.name == "work" or entry.is_symlink():
+            continue
+        entry.chmod(0o700 if entry.is_dir() else 0o600)
+
+
 def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
     """Start whatever is not running yet, apply a changed size or setting, and wait until every piece is ready."""
     started = time.monotonic()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     previous = _saved_sizes(cfg.state_dir)
     (cfg.state_dir / "stack.json").write_bytes(msgspec.json.encode(cfg, enc_hook=str))
-    creds = Credentials.load_or_create(cfg.state_dir)
+    creds = Credentials.load_or_create(cfg.state_dir, nats_users(cfg.workers))
     pcfg = parts_config(cfg, creds)
     try:
         parts.start_nats(pcfg)
@@ -251,6 +354,8 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
         parts.start_s3(pcfg)
     except parts.PartError as exc:
         raise StackError(str(exc)) from exc
+    private_state_dir(cfg.state_dir)
+    bootstrap_bus(cfg, creds)
     programs = _programs(cfg, creds)
     paths = supervise.Paths.of(cfg.state_dir)
     changes = []
@@ -279,8 +384,25 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
         raise StackError(f"lost supervisord ({paths.socket}) while starting the stack: {exc!r}") from exc
     for change in changes:
         log.info("stack changed", change=change)
+    private_state_dir(cfg.state_dir)  # again: supervisord's own files are new on a first `up`
     return StackInfo(master_url=cfg.master_url, state_dir=str(cfg.state_dir), seconds=time.monotonic() - started,
                      changes=changes)
+
+
+def bootstrap_bus(cfg: StackConfig, creds: Credentials, timeout: float = 30.0) -> None:
+    """Create the streams and key-value buckets as admin (idempotent): services may not, they only use them."""
+    async def run() -> None:
+        settings = runtime.BusSettings(nats_url=f"nats://{cfg.host}:{cfg.nats_port}", nats_user="admin",
+                                       nats_password=creds.nats["admin"])
+        async with runtime.connect_bus(settings, "bootstrap", ensure=True):
+            pass
+
+    try:
+        # In a thread: `up` may be called from code that already runs an event loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, asyncio.wait_for(run(), timeout)).result()
+    except Exception as exc:
+        raise StackError(f"could not create the streams and buckets on NATS: {exc!r}") from exc
 
 
 def _apply(sup: supervise.Supervisor, state_dir: Path,

@@ -3,10 +3,12 @@
 Connects with the ``reader`` NATS credential (it may subscribe to ``kiln.metrics.>`` and
 ``kiln.events.>`` and publish nothing), subscribes to
 
-    kiln.metrics.<experiment|*>.<trial|*>          TrainingMetricsReported: batches of training points
-    kiln.events.<experiment|*>.trial.<trial|*>     ValidationReported (and the trial's other facts)
+    kiln.metrics.<experiment|*>.<trial|*>.*          TrainingMetricsReported: batches of training points
+    kiln.events.<experiment|*>.trial.<trial|*>.*     ValidationReported (and the trial's other facts)
 
-and prints one line per metric point. Messages are decoded with the event definitions in ``schemas``
+(the last token names the publisher: ``w-<worker id>`` for a trial's facts) and prints one line per metric
+point, skipping any event its subject's publisher may not publish (``schemas.subjects.forged``).
+Messages are decoded with the event definitions in ``schemas``
 (JSON Schema for other languages: ``schemas/json/``). These are live core-NATS subscriptions: points
 published before it starts are not replayed (the gateway's HTTP API serves history).
 
@@ -33,6 +35,7 @@ import msgspec
 import nats
 
 from schemas import events as ev
+from schemas.subjects import forged
 from schemas.upcast import decoder_with_upcasts
 
 READER_USER = "reader"
@@ -72,7 +75,7 @@ def subjects(experiment: int | None, trial: int | None) -> tuple[str, str]:
     """The metrics and trial-event subjects for an experiment/trial filter (None: every one)."""
     exp = "*" if experiment is None else str(experiment)
     tri = "*" if trial is None else str(trial)
-    return f"kiln.metrics.{exp}.{tri}", f"kiln.events.{exp}.trial.{tri}"
+    return f"kiln.metrics.{exp}.{tri}.*", f"kiln.events.{exp}.trial.{tri}.*"
 
 
 def points(event: Any) -> list[Point]:
@@ -121,8 +124,10 @@ async def run(args: argparse.Namespace) -> int:
     async def on_error(exc: Exception) -> None:
         print(f"nats: {exc}", file=sys.stderr, flush=True)
 
+    # The reader may subscribe to its own inbox prefix only (no one hears another's replies).
     nc = await nats.connect(servers=[url], user=user, password=password, name="subscribe_metrics",
-                            error_cb=on_error, max_reconnect_attempts=-1, connect_timeout=5)
+                            inbox_prefix=f"_INBOX_{user}", error_cb=on_error, max_reconnect_attempts=-1,
+                            connect_timeout=5)
     try:
         await nc.subscribe(metrics_subject, cb=on_msg)
         await nc.subscribe(events_subject, cb=on_msg)
@@ -143,6 +148,10 @@ async def run(args: argparse.Namespace) -> int:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 # A newer event type than this script knows, or garbage: skip it, never stop.
                 print(f"skipping undecodable message on {subject}: {exc}", file=sys.stderr, flush=True)
+                continue
+            why = forged(subject, event)
+            if why is not None:
+                print(f"skipping {why}", file=sys.stderr, flush=True)
                 continue
             for point in points(event):
                 print(line(point, args.json), flush=True)

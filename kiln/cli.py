@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from kiln import client as kiln_client
 from kiln.client import TERMINAL_STATES, APIError, Client
 
 LOG_TAIL_ON_ERROR = 20
@@ -66,6 +69,28 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
         click.echo(f"changed: {change}")
     click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
     click.echo(f"  export KILN_MASTER={info.master_url}")
+    _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password)
+
+
+def _login_after_up(master: str, admin_password: str) -> None:
+    """Keep a stored login that still works on this stack; else sign the CLI in as its admin."""
+    if os.environ.get("KILN_TOKEN"):
+        return
+    stored = kiln_client.stored_token(master)
+    if stored is not None:
+        try:
+            Client(master, token=stored[1]).me()
+            click.echo(f"  logged in as {stored[0]}")
+            return
+        except APIError:
+            pass  # revoked, expired, or another stack's: sign in afresh
+    try:
+        out = Client(master, token="").login("admin", admin_password)
+    except APIError as exc:
+        click.echo(f"warning: could not log in as admin: {exc} (run kiln user login)", err=True)
+        return
+    kiln_client.store_token(master, out["username"], out["token"])
+    click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})")
 
 
 @main.command()
@@ -110,6 +135,131 @@ def _duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+# -- users and tokens ------------------------------------------------------------------------------
+
+
+def _read_password(from_stdin: bool, confirm: bool = False) -> str:
+    """A password from stdin's first line, or asked for without echo."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Password (again): ") != password:
+        _fail(ValueError("the passwords differ"))
+    return password
+
+
+@main.group()
+def user() -> None:
+    """Sign in and out; manage users (admins)."""
+
+
+@user.command("login")
+@click.argument("username", required=False)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin's first line.")
+def user_login(username: str | None, password_stdin: bool) -> None:
+    """Sign in as USERNAME (default: the user signed in last) and store the token for this master."""
+    master = kiln_client.master_url()
+    if username is None:
+        stored = kiln_client.stored_token(master)
+        username = stored[0] if stored else click.prompt("Username")
+    password = _read_password(password_stdin)
+    try:
+        out = Client(master, token="").login(username, password)
+    except APIError as exc:
+        _fail(exc)
+        return
+    kiln_client.store_token(master, out["username"], out["token"])
+    click.echo(f"logged in as {out['username']}" + (" (admin)" if out["admin"] else "") + f" on {master}")
+
+
+@user.command("logout")
+def user_logout() -> None:
+    """Revoke this CLI's token on the gateway and forget it."""
+    master = kiln_client.master_url()
+    client = _client()
+    try:
+        me = client.me()
+        client.logout()
+    except APIError as exc:
+        stored = kiln_client.stored_token(master)
+        if stored is not None:
+            kiln_client.forget_token(master, stored[0])
+        _fail(exc)
+        return
+    kiln_client.forget_token(master, me["username"])
+    click.echo(f"logged out {me['username']}")
+
+
+@user.command("whoami")
+def user_whoami() -> None:
+    """Show who this CLI is signed in as."""
+    me = _call(lambda c: c.me())
+    click.echo(f"You are logged in as user {me['username']!r}" + (" (admin)" if me["admin"] else "")
+               + f" on {kiln_client.master_url()}")
+
+
+@user.command("create")
+@click.argument("username")
+@click.option("--admin", is_flag=True, help="Make the user an admin.")
+@click.option("--password-stdin", is_flag=True, help="Read the new user's password from stdin's first line.")
+def user_create(username: str, admin: bool, password_stdin: bool) -> None:
+    """Create a user (admins only)."""
+    password = _read_password(password_stdin, confirm=True)
+    created = _call(lambda c: c.create_user(username, password, admin))
+    click.echo(f"created user {created['username']}" + (" (admin)" if created["admin"] else ""))
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def user_list(as_json: bool) -> None:
+    """List users."""
+    rows = _call(lambda c: c.list_users())
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(f"{'ID':>4}  {'USERNAME':24} {'ADMIN':5}  CREATED")
+    for r in rows:
+        click.echo(f"{r['id']:>4}  {r['username']:24} {'yes' if r['admin'] else 'no':5}  {str(r['created_at'])[:19]}")
+
+
+@main.group()
+def token() -> None:
+    """Named API tokens (for scripts and CI: send them as KILN_TOKEN)."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--expires-in-days", type=float, default=None, help="Expire after this many days (default: never).")
+def token_create(name: str, expires_in_days: float | None) -> None:
+    """Create a token named NAME for the signed-in user; its value is shown once."""
+    out = _call(lambda c: c.create_token(name, expires_in_days))
+    click.echo(f"token {out['id']} ({out['name']}): {out['token']}")
+    click.echo("it is shown only now; use it as KILN_TOKEN or 'Authorization: Bearer <token>'", err=True)
+
+
+@token.command("list")
+@click.option("--all", "all_users", is_flag=True, help="Every user's tokens (admins).")
+@click.option("--json", "as_json", is_flag=True)
+def token_list(all_users: bool, as_json: bool) -> None:
+    """List live tokens (never their values)."""
+    rows = _call(lambda c: c.list_tokens(all_users))
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(f"{'ID':>5}  {'USER':16} {'KIND':8} {'NAME':20} {'CREATED':19}  EXPIRES")
+    for r in rows:
+        click.echo(f"{r['id']:>5}  {r['username']:16} {r['kind']:8} {r['name'][:20]:20} {str(r['created_at'])[:19]:19}"
+                   f"  {str(r['expires_at'])[:19] if r['expires_at'] else 'never'}")
+
+
+@token.command("revoke")
+@click.argument("token_id", type=int)
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by id (one's own; any as an admin)."""
+    _call(lambda c: c.revoke_token(token_id))
+    click.echo(f"token {token_id} revoked")
 
 
 # -- experiments -------------------------------------------------------------------------------------

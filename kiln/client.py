@@ -1,8 +1,13 @@
-"""The Kiln SDK: a thin HTTP client for the gateway (``KILN_MASTER``)."""
+"""The Kiln SDK: a thin HTTP client for the gateway (``KILN_MASTER``).
+
+Authentication as Determined's ``det`` does it: ``kiln user login`` stores a token per master URL and user in
+``~/.kiln/auth.json`` (mode 0600; ``KILN_AUTH_DIR`` moves it); ``KILN_TOKEN`` overrides what is stored.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -27,6 +32,71 @@ class APIError(Exception):
         super().__init__("\n".join(lines))
 
 
+class NotLoggedIn(APIError):
+    """The gateway answered 401: no token, or one that is unknown, expired or revoked."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(401, detail)
+
+    def __str__(self) -> str:
+        return "not logged in: run kiln user login"
+
+
+def auth_file() -> Path:
+    """Where the CLI keeps its tokens: ``$KILN_AUTH_DIR/auth.json``, else ``~/.kiln/auth.json``."""
+    return Path(os.environ.get("KILN_AUTH_DIR") or Path.home() / ".kiln") / "auth.json"
+
+
+def _read_auth() -> dict[str, Any]:
+    try:
+        data = json.loads(auth_file().read_text())
+    except (FileNotFoundError, ValueError):
+        return {"version": 1, "masters": {}}
+    data.setdefault("masters", {})
+    return data  # type: ignore[no-any-return]
+
+
+def _write_auth(data: dict[str, Any]) -> None:
+    """Replace the auth file atomically; it and its directory are readable by this user only."""
+    path = auth_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".auth.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.chmod(tmp, 0o600)  # an umask never widens it, but an older file of the same name may have been wider
+    os.replace(tmp, path)
+
+
+def stored_token(master: str) -> tuple[str, str] | None:
+    """(user, token) of the active user stored for ``master``, if any."""
+    entry = _read_auth()["masters"].get(master.rstrip("/"), {})
+    user = entry.get("active_user")
+    token = entry.get("tokens", {}).get(user) if user else None
+    return (user, token) if user and token else None
+
+
+def store_token(master: str, user: str, token: str) -> None:
+    """Remember ``user``'s token for ``master`` and make that user the active one there."""
+    data = _read_auth()
+    entry = data["masters"].setdefault(master.rstrip("/"), {"tokens": {}})
+    entry.setdefault("tokens", {})[user] = token
+    entry["active_user"] = user
+    _write_auth(data)
+
+
+def forget_token(master: str, user: str) -> None:
+    """Drop ``user``'s token for ``master`` (after a logout)."""
+    data = _read_auth()
+    entry = data["masters"].get(master.rstrip("/"))
+    if not entry:
+        return
+    entry.get("tokens", {}).pop(user, None)
+    if entry.get("active_user") == user:
+        entry.pop("active_user")
+    _write_auth(data)
+
+
 def master_url() -> str:
     """The gateway address: ``KILN_MASTER``, else the local stack's default."""
     return os.environ.get("KILN_MASTER", DEFAULT_MASTER).rstrip("/")
@@ -35,9 +105,15 @@ def master_url() -> str:
 class Client:
     """Calls the gateway's REST API; every method returns decoded JSON."""
 
-    def __init__(self, master: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, master: str | None = None, timeout: float = 60.0, token: str | None = None) -> None:
+        """``token``: the API token to send; else ``KILN_TOKEN``, else the one ``kiln user login`` stored."""
         self.master = (master or master_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.master, timeout=timeout)
+        if token is None:
+            token = os.environ.get("KILN_TOKEN") or None
+        if token is None and (stored := stored_token(self.master)) is not None:
+            token = stored[1]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.master, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -50,6 +126,8 @@ class Client:
             except ValueError:
                 body = {"detail": resp.text}
             extra = body.get("extra") or {}
+            if resp.status_code == 401:
+                raise NotLoggedIn(str(body.get("detail", resp.reason_phrase)))
             raise APIError(resp.status_code, str(body.get("detail", resp.reason_phrase)), extra.get("errors"))
         return resp.json()
 
@@ -68,7 +146,7 @@ class Client:
         """Pack ``context_dir`` and submit it with the config; returns ``{id, warnings}``."""
         blob = code_context.pack(context_dir)
         files = {"context": ("context.tar.gz", blob, "application/gzip")}
-        data = {"config": config_yaml, "submitted_by": os.environ.get("USER", "anonymous")}
+        data = {"config": config_yaml}  # the owner is whoever the token belongs to
         try:
             resp = self._http.post("/api/v1/experiments", data=data, files=files)
         except httpx.TransportError as exc:
@@ -93,6 +171,55 @@ class Client:
         except httpx.TransportError as exc:
             raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
         return self._check(resp)
+
+    def _delete(self, path: str) -> Any:
+        try:
+            resp = self._http.delete(path)
+        except httpx.TransportError as exc:
+            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+        return self._check(resp)
+
+    def login(self, username: str, password: str) -> dict[str, Any]:
+        """Sign in; returns ``{token, username, admin, ...}`` (not stored: see ``store_token``)."""
+        try:
+            resp = self._http.post("/api/v1/auth/login", json={"username": username, "password": password})
+        except httpx.TransportError as exc:
+            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+        if resp.status_code == 401:
+            raise APIError(401, "wrong username or password")
+        return self._check(resp)  # type: ignore[no-any-return]
+
+    def logout(self) -> dict[str, Any]:
+        """Revoke the token this client sends."""
+        return self._post("/api/v1/auth/logout")  # type: ignore[no-any-return]
+
+    def me(self) -> dict[str, Any]:
+        """The signed-in user."""
+        return self._get("/api/v1/me")  # type: ignore[no-any-return]
+
+    def create_user(self, username: str, password: str, admin: bool = False) -> dict[str, Any]:
+        """Create a user (admins only)."""
+        return self._post("/api/v1/users",  # type: ignore[no-any-return]
+                          {"username": username, "password": password, "admin": admin})
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user."""
+        return self._get("/api/v1/users")  # type: ignore[no-any-return]
+
+    def create_token(self, name: str, expires_in_days: float | None = None) -> dict[str, Any]:
+        """A new named token for the signed-in user; its value is in the answer only."""
+        body: dict[str, Any] = {"name": name}
+        if expires_in_days is not None:
+            body["expires_in_days"] = expires_in_days
+        return self._post("/api/v1/tokens", body)  # type: ignore[no-any-return]
+
+    def list_tokens(self, all_users: bool = False) -> list[dict[str, Any]]:
+        """Live tokens (own; every user's for an admin with ``all_users``), never their values."""
+        return self._get("/api/v1/tokens", all=str(all_users).lower())  # type: ignore[no-any-return]
+
+    def revoke_token(self, token_id: int) -> dict[str, Any]:
+        """Revoke a token by id."""
+        return self._delete(f"/api/v1/tokens/{token_id}")  # type: ignore[no-any-return]
 
     def kill_experiment(self, experiment_id: int) -> dict[str, Any]:
         """Kill an experiment."""

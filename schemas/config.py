@@ -17,6 +17,10 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 
+# A config document larger than this is refused before it is parsed (gateway: KILN_MAX_CONFIG_BYTES).
+DEFAULT_MAX_CONFIG_BYTES = 256 * 1024
+_INT64 = (-(2**63), 2**63 - 1)
+
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -133,7 +137,7 @@ class ResourcesConfig(_Spec, frozen=True, kw_only=True):
     priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
     weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     resource_pool: str = "default"
-    max_slots: PositiveInt | None = None
+    max_slots: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None  # a Postgres integer
     shm_size: int | str | None = None
 
 
@@ -228,13 +232,37 @@ class ConfigError(ValueError):
     """The config is invalid; ``errors`` lists every problem found, not only the first."""
 
     def __init__(self, errors: list[FieldError]) -> None:
-        self.errors = errors
-        super().__init__("\n".join(f"{e.path}: {e.message}" for e in errors))
+        # Paths and messages quote the document (keys, values): a lone surrogate there would make the error
+        # itself unencodable (a 500 instead of the 400), so it is written as its escape.
+        self.errors = [FieldError(_encodable(e.path), _encodable(e.message)) for e in errors]
+        super().__init__("\n".join(f"{e.path}: {e.message}" for e in self.errors))
 
 
-def parse_config(source: str | bytes | dict[str, Any]) -> tuple[ExperimentConfig, list[str]]:
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class YamlLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """How much a YAML config may ask of its reader: a hostile document is refused before it costs much.
+
+    ``max_nodes`` counts nodes with every alias expanded (a billion-laughs document is a few hundred
+    bytes and a few dozen aliases, but 10⁹ nodes once walked); ``max_depth`` bounds nesting the same way.
+    """
+
+    max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
+    max_aliases: int = 100
+    max_nodes: int = 100_000
+    max_depth: int = 64
+
+
+def parse_config(source: str | bytes | dict[str, Any],
+                 limits: YamlLimits | None = None) -> tuple[ExperimentConfig, list[str]]:
     """Validate a YAML document (or its already-loaded data) into a config and its warnings."""
-    raw = _load_yaml(source) if isinstance(source, (str, bytes)) else source
+    if isinstance(source, (str, bytes)):
+        raw = _load_yaml(source, limits or YamlLimits())
+        _check_scalars(raw)
+    else:
+        raw = source
     if not isinstance(raw, dict):
         got = "an empty document" if raw is None else type(raw).__name__
         raise ConfigError([FieldError("<config>", f"expected a mapping at the top level, got {got}")])
@@ -298,15 +326,139 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(source: str | bytes) -> Any:
+class _CountingLoader(_SafeLoader):
+    """``_SafeLoader`` that refuses more than ``max_aliases`` aliases or ``max_depth`` levels while composing."""
+
+    max_aliases = 0
+    max_depth = 0
+    aliases = 0
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 - PyYAML's hook
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.max_aliases:
+                raise _yaml_error(f"more than {self.max_aliases} aliases (*name); write the values out")
+        # PyYAML composes recursively: a deep document would otherwise end in a slow RecursionError.
+        self.depth += 1
+        if self.depth > self.max_depth:
+            raise _yaml_error(f"nested more than {self.max_depth} levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _yaml_error(message: str) -> ConfigError:
+    return ConfigError([FieldError("<yaml>", message)])
+
+
+def _load_yaml(source: str | bytes, limits: YamlLimits) -> Any:
+    # Size first (cheap), then compose the node graph (aliases counted), then count what the graph
+    # expands to; only a document within every limit is constructed and walked.
+    size = len(source) if isinstance(source, bytes) or len(source) > limits.max_bytes \
+        else len(source.encode("utf-8", "surrogatepass"))
+    if size > limits.max_bytes:
+        raise _yaml_error(f"the config is {size} bytes, over the {limits.max_bytes}-byte limit")
+    loader: _CountingLoader | None = None
     try:
-        return yaml.load(source, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _CountingLoader(source)  # reads (and checks the characters of) the whole document
+        loader.max_aliases, loader.max_depth = limits.max_aliases, limits.max_depth
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, limits)
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([FieldError("<yaml>", f"{where}{exc.problem or exc}")]) from exc
+        raise _yaml_error(f"{where}{exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError([FieldError("<yaml>", str(exc))]) from exc
+        raise _yaml_error(str(exc)) from exc
+    except RecursionError as exc:  # PyYAML composes recursively
+        raise _yaml_error(f"nested more than {limits.max_depth} levels deep") from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, limits: YamlLimits) -> None:
+    """Refuse a node graph that is recursive, or too big or deep once its aliases are expanded.
+
+    Iterative, memoised by node: a shared (aliased) node is sized once, so the check costs the
+    size of the document, not of its expansion.
+    """
+    sized: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, depth)
+    on_path: set[int] = set()
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while todo:
+        node, children_done = todo.pop()
+        children = _child_nodes(node)
+        if children_done:
+            on_path.discard(id(node))
+            nodes = 1 + sum(sized[id(c)][0] for c in children)
+            depth = 1 + max((sized[id(c)][1] for c in children), default=0)
+            if nodes > limits.max_nodes:
+                raise _yaml_error(f"the config holds more than {limits.max_nodes} values once its aliases"
+                                  " are expanded")
+            if depth > limits.max_depth:
+                raise _yaml_error(f"nested more than {limits.max_depth} levels deep")
+            sized[id(node)] = (nodes, depth)
+            continue
+        if id(node) in sized:
+            continue
+        on_path.add(id(node))
+        todo.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                mark = child.start_mark
+                raise _yaml_error(f"line {mark.line + 1}, column {mark.column + 1}: an alias refers to a node"
+                                  " that contains it (a recursive document)")
+            if id(child) not in sized:
+                todo.append((child, False))
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_scalars(raw: Any) -> None:
+    """Refuse strings with NUL bytes or lone surrogates and integers beyond 64 bits, naming each path.
+
+    They validate as ``str`` / ``int`` but cannot be stored or sent on (Postgres text, JSON, argv).
+    ``raw`` is bounded by ``_check_expansion``; walked iteratively.
+    """
+    errors: list[FieldError] = []
+    todo: list[tuple[str, Any]] = [("", raw)]
+    while todo and len(errors) < 20:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                sub = _join(path, key)
+                if isinstance(key, str) and (problem := text_problem(key)):
+                    errors.append(FieldError(sub, f"key {problem}"))
+                todo.append((sub, item))
+        elif isinstance(value, list):
+            todo.extend((_index(path, i), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (problem := text_problem(value)):
+            errors.append(FieldError(path or "<config>", problem))
+        elif isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+            errors.append(FieldError(path or "<config>", f"integer {value} does not fit in 64 bits"))
+    if errors:
+        raise ConfigError(sorted(errors, key=lambda e: e.path))
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored or sent on, or None."""
+    if "\x00" in text:
+        return "contains a NUL byte"
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        return "is not valid Unicode (a lone surrogate)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,12 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 # file stem -> (stream union, what it carries). Dead letters and heartbeats are internal: not exported.
 PUBLIC_UNIONS: dict[str, tuple[Any, str]] = {
-    "events": (ev.DomainEvent, "KILN_EVENTS, subjects kiln.events.>: the domain events (kept forever)"),
-    "metrics": (ev.MetricEvent, "KILN_METRICS, subjects kiln.metrics.<experiment>.<trial>: training metric batches"),
-    "logs": (ev.LogEvent, "KILN_LOGS, subjects kiln.logs.<experiment>.<trial>: log line batches"),
+    "events": (ev.DomainEvent,
+               "KILN_EVENTS, subjects kiln.events.>: the domain events (kept forever);"
+               " the last token names the publisher"),
+    "metrics": (ev.MetricEvent,
+                "KILN_METRICS, subjects kiln.metrics.<experiment>.<trial>.<publisher>: training metric batches"),
+    "logs": (ev.LogEvent, "KILN_LOGS, subjects kiln.logs.<experiment>.<trial>.<publisher>: log line batches"),
 }
 
 

@@ -1,21 +1,28 @@
 """Streams and subjects: where each event lives on the bus (documented in README "Bus").
 
-Subjects carry routing keys so a consumer can filter without decoding:
+Subjects carry routing keys so a consumer can filter without decoding, and end with the token of the
+principal that published them, so NATS permissions (which are per subject) can say who may publish what:
 
-    kiln.events.<experiment>.experiment           experiment-level facts
-    kiln.events.<experiment>.trial.<trial>        trial-level facts (searcher, trial, scheduler)
-    kiln.events.<experiment>.worker.<worker>      allocation commands a worker acts on
-    kiln.events.cluster.lost.<worker>             a worker was declared lost
-    kiln.metrics.<experiment>.<trial>             training metric batches
-    kiln.logs.<experiment>.<trial>                log line batches
-    kiln.deadletter.<consumer>                    messages a consumer gave up on
-    kiln.heartbeat.<worker>                       core NATS only, never stored
+    kiln.events.<experiment>.experiment.<publisher>       experiment-level facts
+    kiln.events.<experiment>.trial.<trial>.<publisher>    trial-level facts (searcher, scheduler, worker, gateway)
+    kiln.events.<experiment>.worker.<worker>.<publisher>  allocation commands a worker acts on
+    kiln.events.cluster.lost.<worker>.<publisher>         a worker was declared lost
+    kiln.metrics.<experiment>.<trial>.<publisher>         training metric batches
+    kiln.logs.<experiment>.<trial>.<publisher>            log line batches
+    kiln.deadletter.<consumer>                            messages a consumer gave up on
+    kiln.heartbeat.<worker>                               core NATS only, never stored
+
+``<publisher>`` is the owning role (``gateway``, ``searcher``, ``scheduler``) or ``w-<worker id>`` for the
+facts a worker publishes (its own and its trials'). ``OWNERS`` is the one table of who owns which event
+type: ``subject_for`` derives the publisher token from it, deploy/stack.py derives each NATS user's publish
+allow-list from it, and every consumer (``services.runtime.Bus.consume``) dead-letters an event whose type
+its subject's publisher does not own ("forged").
 """
 
 from __future__ import annotations
 
 import re
-from typing import assert_never
+from typing import Literal, assert_never
 
 import msgspec
 
@@ -50,14 +57,120 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+Role = Literal["gateway", "searcher", "scheduler", "worker"]
+ROLES: tuple[Role, ...] = ("gateway", "searcher", "scheduler", "worker")
+WORKER_PREFIX = "w-"  # publisher token of a worker: w-<worker id>
+
+# Who may publish each event type: the one table subjects, NATS permissions and the consumers' check use.
+# A trial's own facts (metrics, validations, checkpoints, progress) are the worker's: the trial process
+# holds no bus credential and its worker publishes them for it (services/worker/link.py, outbox.py).
+OWNERS: dict[type, Role] = {
+    ev.ExperimentSubmitted: "gateway",
+    ev.ExperimentKillRequested: "gateway",
+    ev.ExperimentPauseRequested: "gateway",
+    ev.ExperimentActivateRequested: "gateway",
+    ev.ExperimentResourcesChanged: "gateway",
+    ev.TrialKillRequested: "gateway",
+    ev.TrialCreated: "searcher",
+    ev.TrialStopRequested: "searcher",
+    ev.TrialResumeRequested: "searcher",
+    ev.ExperimentEnded: "searcher",
+    ev.TrialPreemptRequested: "scheduler",
+    ev.TrialPreempted: "scheduler",
+    ev.TrialPaused: "scheduler",
+    ev.AllocationAssigned: "scheduler",
+    ev.AllocationKillRequested: "scheduler",
+    ev.WorkerLost: "scheduler",
+    ev.AllocationLost: "scheduler",
+    ev.TrialRestarting: "scheduler",
+    ev.TrialExited: "scheduler",
+    ev.TrialStarted: "worker",
+    ev.AllocationExited: "worker",
+    ev.ValidationReported: "worker",
+    ev.CheckpointStored: "worker",
+    ev.TrialProgressReported: "worker",
+    ev.TrainingMetricsReported: "worker",
+    ev.LogsShipped: "worker",
+}
+
+# Each event type's subject without its publisher token, as a pattern (routing keys as wildcards).
+_EXPERIMENT, _TRIAL, _WORKER_CMD = "kiln.events.*.experiment", "kiln.events.*.trial.*", "kiln.events.*.worker.*"
+ROUTING_PATTERNS: dict[type, str] = {
+    **{t: _EXPERIMENT for t in (ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
+                                ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
+                                ev.ExperimentResourcesChanged)},
+    **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
+    **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
+                           ev.TrialPreempted, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted,
+                           ev.AllocationExited, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited,
+                           ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported)},
+    ev.WorkerLost: "kiln.events.cluster.lost.*",
+    ev.TrainingMetricsReported: "kiln.metrics.*.*",
+    ev.LogsShipped: "kiln.logs.*.*",
+}
+
+
+def worker_token(worker_id: str) -> str:
+    """The publisher token of one worker's subjects."""
+    return WORKER_PREFIX + check_token(worker_id, "worker id")
+
+
+def publisher_token(role: Role, worker_id: str = "") -> str:
+    """The last subject token of what ``role`` publishes (a worker's carries its id)."""
+    if role == "worker":
+        if not worker_id:
+            raise ValueError("a worker's events carry its worker id: pass worker_id")
+        return worker_token(worker_id)
+    return role
+
+
+def role_of_token(token: str) -> Role | None:
+    """The role a publisher token names, or None when it names none."""
+    if token.startswith(WORKER_PREFIX) and len(token) > len(WORKER_PREFIX):
+        return "worker"
+    return token if token in ("gateway", "searcher", "scheduler") else None  # type: ignore[return-value]
+
+
+def publisher_of(subject: str) -> Role | None:
+    """The role the publisher token of a stored subject names (None: no valid token, e.g. forged or legacy)."""
+    tokens = subject.split(".")
+    if len(tokens) < 2 or tokens[0] != "kiln" or tokens[1] not in ("events", "metrics", "logs"):
+        return None
+    return role_of_token(tokens[-1])
+
+
+def forged(subject: str, event: object) -> str | None:
+    """Why ``event`` must not be believed on ``subject`` (its publisher does not own its type), or None."""
+    owner = OWNERS.get(type(event))
+    if owner is None:
+        return None  # dead letters: any consumer writes its own (kiln.deadletter.<consumer>)
+    role = publisher_of(subject)
+    if role == owner:
+        return None
+    return f"forged: {type(event).__name__} is published by the {owner} only, not on {subject!r} (publisher {role})"
+
+
+def publish_allow(role: Role, worker_id: str = "") -> list[str]:
+    """The subjects a principal of ``role`` may publish events on (a NATS publish allow-list), from OWNERS."""
+    token = publisher_token(role, worker_id)
+    return sorted({f"{ROUTING_PATTERNS[t]}.{token}" for t, owner in OWNERS.items() if owner == role})
+
+
 def heartbeat_subject(worker_id: str) -> str:
     """Core NATS subject a worker heartbeats on."""
     return f"kiln.heartbeat.{check_token(worker_id, 'worker id')}"
 
 
+# Consumer filters (any publisher: the consumer checks the publisher against OWNERS).
+EXPERIMENT_FACTS = "kiln.events.*.experiment.*"
+TRIAL_FACTS = "kiln.events.*.trial.*.*"
+WORKER_COMMANDS = "kiln.events.*.worker.*.*"
+CLUSTER_FACTS = "kiln.events.cluster.>"
+
+
 def worker_filter(worker_id: str) -> str:
     """Domain-stream filter for the allocation commands addressed to one worker."""
-    return f"kiln.events.*.worker.{check_token(worker_id, 'worker id')}"
+    return f"kiln.events.*.worker.{check_token(worker_id, 'worker id')}.*"
 
 
 def experiment_filter(experiment_id: int) -> str:
@@ -65,9 +178,24 @@ def experiment_filter(experiment_id: int) -> str:
     return f"kiln.events.{experiment_id}.>"
 
 
-def trial_filter(experiment_id: int, trial_id: int) -> str:
-    """Domain-stream filter for the facts about one trial."""
-    return f"kiln.events.{experiment_id}.trial.{trial_id}"
+def experiment_facts_filter(experiment_id: int) -> str:
+    """Domain-stream filter for the experiment-level facts of one experiment."""
+    return f"kiln.events.{experiment_id}.experiment.*"
+
+
+def trial_filter(experiment_id: int, trial_id: int | str = "*") -> str:
+    """Domain-stream filter for the facts about one trial (or, with ``*``, every trial of the experiment)."""
+    return f"kiln.events.{experiment_id}.trial.{trial_id}.*"
+
+
+def metrics_filter(experiment_id: int | str = "*", trial_id: int | str = "*") -> str:
+    """Metrics-stream filter for one trial's (or, with ``*``, several trials') metric batches."""
+    return f"kiln.metrics.{experiment_id}.{trial_id}.*"
+
+
+def logs_filter(experiment_id: int | str = "*", trial_id: int | str = "*") -> str:
+    """Logs-stream filter for one trial's log batches."""
+    return f"kiln.logs.{experiment_id}.{trial_id}.*"
 
 
 def deadletter_subject(consumer: str) -> str:
@@ -75,8 +203,8 @@ def deadletter_subject(consumer: str) -> str:
     return f"kiln.deadletter.{check_token(consumer, 'consumer')}"
 
 
-def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:
-    """The one subject an event is published on."""
+def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str:
+    """An event's subject without its publisher token (what a worker's outbox stores)."""
     match event:
         case (
             ev.ExperimentSubmitted()
@@ -113,10 +241,19 @@ def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLe
             return f"kiln.metrics.{event.experiment_id}.{event.trial_id}"
         case ev.LogsShipped():
             return f"kiln.logs.{event.experiment_id}.{event.trial_id}"
-        case ev.MessageDeadLettered():
-            return deadletter_subject(event.consumer)
         case _:
             assert_never(event)
+
+
+def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent,
+                worker_id: str = "") -> str:
+    """The one subject an event is published on: its routing subject and its owner's publisher token.
+
+    A worker-owned event needs the publishing worker's id (``worker_id``); the others ignore it.
+    """
+    if isinstance(event, ev.MessageDeadLettered):
+        return deadletter_subject(event.consumer)
+    return f"{routing_subject(event)}.{publisher_token(OWNERS[type(event)], worker_id)}"
 
 
 def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:

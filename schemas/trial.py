@@ -8,7 +8,7 @@ allocation; the trial holds no bus credential and reports only through it).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -45,12 +45,22 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     # The worker's Unix socket for this allocation (LinkFrame below): the trial reports through it and
     # hears stop requests on it; it gets no bus credential.
     link_path: str = ""
-    # How the trial reaches the checkpoint store.
+    # The cluster's checkpoint store. The trial holds no store credential: it asks its worker over the link
+    # for a presigned URL per object (PresignRequest below), and only for keys under its own experiment's
+    # prefix (checkpoint_prefix) or under the checkpoint it resumes from.
     s3_endpoint: str = ""
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
     s3_bucket: str = "kiln"
     s3_secure: bool = False
+
+
+# Checkpoints in the cluster's store: <CHECKPOINTS>/<experiment id>/<storage id>/<file>. Grouping them by
+# experiment is what lets the worker grant a trial its own experiment's checkpoints and nothing else.
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_prefix(experiment_id: int) -> str:
+    """The key prefix (no trailing slash) of an experiment's checkpoints in the cluster's store."""
+    return f"{CHECKPOINTS}/{int(experiment_id)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +100,36 @@ class StopRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     reason: str
 
 
-LinkFrame = Report | WatchStops | Reply | StopRequested
+class PresignRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Trial → worker: a short-lived URL to GET or PUT one object of the cluster's store (no credential needed)."""
+
+    id: int
+    method: Literal["GET", "PUT"]
+    key: str
+
+
+class Presigned(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Worker → trial: the presigned URL for PresignRequest ``id`` (a refusal is a Reply with ok=False)."""
+
+    id: int
+    url: str
+
+
+class ListRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Trial → worker: the keys under ``prefix`` (a checkpoint it may read), listed with the worker's key."""
+
+    id: int
+    prefix: str
+
+
+class Listed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Worker → trial: the keys of ListRequest ``id``."""
+
+    id: int
+    keys: list[str]
+
+
+LinkFrame = Report | WatchStops | PresignRequest | ListRequest | Reply | StopRequested | Presigned | Listed
 
 
 class FrameError(ValueError):

@@ -25,7 +25,8 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from schemas import events as ev
-from schemas.subjects import ALL_STREAMS, DEADLETTER, StreamSpec, dedupe_key, subject_for
+from schemas.cluster import CLUSTER_BUCKET
+from schemas.subjects import ALL_STREAMS, DEADLETTER, StreamSpec, dedupe_key, forged, subject_for, worker_token
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,9 @@ S = TypeVar("S", bound=msgspec.Struct)
 _ENCODER = msgspec.json.Encoder()
 # How many read messages may wait for the reader before the subscription stops taking more.
 _READ_BUFFER = 8192
+# The key-value buckets: decision services' snapshots (one key each) and the scheduler's cluster view.
+SNAPSHOT_BUCKET = "kiln_snapshots"
+KV_BUCKETS = (SNAPSHOT_BUCKET, CLUSTER_BUCKET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +186,36 @@ Handler = Callable[[list[Delivery[T]]], Awaitable[None]]
 class Bus:
     """A connected NATS client with Kiln's streams, publish and consume conventions."""
 
-    def __init__(self, nc: nats.NATS, service: str) -> None:
+    def __init__(self, nc: nats.NATS, service: str, worker_id: str = "") -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.service = service
+        # The worker whose facts this connection publishes (its subjects end in w-<worker_id>); a bus that is
+        # not a worker's (a test, a benchmark) stands in for a worker named after itself.
+        self.worker_id = worker_id or service
         # Bumped each time the connection comes back after an outage: what was heard live (heartbeats)
         # during the gap is missing, and a service that judges silence must start counting afresh.
         self.reconnects = 0
+
+    async def bootstrap(self) -> None:
+        """Create the streams and key-value buckets if missing: the admin's one step before services start.
+
+        Services connect with ``ensure=False``: their NATS users may not create, update or delete streams.
+        """
+        await self.ensure_streams()
+        await self.ensure_buckets()
+
+    async def ensure_buckets(self, buckets: Sequence[str] = KV_BUCKETS) -> None:
+        """Create the key-value buckets if missing, with direct get (a key in the request's subject, so a
+        NATS permission can allow one key of a bucket and not the others)."""
+        for bucket in buckets:
+            try:
+                info = await self.js.stream_info(f"KV_{bucket}")
+            except nats.js.errors.NotFoundError:
+                await self.js.create_key_value(bucket=bucket, history=1, direct=True)
+                continue
+            if not info.config.allow_direct:  # made before direct get was used: turn it on
+                await self.js.update_stream(info.config.evolve(allow_direct=True))
 
     async def ensure_streams(self, specs: Sequence[StreamSpec] = ALL_STREAMS) -> None:
         """Create the streams if missing (idempotent; existing streams are left as they are)."""
@@ -213,13 +240,21 @@ class Bus:
         A retried publish of the same fact carries the same id, so JetStream drops the duplicate
         inside the stream's dedupe window instead of storing a second event.
         """
+        return (await self.publish_ack(event, msg_id=msg_id)).seq
+
+    async def publish_ack(self, event: Any, *, msg_id: str | None = None) -> js_api.PubAck:
+        """``publish``, returning JetStream's whole answer (``duplicate`` says it was already stored)."""
         headers = {"Nats-Msg-Id": msg_id or dedupe_key(event)}
-        ack = await self.js.publish(subject_for(event), _ENCODER.encode(event), headers=headers)
-        return ack.seq
+        return await self.js.publish(subject_for(event, self.worker_id), _ENCODER.encode(event), headers=headers)
 
     async def publish_raw(self, subject: str, payload: bytes, msg_id: str) -> int:
-        """Publish an already-encoded event (an outbox row) with its ``Nats-Msg-Id``; return its seq."""
-        ack = await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        """Publish a worker's already-encoded fact (an outbox row: its routing subject) with its ``Nats-Msg-Id``.
+
+        The publisher token (``w-<worker id>``) is added here, from the connection's identity, not stored
+        in the row: rows an older worker stored are published under its current identity too.
+        """
+        ack = await self.js.publish(f"{subject}.{worker_token(self.worker_id)}", payload,
+                                    headers={"Nats-Msg-Id": msg_id})
         return ack.seq
 
     async def publish_many(self, events: Sequence[Any]) -> None:
@@ -303,11 +338,20 @@ class Bus:
         deliveries: list[Delivery[T]] = []
         for msg in msgs:
             try:
-                deliveries.append(Delivery.of(decoder.decode(msg.data), msg))
+                event = decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
                 await self._until_done(lambda m=msg, e=exc: self._give_up(spec, m, f"undecodable: {e}"),
                                        stop, classify, "dead-letter")
+                continue
+            # Defense in depth behind the NATS permissions: an event type its subject's publisher does not
+            # own (schemas.subjects.OWNERS) is never applied.
+            why = forged(msg.subject, event)
+            if why is not None:
+                log.warning("consumer.forged", durable=spec.durable, subject=msg.subject, error=why)
+                await self._until_done(lambda m=msg, r=why: self._give_up(spec, m, r), stop, classify, "dead-letter")
+                continue
+            deliveries.append(Delivery.of(event, msg))
         if not deliveries:
             return
         error = await self._attempt(spec, handler, deliveries, stop, classify)
@@ -466,6 +510,10 @@ class Bus:
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                         log.warning("reader.undecodable", subject=msg.subject, seq=pos.stream_seq, error=str(exc))
                         event = None
+                    if event is not None and forged(msg.subject, event) is not None:
+                        # What the consumers dead-letter is not read back as a fact either (replay agrees).
+                        log.warning("reader.forged", subject=msg.subject, seq=pos.stream_seq)
+                        event = None
                     if event is not None:
                         yield Delivery(event, msg, pos.stream_seq, pos.timestamp)
                     # num_pending: what the consumer still has for this filter after this message.
@@ -477,12 +525,8 @@ class Bus:
                 await sub.unsubscribe()
 
     async def snapshots(self) -> Snapshots:
-        """The key-value bucket decision services keep their state snapshots in."""
-        try:
-            kv = await self.js.key_value("kiln_snapshots")
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-            kv = await self.js.create_key_value(bucket="kiln_snapshots", history=1)
-        return Snapshots(kv)
+        """The key-value bucket decision services keep their state snapshots in (made by ``bootstrap``)."""
+        return Snapshots(await self.js.key_value(SNAPSHOT_BUCKET))
 
 
 # Waits between retries of a step that failed for a transient reason; the last one repeats.
@@ -719,8 +763,14 @@ class DecisionShell(Generic[C]):
 
 
 @contextlib.asynccontextmanager
-async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = True) -> AsyncIterator[Bus]:
-    """Connect with the process's own credentials, declare streams, drain on the way out."""
+async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = True,
+                      worker_id: str = "") -> AsyncIterator[Bus]:
+    """Connect with the process's own credentials, drain on the way out.
+
+    ``ensure`` creates missing streams and buckets: only for the admin's bootstrap and tests, a service's
+    user may not. Each user gets its own inbox prefix (``_INBOX_<user>``), the only inbox it may subscribe
+    to, so nobody hears replies meant for another.
+    """
     options: dict[str, Any] = {
         "servers": [settings.nats_url],
         "name": service,
@@ -732,6 +782,7 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password
+        options["inbox_prefix"] = inbox_prefix(settings.nats_user)
     holder: list[Bus] = []
 
     async def disconnected() -> None:
@@ -744,15 +795,20 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
 
     options.update(disconnected_cb=disconnected, reconnected_cb=reconnected)
     nc = await nats.connect(**options)
-    bus = Bus(nc, service)
+    bus = Bus(nc, service, worker_id)
     holder.append(bus)
     try:
         if ensure:
-            await bus.ensure_streams()
+            await bus.bootstrap()
         yield bus
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of a NATS user's connections (its permissions allow subscribing to it alone)."""
+    return f"_INBOX_{user}"
 
 
 def now() -> float:

@@ -75,7 +75,8 @@ def main_with(runs: int) -> None:
                                  slots_per_worker=1)
     up_s = stack.up(cfg).seconds
     try:
-        client = Client(cfg.master_url)
+        admin = stack.Credentials.load_or_create(state).admin_password
+        client = Client(cfg.master_url, token=Client(cfg.master_url, token="").login("admin", admin)["token"])
         kiln, bare = [], []
         for _ in range(runs):
             bare.append(bare_first_report())

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln._info import ClusterInfo, get_cluster_info, wire_cluster_info
-from kiln.core._checkpoint import CheckpointContext, S3Storage, SharedFSStorage, Storage
+from kiln.core._checkpoint import CheckpointContext, LinkedS3Storage, Presigner, S3Storage, SharedFSStorage, Storage
 from kiln.core._distributed import DistributedContext
 from schemas import events as ev
-from schemas.trial import INVALID_HP_EXIT_CODE
+from schemas.trial import INVALID_HP_EXIT_CODE, checkpoint_prefix
 
 log = logging.getLogger("kiln.core")
 
@@ -210,20 +210,22 @@ class Context:
         self.distributed.close()
 
 
-def _storage_for(config: dict[str, Any], wire: Any) -> Storage:
-    """The checkpoint storage the experiment config names, else the cluster's store."""
+def _storage_for(config: dict[str, Any], wire: Any, presigner: Any) -> Storage:
+    """The checkpoint storage the experiment config names, else the cluster's store (through the worker)."""
     cs = config.get("checkpoint_storage") or {}
     kind = cs.get("type")
     if kind == "shared_fs":
         root = Path(cs["host_path"]) / (cs.get("storage_path") or "")
         return SharedFSStorage(root)
-    if kind == "s3":
+    if kind == "s3" and (cs.get("access_key") or cs.get("endpoint_url") or cs["bucket"] != wire.s3_bucket):
+        # The user's own bucket, with the key the config gives (the trial never gets the cluster's key).
         endpoint = (cs.get("endpoint_url") or wire.s3_endpoint).removeprefix("http://").removeprefix("https://")
-        return S3Storage(endpoint, cs.get("access_key") or wire.s3_access_key,
-                         cs.get("secret_key") or wire.s3_secret_key, cs["bucket"], cs.get("prefix") or "",
-                         secure=(cs.get("endpoint_url") or "").startswith("https://"))
-    return S3Storage(wire.s3_endpoint, wire.s3_access_key, wire.s3_secret_key, wire.s3_bucket, "checkpoints",
-                     secure=wire.s3_secure)
+        return S3Storage(endpoint, cs.get("access_key") or "", cs.get("secret_key") or "", cs["bucket"],
+                         cs.get("prefix") or "", secure=(cs.get("endpoint_url") or "").startswith("https://"))
+    if kind == "s3" and cs.get("prefix"):
+        log.warning("checkpoint_storage.prefix %r is not used in the cluster's bucket: checkpoints go under %s/",
+                    cs["prefix"], checkpoint_prefix(wire.trial.experiment_id))
+    return LinkedS3Storage(presigner, wire.s3_bucket, checkpoint_prefix(wire.trial.experiment_id))
 
 
 def init(*, distributed: DistributedContext | None = None, checkpoint_storage: str | None = None,
@@ -247,7 +249,15 @@ def init(*, distributed: DistributedContext | None = None, checkpoint_storage: s
     # nothing and hear stop requests from the chief (PreemptContext).
     reporter = TrialBus(wire.link_path, trial.experiment_id, trial.trial_id,
                         wire.allocation_id) if dist.rank == 0 else _Reporter()
-    storage = _storage_for(trial.config, wire)
+    links: list[Presigner] = [reporter] if dist.rank == 0 else []
+
+    def presigner() -> Presigner:
+        # Other ranks open their own link to the worker only if they restore a checkpoint.
+        if not links:
+            links.append(TrialBus(wire.link_path, trial.experiment_id, trial.trial_id, wire.allocation_id))
+        return links[0]
+
+    storage = _storage_for(trial.config, wire, presigner)
     if dist.rank == 0:
         reporter.watch_stop(preempt._request)
     _stop_on_sigterm(preempt)

@@ -6,6 +6,10 @@ is synchronous, so the client is plain blocking sockets and two daemon threads: 
 requests, one sends training points in batches (every 1 s or 500 points, and at close), so reporting a
 point never waits on anything. Batches go out without waiting for each reply (a few in flight); the worker
 handles one connection's frames in order, so a reply to frame n means every earlier frame was handled.
+
+The trial holds no store credential either: ``presign`` asks the worker for a short-lived URL for one object
+of the cluster's store, ``list_keys`` for the keys of a checkpoint; the worker grants only the trial's own
+experiment's checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +24,20 @@ from typing import Any
 import msgspec
 
 from schemas import events as ev
-from schemas.trial import FrameBuffer, FrameError, LinkFrame, Reply, Report, StopRequested, WatchStops, encode_frame
+from schemas.trial import (
+    FrameBuffer,
+    FrameError,
+    LinkFrame,
+    Listed,
+    ListRequest,
+    Presigned,
+    PresignRequest,
+    Reply,
+    Report,
+    StopRequested,
+    WatchStops,
+    encode_frame,
+)
 
 log = logging.getLogger("kiln.core")
 
@@ -56,6 +73,7 @@ class TrialBus:
         self._sent = 0  # id of the last frame sent
         self._replied = 0  # id of the last reply (replies come in frame order)
         self._awaited: dict[int, str | None] = {}  # ids a caller waits on -> error text once replied
+        self._results: dict[int, Presigned | Listed] = {}  # answers to presign and list requests
         self._broken = ""
         self._closing = False
         self._on_stop: Callable[[str], None] | None = None
@@ -121,6 +139,13 @@ class TrialBus:
                     elif not frame.ok:
                         log.error("the worker refused a report: %s", frame.error)
                     self._cond.notify_all()
+            case Presigned() | Listed():
+                with self._cond:
+                    self._replied = max(self._replied, frame.id)
+                    if frame.id in self._awaited:
+                        self._awaited[frame.id] = ""
+                        self._results[frame.id] = frame
+                    self._cond.notify_all()
             case StopRequested():
                 if self._on_stop is not None:
                     self._on_stop(frame.reason)
@@ -139,6 +164,29 @@ class TrialBus:
         """Send one event and wait until the worker has stored it (LinkError if it refused it)."""
         payload = msgspec.Raw(self._encoder.encode(event))
         self._wait(self._send(lambda i: Report(id=i, event=payload), awaited=True))
+
+    def _ask(self, make: Callable[[int], LinkFrame]) -> Presigned | Listed:
+        frame_id = self._send(make, awaited=True)
+        try:
+            self._wait(frame_id)
+        finally:
+            with self._cond:
+                result = self._results.pop(frame_id, None)
+        if result is None:
+            raise LinkError("the worker answered without a result")
+        return result
+
+    def presign(self, method: str, key: str) -> str:
+        """A short-lived URL to GET or PUT ``key`` in the cluster's store; LinkError if the worker refuses."""
+        result = self._ask(lambda i: PresignRequest(id=i, method=method, key=key))  # type: ignore[arg-type]
+        assert isinstance(result, Presigned)
+        return result.url
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (a checkpoint this trial may read); LinkError if the worker refuses."""
+        result = self._ask(lambda i: ListRequest(id=i, prefix=prefix))
+        assert isinstance(result, Listed)
+        return list(result.keys)
 
     def add_point(self, point: ev.MetricPoint) -> None:
         """Buffer a training point; a full buffer is sent by the sender thread, without waiting."""

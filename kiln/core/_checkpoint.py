@@ -1,4 +1,8 @@
-"""Checkpoint storage for the Core API: S3 (the cluster's store or the config's bucket) or a shared path."""
+"""Checkpoint storage for the Core API: the cluster's store (through the worker), an S3 bucket, or a shared path.
+
+On a cluster the trial holds no store credential: ``LinkedS3Storage`` asks its worker for a presigned URL per
+object and moves the bytes with plain HTTP, streaming (no file is held in memory whole).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from typing import Any, Protocol
 import msgspec
 
 METADATA_FILE = "metadata.json"
+# Bytes per read while streaming a file up or down.
+CHUNK_BYTES = 1 << 20
 
 
 class Storage(Protocol):
@@ -70,6 +76,84 @@ class S3Storage:
             found = True
         if not found:
             raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
+
+
+class Presigner(Protocol):
+    """What LinkedS3Storage needs from the worker link (kiln.core._bus.TrialBus)."""
+
+    def presign(self, method: str, key: str) -> str: ...
+
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+
+class LinkedS3Storage:
+    """Checkpoints under ``s3://bucket/<prefix>/<uuid>/`` in the cluster's store, through presigned URLs.
+
+    ``presigner`` is called for the link on first use (ranks other than the chief open theirs only when they
+    restore a checkpoint). The worker grants this trial its own experiment's prefix and nothing else.
+    """
+
+    def __init__(self, presigner: Callable[[], Presigner], bucket: str, prefix: str) -> None:
+        self._presigner = presigner
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._http: Any = None
+
+    def _client(self) -> Any:
+        if self._http is None:
+            import httpx  # imported here: a laptop run of the Core API does not need it
+
+            # trust_env off: the store is the worker's, reached directly (no proxy from the environment).
+            self._http = httpx.Client(trust_env=False, timeout=httpx.Timeout(60.0, connect=10.0))
+        return self._http
+
+    def _key(self, storage_id: str, rel: str = "") -> str:
+        return "/".join(p for p in (self.prefix, storage_id, rel) if p)
+
+    def location(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
+        """PUT every file under ``src``, one presigned URL each, streamed from disk."""
+        files = _files(src)
+        for rel, size in files.items():
+            url = self._presigner().presign("PUT", self._key(storage_id, rel))
+            with (src / rel).open("rb") as fh:
+                resp = self._client().put(url, content=_chunks(fh), headers={"Content-Length": str(size)})
+            _check(resp, f"upload of {rel} of checkpoint {storage_id}")
+        return files
+
+    def download(self, storage_id: str, dst: Path) -> None:
+        """GET every object of a checkpoint into ``dst``, streamed to disk."""
+        prefix = self._key(storage_id) + "/"
+        keys = self._presigner().list_keys(prefix)
+        if not keys:
+            raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
+        root = dst.resolve()
+        for key in keys:
+            target = (dst / key[len(prefix):]).resolve()
+            if not key.startswith(prefix) or not target.is_relative_to(root):
+                raise ValueError(f"checkpoint {storage_id}: object {key!r} escapes the target")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            url = self._presigner().presign("GET", key)
+            with self._client().stream("GET", url) as resp:
+                if resp.status_code >= 300:
+                    resp.read()
+                _check(resp, f"download of {key}")
+                with target.open("wb") as fh:
+                    for chunk in resp.iter_bytes(CHUNK_BYTES):
+                        fh.write(chunk)
+
+
+def _chunks(fh: Any) -> Iterator[bytes]:
+    while chunk := fh.read(CHUNK_BYTES):
+        yield chunk
+
+
+def _check(resp: Any, what: str) -> None:
+    if resp.status_code >= 300:
+        raise OSError(f"{what} failed: HTTP {resp.status_code} {resp.text[:300]}")
 
 
 class SharedFSStorage:

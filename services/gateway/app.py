@@ -8,6 +8,9 @@ with ``Retry-After`` and the part named, never 500. Routes reach Postgres throug
 bus through ``GatewayDeps.publish()``; those attribute a failure to its part, and ``outage()`` with one
 exception handler (``_error_response``) turn every outage into the 503. Every 5xx is logged with its request
 id (``X-Request-Id``, taken from the request or made up).
+
+Every route but ``/health``, login and the schema pages needs ``Authorization: Bearer <token>``
+(``auth.require_user``, one app-wide guard); changing an experiment needs its owner or an admin (``_may_change``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import nats.errors
 import nats.js.errors
 import structlog
 import urllib3.exceptions
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import ClientException, NotFoundException
+from litestar.exceptions import ClientException, NotAuthorizedException, NotFoundException, PermissionDeniedException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.response.sse import ServerSentEventMessage
@@ -46,8 +50,9 @@ from kiln import context as code_context
 from schemas import events as ev
 from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
-from schemas.config import ConfigError, config_to_dict, parse_config
-from services.gateway import queries
+from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
+from services.gateway import auth, queries
+from services.gateway.auth import Principal
 from services.runtime import NATS_UNAVAILABLE, Bus, postgres_unavailable
 
 log = structlog.get_logger(__name__)
@@ -103,6 +108,10 @@ class GatewayDeps:
     max_context_bytes: int
     # How long a request waits for a pooled connection (all busy, or Postgres not answering) before a 503.
     acquire_timeout_s: float = 5.0
+    # Hostile input: a bigger config is refused unparsed; a context unpacking to more is refused while streamed.
+    max_config_bytes: int = YamlLimits().max_bytes
+    max_context_unpacked_bytes: int = code_context.DEFAULT_MAX_UNPACKED_BYTES
+    max_context_files: int = code_context.DEFAULT_MAX_FILES
     # Set once the read model is migrated (at start, or when a Postgres that was down at start came back).
     migrated: asyncio.Event | None = None
 
@@ -136,6 +145,21 @@ class GatewayDeps:
         except NATS_UNAVAILABLE as exc:
             raise Unavailable(["nats"]) from exc
 
+    async def publish_new(self, event: Any) -> int:
+        """``publish`` a fact that must be new: JetStream answering "duplicate" (its ``Nats-Msg-Id`` was stored
+        already, by someone else) is a 409, never a success."""
+        self.require_bus()
+        try:
+            ack = await self.bus.publish_ack(event)
+        except NATS_UNAVAILABLE as exc:
+            raise Unavailable(["nats"]) from exc
+        if ack.duplicate:
+            log.error("publish.duplicate", type=type(event).__name__, seq=ack.seq)
+            raise ClientException(status_code=409, detail=f"the event bus already holds a {type(event).__name__} with"
+                                  f" this id (stream seq {ack.seq}) that this request did not write: nothing was"
+                                  " recorded; submit again")
+        return int(ack.seq)
+
     async def s3(self, fn: Any, *args: Any) -> Any:
         """Run a blocking object-store call in a thread; the store being unreachable becomes ``Unavailable``."""
         try:
@@ -150,7 +174,7 @@ class Submission:
 
     config: str
     context: UploadFile
-    submitted_by: str = "anonymous"
+    # No ``submitted_by``: the owner is the authenticated user, never what a client claims.
 
 
 def _deps(state: State) -> GatewayDeps:
@@ -162,7 +186,29 @@ def _bad_request(detail: str, **extra: Any) -> ClientException:
     return ClientException(detail=detail, extra=extra or None)
 
 
-@get("/health", operation_id="health")
+# -- parameters: what the read model and the bus can hold, refused with a 400 naming the parameter ---------------
+# Ids and offsets are Postgres bigints: beyond int64 (or negative) they are refused here, not by the driver as 500s.
+
+INT64_MAX = 2**63 - 1
+Id = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
+Offset = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
+# A string of a JSON body that reaches Postgres: no NUL byte (JSON cannot carry a lone surrogate to here).
+NO_NUL = r"^[^\x00]*$"
+
+
+def _refuse_bad_text(request: Request[Any, Any, Any]) -> None:
+    """Before every handler: a path or query parameter holding a NUL byte or a lone surrogate is a 400 naming
+    it (Postgres text and JSON cannot hold them). One place for every route, ``list[str]`` params included."""
+    for source, items in (("path", list(request.path_params.items())),
+                          ("query", list(request.query_params.multi_items()))):
+        for key, value in items:
+            for text in (key, value):
+                if isinstance(text, str) and (problem := text_problem(text)):
+                    raise ClientException(detail=f"{source} parameter {key!r} {problem}",
+                                          extra=[{"key": key, "source": source, "message": problem}])
+
+
+@get("/health", operation_id="health", opt={auth.PUBLIC: True}, security=[{}])
 async def health(state: State) -> dict[str, str]:
     """Readiness: 200 when Postgres answers and the bus is connected, else 503 naming what is down."""
     deps = _deps(state)
@@ -181,18 +227,22 @@ async def health(state: State) -> dict[str, str]:
 
 @post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED)
 async def create_experiment(
-    state: State, data: Annotated[Submission, Body(media_type=RequestEncodingType.MULTI_PART)]
+    state: State, request: Request[Principal, int, Any],
+    data: Annotated[Submission, Body(media_type=RequestEncodingType.MULTI_PART)],
 ) -> dict[str, Any]:
     """Submit an experiment: a Determined-style YAML config and a tar.gz code context."""
     deps = _deps(state)
     try:
-        config, warnings = parse_config(data.config)
+        # Off the event loop: a big (if allowed) document must not hold up other requests while it parses.
+        config, warnings = await asyncio.to_thread(parse_config, data.config,
+                                                   YamlLimits(max_bytes=deps.max_config_bytes))
     except ConfigError as exc:
         raise _bad_request("invalid experiment config",
                            errors=[{"path": e.path, "message": e.message} for e in exc.errors]) from exc
     blob = await data.context.read(deps.max_context_bytes + 1)
     try:
-        code_context.check(blob, max_bytes=deps.max_context_bytes)
+        await asyncio.to_thread(code_context.check, blob, deps.max_context_bytes, deps.max_context_unpacked_bytes,
+                                deps.max_context_files)
     except code_context.ContextError as exc:
         raise _bad_request(f"invalid code context: {exc}") from exc
     digest = code_context.digest(blob)
@@ -210,11 +260,11 @@ async def create_experiment(
         context_digest=digest,
         context_size=len(blob),
         seed=seed if seed is not None else secrets.randbelow(2**31),
-        submitted_by=data.submitted_by,
+        submitted_by=request.user.username,
         submitted_at=time.time(),
     )
     try:
-        await deps.publish(event)
+        await deps.publish_new(event)  # never reports success for an id JetStream dropped as a duplicate
     except Unavailable as exc:
         if not isinstance(exc.__cause__, nats.errors.TimeoutError):
             raise  # never sent: nothing recorded
@@ -239,7 +289,7 @@ def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
 async def list_experiments(
     state: State,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Parameter(ge=0)] = 0,
+    offset: Offset = 0,
     experiment_state: Annotated[str | None, Parameter(query="state")] = None,
 ) -> list[dict[str, Any]]:
     """Experiments, newest first."""
@@ -248,7 +298,7 @@ async def list_experiments(
 
 
 @get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment")
-async def get_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+async def get_experiment(state: State, experiment_id: Id) -> dict[str, Any]:
     """One experiment with its config, trial states and best trial."""
     async with _deps(state).db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
@@ -260,9 +310,9 @@ async def get_experiment(state: State, experiment_id: int) -> dict[str, Any]:
 @get("/api/v1/experiments/{experiment_id:int}/trials", operation_id="listExperimentTrials")
 async def list_trials(
     state: State,
-    experiment_id: int,
+    experiment_id: Id,
     limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
-    offset: Annotated[int, Parameter(ge=0)] = 0,
+    offset: Offset = 0,
     sort: Annotated[str, Parameter(pattern="^(id|best_metric|steps_completed|state|restarts)$")] = "id",
     order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "asc",
 ) -> list[dict[str, Any]]:
@@ -274,13 +324,14 @@ async def list_trials(
 
 
 @post("/api/v1/experiments/{experiment_id:int}/kill", operation_id="killExperiment", status_code=HTTP_202_ACCEPTED)
-async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+async def kill_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> dict[str, Any]:
     """Ask for an experiment and all its trials to be killed."""
     deps = _deps(state)
     async with deps.db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
+    _may_change(request.user, found)
     if found["ended_at"] is not None:
         return {"id": experiment_id, "state": found["state"]}
     await deps.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
@@ -290,8 +341,8 @@ async def kill_experiment(state: State, experiment_id: int) -> dict[str, Any]:
 @get("/api/v1/experiments/{experiment_id:int}/events", operation_id="getExperimentEvents")
 async def experiment_events(
     state: State,
-    experiment_id: int,
-    after_seq: Annotated[int, Parameter(ge=0)] = 0,
+    experiment_id: Id,
+    after_seq: Annotated[int, Parameter(ge=0, le=INT64_MAX - 1)] = 0,
     limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
 ) -> list[dict[str, Any]]:
     """The audit trail: every event about the experiment, in stream order, with sequence numbers."""
@@ -314,7 +365,7 @@ async def experiment_events(
 
 
 @get("/api/v1/experiments/{experiment_id:int}/metrics/stream", operation_id="streamExperimentMetrics")
-async def stream_metrics(state: State, experiment_id: int) -> ServerSentEvent:
+async def stream_metrics(state: State, experiment_id: Id) -> ServerSentEvent:
     """Live metrics of an experiment as Server-Sent Events (``training`` and ``validation``), until it ends."""
     deps = _deps(state)
     async with deps.db() as conn:
@@ -337,9 +388,9 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
         with contextlib.suppress(asyncio.QueueFull):  # a slow client loses points, never the gateway
             queue.put_nowait(msg.data)
 
-    subs = [await deps.bus.nc.subscribe(f"kiln.metrics.{experiment_id}.*", cb=relay),
-            await deps.bus.nc.subscribe(f"kiln.events.{experiment_id}.trial.*", cb=relay),
-            await deps.bus.nc.subscribe(f"kiln.events.{experiment_id}.experiment", cb=relay)]
+    subs = [await deps.bus.nc.subscribe(subjects.metrics_filter(experiment_id), cb=relay),
+            await deps.bus.nc.subscribe(subjects.trial_filter(experiment_id), cb=relay),
+            await deps.bus.nc.subscribe(subjects.experiment_facts_filter(experiment_id), cb=relay)]
     encoder = msgspec.json.Encoder()
     try:
         while True:
@@ -373,11 +424,21 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
                 await sub.unsubscribe()
 
 
-async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str, Any]:
+def _may_change(principal: Principal, experiment: dict[str, Any]) -> None:
+    """403 unless the principal may change this experiment (``auth.may_change``): checked before anything is
+    published."""
+    if not auth.may_change(principal, experiment["submitted_by"]):
+        raise PermissionDeniedException(
+            f"experiment {experiment['id']} belongs to {experiment['submitted_by']!r}: only its owner or an admin"
+            f" may change it (you are {principal.username!r})")
+
+
+async def _active_experiment(deps: GatewayDeps, principal: Principal, experiment_id: int) -> dict[str, Any]:
     async with deps.db() as conn:
         found = await queries.get_experiment(conn, experiment_id)
     if found is None:
         raise NotFoundException(f"experiment {experiment_id} not found")
+    _may_change(principal, found)
     if found["ended_at"] is not None:
         raise ClientException(status_code=409, detail=f"experiment {experiment_id} already ended ({found['state']})")
     return found
@@ -385,20 +446,21 @@ async def _active_experiment(deps: GatewayDeps, experiment_id: int) -> dict[str,
 
 @post("/api/v1/experiments/{experiment_id:int}/pause", operation_id="pauseExperiment",
       status_code=HTTP_202_ACCEPTED)
-async def pause_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+async def pause_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> dict[str, Any]:
     """Pause: trials checkpoint and give back their slots; nothing new starts until activated."""
     deps = _deps(state)
-    await _active_experiment(deps, experiment_id)
+    await _active_experiment(deps, request.user, experiment_id)
     await deps.publish(ev.ExperimentPauseRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
     return {"id": experiment_id, "state": "PAUSED"}
 
 
 @post("/api/v1/experiments/{experiment_id:int}/activate", operation_id="activateExperiment",
       status_code=HTTP_202_ACCEPTED)
-async def activate_experiment(state: State, experiment_id: int) -> dict[str, Any]:
+async def activate_experiment(state: State, request: Request[Principal, int, Any],
+                              experiment_id: Id) -> dict[str, Any]:
     """Activate a paused experiment: its trials queue again and resume from their checkpoints."""
     deps = _deps(state)
-    await _active_experiment(deps, experiment_id)
+    await _active_experiment(deps, request.user, experiment_id)
     await deps.publish(ev.ExperimentActivateRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
     return {"id": experiment_id, "state": "ACTIVE"}
 
@@ -408,15 +470,16 @@ class ResourcesPatch(msgspec.Struct, forbid_unknown_fields=True):
 
     priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
     weight: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    max_slots: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0 removes the cap
+    max_slots: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None  # 0 removes the cap
 
 
 @post("/api/v1/experiments/{experiment_id:int}/resources", operation_id="setExperimentResources",
       status_code=HTTP_202_ACCEPTED)
-async def set_resources(state: State, experiment_id: int, data: ResourcesPatch) -> dict[str, Any]:
+async def set_resources(state: State, request: Request[Principal, int, Any], experiment_id: Id,
+                        data: ResourcesPatch) -> dict[str, Any]:
     """Change priority, weight or max_slots of a running experiment."""
     deps = _deps(state)
-    await _active_experiment(deps, experiment_id)
+    await _active_experiment(deps, request.user, experiment_id)
     if data.priority is None and data.weight is None and data.max_slots is None:
         raise _bad_request("nothing to change: give priority, weight or max_slots")
     await deps.publish(ev.ExperimentResourcesChanged(
@@ -426,13 +489,15 @@ async def set_resources(state: State, experiment_id: int, data: ResourcesPatch) 
 
 
 @post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED)
-async def kill_trial(state: State, trial_id: int) -> dict[str, Any]:
+async def kill_trial(state: State, request: Request[Principal, int, Any], trial_id: Id) -> dict[str, Any]:
     """Kill one trial; the experiment's other trials go on."""
     deps = _deps(state)
     async with deps.db() as conn:
         found = await queries.get_trial(conn, trial_id)
-    if found is None:
+        experiment = await queries.get_experiment(conn, found["experiment_id"]) if found else None
+    if found is None or experiment is None:
         raise NotFoundException(f"trial {trial_id} not found")
+    _may_change(request.user, experiment)
     if found["ended_at"] is None:
         await deps.publish(ev.TrialKillRequested(experiment_id=found["experiment_id"], trial_id=trial_id))
     return {"id": trial_id, "state": found["state"] if found["ended_at"] else "STOPPING_CANCELED"}
@@ -461,7 +526,7 @@ async def list_jobs(state: State) -> list[JobView]:
 
 
 @get("/api/v1/trials/{trial_id:int}", operation_id="getTrial")
-async def get_trial(state: State, trial_id: int) -> dict[str, Any]:
+async def get_trial(state: State, trial_id: Id) -> dict[str, Any]:
     """One trial with its allocations."""
     async with _deps(state).db() as conn:
         found = await queries.get_trial(conn, trial_id)
@@ -473,10 +538,10 @@ async def get_trial(state: State, trial_id: int) -> dict[str, Any]:
 @get("/api/v1/trials/{trial_id:int}/metrics", operation_id="getTrialMetrics")
 async def trial_metrics(
     state: State,
-    trial_id: int,
+    trial_id: Id,
     kind: Annotated[str | None, Parameter(pattern="^(training|validation)$")] = None,
     limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
-    offset: Annotated[int, Parameter(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """A trial's metric points, by kind and step."""
     async with _deps(state).db() as conn:
@@ -486,7 +551,7 @@ async def trial_metrics(
 @get("/api/v1/trials/{trial_id:int}/series", operation_id="getTrialSeries")
 async def trial_series(
     state: State,
-    trial_id: int,
+    trial_id: Id,
     name: Annotated[list[str] | None, Parameter(query="name")] = None,
     kind: Annotated[str, Parameter(pattern="^(training|validation)$")] = "training",
     max_points: Annotated[int, Parameter(ge=2, le=100000)] = 1000,
@@ -499,7 +564,7 @@ async def trial_series(
 
 
 @get("/api/v1/trials/{trial_id:int}/metric-names", operation_id="getTrialMetricNames")
-async def trial_metric_names(state: State, trial_id: int) -> list[dict[str, Any]]:
+async def trial_metric_names(state: State, trial_id: Id) -> list[dict[str, Any]]:
     """The metrics a trial reported, with their last, min and max values."""
     async with _deps(state).db() as conn:
         return await queries.metric_names(conn, trial_id)
@@ -508,9 +573,9 @@ async def trial_metric_names(state: State, trial_id: int) -> list[dict[str, Any]
 @get("/api/v1/trials/{trial_id:int}/logs", operation_id="getTrialLogs")
 async def trial_logs(
     state: State,
-    trial_id: int,
+    trial_id: Id,
     limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
-    offset: Annotated[int, Parameter(ge=0)] = 0,
+    offset: Offset = 0,
     tail: bool = False,
 ) -> list[dict[str, Any]]:
     """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines."""
@@ -519,7 +584,7 @@ async def trial_logs(
 
 
 @get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints")
-async def trial_checkpoints(state: State, trial_id: int) -> list[dict[str, Any]]:
+async def trial_checkpoints(state: State, trial_id: Id) -> list[dict[str, Any]]:
     """A trial's checkpoints in step order."""
     async with _deps(state).db() as conn:
         return await queries.trial_checkpoints(conn, trial_id)
@@ -549,7 +614,13 @@ async def download_checkpoint(state: State, uuid: str) -> Stream:
                               " outside the cluster's store; read it from there")
     key_prefix = str(found["storage"])[len(prefix):].strip("/")
     files = list(found["resources"])
-    blob = await deps.s3(_tar_checkpoint, key_prefix, uuid, files)
+    try:
+        blob = await deps.s3(_tar_checkpoint, key_prefix, uuid, files)
+    except S3Error as exc:
+        if exc.code not in ("NoSuchKey", "NoSuchBucket"):
+            raise
+        raise ClientException(status_code=410, detail=f"checkpoint {uuid} is recorded but its files are gone from"
+                              f" the store ({exc.code}: {exc.resource or key_prefix})") from exc
     return Stream(iter([blob]), media_type="application/x-tar",
                   headers={"Content-Disposition": f'attachment; filename="{uuid}.tar"'})
 
@@ -571,11 +642,136 @@ def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[s
     return buf.getvalue()
 
 
+# -- users and tokens ------------------------------------------------------------------------------------------
+
+
+class Login(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/auth/login``."""
+
+    username: Annotated[str, msgspec.Meta(pattern=NO_NUL)]
+    password: str
+
+
+class NewUser(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/users``."""
+
+    username: Annotated[str, msgspec.Meta(pattern=NO_NUL)]
+    password: str
+    admin: bool = False
+
+
+class NewToken(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/tokens``."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]
+    # At most 100 years: a Postgres interval (and timestamp) overflows somewhere past 178 million years.
+    expires_in_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] | None = None
+
+
+async def _issue_token(conn: Any, user_id: int, name: str, kind: str, ttl_s: float | None) -> dict[str, Any]:
+    """A new token: the value goes back to the caller once; only its digest is stored."""
+    token = auth.new_token()
+    record = await queries.create_token(conn, user_id, auth.token_digest(token), name, kind, ttl_s)
+    return {**record, "token": token}
+
+
+@post("/api/v1/auth/login", operation_id="login", status_code=200, opt={auth.PUBLIC: True}, security=[{}])
+async def login(state: State, data: Login) -> dict[str, Any]:
+    """Sign in with username and password; returns a session token (Authorization: Bearer <token>)."""
+    async with _deps(state).db() as conn:
+        # A name no user can have (checked like a new one) is not looked up: no NUL byte ever reaches Postgres.
+        user = await queries.user_credentials(conn, data.username) if not auth.check_username(data.username) else None
+        # Verified even for an unknown name (against a dummy hash): the answer's timing does not tell names.
+        ok = await asyncio.to_thread(auth.verify_password, user["password_hash"] if user else None, data.password)
+        if not ok or user is None:
+            log.warning("auth.login_failed", username=data.username[:64])
+            raise NotAuthorizedException("wrong username or password")
+        issued = await _issue_token(conn, user["id"], "login", "session", auth.SESSION_TTL_S)
+    log.info("auth.login", username=user["username"], token_id=issued["id"])
+    return {"token": issued["token"], "token_id": issued["id"], "expires_at": issued["expires_at"],
+            "username": user["username"], "admin": user["admin"]}
+
+
+@post("/api/v1/auth/logout", operation_id="logout", status_code=200)
+async def logout(state: State, request: Request[Principal, int, Any]) -> dict[str, Any]:
+    """Revoke the token this request was made with."""
+    async with _deps(state).db() as conn:
+        await queries.revoke_token(conn, request.user.token_id)
+    log.info("auth.logout", username=request.user.username, token_id=request.user.token_id)
+    return {"token_id": request.user.token_id, "revoked": True}
+
+
+@get("/api/v1/me", operation_id="getMe")
+async def me(request: Request[Principal, int, Any]) -> dict[str, Any]:
+    """The signed-in user."""
+    p = request.user
+    return {"id": p.user_id, "username": p.username, "admin": p.admin, "token_id": p.token_id}
+
+
+@post("/api/v1/users", operation_id="createUser", status_code=HTTP_201_CREATED)
+async def create_user(state: State, request: Request[Principal, int, Any], data: NewUser) -> dict[str, Any]:
+    """Create a user (admins only)."""
+    if not request.user.admin:
+        raise PermissionDeniedException("only an admin may create users")
+    if problem := auth.check_username(data.username) or auth.check_password(data.password):
+        raise _bad_request(problem)
+    password_hash = await asyncio.to_thread(auth.hash_password, data.password)  # ~50 ms of CPU: off the loop
+    async with _deps(state).db() as conn:
+        created = await queries.create_user(conn, data.username, password_hash, data.admin)
+    if created is None:
+        raise ClientException(status_code=409, detail=f"user {data.username!r} exists already")
+    log.info("auth.user_created", username=data.username, admin=data.admin, by=request.user.username)
+    return created
+
+
+@get("/api/v1/users", operation_id="listUsers")
+async def list_users(state: State) -> list[dict[str, Any]]:
+    """Every user, with whether they are an admin."""
+    async with _deps(state).db() as conn:
+        return await queries.list_users(conn)
+
+
+@post("/api/v1/tokens", operation_id="createToken", status_code=HTTP_201_CREATED)
+async def create_token(state: State, request: Request[Principal, int, Any], data: NewToken) -> dict[str, Any]:
+    """Create a named API token for the signed-in user; its value is shown in this answer only."""
+    if problem := text_problem(data.name):
+        raise _bad_request(f"token name {problem}")
+    ttl_s = data.expires_in_days * 86400 if data.expires_in_days is not None else None
+    async with _deps(state).db() as conn:
+        issued = await _issue_token(conn, request.user.user_id, data.name, "named", ttl_s)
+    log.info("auth.token_created", username=request.user.username, token_id=issued["id"], name=data.name)
+    return issued
+
+
+@get("/api/v1/tokens", operation_id="listTokens")
+async def list_tokens(
+    state: State, request: Request[Principal, int, Any], all_users: Annotated[bool, Parameter(query="all")] = False,
+) -> list[dict[str, Any]]:
+    """The signed-in user's live tokens (``all=true``: every user's, admins only); never their values."""
+    if all_users and not request.user.admin:
+        raise PermissionDeniedException("only an admin may list every user's tokens")
+    async with _deps(state).db() as conn:
+        return await queries.list_tokens(conn, None if all_users else request.user.user_id)
+
+
+@delete("/api/v1/tokens/{token_id:int}", operation_id="revokeToken", status_code=200)
+async def revoke_token(state: State, request: Request[Principal, int, Any], token_id: Id) -> dict[str, Any]:
+    """Revoke a token (one's own, or any as an admin)."""
+    async with _deps(state).db() as conn:
+        found = await queries.get_token(conn, token_id)
+        if found is None or not auth.may_revoke(request.user, found["user_id"]):
+            raise NotFoundException(f"token {token_id} not found")  # others' tokens are not revealed
+        await queries.revoke_token(conn, token_id)
+    log.info("auth.token_revoked", token_id=token_id, by=request.user.username)
+    return {"token_id": token_id, "revoked": True}
+
+
 ROUTES = [
     health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
+    login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
 ]
 
 
@@ -641,9 +837,16 @@ def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
     return Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
-        openapi_config=OpenAPIConfig(title="Kiln", version="0.1.0"),
+        openapi_config=OpenAPIConfig(
+            title="Kiln", version="0.1.0", security=[{auth.SCHEME: []}],
+            components=Components(security_schemes={auth.SCHEME: SecurityScheme(
+                type="http", scheme="bearer",
+                description="An API token from POST /api/v1/auth/login or POST /api/v1/tokens (`kiln user login`)")}),
+        ),
         request_max_body_size=max_body_bytes,
         exception_handlers={Unavailable: _error_response, HTTP_500_INTERNAL_SERVER_ERROR: _error_response},
         middleware=[_request_ids],
+        guards=[auth.require_user],
+        before_request=_refuse_bad_text,
         debug=False,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -18,6 +20,8 @@ from minio import Minio
 
 from kiln import context as code_context
 from schemas import readmodel
+from schemas.config import DEFAULT_MAX_CONFIG_BYTES
+from services.gateway import auth, queries
 from services.gateway.app import GatewayDeps, create_app
 from services.runtime import postgres_unavailable
 from services.gateway.queries import init_connection
@@ -33,9 +37,16 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "127.0.0.1"
     http_port: int = 18080
     max_context_bytes: int = code_context.DEFAULT_MAX_BYTES
+    # Hostile input (README "Security"): configs bigger than this are refused unparsed; contexts that unpack
+    # to more bytes or members are refused while streamed (the workers hold the same limits).
+    max_config_bytes: int = DEFAULT_MAX_CONFIG_BYTES
+    max_context_unpacked_bytes: int = code_context.DEFAULT_MAX_UNPACKED_BYTES
+    max_context_files: int = code_context.DEFAULT_MAX_FILES
     pg_connect_timeout_s: float = 5.0
     pg_command_timeout_s: float = 60.0
     log_level: str = "INFO"
+    # The first admin's password, used once: when the users table is empty (else one is generated and printed).
+    admin_password: str = ""
 
 
 def minio_client(s3: S3Settings) -> Minio:
@@ -52,8 +63,22 @@ async def _migrate(settings: GatewaySettings) -> None:
     conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_connect_timeout_s)
     try:
         await readmodel.migrate(conn)
+        await _bootstrap_admin(conn, settings.admin_password)
     finally:
         await conn.close()
+
+
+async def _bootstrap_admin(conn: asyncpg.Connection, password: str) -> None:
+    """On the first start (no user at all) create ``admin``: with ``KILN_ADMIN_PASSWORD``, else a generated
+    password printed once on stderr (never logged: the structured log is for many readers)."""
+    generated = not password
+    password = password or secrets.token_urlsafe(15)
+    if await queries.create_first_admin(conn, await asyncio.to_thread(auth.hash_password, password)):
+        log.info("gateway.admin_created", username="admin", password_from="generated" if generated
+                 else "KILN_ADMIN_PASSWORD")
+        if generated:
+            print(f"kiln gateway: created user 'admin' with password {password} (shown only now)", file=sys.stderr,
+                  flush=True)
 
 
 async def _migrate_when_back(settings: GatewaySettings, migrated: asyncio.Event) -> None:
@@ -98,9 +123,12 @@ async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3
         async with asyncpg.create_pool(settings.pg_dsn, min_size=0, max_size=8, init=init_connection,
                                        timeout=settings.pg_connect_timeout_s,
                                        command_timeout=settings.pg_command_timeout_s) as pool:
-            async with connect_bus(bus_settings, "gateway") as bus:
+            async with connect_bus(bus_settings, "gateway", ensure=False) as bus:
                 yield GatewayDeps(pool=pool, bus=bus, minio=minio_client(s3), bucket=s3.s3_bucket,
-                                  max_context_bytes=settings.max_context_bytes, migrated=migrated)
+                                  max_context_bytes=settings.max_context_bytes, migrated=migrated,
+                                  max_config_bytes=settings.max_config_bytes,
+                                  max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
+                                  max_context_files=settings.max_context_files)
     finally:
         if waiting is not None:
             waiting.cancel()

@@ -159,3 +159,77 @@ async def next_experiment_id(conn: Any) -> int:
     jump after a database crash (the counter row is committed with the increment)."""
     value: int = await conn.fetchval("UPDATE id_counters SET value = value + 1 WHERE name = 'experiment' RETURNING value")
     return value
+
+
+# -- users and tokens (gateway-owned tables, not projections; see services/gateway/auth.py) -------------------
+
+USER_COLUMNS = "u.id, u.username, u.admin, u.created_at"
+TOKEN_COLUMNS = "t.id, t.user_id, u.username, t.name, t.kind, t.created_at, t.expires_at, t.revoked_at"
+
+
+async def principal_for_token(conn: Any, digest: str) -> dict[str, Any] | None:
+    """The user a live (unrevoked, unexpired) token belongs to, by the token's digest."""
+    row = await conn.fetchrow(
+        "SELECT u.id AS user_id, u.username, u.admin, t.id AS token_id FROM api_tokens t"
+        " JOIN users u ON u.id = t.user_id WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL"
+        " AND (t.expires_at IS NULL OR t.expires_at > now()) AND u.active", digest)
+    return dict(row) if row else None
+
+
+async def user_credentials(conn: Any, username: str) -> dict[str, Any] | None:
+    """An active user's id, admin flag and password hash, for a login."""
+    row = await conn.fetchrow("SELECT id, username, admin, password_hash FROM users WHERE username = $1 AND active",
+                              username)
+    return dict(row) if row else None
+
+
+async def create_user(conn: Any, username: str, password_hash: str, admin: bool) -> dict[str, Any] | None:
+    """A new user; None when the name is taken."""
+    row = await conn.fetchrow(
+        "INSERT INTO users (username, password_hash, admin) VALUES ($1, $2, $3)"
+        " ON CONFLICT (username) DO NOTHING RETURNING id, username, admin, created_at", username, password_hash, admin)
+    return dict(row) if row else None
+
+
+async def create_first_admin(conn: Any, password_hash: str) -> bool:
+    """Create ``admin`` when there is no user at all; whether it was created now (idempotent, race-free)."""
+    created = await conn.fetchval(
+        "INSERT INTO users (username, password_hash, admin) SELECT 'admin', $1, true"
+        " WHERE NOT EXISTS (SELECT 1 FROM users) ON CONFLICT (username) DO NOTHING RETURNING id", password_hash)
+    return created is not None
+
+
+async def list_users(conn: Any) -> list[dict[str, Any]]:
+    """Every active user, by id."""
+    return _rows(await conn.fetch(f"SELECT {USER_COLUMNS} FROM users u WHERE u.active ORDER BY u.id"))
+
+
+async def create_token(conn: Any, user_id: int, digest: str, name: str, kind: str,
+                       ttl_s: float | None) -> dict[str, Any]:
+    """Record a token by its digest (the value itself is never stored)."""
+    row = await conn.fetchrow(
+        "INSERT INTO api_tokens (user_id, token_sha256, name, kind, expires_at)"
+        " VALUES ($1, $2, $3, $4, CASE WHEN $5::float8 IS NULL THEN NULL"
+        "         ELSE now() + make_interval(secs => $5::float8) END)"
+        " RETURNING id, name, kind, created_at, expires_at", user_id, digest, name, kind, ttl_s)
+    return dict(row)
+
+
+async def list_tokens(conn: Any, user_id: int | None) -> list[dict[str, Any]]:
+    """Live tokens of one user (every user's when ``user_id`` is None), by id; never their values."""
+    return _rows(await conn.fetch(
+        f"SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id"
+        " WHERE ($1::bigint IS NULL OR t.user_id = $1) AND t.revoked_at IS NULL"
+        " AND (t.expires_at IS NULL OR t.expires_at > now()) ORDER BY t.id", user_id))
+
+
+async def get_token(conn: Any, token_id: int) -> dict[str, Any] | None:
+    """One token's record (not its value)."""
+    row = await conn.fetchrow(f"SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id"
+                              " WHERE t.id = $1", token_id)
+    return dict(row) if row else None
+
+
+async def revoke_token(conn: Any, token_id: int) -> None:
+    """Revoke a token from now on (kept, with the time, for the record)."""
+    await conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id)

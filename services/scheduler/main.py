@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import msgspec
-import nats.js.errors
 import structlog
 
 from schemas import events as ev
@@ -32,8 +31,8 @@ log = structlog.get_logger(__name__)
 CONSUMER = ConsumerSpec(
     durable="scheduler",
     stream=subjects.EVENTS,
-    filter_subjects=["kiln.events.*.experiment", "kiln.events.*.trial.*", "kiln.events.*.worker.*",
-                     "kiln.events.cluster.>"],
+    filter_subjects=[subjects.EXPERIMENT_FACTS, subjects.TRIAL_FACTS, subjects.WORKER_COMMANDS,
+                     subjects.CLUSTER_FACTS],
 )
 
 
@@ -47,11 +46,8 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def cluster_bucket(bus: Bus) -> Any:
-    """The key-value bucket the cluster view lives in (created on first use)."""
-    try:
-        return await bus.js.key_value(CLUSTER_BUCKET)
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        return await bus.js.create_key_value(bucket=CLUSTER_BUCKET, history=1)
+    """The key-value bucket the cluster view lives in (made by the stack's bootstrap, not by the scheduler)."""
+    return await bus.js.key_value(CLUSTER_BUCKET)
 
 
 async def main() -> None:
@@ -60,7 +56,7 @@ async def main() -> None:
     configure_logging("scheduler", settings.log_level)
     stop = stop_on_signals()
     timeout, preempt = settings.worker_timeout_s, settings.preempt_timeout_s
-    async with connect_bus(read_settings(BusSettings), "scheduler") as bus:
+    async with connect_bus(read_settings(BusSettings), "scheduler", ensure=False) as bus:
         shell = DecisionShell(bus, "scheduler", lambda: SchedulerCore(worker_timeout_s=timeout,
                                                                       preempt_timeout_s=preempt),
                               lambda b: SchedulerCore.restore(b, timeout, preempt))

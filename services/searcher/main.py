@@ -25,7 +25,7 @@ log = structlog.get_logger(__name__)
 CONSUMER = ConsumerSpec(
     durable="searcher",
     stream=subjects.EVENTS,
-    filter_subjects=["kiln.events.*.experiment", "kiln.events.*.trial.*"],
+    filter_subjects=[subjects.EXPERIMENT_FACTS, subjects.TRIAL_FACTS],
 )
 
 
@@ -40,7 +40,7 @@ async def main() -> None:
     settings = read_settings(SearcherSettings)
     configure_logging("searcher", settings.log_level)
     stop = stop_on_signals()
-    async with connect_bus(read_settings(BusSettings), "searcher") as bus:
+    async with connect_bus(read_settings(BusSettings), "searcher", ensure=False) as bus:
         shell = DecisionShell(bus, "searcher", SearcherCore, SearcherCore.restore)
         await shell.load()
         log.info("searcher.ready", seq=shell.last_seq)

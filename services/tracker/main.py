@@ -89,7 +89,7 @@ async def main() -> None:
         async with pool.acquire() as conn:
             applied = await readmodel.migrate(conn)
         log.info("tracker.migrated", applied=applied)
-        async with connect_bus(bus_settings, "tracker") as bus:
+        async with connect_bus(bus_settings, "tracker", ensure=False) as bus:
             await asyncio.gather(*(
                 bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable), stop,
                             batch=settings.batch, position=position_of(pool, spec.durable))

@@ -6,30 +6,46 @@ trial's identity: an event about another experiment, trial or allocation, or of 
 report, is refused with an error reply and logged; anything else goes to the outbox and is acknowledged
 once it is on disk. Stop and preempt requests come back over the same socket: the worker watches the
 trial's subject with its own credential and pushes ``StopRequested`` frames.
+
+The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``) or
+for the keys under a checkpoint (``ListRequest``). The worker checks the key against the trial's
+``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET, nothing else) and presigns with its
+own key, for a few minutes. Nothing lets a trial delete an object or list outside what it may read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import socket
+import struct
 import tempfile
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
 from schemas import events as ev
-from schemas.subjects import EVENTS, trial_filter
+from schemas.subjects import EVENTS, forged, trial_filter
 from schemas.trial import (
+    CHECKPOINTS,
     FRAME_HEADER,
     FrameError,
     LinkFrame,
+    Listed,
+    ListRequest,
+    Presigned,
+    PresignRequest,
     Reply,
     Report,
     StopRequested,
     WatchStops,
+    checkpoint_prefix,
     decode_frame,
     encode_frame,
     frame_length,
@@ -48,6 +64,14 @@ TRIAL_REPORTS: tuple[type, ...] = (
 _MAX_SOCKET_PATH = 107
 # How long a closing link waits for a dead trial's last frames (still in the socket buffer).
 CLOSE_GRACE_S = 5.0
+# How long a presigned URL is good for: the trial asks right before each object, so minutes are plenty
+# (an upload that has started finishes even if the URL expires meanwhile).
+PRESIGN_EXPIRY_S = 300
+# Keys per ListRequest answer: a checkpoint has a handful of files; a frame stays far below its limit.
+MAX_LISTED_KEYS = 10_000
+MAX_KEY_BYTES = 1024
+# A checkpoint id is one plain key segment (kiln.core makes UUIDs).
+_STORAGE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 _ANY_EVENT = msgspec.msgpack.Decoder(ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent)
 
@@ -78,7 +102,123 @@ def refusal(who: Identity, event: Any) -> str:
     if isinstance(event, ev.TrainingMetricsReported) and not event.batch_id.startswith(f"{who.allocation_id}:"):
         # The batch id is the dedupe key: one run must not be able to shadow another run's batches.
         return f"metric batch {event.batch_id!r} is not of allocation {who.allocation_id}"
+    if isinstance(event, ev.CheckpointStored):
+        # The uuid becomes a key segment (resume, download): it must not be able to name another path.
+        if not _STORAGE_ID.match(event.uuid) or event.uuid == "..":
+            return f"checkpoint id {event.uuid!r} is not one plain key segment"
+        bucket_path = event.storage.removeprefix("s3://").partition("/")[2].strip("/")
+        own = checkpoint_prefix(who.experiment_id)
+        if event.storage.startswith("s3://") and bucket_path.split("/")[0] == CHECKPOINTS and bucket_path != own:
+            return f"checkpoint storage {event.storage!r} is not this experiment's ({own})"
     return ""
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` (Linux /proc); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return 0
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def descends_from(pid: int, root: int) -> bool:
+    """Whether ``pid`` is ``root`` or one of its descendants. A process cannot make itself another's
+    descendant (an orphan is adopted by init or a subreaper), so this names the trial's own processes."""
+    for _ in range(256):
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        pid = parent_pid(pid)
+    return False
+
+
+class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """The object keys one trial may reach through its link: prefixes, each ending in "/"."""
+
+    write: tuple[str, ...]
+    read: tuple[str, ...]
+
+    @classmethod
+    def of(cls, experiment_id: int, sources: tuple[str, ...] = ()) -> StoreGrant:
+        """Its own experiment's checkpoints (read and write; the checkpoint it resumes from is among them),
+        plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names)."""
+        own = checkpoint_prefix(experiment_id) + "/"
+        return cls(write=(own,), read=(own, *(p.rstrip("/") + "/" for p in sources)))
+
+
+def key_refusal(key: str) -> str:
+    """Why ``key`` is not a plain object key ("" when it is): no empty, "." or ".." segment, no leading "/".
+
+    The store behind S3 (SeaweedFS's filer) maps keys onto paths, so a "../" could step out of a prefix.
+    """
+    if not key:
+        return "empty key"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"key longer than {MAX_KEY_BYTES} bytes"
+    if any(ord(c) < 32 or c == "\\" for c in key):
+        return "control characters or backslashes in the key"
+    segments = key.split("/")
+    if key.endswith("/"):
+        segments = segments[:-1]
+    if any(seg in ("", ".", "..") for seg in segments):
+        return f"key {key!r} has an empty, '.' or '..' segment"
+    return ""
+
+
+def store_refusal(grant: StoreGrant, method: str, key: str) -> str:
+    """Why a trial with ``grant`` may not ``method`` (GET, PUT or LIST) ``key``; "" when it may."""
+    why = key_refusal(key)
+    if why:
+        return why
+    if method == "PUT":
+        allowed = grant.write
+    elif method in ("GET", "LIST"):
+        allowed = grant.read
+    else:
+        return f"method {method!r}: a trial may GET, PUT or LIST"
+    if method == "LIST" and not key.endswith("/"):
+        return f"list prefix {key!r} must end in '/'"
+    if not any((key.startswith(p) and len(key) > len(p)) or (method == "LIST" and key == p) for p in allowed):
+        return f"{method} {key!r}: outside what this trial may {'write' if method == 'PUT' else 'read'} ({', '.join(allowed)})"
+    return ""
+
+
+class Store(Protocol):
+    """The worker's side of the store: presigns and lists with the worker's own credential."""
+
+    async def presign(self, method: str, key: str) -> str: ...
+
+    async def list(self, prefix: str) -> list[str]: ...
+
+
+class MinioStore:
+    """A Store over a minio client (the worker's key); URLs good for ``expiry_s``."""
+
+    def __init__(self, client: Any, bucket: str, expiry_s: int = PRESIGN_EXPIRY_S) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.expiry = timedelta(seconds=expiry_s)
+
+    async def presign(self, method: str, key: str) -> str:
+        """A presigned GET or PUT URL for one object."""
+        sign = self.client.presigned_put_object if method == "PUT" else self.client.presigned_get_object
+        return str(await asyncio.to_thread(sign, self.bucket, key, expires=self.expiry))
+
+    async def list(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (at most MAX_LISTED_KEYS)."""
+        def keys() -> list[str]:
+            out = []
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                out.append(str(obj.object_name))
+                if len(out) >= MAX_LISTED_KEYS:
+                    break
+            return out
+
+        return await asyncio.to_thread(keys)
 
 
 def stop_reason(who: Identity, event: Any) -> str | None:
@@ -101,11 +241,22 @@ def socket_path(alloc_dir: Path) -> Path:
 class TrialLink:
     """Serves one allocation's socket: reports in (checked, then to the outbox), stop requests out."""
 
-    def __init__(self, path: Path, who: Identity, append: Append, watch: StopWatcher) -> None:
+    def __init__(self, path: Path, who: Identity, append: Append, watch: StopWatcher, store: Store | None = None,
+                 grant: StoreGrant | None = None, owner: tuple[int, int] | None = None,
+                 check_peer: bool = False) -> None:
         self.path = path
         self.who = who
         self._append = append
         self._watch = watch
+        self._store = store
+        self.grant = grant or StoreGrant.of(who.experiment_id)
+        # (uid, gid) the trial runs as when that is not the worker's: the socket and its directory are its.
+        self._owner = owner
+        # Trials of a host share one OS user, so the socket's mode alone would let one trial use another's
+        # link: with check_peer, only the trial's process and its descendants (admit) are served.
+        self._check_peer = check_peer
+        self._root_pid: int | None = None
+        self._root_known = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.StreamWriter] = set()
@@ -121,6 +272,33 @@ class TrialLink:
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         self.path.chmod(0o600)
+        if self._owner is not None:
+            os.chown(self.path.parent, *self._owner)
+            os.chown(self.path, *self._owner)
+
+    def admit(self, pid: int) -> None:
+        """Serve only process ``pid`` (the trial's) and its descendants (torchrun's workers...)."""
+        self._root_pid = pid
+        self._root_known.set()
+
+    async def _peer_refusal(self, writer: asyncio.StreamWriter) -> str:
+        """Why the process at the other end may not use this link; "" when it may."""
+        if not self._check_peer:
+            return ""
+        try:
+            await asyncio.wait_for(self._root_known.wait(), 30.0)
+        except asyncio.TimeoutError:
+            return "the trial's process is not known"
+        sock = writer.get_extra_info("socket")
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+        except OSError as exc:
+            return f"cannot tell which process connected: {exc}"
+        assert self._root_pid is not None
+        if not descends_from(pid, self._root_pid):
+            return f"process {pid} is not of this trial (not a descendant of process {self._root_pid})"
+        return ""
 
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop listening; let open connections finish what the trial already sent, then end them."""
@@ -147,6 +325,11 @@ class TrialLink:
         assert task is not None
         self._handlers.add(task)
         try:
+            why = await self._peer_refusal(writer)
+            if why:
+                self.refused += 1
+                log.warning("link.peer_refused", allocation=self.who.allocation_id, error=why)
+                return
             while True:
                 try:
                     body = await reader.readexactly(frame_length(await reader.readexactly(FRAME_HEADER.size)))
@@ -164,10 +347,14 @@ class TrialLink:
             self._handlers.discard(task)
             writer.close()
 
-    async def _handle(self, frame: LinkFrame, writer: asyncio.StreamWriter) -> Reply:
+    async def _handle(self, frame: LinkFrame, writer: asyncio.StreamWriter) -> Reply | Presigned | Listed:
         match frame:
             case Report():
                 return await self._report(frame)
+            case PresignRequest():
+                return await self._presign(frame)
+            case ListRequest():
+                return await self._list(frame)
             case WatchStops():
                 self._watchers.add(writer)
                 for reason in self._stops:  # seen before this connection asked
@@ -175,9 +362,39 @@ class TrialLink:
                 if self._watch_task is None:
                     self._watch_task = asyncio.create_task(self._watch(self.who, self._on_stop))
                 return Reply(id=frame.id)
-            case Reply() | StopRequested():
+            case Reply() | StopRequested() | Presigned() | Listed():
                 return Reply(id=getattr(frame, "id", 0), ok=False,
                              error=f"{type(frame).__name__} is the worker's frame")
+
+    def _store_refused(self, frame_id: int, method: str, key: str) -> Reply | None:
+        why = store_refusal(self.grant, method, key) if self._store is not None else "this worker has no store"
+        if not why:
+            return None
+        self.refused += 1
+        log.warning("link.store_refused", allocation=self.who.allocation_id, method=method, key=key, error=why)
+        return Reply(id=frame_id, ok=False, error=why)
+
+    async def _presign(self, frame: PresignRequest) -> Reply | Presigned:
+        refused = self._store_refused(frame.id, frame.method, frame.key)
+        if refused is not None:
+            return refused
+        assert self._store is not None
+        try:
+            return Presigned(id=frame.id, url=await self._store.presign(frame.method, frame.key))
+        except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving
+            log.error("link.presign_failed", allocation=self.who.allocation_id, key=frame.key, error=repr(exc))
+            return Reply(id=frame.id, ok=False, error=f"could not presign {frame.key!r}: {exc}")
+
+    async def _list(self, frame: ListRequest) -> Reply | Listed:
+        refused = self._store_refused(frame.id, "LIST", frame.prefix)
+        if refused is not None:
+            return refused
+        assert self._store is not None
+        try:
+            return Listed(id=frame.id, keys=await self._store.list(frame.prefix))
+        except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving
+            log.error("link.list_failed", allocation=self.who.allocation_id, prefix=frame.prefix, error=repr(exc))
+            return Reply(id=frame.id, ok=False, error=f"could not list {frame.prefix!r}: {exc}")
 
     async def _report(self, frame: Report) -> Reply:
         try:
@@ -219,6 +436,8 @@ def bus_stop_watcher(js: Any) -> StopWatcher:
                 event = decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 return
+            if forged(msg.subject, event) is not None:
+                return  # a stop its publisher may not issue (schemas.subjects.OWNERS)
             reason = stop_reason(who, event)
             if reason is not None:
                 on_stop(reason)

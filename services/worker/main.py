@@ -2,13 +2,15 @@
 
 What it and its trials report goes through its outbox (``outbox.py``, a SQLite file in its work dir) and
 reaches the bus from there, in order, however long the bus is away. Trials report through a Unix socket
-per allocation (``link.py``) and hold no bus credential.
+per allocation (``link.py``) and hold no bus or store credential. When the worker is root they run as an
+unprivileged user in a 0700 work dir (``sandbox.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -34,7 +36,8 @@ from services.runtime import (
     stop_on_signals,
 )
 from services.worker import slots as slot_discovery
-from services.worker.link import bus_stop_watcher
+from services.worker import sandbox
+from services.worker.link import MinioStore, bus_stop_watcher
 from services.worker.outbox import DEFAULT_MAX_PAYLOAD, Outbox
 from services.worker.runner import Allocation
 
@@ -54,16 +57,21 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     master_url: str = "http://127.0.0.1:18080"
     cluster_id: str = "kiln-local"
     log_level: str = "INFO"
-    # The store credentials handed to trial processes (they get no bus credential: they report through
-    # the worker's link).
-    trial_s3_access_key: str = ""
-    trial_s3_secret_key: str = ""
+    # The OS user trials run as when the worker is root (created if missing; "root" opts out, unsafe).
+    # A worker that is not root runs trials as its own user.
+    trial_user: str = sandbox.DEFAULT_TRIAL_USER
+    # Work dirs of ended allocations kept for debugging (the newest); older ones are removed.
+    keep_work_dirs: int = 5
+    # The gateway's limits on code contexts, held again when unpacking (defense in depth).
+    max_context_unpacked_bytes: int = code_context.DEFAULT_MAX_UNPACKED_BYTES
+    max_context_files: int = code_context.DEFAULT_MAX_FILES
 
 
 class Worker:
     """The I/O shell around allocations: bus in, processes out."""
 
-    def __init__(self, settings: WorkerSettings, s3: S3Settings, bus: Bus, outbox: Outbox) -> None:
+    def __init__(self, settings: WorkerSettings, s3: S3Settings, bus: Bus, outbox: Outbox,
+                 runtime: sandbox.TrialRuntime | None = None) -> None:
         self.settings = settings
         self.s3 = s3
         self.bus = bus
@@ -78,6 +86,10 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.minio = Minio(s3.s3_endpoint, access_key=s3.s3_access_key, secret_key=s3.s3_secret_key,
                            secure=s3.s3_secure)
+        # Trials reach the store only through URLs this key presigns (link.py checks which keys).
+        self.store = MinioStore(self.minio, s3.s3_bucket)
+        self.runtime = runtime
+        self.work_root = Path(settings.work_dir) / settings.worker_id
         self.info_base = ClusterInfo(
             master_url=settings.master_url,
             cluster_id=settings.cluster_id,
@@ -86,8 +98,6 @@ class Worker:
             trial=TrialInfo(trial_id=0, experiment_id=0, hparams={}, trial_seed=0, config={}),
             container_addrs=["127.0.0.1"],
             s3_endpoint=s3.s3_endpoint,
-            s3_access_key=settings.trial_s3_access_key,
-            s3_secret_key=settings.trial_s3_secret_key,
             s3_bucket=s3.s3_bucket,
             s3_secure=s3.s3_secure,
         )
@@ -140,15 +150,15 @@ class Worker:
         if assigned.allocation_id in self.running or assigned.allocation_id in self.finished \
                 or assigned.allocation_id in self.exiting:
             return  # redelivered
-        submitted = await self._find(subjects.EVENTS, f"kiln.events.{assigned.experiment_id}.experiment",
+        submitted = await self._find(subjects.EVENTS, subjects.experiment_facts_filter(assigned.experiment_id),
                                      ev.ExperimentSubmitted)
         created = await self._find(subjects.EVENTS, subjects.trial_filter(assigned.experiment_id, assigned.trial_id),
                                    ev.TrialCreated)
         if submitted is None or created is None:
             raise RuntimeError(f"allocation {assigned.allocation_id}: its experiment or trial is not on the bus yet")
-        work_root = Path(self.settings.work_dir) / self.settings.worker_id
-        alloc = Allocation(assigned, submitted, created, self.info_base, work_root, self.outbox.append,
-                           self._fetch_context, self.watch_stops)
+        alloc = Allocation(assigned, submitted, created, self.info_base, self.work_root, self.outbox.append,
+                           self._fetch_context, self.watch_stops, runtime=self.runtime, store=self.store,
+                           context_limits=(self.settings.max_context_unpacked_bytes, self.settings.max_context_files))
         self.running[assigned.allocation_id] = alloc
         if await alloc.start():
             self._spawn(self._watch(alloc))
@@ -163,6 +173,9 @@ class Worker:
 
     def _done(self, alloc: Allocation) -> None:
         self.running.pop(alloc.allocation_id, None)
+        removed = sandbox.prune_work_dirs(self.work_root, self.settings.keep_work_dirs, set(self.running))
+        if removed:
+            log.info("worker.work_dirs_removed", allocations=removed)
         if alloc.exit_row and not self.outbox.published(alloc.exit_row):
             self.exiting[alloc.allocation_id] = alloc.exit_row
         else:
@@ -220,6 +233,25 @@ def outbox_path(settings: WorkerSettings) -> Path:
     return Path(settings.work_dir) / settings.worker_id / "outbox.sqlite"
 
 
+def private_work_dir(settings: WorkerSettings) -> None:
+    """Trials may pass through the work dirs (0711: no listing) but read nothing of the worker's.
+
+    The outbox holds every report of every trial: 0600 before SQLite opens it (its -wal and -shm files
+    take the database file's mode).
+    """
+    root = Path(settings.work_dir)
+    if not root.exists():  # a work dir given to us (even /tmp) keeps its mode; one we make is passable only
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        root.chmod(0o711)
+    (root / settings.worker_id).mkdir(exist_ok=True)
+    (root / settings.worker_id).chmod(0o711)
+    path = outbox_path(settings)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            p.chmod(0o600)
+
+
 async def main() -> None:
     """Composition root: settings once, connections inside ``async with``."""
     settings = read_settings(WorkerSettings)
@@ -227,13 +259,19 @@ async def main() -> None:
     subjects.check_token(settings.worker_id, "worker id")
     bus_settings = read_settings(BusSettings)
     s3 = read_settings(S3Settings)
+    private_work_dir(settings)
+    # Before anything else: a worker that cannot run trials safely says so and stops.
+    runtime = await asyncio.to_thread(sandbox.prepare, settings.trial_user, Path(settings.work_dir))
+    log.info("worker.trials_run_as", user=runtime.user.name if runtime.user else "the worker's own user",
+             python=runtime.python)
     stop = stop_on_signals()
-    async with connect_bus(bus_settings, f"worker-{settings.worker_id}") as bus:
+    async with connect_bus(bus_settings, f"worker-{settings.worker_id}", ensure=False,
+                           worker_id=settings.worker_id) as bus:
         outbox = Outbox(outbox_path(settings), bus.publish_raw,
                         max_payload=bus.nc.max_payload or DEFAULT_MAX_PAYLOAD)
         await outbox.start()
         try:
-            worker = Worker(settings, s3, bus, outbox)
+            worker = Worker(settings, s3, bus, outbox, runtime)
             await worker.drain_inherited(stop)
             log.info("worker.ready", slots=[s.slot_id for s in worker.slots], pool=settings.resource_pool)
             spec = ConsumerSpec(

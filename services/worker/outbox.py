@@ -29,7 +29,7 @@ import msgspec
 import structlog
 
 from schemas import events as ev
-from schemas.subjects import dedupe_key, subject_for
+from schemas.subjects import dedupe_key, routing_subject
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +78,8 @@ def row_for(event: Event, max_payload: int = DEFAULT_MAX_PAYLOAD) -> PendingRow:
     if len(payload) > max_payload:
         raise OversizedEvent(f"{type(event).__name__} of {len(payload)} bytes is over the bus limit "
                              f"of {max_payload} bytes")
-    return PendingRow(subject_for(event), dedupe_key(event), payload, type(event).__name__,
+    # The routing subject only: Bus.publish_raw adds this worker's publisher token (w-<worker id>) when it sends.
+    return PendingRow(routing_subject(event), dedupe_key(event), payload, type(event).__name__,
                       str(getattr(event, "allocation_id", "") or ""))
 
 

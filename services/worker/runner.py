@@ -24,8 +24,9 @@ import structlog
 from kiln import context as code_context
 from schemas import events as ev
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
-from services.worker.link import Identity, StopWatcher, TrialLink, socket_path
+from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
 from services.worker.outbox import OversizedEvent
+from services.worker.sandbox import TrialRuntime, give_to
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +41,8 @@ LOG_BATCH_LINES = 500
 # Text per log batch: with lines of up to 64 KiB, a batch stays well inside one 1 MiB bus message.
 LOG_BATCH_CHARS = 256 * 1024
 KILL_GRACE_S = 10.0
+# The trial's HOME, inside its work dir.
+HOME_DIR = ".home"
 # Log line numbers of host r of a multi-host allocation start at r x this, so the hosts' lines never
 # collide in (allocation_id, line_no).
 NODE_LINE_STRIDE = 100_000_000
@@ -121,8 +124,13 @@ class Allocation:
         publish: Publish,
         fetch_context: Callable[[str], Awaitable[bytes]],
         watch_stops: StopWatcher,
+        runtime: TrialRuntime | None = None,
+        store: Store | None = None,
+        context_limits: tuple[int, int] = (code_context.DEFAULT_MAX_UNPACKED_BYTES, code_context.DEFAULT_MAX_FILES),
     ) -> None:
         self.assigned = assigned
+        # (unpacked bytes, members): the gateway's limits again, held while the context is streamed to disk.
+        self.context_limits = context_limits
         self.submitted = submitted
         self.created = created
         self.info_base = info_base
@@ -130,6 +138,9 @@ class Allocation:
         self.publish = publish
         self.fetch_context = fetch_context
         self.watch_stops = watch_stops
+        # As whom and with which interpreter the trial runs (services.worker.sandbox); default: as the worker.
+        self.runtime = runtime or TrialRuntime(user=None, python=sys.executable)
+        self.store = store
         self.link: TrialLink | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.killed = False
@@ -155,14 +166,20 @@ class Allocation:
                 raise code_context.ContextError("context digest mismatch")
             if self.dir.exists():
                 shutil.rmtree(self.dir)
-            await asyncio.to_thread(code_context.extract, data, self.dir)
+            await asyncio.to_thread(code_context.extract, data, self.dir, *self.context_limits)
+            (self.dir / HOME_DIR).mkdir(exist_ok=True)
+            # The work dir is the trial user's alone (0700): its code, its home, its link.
+            owner = self.runtime.owner
+            await asyncio.to_thread(give_to, self.dir, owner)
             self.link = TrialLink(socket_path(self.dir),
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
-                                  self.publish, self.watch_stops)
+                                  self.publish, self.watch_stops, store=self.store,
+                                  grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
             await self.link.start()
-            argv = entrypoint_argv(self.submitted.config["entrypoint"], processes=max(len(a.slot_ids), 1),
-                                   rendezvous=_rendezvous(a))
+            argv = entrypoint_argv(self.submitted.config["entrypoint"], python=self.runtime.python,
+                                   processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a))
+            user = self.runtime.user
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=self.dir,
@@ -171,8 +188,12 @@ class Allocation:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a kill reaches its children
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent,  # runs after the switch to the trial user, so it sticks
+                user=None if user is None else user.uid,
+                group=None if user is None else user.gid,
+                extra_groups=None if user is None else [],
             )
+            self.link.admit(self.proc.pid)  # the link serves this process and its descendants only
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, not raised
             log.error("allocation.start_failed", allocation=a.allocation_id, error=repr(exc))
             if self.link is not None:
@@ -208,6 +229,8 @@ class Allocation:
         if self.link is not None:
             # What the trial sent before it exited is stored before its exit is.
             await self.link.close()
+        with contextlib.suppress(OSError):
+            os.utime(self.dir)  # ended now: the newest of the work dirs the worker keeps for debugging
         await self._system_line(f"trial process exited with code {code}")
         await self._flush()
         a = self.assigned
@@ -256,6 +279,9 @@ class Allocation:
             ),
         )
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+        env["HOME"] = str(self.dir / HOME_DIR)  # the trial user's caches (torch, pip...) stay in its work dir
+        for k, v in self.runtime.env.items():
+            env[k] = v + (os.pathsep + env[k] if env.get(k) and k.endswith("PATH") else "")
         env.update({str(k): str(v) for k, v in (self.submitted.config.get("environment") or {})
                     .get("environment_variables", {}).items()})
         env[CLUSTER_INFO_ENV] = msgspec.json.encode(info).decode()

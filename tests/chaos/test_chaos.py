@@ -171,7 +171,7 @@ def _get(s: Stack, path: str, **params: Any) -> Any:
     deadline = time.monotonic() + 120
     while True:
         try:
-            resp = httpx.get(f"{s.cfg.master_url}{path}", params=params, timeout=10)
+            resp = s.http.get(f"{s.cfg.master_url}{path}", params=params, timeout=10)
             if resp.status_code == 200:
                 return resp.json()
         except httpx.HTTPError:
@@ -217,8 +217,8 @@ async def test_nothing_acknowledged_is_lost_through_kills_and_outages(chaos_stac
     rng = random.Random(seed)
     chaos_dir = Path(tempfile.mkdtemp(prefix="kiln-chaos-trials-"))
     chaos_dir.chmod(0o777)
-    created = httpx.post(f"{s.cfg.master_url}/api/v1/experiments", data={"config": _config(chaos_dir)},
-                         files={"context": ("c.tar.gz", context.pack(MODEL), "application/gzip")}, timeout=60)
+    created = s.http.post(f"{s.cfg.master_url}/api/v1/experiments", data={"config": _config(chaos_dir)},
+                          files={"context": ("c.tar.gz", context.pack(MODEL), "application/gzip")}, timeout=60)
     assert created.status_code == 201, created.text
     exp_id = created.json()["id"]
     chaos = Chaos(s)
@@ -262,6 +262,8 @@ async def test_nothing_acknowledged_is_lost_through_kills_and_outages(chaos_stac
     out, _ = replay.communicate(timeout=600)
     assert replay.returncode == 0, out
     assert "reproducible (every table equal)" in out, out
+    if FULL:
+        print(chaos.table())  # again, with the outage under the replay
 
     # Every acknowledged point is in the read model exactly once.
     sent = _sent(chaos_dir)

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deploy import stack
@@ -25,13 +26,27 @@ class Stack:
     def __init__(self, cfg: stack.StackConfig) -> None:
         self.cfg = cfg
         self.creds = stack.Credentials.load_or_create(cfg.state_dir)
+        # Signed in as the stack's admin once: ``http`` and the CLI (KILN_TOKEN) send this token.
+        self.token = self.login("admin", self.creds.admin_password)
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.http = httpx.Client(base_url=cfg.master_url, headers=self.headers, timeout=60.0)
+
+    def login(self, username: str, password: str) -> str:
+        """A fresh session token of ``username``."""
+        resp = httpx.post(f"{self.cfg.master_url}/api/v1/auth/login", timeout=30.0,
+                          json={"username": username, "password": password})
+        resp.raise_for_status()
+        return str(resp.json()["token"])
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for CLI subprocesses: KILN_MASTER points at this stack."""
+        """Environment for CLI subprocesses: KILN_MASTER points at this stack, KILN_TOKEN is the admin's, and the
+        CLI's auth file lives in the state dir (never the real ~/.kiln)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
         env["KILN_MASTER"] = self.cfg.master_url
         env["KILN_STATE_DIR"] = str(self.cfg.state_dir)
+        env["KILN_AUTH_DIR"] = str(self.cfg.state_dir / "cli-auth")
+        env["KILN_TOKEN"] = self.token
         return env
 
     def kiln(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
@@ -63,7 +78,9 @@ def local_stack(prefix: str, **sizes: object) -> Iterator[Stack]:
     )
     try:
         stack.up(cfg)
-        yield Stack(cfg)
+        s = Stack(cfg)
+        yield s
+        s.http.close()
     finally:
         stack.down(cfg)
         if os.environ.get("KILN_KEEP_E2E_STATE") != "1":

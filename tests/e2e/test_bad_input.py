@@ -49,8 +49,8 @@ def _tar(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) 
 
 
 def _submit(stack: Stack, config: str, blob: bytes) -> httpx.Response:
-    return httpx.post(f"{stack.cfg.master_url}/api/v1/experiments", data={"config": config},
-                      files={"context": ("c.tar.gz", blob, "application/gzip")}, timeout=60)
+    return stack.http.post(f"{stack.cfg.master_url}/api/v1/experiments", data={"config": config},
+                           files={"context": ("c.tar.gz", blob, "application/gzip")}, timeout=60)
 
 
 def test_config_typos_and_wrong_types_are_all_listed(kiln_stack: Stack) -> None:
@@ -108,9 +108,9 @@ def test_crashing_trial_errors_with_its_last_log_lines_visible(kiln_stack: Stack
     assert "ERROR" in run.stdout
     assert "boom: bad learning rate" in run.stderr  # the last log lines, shown on failure
     experiment_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
-    trials = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/experiments/{experiment_id}/trials").json()
+    trials = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/experiments/{experiment_id}/trials").json()
     assert trials[0]["state"] == "ERROR" and trials[0]["restarts"] == 1
-    detail = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trials[0]['id']}").json()
+    detail = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trials[0]['id']}").json()
     assert len(detail["allocations"]) == 2  # the first run and its one restart
 
 
@@ -121,8 +121,8 @@ def test_poison_messages_are_dead_lettered_and_services_keep_working(kiln_stack:
     async def poison_and_count() -> int:
         nc = await nats.connect(url, user=user, password=password)
         js = nc.jetstream()
-        await js.publish("kiln.events.424242.experiment", b"{not json", headers={"Nats-Msg-Id": "poison-1"})
-        await js.publish("kiln.events.424242.trial.1", b'{"type": "NoSuchEvent"}', headers={"Nats-Msg-Id": "poison-2"})
+        await js.publish("kiln.events.424242.experiment.gateway", b"{not json", headers={"Nats-Msg-Id": "poison-1"})
+        await js.publish("kiln.events.424242.trial.1.searcher", b'{"type": "NoSuchEvent"}', headers={"Nats-Msg-Id": "poison-2"})
         deadline = time.monotonic() + 30
         count = 0
         while time.monotonic() < deadline:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 import torch
 
@@ -46,11 +45,11 @@ def test_digits_const_completes_with_metrics_and_a_loadable_checkpoint(kiln_stac
     assert accuracies[-1] > 0.8
 
     # ...and the gateway serves the same points.
-    served = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/metrics",
+    served = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/metrics",
                        params={"kind": "validation"}).json()
     assert [p["steps_completed"] for p in served] == [r["steps_completed"] for r in db_rows]
     assert [p["metrics"]["validation_accuracy"] for p in served] == accuracies
-    training = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/metrics",
+    training = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/metrics",
                          params={"kind": "training"}).json()
     assert training and all("loss" in p["metrics"] for p in training)
 

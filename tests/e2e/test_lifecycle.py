@@ -8,7 +8,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deploy import parts, stack
@@ -72,12 +71,12 @@ def test_kill_cancels_a_running_experiment(kiln_stack: Stack, tmp_path: Path) ->
     created = kiln_stack.kiln("experiment", "create", str(tmp_path / "cfg.yaml"), str(tmp_path))
     assert created.returncode == 0, created.stderr
     exp_id = _created_id(created.stdout)
-    api = kiln_stack.cfg.master_url
-    _wait(lambda: any(t["state"] == "RUNNING" for t in httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()),
+    api = kiln_stack.http  # signed in as admin
+    _wait(lambda: any(t["state"] == "RUNNING" for t in api.get(f"/api/v1/experiments/{exp_id}/trials").json()),
           what="trial running")
     killed = kiln_stack.kiln("experiment", "kill", str(exp_id))
     assert killed.returncode == 0, killed.stderr
-    exp = _wait(lambda: (e := httpx.get(f"{api}/api/v1/experiments/{exp_id}").json())["state"] == "CANCELED" and e,
+    exp = _wait(lambda: (e := api.get(f"/api/v1/experiments/{exp_id}").json())["state"] == "CANCELED" and e,
                 what="experiment canceled")
     assert exp["trial_states"] == {"CANCELED": 1}
 
@@ -88,10 +87,10 @@ def test_a_lost_worker_s_trial_resumes_on_another_worker_from_its_checkpoint(kil
     _write(tmp_path, steps=steps, delay=0.4)
     created = kiln_stack.kiln("experiment", "create", str(tmp_path / "cfg.yaml"), str(tmp_path))
     exp_id = _created_id(created.stdout)
-    api = kiln_stack.cfg.master_url
+    api = kiln_stack.http  # signed in as admin
 
     def running_with_checkpoints() -> dict | None:  # type: ignore[type-arg]
-        trials = httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()
+        trials = api.get(f"/api/v1/experiments/{exp_id}/trials").json()
         if trials and trials[0]["state"] == "RUNNING" and (trials[0]["steps_completed"] or 0) >= 3:
             return trials[0]
         return None
@@ -109,17 +108,17 @@ def test_a_lost_worker_s_trial_resumes_on_another_worker_from_its_checkpoint(kil
 
 def _check_resumed_elsewhere(kiln_stack: Stack, exp_id: int, trial: dict, victim: str,  # type: ignore[type-arg]
                              steps: int) -> None:
-    api = kiln_stack.cfg.master_url
+    api = kiln_stack.http  # signed in as admin
 
-    exp = _wait(lambda: (e := httpx.get(f"{api}/api/v1/experiments/{exp_id}").json())["state"] == "COMPLETED" and e,
+    exp = _wait(lambda: (e := api.get(f"/api/v1/experiments/{exp_id}").json())["state"] == "COMPLETED" and e,
                 timeout=120, what="experiment completed after the worker loss")
     assert exp["trial_states"] == {"COMPLETED": 1}
-    detail = httpx.get(f"{api}/api/v1/trials/{trial['id']}").json()
+    detail = api.get(f"/api/v1/trials/{trial['id']}").json()
     assert detail["restarts"] == 1
     workers = [a["worker_id"] for a in detail["allocations"]]
     # The supervisor brings the killed worker back within seconds, so the rerun may land on it again.
     assert workers[0] == victim and len(workers) == 2
-    points = httpx.get(f"{api}/api/v1/trials/{trial['id']}/metrics", params={"kind": "validation"}).json()
+    points = api.get(f"/api/v1/trials/{trial['id']}/metrics", params={"kind": "validation"}).json()
     assert [p["steps_completed"] for p in points] == list(range(1, steps + 1))
-    logs = httpx.get(f"{api}/api/v1/trials/{trial['id']}/logs").json()
+    logs = api.get(f"/api/v1/trials/{trial['id']}/logs").json()
     assert any(line["text"].startswith("resumed at step ") for line in logs)

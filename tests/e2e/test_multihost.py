@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from deploy import parts, stack
@@ -77,7 +76,7 @@ def test_a_two_slot_trial_on_one_slot_workers_spans_two_of_them(kiln_stack: Stac
 
     # The audit trail: one assignment per host, ranks 0 and 1, one allocation, one rendezvous.
     # The trial's allocation lists both hosts, in rank order, for people and for the API.
-    (alloc,) = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}").json()["allocations"]
+    (alloc,) = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}").json()["allocations"]
     hosts = [n["worker_id"] for n in alloc["nodes"]]
     assert len(set(hosts)) == 2 and alloc["worker_id"] == hosts[0] and alloc["exit_code"] == 0
     described = kiln_stack.kiln("trial", "describe", str(trial["id"]))
@@ -89,7 +88,7 @@ def test_a_two_slot_trial_on_one_slot_workers_spans_two_of_them(kiln_stack: Stac
     assert len({(a["allocation_id"], a["master_port"]) for a in assigned}) == 1
 
     # Both hosts' output reached the trial's logs.
-    logs = httpx.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/logs",
+    logs = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trial['id']}/logs",
                      params={"limit": 5000}).json()
     done = sorted(line["text"].split(" done")[0] for line in logs
                   if " done" in line["text"] and "rank " in line["text"])
@@ -103,7 +102,7 @@ def test_losing_one_host_of_a_spanning_trial_stops_the_other_and_resumes_both_fr
     trial restarts on two live workers from its checkpoint, with every validation step exactly once."""
     steps = 14
     exp_id = _submit(kiln_stack, tmp_path, steps, delay=0.4, max_restarts=2)
-    api = kiln_stack.cfg.master_url
+    api = kiln_stack.http  # signed in as admin
 
     def running_with_checkpoints() -> dict[str, Any] | None:
         trials = _get(kiln_stack, f"/api/v1/experiments/{exp_id}/trials")
@@ -120,9 +119,9 @@ def test_losing_one_host_of_a_spanning_trial_stops_the_other_and_resumes_both_fr
     try:
         exp = _wait(lambda: _ended(kiln_stack, exp_id), timeout=150, what="experiment after the host loss")
         assert exp["state"] == "COMPLETED"
-        detail = httpx.get(f"{api}/api/v1/trials/{trial['id']}").json()
+        detail = api.get(f"/api/v1/trials/{trial['id']}").json()
         assert detail["restarts"] == 1
-        points = httpx.get(f"{api}/api/v1/trials/{trial['id']}/metrics", params={"kind": "validation"}).json()
+        points = api.get(f"/api/v1/trials/{trial['id']}/metrics", params={"kind": "validation"}).json()
         assert [p["steps_completed"] for p in points] == list(range(1, steps + 1))
         assert points[-1]["metrics"]["hosts"] == 2
         # Rank 0's process on the surviving host was killed on request, not left to time out.

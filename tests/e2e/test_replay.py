@@ -39,7 +39,7 @@ def test_replay_verify_is_equal_after_real_runs_and_the_audit_trail_tells_the_st
 def test_an_experiment_s_metrics_stream_live_as_server_sent_events(kiln_stack: Stack) -> None:
     """GET /experiments/{id}/metrics/stream relays training and validation points live, then `end`."""
     api = kiln_stack.cfg.master_url
-    with httpx.Client(base_url=api, timeout=120) as http:
+    with httpx.Client(base_url=api, timeout=120, headers=kiln_stack.headers) as http:
         created = http.post("/api/v1/experiments", data={"config": (REPO / "examples/digits/const.yaml").read_text()},
                             files={"context": ("c.tar.gz", context.pack(REPO / "examples/digits"), "application/gzip")})
         assert created.status_code == 201, created.text

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import Stack
@@ -30,7 +29,7 @@ def _submit(stack: Stack, tmp: Path, name: str, steps: int, delay: float, priori
 
 
 def _get(stack: Stack, path: str) -> Any:
-    return httpx.get(f"{stack.cfg.master_url}{path}").json()
+    return stack.http.get(f"{stack.cfg.master_url}{path}").json()
 
 
 def _wait(pred, timeout: float = 90.0, what: str = "condition"):  # type: ignore[no-untyped-def]

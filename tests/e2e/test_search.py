@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import httpx
 import msgspec
 import nats
 import pytest
@@ -27,7 +26,7 @@ def _created_trials(kiln_stack: Stack, experiment_id: int) -> list[ev.TrialCreat
     async def read() -> list[ev.TrialCreated]:
         nc = await nats.connect(url, user=user, password=password)
         js = nc.jetstream()
-        sub = await js.subscribe(f"kiln.events.{experiment_id}.trial.*", ordered_consumer=True)
+        sub = await js.subscribe(f"kiln.events.{experiment_id}.trial.*.*", ordered_consumer=True)
         decoder = msgspec.json.Decoder(ev.DomainEvent)
         found = []
         while True:
@@ -50,14 +49,14 @@ def test_adaptive_asha_stops_weak_trials_and_survives_a_searcher_restart(kiln_st
     config_text = (REPO / "examples/digits/adaptive.yaml").read_text()
     config, _ = parse_config(config_text)
     max_time = config.searcher.max_time
-    api = kiln_stack.cfg.master_url
+    api = kiln_stack.http  # signed in as admin
     created = kiln_stack.kiln("experiment", "create", "examples/digits/adaptive.yaml", "examples/digits")
     assert created.returncode == 0, created.stderr
     exp_id = int(created.stdout.split("Created experiment ", 1)[1].split()[0])
 
     # Once a few trials exist, kill -9 the searcher and bring it back (`kiln up` restarts what died).
     deadline = time.monotonic() + 120
-    while len(httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()) < 3:
+    while len(api.get(f"/api/v1/experiments/{exp_id}/trials").json()) < 3:
         assert time.monotonic() < deadline, "trials were not created"
         time.sleep(0.3)
     pid = parts.read_pid(kiln_stack.cfg.state_dir, "searcher")
@@ -67,12 +66,12 @@ def test_adaptive_asha_stops_weak_trials_and_survives_a_searcher_restart(kiln_st
     stack.up(kiln_stack.cfg)
 
     deadline = time.monotonic() + 400
-    while (exp := httpx.get(f"{api}/api/v1/experiments/{exp_id}").json())["state"] not in ("COMPLETED", "ERROR"):
+    while (exp := api.get(f"/api/v1/experiments/{exp_id}").json())["state"] not in ("COMPLETED", "ERROR"):
         assert time.monotonic() < deadline, f"experiment did not end: {exp}"
         time.sleep(1.0)
     assert exp["state"] == "COMPLETED"
 
-    trials = httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()
+    trials = api.get(f"/api/v1/experiments/{exp_id}/trials").json()
     assert len(trials) == config.searcher.max_trials
     assert all(t["state"] == "COMPLETED" for t in trials)
     events = _created_trials(kiln_stack, exp_id)
@@ -96,17 +95,17 @@ def test_promotion_asha_pauses_trials_and_resumes_promoted_ones_from_checkpoints
     run = kiln_stack.kiln("experiment", "create", "examples/digits/promotion.yaml", "examples/digits", "--follow")
     assert run.returncode == 0, run.stdout + run.stderr
     exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
-    api = kiln_stack.cfg.master_url
-    trials = httpx.get(f"{api}/api/v1/experiments/{exp_id}/trials").json()
+    api = kiln_stack.http  # signed in as admin
+    trials = api.get(f"/api/v1/experiments/{exp_id}/trials").json()
     assert len(trials) == config.searcher.max_trials
     resumed = []
     for t in trials:
-        detail = httpx.get(f"{api}/api/v1/trials/{t['id']}").json()
+        detail = api.get(f"/api/v1/trials/{t['id']}").json()
         assert detail["restarts"] == 0
         if len(detail["allocations"]) > 1:
             resumed.append(t)
             epochs = [p["metrics"]["epochs"] for p in
-                      httpx.get(f"{api}/api/v1/trials/{t['id']}/metrics", params={"kind": "validation"}).json()]
+                      api.get(f"/api/v1/trials/{t['id']}/metrics", params={"kind": "validation"}).json()]
             assert epochs == list(range(1, len(epochs) + 1))  # resumed where it paused: no epoch twice
     assert resumed, "no trial was promoted and resumed"
     assert max(int(t["latest_validation"]["metrics"]["epochs"]) for t in trials) == config.searcher.max_time

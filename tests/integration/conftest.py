@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -11,9 +12,23 @@ import pytest
 
 from deploy import parts as p
 from deploy.ports import free_port_block
+from services.runtime import BusSettings, connect_bus
 
 # Quotes and a dollar sign on purpose: the generated nats config and the SQL must escape them.
 TEST_NATS_USERS = {"kiln-test": "nats-secret-\"quoted'$", "other": "other-secret"}
+
+
+def bootstrap_bus(cfg: p.PartsConfig, user: str = "kiln-test") -> None:
+    """Create the streams and key-value buckets, as `kiln up` does with its admin user: services connect
+    with ``ensure=False`` and may not create them."""
+    settings = BusSettings(nats_url=f"nats://{cfg.host}:{cfg.nats_port}", nats_user=user,
+                           nats_password=cfg.nats_users[user])
+
+    async def run() -> None:
+        async with connect_bus(settings, "bootstrap", ensure=True):
+            pass
+
+    asyncio.run(run())
 
 
 def make_parts_config(state_dir: Path, host: str = "127.0.0.1") -> p.PartsConfig:

@@ -31,7 +31,7 @@ from kiln import context
 from services.gateway.app import GatewayDeps, Unavailable, _store_context
 from services.gateway.main import minio_client
 from services.runtime import S3Settings
-from tests.integration.conftest import TEST_NATS_USERS
+from tests.integration.conftest import TEST_NATS_USERS, bootstrap_bus
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +40,7 @@ PG_DOWN = "the read model (PostgreSQL) is unavailable; retry shortly"
 CONFIG = ("name: outage\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
           "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n")
 NATS_USER = "kiln-test"
+ADMIN_PASSWORD = "outage-admin-password"
 
 
 class OwnParts:
@@ -49,6 +50,7 @@ class OwnParts:
         self.cfg = cfg
         self.s3 = s3
         self.nats = p.start_nats(cfg)
+        bootstrap_bus(cfg)  # the gateway may not create streams (as in a stack: `kiln up` does, as admin)
         self.postgres = p.start_postgres(cfg)
 
     @property
@@ -136,13 +138,23 @@ async def gateway(own: OwnParts, log_dir: Path, ready: int = 200) -> AsyncIterat
     """The gateway process on a free port, answering (its /health said ``ready``); a client for it."""
     port = free_port_block(1)
     svc = Service("services.gateway.main", own.env(KILN_HTTP_HOST="127.0.0.1", KILN_HTTP_PORT=str(port),
-                                                   KILN_PG_CONNECT_TIMEOUT_S="2"), log_dir / "gateway.log")
+                                                   KILN_PG_CONNECT_TIMEOUT_S="2", KILN_ADMIN_PASSWORD=ADMIN_PASSWORD),
+                  log_dir / "gateway.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await until(lambda: _health_is(http, ready), 30, lambda: svc.log_path.read_text())
+            if ready == 200:
+                await sign_in(http)
             yield http, svc
     finally:
         svc.stop()
+
+
+async def sign_in(http: httpx.AsyncClient) -> None:
+    """Sign the client in as the gateway's first admin (needs Postgres)."""
+    resp = await http.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})
+    assert resp.status_code == 200, resp.text
+    http.headers["Authorization"] = f"Bearer {resp.json()['token']}"
 
 
 async def _health_is(http: httpx.AsyncClient, status: int) -> bool:
@@ -162,7 +174,7 @@ async def until(check: Callable[[], Any], timeout: float, why: Callable[[], str]
 
 async def submit(http: httpx.AsyncClient) -> httpx.Response:
     """POST an experiment like the CLI does."""
-    return await http.post("/api/v1/experiments", data={"config": CONFIG, "submitted_by": "test"},
+    return await http.post("/api/v1/experiments", data={"config": CONFIG},
                            files={"context": ("c.tar.gz", context.pack(REPO / "examples/digits"), "application/gzip")})
 
 
@@ -272,11 +284,13 @@ async def test_a_gateway_started_while_postgres_is_down_answers_503_then_migrate
     migrates the read model and answers 200, in the same process."""
     await own_parts.stop("postgres")
     async with gateway(own_parts, tmp_path, ready=503) as (http, svc):
+        http.headers["Authorization"] = "Bearer no-user-yet"  # checking any token needs Postgres: 503, not 401
         assert_unavailable(await http.get("/health"), ["postgres"])
         assert_unavailable(await http.get("/api/v1/experiments"), ["postgres"], PG_DOWN)
         assert_unavailable(await submit(http), ["postgres"], PG_DOWN)
         await own_parts.start("postgres")
         await until(lambda: _health_is(http, 200), 30, lambda: svc.log_path.read_text())
+        await sign_in(http)  # the first admin exists now: made when the gateway migrated
         assert (await http.get("/api/v1/experiments")).json() == []
         created = await submit(http)
         assert created.status_code == 201, created.text

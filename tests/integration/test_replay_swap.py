@@ -153,6 +153,10 @@ async def test_swap_replaces_a_damaged_read_model_while_the_tracker_and_gateway_
                 backup = backups[0]["nspname"]
                 assert await conn.fetchval(f'SELECT count(*) FROM "{backup}".trials WHERE id = 11') == 0
                 assert await conn.fetchval("SELECT count(*) FROM trials WHERE id = 11") == 1
+                # Not projections, so not swapped: the gateway's users and tokens and the id counter stay live.
+                assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename ="
+                                           " ANY($2::text[])", backup, ["users", "api_tokens", "id_counters"]) == 0
+                assert await conn.fetchval("SELECT count(*) FROM users WHERE username = 'admin'") == 1
             finally:
                 await conn.close()
 

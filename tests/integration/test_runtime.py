@@ -141,7 +141,7 @@ async def test_a_decision_service_killed_before_its_snapshot_does_not_decide_twi
         await restarted.load()
         assert restarted.last_seq < seq
         await restarted.decide(lambda core: core.handle(event), seq=seq)
-        assert await _count(bus, f"kiln.events.{e}.experiment") == 2  # the request and one ExperimentEnded
+        assert await _count(bus, f"kiln.events.{e}.experiment.*") == 2  # the request and one ExperimentEnded
         again = DecisionShell(bus, key, _Counter, _Counter.restore)
         await again.load()
         assert again.last_seq == seq and again.core.seen == [e]

@@ -1,7 +1,7 @@
 """Outside subscribers: the read-only ``reader`` credential and examples/subscribe_metrics.py, on a real NATS.
 
 The shared ``parts`` NATS has no restricted user, so this module starts its own NATS (only NATS) from
-``parts_config_factory`` with the stack's real ``reader`` permissions (deploy.stack.NATS_PERMISSIONS).
+``parts_config_factory`` with the stack's real ``reader`` permissions (deploy.stack.user_permissions).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def reader_nats(parts_config_factory: Callable[[Path], p.PartsConfig]) -> Iterat
     cfg = msgspec.structs.replace(
         parts_config_factory(state_dir),
         nats_users=dict(USERS),
-        nats_permissions={"reader": stack.NATS_PERMISSIONS["reader"]},
+        nats_permissions={"reader": stack.user_permissions("reader")},
     )
     part = p.start_nats(cfg)
     try:
@@ -104,7 +104,7 @@ async def test_the_reader_credential_is_refused_when_it_publishes(reader_nats: R
     """Core and JetStream publishes by the reader are refused and never land in a stream."""
     e = _exp()
     event = _batches(e, 1, 1, 3)[0]
-    subject = subjects.subject_for(event)
+    subject = subjects.subject_for(event, worker_id="worker-0")
     errors: list[str] = []
     async with connect_bus(reader_nats.settings("writer"), "test-writer") as writer:
         reader = await _reader(reader_nats, errors)
@@ -162,8 +162,8 @@ async def test_the_reader_receives_every_point_of_a_trial_in_order(reader_nats: 
     errors: list[str] = []
     reader = await _reader(reader_nats, errors)
     try:
-        await reader.subscribe(f"kiln.metrics.{e}.{t}", cb=on_metrics)
-        await reader.subscribe(f"kiln.events.{e}.trial.{t}", cb=on_event)
+        await reader.subscribe(subjects.metrics_filter(e, t), cb=on_metrics)
+        await reader.subscribe(subjects.trial_filter(e, t), cb=on_event)
         await reader.flush()
         mine, theirs = _batches(e, t, 40, 25), _batches(e, other, 40, 25)
         async with connect_bus(reader_nats.settings("writer"), "test-writer") as writer:
@@ -173,7 +173,7 @@ async def test_the_reader_receives_every_point_of_a_trial_in_order(reader_nats: 
             await writer.publish(ev.ValidationReported(experiment_id=e, trial_id=t, steps_completed=999,
                                                        metrics={"accuracy": 0.9}))
             await _until(lambda: len(got) >= 1000 and len(validations) >= 1)
-            assert await _stored(writer, subjects.METRICS.name, f"kiln.metrics.{e}.{t}") == 40
+            assert await _stored(writer, subjects.METRICS.name, subjects.metrics_filter(e, t)) == 40
         await asyncio.sleep(0.2)
         assert [pt.steps_completed for pt in got] == list(range(1000))
         assert got == [pt for batch in mine for pt in batch.points]
@@ -234,7 +234,7 @@ async def test_the_example_script_reads_a_stack_state_dir_and_upcasts_old_events
         await writer.publish_many(_batches(e, t, 1, 3))
         # A v1 writer's validation (old tag "TrialValidated", field "step"): printed as today's event.
         old = {"type": "TrialValidated", "experiment_id": e, "trial_id": t, "step": 3, "metrics": {"acc": 0.5}}
-        await writer.js.publish(f"kiln.events.{e}.trial.{t}", json.dumps(old).encode())
+        await writer.js.publish(f"kiln.events.{e}.trial.{t}.w-worker-0", json.dumps(old).encode())
         out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
     rows = [json.loads(row) for row in out.decode().splitlines()]

@@ -18,6 +18,9 @@ from litestar.testing import TestClient
 from kiln import context
 from services.gateway.app import GatewayDeps, Unavailable, create_app, outage
 
+# Any token: authenticating it needs the read model too, so with Postgres down it is the same 503.
+AUTH = {"Authorization": "Bearer t"}
+
 
 @pytest.mark.parametrize(("exc", "down"), [
     (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"), "postgres"),
@@ -68,7 +71,7 @@ def _client(pool: _Pool, connected: bool = True) -> TestClient[Any]:
 def test_postgres_refusing_connections_is_a_503_with_retry_after_and_fresh_connections_after() -> None:
     pool = _Pool(ConnectionRefusedError(111, "Connect call failed"))
     with _client(pool) as http:
-        resp = http.get("/api/v1/experiments", headers={"X-Request-Id": "req-123"})
+        resp = http.get("/api/v1/experiments", headers={"X-Request-Id": "req-123", **AUTH})
     assert resp.status_code == 503
     assert resp.json() == {"status_code": 503, "status": "degraded", "down": ["postgres"],
                            "detail": "the read model (PostgreSQL) is unavailable; retry shortly",
@@ -88,7 +91,7 @@ def test_health_names_every_part_that_is_down() -> None:
 
 def test_a_bug_is_a_500_logged_with_its_request_id() -> None:
     with structlog.testing.capture_logs() as logs, _client(_Pool(RuntimeError("a bug"))) as http:
-        resp = http.get("/api/v1/experiments")
+        resp = http.get("/api/v1/experiments", headers=AUTH)
     assert resp.status_code == 500
     request_id = resp.headers["x-request-id"]
     assert resp.json() == {"status_code": 500, "detail": "internal server error", "request_id": request_id}
@@ -99,6 +102,9 @@ def test_a_bug_is_a_500_logged_with_its_request_id() -> None:
 class _Conn:
     async def fetchval(self, query: str, *args: Any) -> int:
         return 7  # the next experiment id
+
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
+        return {"user_id": 1, "username": "admin", "admin": True, "token_id": 1}  # the token's user
 
 
 class _OkPool(_Pool):
@@ -122,7 +128,7 @@ def test_a_publish_nats_did_not_confirm_is_a_503_that_names_the_experiment_id(tm
 
     @contextlib.asynccontextmanager
     async def deps() -> AsyncIterator[GatewayDeps]:
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish=publish)
+        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish=publish, publish_ack=publish)
         minio = SimpleNamespace(stat_object=lambda bucket, key: None)  # the context is stored already
         yield GatewayDeps(pool=_OkPool(), bus=bus, minio=minio, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=1 << 20)
@@ -130,7 +136,7 @@ def test_a_publish_nats_did_not_confirm_is_a_503_that_names_the_experiment_id(tm
     config = ("name: t\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
               "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n")
     with TestClient(create_app(deps, max_body_bytes=4 << 20)) as http:
-        resp = http.post("/api/v1/experiments", data={"config": config},
+        resp = http.post("/api/v1/experiments", data={"config": config}, headers=AUTH,
                          files={"context": ("c.tar.gz", context.pack(tmp_path), "application/gzip")})
     assert resp.status_code == 503, resp.text
     body = resp.json()

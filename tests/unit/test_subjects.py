@@ -100,21 +100,45 @@ def test_samples_cover_every_event() -> None:
     assert set(members(ev.DomainEvent)) == EXPERIMENT_EVENTS | WORKER_COMMANDS | TRIAL_EVENTS | {ev.WorkerLost}
 
 
+# Who publishes what (README "Bus"): written out here, not derived from subjects.OWNERS, so a change to the
+# table is a deliberate change to this test too.
+GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
+           ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested}
+SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded}
+SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
+             ev.AllocationKillRequested, ev.WorkerLost, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited}
+WORKER_FACTS = {ev.TrialStarted, ev.AllocationExited, ev.ValidationReported, ev.CheckpointStored,
+                ev.TrialProgressReported, ev.TrainingMetricsReported, ev.LogsShipped}
+PUBLISHER = "w-" + WORKER  # the sample events are published by worker WORKER
+
+
+def _token(cls: type) -> str:
+    return ("gateway" if cls in GATEWAY else "searcher" if cls in SEARCHER else "scheduler" if cls in SCHEDULER
+            else PUBLISHER)
+
+
+def _subject(event: Any) -> str:
+    return subjects.subject_for(event, worker_id=WORKER)
+
+
 def _expected_subject(event: Any) -> str:
     """The documented subject layout (schemas/subjects.py docstring, README "Bus")."""
     cls = type(event)
+    if cls is ev.MessageDeadLettered:
+        return "kiln.deadletter.tracker"
     if cls in EXPERIMENT_EVENTS:
-        return f"kiln.events.{EXP}.experiment"
-    if cls in WORKER_COMMANDS:
-        return f"kiln.events.{EXP}.worker.{WORKER}"
-    if cls in TRIAL_EVENTS:
-        return f"kiln.events.{EXP}.trial.{TRIAL}"
-    return {
-        ev.WorkerLost: f"kiln.events.cluster.lost.{WORKER}",
-        ev.TrainingMetricsReported: f"kiln.metrics.{EXP}.{TRIAL}",
-        ev.LogsShipped: f"kiln.logs.{EXP}.{TRIAL}",
-        ev.MessageDeadLettered: "kiln.deadletter.tracker",
-    }[cls]
+        routing = f"kiln.events.{EXP}.experiment"
+    elif cls in WORKER_COMMANDS:
+        routing = f"kiln.events.{EXP}.worker.{WORKER}"
+    elif cls in TRIAL_EVENTS:
+        routing = f"kiln.events.{EXP}.trial.{TRIAL}"
+    else:
+        routing = {
+            ev.WorkerLost: f"kiln.events.cluster.lost.{WORKER}",
+            ev.TrainingMetricsReported: f"kiln.metrics.{EXP}.{TRIAL}",
+            ev.LogsShipped: f"kiln.logs.{EXP}.{TRIAL}",
+        }[cls]
+    return f"{routing}.{_token(cls)}"
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -127,14 +151,14 @@ def _matches(pattern: str, subject: str) -> bool:
 
 @pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
 def test_subject_follows_the_documented_layout(event: Any) -> None:
-    subject = subjects.subject_for(event)
+    subject = _subject(event)
     assert subject == _expected_subject(event)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", token) for token in subject.split("."))
 
 
 @pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
 def test_every_subject_lands_in_exactly_one_stream(event: Any) -> None:
-    subject = subjects.subject_for(event)
+    subject = _subject(event)
     streams = [s.name for s in subjects.ALL_STREAMS if any(_matches(p, subject) for p in s.subjects)]
     expected = {
         ev.TrainingMetricsReported: "KILN_METRICS", ev.LogsShipped: "KILN_LOGS",
@@ -150,15 +174,15 @@ def test_heartbeat_subject_is_outside_every_stream() -> None:
 
 
 def test_filters_select_the_subjects_they_name() -> None:
-    assigned = subjects.subject_for(SAMPLES[ev.AllocationAssigned])
+    assigned = _subject(SAMPLES[ev.AllocationAssigned])
     assert _matches(subjects.worker_filter(WORKER), assigned)
     assert not _matches(subjects.worker_filter("other"), assigned)
     for cls in EXPERIMENT_EVENTS | TRIAL_EVENTS | WORKER_COMMANDS:
-        assert _matches(subjects.experiment_filter(EXP), subjects.subject_for(SAMPLES[cls]))
-        assert not _matches(subjects.experiment_filter(EXP + 1), subjects.subject_for(SAMPLES[cls]))
+        assert _matches(subjects.experiment_filter(EXP), _subject(SAMPLES[cls]))
+        assert not _matches(subjects.experiment_filter(EXP + 1), _subject(SAMPLES[cls]))
     for cls in TRIAL_EVENTS:
-        assert _matches(subjects.trial_filter(EXP, TRIAL), subjects.subject_for(SAMPLES[cls]))
-        assert not _matches(subjects.trial_filter(EXP, TRIAL + 1), subjects.subject_for(SAMPLES[cls]))
+        assert _matches(subjects.trial_filter(EXP, TRIAL), _subject(SAMPLES[cls]))
+        assert not _matches(subjects.trial_filter(EXP, TRIAL + 1), _subject(SAMPLES[cls]))
 
 
 BAD_TOKENS = ["node.1", "node 1", "*", ">", "node*", "a>b", "", "node\t1", "gpu/0", "nöde"]
@@ -286,3 +310,59 @@ def test_heartbeat_ignores_unknown_fields() -> None:
     raw["future"] = True
     raw["slots"][0]["future"] = 1
     assert msgspec.json.decode(msgspec.json.encode(raw), type=ev.WorkerHeartbeat) == hb
+
+
+# --- publishers ---------------------------------------------------------------------------------
+
+
+def test_every_event_but_dead_letters_has_exactly_the_documented_owner() -> None:
+    assert set(subjects.OWNERS) == set(ALL_EVENT_CLASSES) - {ev.MessageDeadLettered}
+    assert {c for c, r in subjects.OWNERS.items() if r == "gateway"} == GATEWAY
+    assert {c for c, r in subjects.OWNERS.items() if r == "searcher"} == SEARCHER
+    assert {c for c, r in subjects.OWNERS.items() if r == "scheduler"} == SCHEDULER
+    assert {c for c, r in subjects.OWNERS.items() if r == "worker"} == WORKER_FACTS
+    assert set(subjects.ROUTING_PATTERNS) == set(subjects.OWNERS)
+
+
+def test_a_worker_fact_needs_the_publishing_worker() -> None:
+    with pytest.raises(ValueError, match="worker"):
+        subjects.subject_for(SAMPLES[ev.ValidationReported])
+    assert subjects.subject_for(SAMPLES[ev.TrialCreated]).endswith(".searcher")  # no worker id needed
+
+
+@pytest.mark.parametrize("event", [e for e in SAMPLES.values() if type(e) in subjects.OWNERS],
+                         ids=[n for n, c in zip(SAMPLE_IDS, SAMPLES) if c in subjects.OWNERS])
+def test_each_principal_may_publish_exactly_the_event_types_it_owns(event: Any) -> None:
+    subject = _subject(event)
+    allowed = {role: subjects.publish_allow(role, WORKER if role == "worker" else "") for role in subjects.ROLES}
+    may = {role for role, patterns in allowed.items() if any(_matches(p, subject) for p in patterns)}
+    assert may == {subjects.OWNERS[type(event)]}
+    # Another worker may not publish on this worker's subjects.
+    assert not any(_matches(p, subject) for p in subjects.publish_allow("worker", "other"))
+    assert subjects.forged(subject, event) is None
+    assert subjects.publisher_of(subject) == subjects.OWNERS[type(event)]
+
+
+@pytest.mark.parametrize("token", ["gateway", "searcher", "scheduler", "w-other", "reader", "x"])
+def test_an_event_on_a_subject_of_a_publisher_that_does_not_own_it_is_forged(token: str) -> None:
+    for event in SAMPLES.values():
+        owner = subjects.OWNERS.get(type(event))
+        if owner is None or subjects.role_of_token(token) == owner:
+            continue
+        routing = _subject(event).rsplit(".", 1)[0]
+        assert subjects.forged(f"{routing}.{token}", event) is not None
+        assert subjects.forged(routing, event) is not None  # no publisher token at all
+
+
+def test_consumer_filters_select_every_publisher() -> None:
+    for cls in EXPERIMENT_EVENTS:
+        assert _matches(subjects.EXPERIMENT_FACTS, _subject(SAMPLES[cls]))
+        assert _matches(subjects.experiment_facts_filter(EXP), _subject(SAMPLES[cls]))
+    for cls in TRIAL_EVENTS:
+        assert _matches(subjects.TRIAL_FACTS, _subject(SAMPLES[cls]))
+        assert _matches(subjects.trial_filter(EXP), _subject(SAMPLES[cls]))
+    for cls in WORKER_COMMANDS:
+        assert _matches(subjects.WORKER_COMMANDS, _subject(SAMPLES[cls]))
+    assert _matches(subjects.CLUSTER_FACTS, _subject(SAMPLES[ev.WorkerLost]))
+    assert _matches(subjects.metrics_filter(EXP, TRIAL), _subject(SAMPLES[ev.TrainingMetricsReported]))
+    assert _matches(subjects.logs_filter(EXP), _subject(SAMPLES[ev.LogsShipped]))

@@ -1,0 +1,212 @@
+"""A trial is confined: it can store and read its own experiment's checkpoints and nothing else.
+
+Replays the attacks found against the stack: from a real trial, list the bucket, read, overwrite and delete
+another experiment's checkpoint (anonymously and through presigned URLs asked of the worker), read the
+stack's credentials and a service's environment. Each is refused, and the other experiment's checkpoint is
+still downloadable afterwards. The trial's work dir is 0700 and its user's while it runs, and ended
+allocations' work dirs are pruned to the newest few.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+# Stores one checkpoint and completes.
+VICTIM = textwrap.dedent("""\
+    import kiln as det
+
+    with det.core.init() as ctx:
+        with ctx.checkpoint.store_path({"steps_completed": 1}) as (path, _):
+            (path / "weights.bin").write_bytes(b"precious weights" * 1000)
+        ctx.train.report_validation_metrics(steps_completed=1, metrics={"accuracy": 1.0})
+""")
+
+# Tries everything it should not be able to do and prints what happened as one JSON line.
+ATTACKER = textwrap.dedent("""\
+    import json, os, pathlib, urllib.error, urllib.request
+    import kiln as det
+    from kiln.core._bus import LinkError
+    from kiln._info import wire_cluster_info
+
+    info = det.get_cluster_info()
+    data = info.trial.user_data
+    victim, state = data["victim_key"], pathlib.Path(data["state_dir"])
+    wire = wire_cluster_info()
+    s3 = "http://" + wire.s3_endpoint + "/" + wire.s3_bucket
+    out = {"uid": os.getuid(), "env": dict(os.environ)}
+
+    def http(method, url):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"x" if method == "PUT" else None), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except Exception as exc:
+            return repr(exc)
+
+    # The store without a credential: list, read, overwrite, delete.
+    out["anon"] = {m: http(m, s3 + "/" + victim) for m in ("GET", "PUT", "DELETE")}
+    out["anon"]["LIST"] = http("GET", s3 + "?list-type=2")
+    if data.get("filer_port"):
+        # SeaweedFS's own HTTP API behind S3 (the filer), on loopback like S3.
+        filer = "http://" + wire.s3_endpoint.split(":")[0] + ":" + str(data["filer_port"])
+        out["filer"] = {m: http(m, filer + "/buckets/" + wire.s3_bucket + "/" + victim) for m in ("GET", "DELETE")}
+        out["filer"]["LIST"] = http("GET", filer + "/buckets/" + wire.s3_bucket + "/checkpoints/")
+
+    def attempt(fn):
+        try:
+            return "allowed: " + str(fn())[:200]
+        except (LinkError, OSError) as exc:
+            return "refused: " + str(exc)
+
+    with det.core.init() as ctx:
+        link = ctx._reporter
+        # Through the worker: presign another experiment's key, list outside its own prefix.
+        out["presign_get"] = attempt(lambda: link.presign("GET", victim))
+        out["presign_put"] = attempt(lambda: link.presign("PUT", victim))
+        out["presign_escape"] = attempt(lambda: link.presign("GET", "checkpoints/%d/../%s" % (info.trial.experiment_id, victim)))
+        out["list_bucket"] = attempt(lambda: link.list_keys(""))
+        out["list_checkpoints"] = attempt(lambda: link.list_keys("checkpoints/"))
+        # Its own checkpoints work.
+        with ctx.checkpoint.store_path({"steps_completed": 1}) as (path, sid):
+            (path / "mine.txt").write_text("mine")
+        with ctx.checkpoint.restore_path(sid) as path:
+            out["own_roundtrip"] = (path / "mine.txt").read_text()
+        # The OS: the stack's secrets, the services' environments.
+        out["credentials"] = attempt(lambda: (state / "credentials.json").read_text())
+        out["state_listing"] = attempt(lambda: os.listdir(state))
+        out["s3_data"] = attempt(lambda: os.listdir(state / "s3"))
+        out["logs"] = attempt(lambda: (state / "logs" / "gateway.log").read_text())
+        out["outbox"] = attempt(lambda: (pathlib.Path.cwd().parent / "outbox.sqlite").read_bytes())
+        environs = {}
+        for proc in pathlib.Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
+            except OSError:
+                continue
+            for svc in ("services.gateway.main", "services.worker.main", "services.tracker.main", "nats-server", "weed"):
+                if svc in cmd and svc not in environs:
+                    environs[svc] = attempt(lambda: (proc / "environ").read_bytes())
+        out["environ"] = environs
+        work = pathlib.Path.cwd().stat()
+        out["work_dir"] = {"uid": work.st_uid, "mode": oct(work.st_mode & 0o777)}
+        print("ATTACK " + json.dumps(out), flush=True)
+        ctx.train.report_validation_metrics(steps_completed=1, metrics={"accuracy": 1.0})
+""")
+
+
+def _config(name: str, data: dict[str, Any] | None = None) -> str:
+    cfg = {"name": name, "entrypoint": "python3 train.py",
+           "searcher": {"name": "single", "metric": "accuracy", "max_length": {"batches": 1}}, "max_restarts": 0}
+    if data:
+        cfg["data"] = data
+    return json.dumps(cfg)
+
+
+def _wait(pred, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _run(stack: Stack, tmp: Path, script: str, cfg: str) -> dict[str, Any]:
+    tmp.mkdir()
+    (tmp / "train.py").write_text(script)
+    (tmp / "cfg.yaml").write_text(cfg)
+    created = stack.kiln("experiment", "create", str(tmp / "cfg.yaml"), str(tmp))
+    assert created.returncode == 0, created.stderr
+    exp_id = int(created.stdout.split("Created experiment ", 1)[1].split()[0])
+    api = stack.http
+    exp = _wait(lambda: (e := api.get(f"/api/v1/experiments/{exp_id}").json())["state"] in
+                ("COMPLETED", "ERROR", "CANCELED") and e, what=f"experiment {exp_id} to end")
+    trial = api.get(f"/api/v1/experiments/{exp_id}/trials").json()[0]
+    logs = api.get(f"/api/v1/trials/{trial['id']}/logs").json()
+    assert exp["state"] == "COMPLETED", "\n".join(line["text"] for line in logs)
+    return {"exp": exp_id, "trial": trial, "logs": logs}
+
+
+def _download(stack: Stack, uuid: str) -> dict[str, bytes]:
+    resp = stack.http.get(f"/api/v1/checkpoints/{uuid}/download")
+    assert resp.status_code == 200, resp.text
+    with tarfile.open(fileobj=io.BytesIO(resp.content)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_a_trial_reaches_only_its_own_experiments_checkpoints_and_no_secret(kiln_stack: Stack,
+                                                                          tmp_path: Path) -> None:
+    victim = _run(kiln_stack, tmp_path / "victim", VICTIM, _config("victim"))
+    ckpt = kiln_stack.http.get(f"/api/v1/trials/{victim['trial']['id']}/checkpoints").json()[0]
+    assert ckpt["storage"].endswith(f"/checkpoints/{victim['exp']}")  # grouped by experiment
+    before = _download(kiln_stack, ckpt["uuid"])
+    assert before["weights.bin"] == b"precious weights" * 1000
+    victim_key = f"checkpoints/{victim['exp']}/{ckpt['uuid']}/weights.bin"
+
+    attacker = _run(kiln_stack, tmp_path / "attacker", ATTACKER,
+                    _config("attacker", {"victim_key": victim_key, "state_dir": str(kiln_stack.cfg.state_dir)}))
+    line = next(x["text"] for x in attacker["logs"] if x["text"].startswith("ATTACK "))
+    out = json.loads(line.removeprefix("ATTACK "))
+
+    # The store: nothing without a credential, nothing outside its prefix through the worker.
+    assert out["anon"] == {"GET": 403, "PUT": 403, "DELETE": 403, "LIST": 403}, out["anon"]
+    for what in ("presign_get", "presign_put", "presign_escape", "list_bucket", "list_checkpoints"):
+        assert out[what].startswith("refused: "), (what, out[what])
+    assert out["own_roundtrip"] == "mine"
+    # The OS: no secret of the stack is readable, none is in its environment. (A stack that is not root runs
+    # trials as its own user: then only the environment is checked.)
+    assert (out["uid"] != 0) == (os.geteuid() == 0)
+    if os.geteuid() == 0:
+        for what in ("credentials", "state_listing", "s3_data", "logs", "outbox"):
+            assert out[what].startswith("refused: ") and "Permission denied" in out[what], (what, out[what])
+        assert set(out["environ"]) >= {"services.gateway.main", "services.worker.main", "nats-server"}
+        for svc, got in out["environ"].items():
+            assert got.startswith("refused: "), (svc, got)
+        assert out["work_dir"]["mode"] == "0o700" and out["work_dir"]["uid"] == out["uid"]
+    env_text = json.dumps(out["env"])
+    creds = kiln_stack.creds
+    for secret in (creds.s3_access_key, creds.s3_secret_key, creds.pg_password, *creds.nats.values()):
+        assert secret not in env_text
+
+    # The victim's checkpoint is intact and still downloadable.
+    assert _download(kiln_stack, ckpt["uuid"]) == before
+
+    # Ended allocations' work dirs: the newest few are kept, the rest removed.
+    work = kiln_stack.cfg.state_dir / "work"
+    for worker_dir in work.glob("worker-*"):
+        allocs = [d for d in worker_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        assert len(allocs) <= 5 + 1, (worker_dir, allocs)
+        for d in allocs:
+            st = d.stat()
+            assert st.st_mode & 0o777 == 0o700 and st.st_uid == out["uid"]
+
+
+@pytest.mark.xfail(strict=True, reason="open: SeaweedFS's filer, volume and master APIs (HTTP and gRPC on loopback) take "
+                   "no credential; closing them needs weed's security.toml (JWT for HTTP, mTLS for gRPC) in deploy/parts")
+def test_a_trial_cannot_go_around_s3_to_the_stores_own_apis(kiln_stack: Stack, tmp_path: Path) -> None:
+    victim = _run(kiln_stack, tmp_path / "victim", VICTIM, _config("victim"))
+    ckpt = kiln_stack.http.get(f"/api/v1/trials/{victim['trial']['id']}/checkpoints").json()[0]
+    victim_key = f"checkpoints/{victim['exp']}/{ckpt['uuid']}/weights.bin"
+    attacker = _run(kiln_stack, tmp_path / "attacker", ATTACKER,
+                    _config("attacker", {"victim_key": victim_key, "state_dir": str(kiln_stack.cfg.state_dir),
+                                         "filer_port": kiln_stack.cfg.s3_ports_base + 2}))
+    line = next(x["text"] for x in attacker["logs"] if x["text"].startswith("ATTACK "))
+    out = json.loads(line.removeprefix("ATTACK "))
+    assert all(code in (401, 403) for code in out["filer"].values()), out["filer"]
