@@ -53,8 +53,16 @@ bench-startup: setup
 bench-scheduler: setup
     {{venv}}/python benchmarks/scheduler/run.py --passes 7 --runs 5
 
-bench-ingest: setup
-    {{venv}}/python benchmarks/ingest/run.py
+# Metric ingest: Kiln's real trial -> worker -> JetStream -> Postgres path vs MLflow (own venv, made here) vs raw COPY
+bench-ingest *ARGS: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mlflow_venv=benchmarks/ingest/.venv-mlflow  # gitignored (benchmarks/ingest/.gitignore)
+    if ! "$mlflow_venv/bin/python" -c 'import mlflow, psycopg2, sys; sys.exit(mlflow.__version__ != "3.17.2")' 2>/dev/null; then
+        python3 -m venv "$mlflow_venv"
+        "$mlflow_venv/bin/pip" install --quiet mlflow==3.17.2 psycopg2-binary==2.9.13
+    fi
+    {{venv}}/python benchmarks/ingest/run.py --mlflow-python "$mlflow_venv/bin/python" {{ARGS}}
 
 bench-replay: setup
     {{venv}}/python benchmarks/ingest/replay_profile.py --shape mixed

@@ -2,10 +2,17 @@
 
 One invocation, one machine, everything side by side (BENCHMARKS.md):
 
-1. A Kiln stack on free ports (no workers; the searcher and scheduler are stopped so they neither react
-   to the synthetic experiments nor compete for the CPU). N simulated trials (asyncio tasks on a few
-   NATS connections with the stack's ``trial`` credentials) publish ``TrainingMetricsReported``
-   batches as fast as JetStream acks them; the clock stops when Postgres shows every point.
+1. A Kiln stack on free ports with a few multi-slot workers. The real path: an experiment submitted
+   through the gateway whose N trials (real trial processes started by the real workers, ``bench_train.py``)
+   report their points through ``kiln.core`` as fast as they can: TrialBus -> the allocation's Unix
+   socket -> the worker's link and SQLite outbox -> JetStream -> tracker -> Postgres. The clock starts
+   when every trial is ready and told to go and stops when Postgres shows every point; on the way it
+   notes when the trials finished reporting, when every batch was in the workers' outboxes and when
+   the metrics stream held every message.
+   After the real-path repetitions the searcher and scheduler are stopped (so they neither react to
+   the synthetic experiments below nor compete for the CPU) and the old direct path is measured on the
+   same shape for comparison: simulated trials publish ``TrainingMetricsReported`` straight to
+   JetStream on the admin credential (``Bench.bus``), as this benchmark did before trials lost theirs.
 2. The same points, in the same repetition, into the physical limit: raw asyncpg
    ``copy_records_to_table`` into a copy of ``metric_points`` (same columns, same primary key).
 3. The same points from the same number of clients into an MLflow tracking server (separate venv,
@@ -16,7 +23,8 @@ One invocation, one machine, everything side by side (BENCHMARKS.md):
 6. Replay of every stream into a fresh schema with --verify.
 
 A *point* is one (metric name, step, value) of one trial: one ``metric_points`` row, one MLflow
-``Metric``. Usage: .venv/bin/python benchmarks/ingest/run.py [--reps 3] [--trials 64] [--batches 12] [--profile DIR]
+``Metric``. Usage: .venv/bin/python benchmarks/ingest/run.py [--reps 3] [--trials 8] [--batches 96] [--profile DIR]
+(``just bench-ingest`` first makes MLflow's venv, benchmarks/ingest/.venv-mlflow).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
-from deploy import parts, stack  # noqa: E402
+from deploy import parts, stack, supervise  # noqa: E402
 from deploy.ports import free_port_block  # noqa: E402
 from schemas import events as ev  # noqa: E402
 from services.runtime import Bus, BusSettings, connect_bus  # noqa: E402
@@ -164,12 +172,13 @@ class Bench:
         base = free_port_block(16)
         self.cfg = stack.StackConfig.load(
             self.state, nats_port=base, nats_monitor_port=base + 1, pg_port=base + 2, s3_port=base + 3,
-            http_port=base + 4, s3_ports_base=base + 5, workers=0,
+            http_port=base + 4, s3_ports_base=base + 5, workers=args.workers, slots_per_worker=args.slots_per_worker,
         )
         self.mlflow_port = base + 15
         self.mlflow: subprocess.Popen[bytes] | None = None
         self.creds: stack.Credentials
-        self.next_trial = 1
+        self.next_trial = 1_000_000  # synthetic trials' ids stay clear of the real experiments' trials
+        self._headers: dict[str, str] | None = None
         self.results: dict[str, Any] = {"args": vars(args)}
 
     @property
@@ -179,11 +188,25 @@ class Bench:
     def up(self) -> None:
         info = stack.up(self.cfg)
         self.creds = stack.Credentials.load_or_create(self.cfg.state_dir)
-        for name in ("searcher", "scheduler"):
-            pid = parts.read_pid(self.cfg.state_dir, name)
-            if pid is not None:
-                parts.stop_pid(pid)
-        print(f"stack up in {info.seconds:.1f}s on {self.cfg.master_url} (searcher, scheduler stopped)", flush=True)
+        print(f"stack up in {info.seconds:.1f}s on {self.cfg.master_url} ({self.cfg.workers} workers ×"
+              f" {self.cfg.slots_per_worker} slots)", flush=True)
+
+    def stop_deciders(self) -> None:
+        """Stop the searcher and scheduler (through supervisord, which would restart a killed one): the
+        synthetic experiments of the later phases are not for them."""
+        stopped = supervise.Supervisor(supervise.Paths.of(self.cfg.state_dir)).stop(["searcher", "scheduler"])
+        print(f"stopped {', '.join(stopped) or 'nothing'} for the synthetic phases", flush=True)
+
+    def admin_headers(self) -> dict[str, str]:
+        """The stack admin's bearer header, or none where the gateway has no sign-in (older gateways)."""
+        if self._headers is None:
+            resp = httpx.post(f"{self.cfg.master_url}/api/v1/auth/login", timeout=30,
+                              json={"username": "admin", "password": self.creds.admin_password})
+            if resp.status_code in (404, 405):
+                self._headers = {}
+            else:
+                self._headers = {"Authorization": f"Bearer {resp.raise_for_status().json()['token']}"}
+        return self._headers
 
     def pid(self, name: str) -> int | None:
         return parts.read_pid(self.cfg.state_dir, name)
@@ -270,8 +293,16 @@ class Bench:
         return ids
 
     def bus(self, name: str) -> contextlib.AbstractAsyncContextManager[Bus]:
-        settings = BusSettings(nats_url=f"nats://{self.cfg.host}:{self.cfg.nats_port}", nats_user="trial",
-                               nats_password=self.creds.nats["trial"])
+        """The admin's bus, for the synthetic phases only (direct publish, paced, queries).
+
+        The stack has no ``trial`` NATS user (a trial speaks to its worker over services/worker/link.py and
+        the worker publishes from its outbox); the headline Kiln number takes that real path
+        (``kiln_real_ingest``). These phases publish simulated trials' batches, and the gateway's and
+        searcher's events of their synthetic experiments, straight to JetStream on the admin credential:
+        the old direct path, kept as the comparison for what the link -> outbox hop costs.
+        """
+        settings = BusSettings(nats_url=f"nats://{self.cfg.host}:{self.cfg.nats_port}", nats_user="admin",
+                               nats_password=self.creds.nats["admin"])
         return connect_bus(settings, name, ensure=False)
 
 
@@ -382,9 +413,147 @@ async def kiln_ingest(bench: Bench, buses: list[Bus], conn: Any, exp_id: int, tr
             "cpu_seconds": t_end - t0}
 
 
+# The real path: an experiment through the gateway, run by the stack's workers (bench_train.py).
+
+TRIAL_FILES = ("bench_train.py", "workload.py")
+
+
+def real_config(name: str, trials: int, batches: int, steps: int, sync_dir: Path) -> str:
+    """Grid over the workload's trial numbers: one trial per index, all of them at once."""
+    return json.dumps({  # JSON is YAML
+        "name": name, "entrypoint": "python3 bench_train.py",
+        "hyperparameters": {"index": {"type": "categorical", "vals": list(range(trials))},
+                            "batches": batches, "steps": steps, "sync_dir": str(sync_dir)},
+        "searcher": {"name": "grid", "metric": "loss", "smaller_is_better": True,
+                     "max_length": {"batches": batches * steps}, "max_concurrent_trials": trials},
+        "resources": {"slots_per_trial": 1}, "max_restarts": 0,
+    })
+
+
+async def jetstream_messages(http: httpx.AsyncClient, stream: str) -> int:
+    """Messages the stream holds now (nats-server's monitoring endpoint)."""
+    data = (await http.get("/jsz", params={"streams": "true"})).raise_for_status().json()
+    for account in data.get("account_details", []):
+        for st in account.get("stream_detail", []) or []:
+            if st["name"] == stream:
+                return int(st["state"]["messages"])
+    return 0
+
+
+async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, batches: int,
+                           steps: int) -> dict[str, Any]:
+    """Submit the workload as an experiment and time its points from the trials' first report to Postgres.
+
+    Every trial process starts, builds its points and writes ``ready-<i>``; the clock starts when this
+    writes ``go``. Stages, each the time from ``go`` until the last trial/batch passed it: the trials'
+    ``report_training_metrics`` calls returned; the worker stored every batch in its outbox (the trials'
+    core context closed, which waits for that); the metrics stream held every batch; Postgres showed
+    every point (``metric_summaries``, sampled every POLL_S).
+    """
+    from kiln import context as code_context
+    from schemas import subjects
+
+    work = bench.state / f"real-{label}"
+    sync, ctx = work / "sync", work / "context"
+    sync.mkdir(parents=True)
+    ctx.mkdir()
+    for d in (work, sync):  # trials run as the worker's unprivileged trial user
+        d.chmod(0o777)
+    for f in TRIAL_FILES:
+        shutil.copy(HERE / f, ctx / f)
+    cfg_yaml = real_config(f"ingest-{label}", trials, batches, steps, sync)
+    n_points = workload.total_points(trials, batches, steps)
+    t_submit = time.perf_counter()
+    async with httpx.AsyncClient(base_url=bench.cfg.master_url, timeout=60, headers=bench.admin_headers()) as http:
+        resp = await http.post("/api/v1/experiments", data={"config": cfg_yaml},
+                               files={"context": ("context.tar.gz", code_context.pack(ctx), "application/gzip")})
+        if resp.status_code >= 400:
+            raise RuntimeError(f"gateway refused the experiment: {resp.status_code} {resp.text[:500]}")
+        exp_id = int(resp.json()["id"])
+        deadline = time.perf_counter() + 300
+        while len(list(sync.glob("ready-*"))) < trials:
+            if time.perf_counter() > deadline:
+                exp = (await http.get(f"/api/v1/experiments/{exp_id}")).json()
+                raise RuntimeError(f"only {len(list(sync.glob('ready-*')))} of {trials} trials ready after 300 s:"
+                                   f" {exp}")
+            await asyncio.sleep(0.05)
+    ready = {int(f.name.split("-")[1]): json.loads(f.read_text()) for f in sync.glob("ready-*")}
+    trial_ids = [ready[i]["trial_id"] for i in range(trials)]
+    startup_s = time.perf_counter() - t_submit
+    last = batches * steps - 1
+    stream = subjects.METRICS.name
+    mon = httpx.AsyncClient(base_url=f"http://{bench.cfg.host}:{bench.cfg.nats_monitor_port}", timeout=10)
+    js_before = await jetstream_messages(mon, stream)
+    js_samples: list[tuple[float, int]] = []
+    pg_samples: list[tuple[float, int]] = []
+    meter = cpu_meter(bench)
+    spy = bench.profile("tracker", f"tracker-real-{label}")
+    done_pg = asyncio.Event()
+
+    async def poll_js() -> None:
+        while not done_pg.is_set():
+            js_samples.append((time.time(), await jetstream_messages(mon, stream) - js_before))
+            await asyncio.sleep(POLL_S)
+
+    meter.start()
+    t0 = time.time()
+    (sync / "go").write_text("go")
+    js_task = asyncio.create_task(poll_js())
+    try:
+        while True:
+            # Trials fully queryable, and points queryable so far (steps through each series' last step).
+            got, seen = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE s >= $2), coalesce(sum(n), 0) FROM (SELECT trial_id, min(last_step) AS s,"
+                " sum(last_step + 1) AS n FROM metric_summaries WHERE kind = 'training' AND trial_id = ANY($1::bigint[])"
+                " GROUP BY trial_id) t", trial_ids, last)
+            pg_samples.append((time.time(), int(seen)))
+            if got == trials:
+                break
+            if time.time() - t0 > 600:
+                raise RuntimeError(f"only {got} of {trials} trials fully queryable after 600 s")
+            await asyncio.sleep(POLL_S)
+        t_end = time.time()
+        cpu = meter.stop()
+    finally:
+        done_pg.set()
+        await js_task
+        bench.stop_profile(spy)
+    js_final = await jetstream_messages(mon, stream) - js_before
+    await mon.aclose()
+    t_js = next(t for t, n in js_samples if n >= js_final) if js_samples else t_end
+    deadline = time.time() + 60
+    while len(list(sync.glob("done-*"))) < trials and time.time() < deadline:
+        await asyncio.sleep(0.05)
+    done = [json.loads(f.read_text()) for f in sync.glob("done-*")]
+    if len(done) < trials:
+        raise RuntimeError(f"only {len(done)} of {trials} trials wrote their timings")
+    stored = await conn.fetchval("SELECT count(*) FROM metric_points WHERE trial_id = ANY($1::bigint[])", trial_ids)
+    if stored != n_points:
+        raise RuntimeError(f"expected {n_points} points, metric_points holds {stored}")
+    cpu["trials"] = sum(d["cpu"] for d in done)
+    # How far the tracker was when the metrics stream held every batch, and its rate on the rest (a backlog).
+    at_js = max((n for t, n in pg_samples if t <= t_js), default=0)
+    seconds = t_end - t0
+    t_rep = max(d["t_reported"] for d in done) - t0
+    t_out = max(d["t_stored"] for d in done) - t0
+    return {
+        "points": n_points, "experiment_id": exp_id, "trial_ids": trial_ids, "startup_s": startup_s,
+        "seconds": seconds, "rate": n_points / seconds,
+        "stages": {"reported": t_rep, "outbox": t_out, "jetstream": t_js - t0, "postgres": seconds},
+        "stage_rates": {"reported": n_points / t_rep, "outbox": n_points / t_out,
+                        "jetstream": n_points / max(t_js - t0, 1e-9), "postgres": n_points / seconds},
+        "trial_report_rates": [d["points"] / (d["t_reported"] - d["t_go"]) for d in done],
+        "queryable_at_jetstream": at_js / n_points,
+        "tracker_backlog_rate": (n_points - at_js) / max(t_end - t_js, 1e-9),
+        "tracker_cpu_us_per_point": (cpu["tracker"] + cpu["postgres"]) / n_points * 1e6,
+        "go_skew_s": max(d["t_go"] for d in done) - min(d["t_go"] for d in done),
+        "messages": js_final, "cpu": cpu, "cpu_seconds": seconds,
+    }
+
+
 async def gateway_check(bench: Bench, trials: list[int], indices: list[int], batches: int, steps: int) -> None:
     """Every trial's metrics, as the gateway serves them, end at the last step published."""
-    async with httpx.AsyncClient(base_url=bench.cfg.master_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=bench.cfg.master_url, timeout=30, headers=bench.admin_headers()) as http:
         for tid, i in zip(trials, indices, strict=True):
             rows = (await http.get(f"/api/v1/trials/{tid}/metric-names")).raise_for_status().json()
             got = {r["name"]: r["last_step"] for r in rows if r["kind"] == "training"}
@@ -400,7 +569,11 @@ def cpu_meter(bench: Bench) -> CpuMeter:
         "postgres": lambda: tree(bench.pid("postgres")),
         "nats": lambda: tree(bench.pid("nats")),
         "gateway": lambda: tree(bench.pid("gateway")),
-        "publisher": lambda: [me],
+        "searcher+scheduler": lambda: [p for n in ("searcher", "scheduler") if (p := bench.pid(n)) is not None],
+        # The workers alone; their trial processes exit before the meter stops, so each trial meters its own
+        # CPU (``trials``, added by kiln_real_ingest).
+        "workers": lambda: [p for i in range(bench.cfg.workers) if (p := bench.pid(f"worker-{i}")) is not None],
+        "bench": lambda: [me],
     })
 
 
@@ -575,7 +748,7 @@ async def queries_phase(bench: Bench, bus: Bus, conn: Any) -> dict[str, Any]:
     series_path = f"/api/v1/trials/{tid}/series?name=loss&max_points=1000"
     summary_path = f"/api/v1/experiments/{sexp}/trials?sort=best_metric&limit=1000"
     await queries.init_connection(conn)
-    async with httpx.AsyncClient(base_url=bench.cfg.master_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=bench.cfg.master_url, timeout=30, headers=bench.admin_headers()) as http:
         got = (await http.get(series_path)).raise_for_status().json()
         out["series_returned"] = len(got["series"]["loss"])
         rows = (await http.get(summary_path)).raise_for_status().json()
@@ -649,30 +822,46 @@ async def run(bench: Bench) -> dict[str, Any]:
             reps: list[dict[str, Any]] = []
             orders = [("kiln", "copy", "mlflow"), ("mlflow", "kiln", "copy"), ("copy", "mlflow", "kiln")]
             for rep in range(args.reps):
-                trials = bench.trial_ids(args.trials)
-                exp_id = await create_experiment(bench, buses[0], conn, f"ingest-rep{rep}", trials)
                 r: dict[str, Any] = {}
                 for what in orders[rep % 3]:
                     if what == "kiln":
-                        r["kiln"] = await kiln_ingest(bench, buses, conn, exp_id, trials, args.batches, args.steps)
-                        await gateway_check(bench, trials, list(range(len(trials))), args.batches, args.steps)
+                        r["kiln"] = await kiln_real_ingest(bench, conn, f"rep{rep}", args.trials, args.batches,
+                                                           args.steps)
+                        await gateway_check(bench, r["kiln"]["trial_ids"], list(range(args.trials)), args.batches,
+                                            args.steps)
                     elif what == "copy":
+                        trials = bench.trial_ids(args.trials)
                         r["copy"] = await raw_copy(bench, conn, trials, args.batches, args.steps)
                     elif not args.skip_mlflow:
                         r["mlflow"] = await mlflow_ingest(bench, rep, args.trials, args.batches, args.steps)
                     await asyncio.sleep(1)  # let checkpoints and autovacuum start between phases
                 reps.append(r)
-                line = f"rep {rep}: kiln {r['kiln']['rate']:,.0f} pts/s, copy {r['copy']['rate']:,.0f} pts/s"
+                st = r["kiln"]["stages"]
+                line = (f"rep {rep}: kiln {r['kiln']['rate']:,.0f} pts/s (reported {st['reported']:.2f}s, outbox"
+                        f" {st['outbox']:.2f}s, jetstream {st['jetstream']:.2f}s, postgres {st['postgres']:.2f}s),"
+                        f" copy {r['copy']['rate']:,.0f} pts/s")
                 if "mlflow" in r:
                     line += f", mlflow {r['mlflow']['rate']:,.0f} pts/s"
                 print(line, flush=True)
             res["reps"] = reps
+            # The old direct path on the same shape, for what the real path costs: simulated trials publish
+            # their batches straight to JetStream (admin credential); no trial processes, link or outbox.
+            bench.stop_deciders()
+            direct = []
+            for rep in range(args.direct_reps):
+                trials = bench.trial_ids(args.trials)
+                exp_id = await create_experiment(bench, buses[0], conn, f"direct-rep{rep}", trials)
+                direct.append(await kiln_ingest(bench, buses, conn, exp_id, trials, args.batches, args.steps))
+                await gateway_check(bench, trials, list(range(len(trials))), args.batches, args.steps)
+                print(f"direct publish rep {rep}: {direct[-1]['rate']:,.0f} pts/s", flush=True)
+                await asyncio.sleep(1)
+            res["direct"] = direct
             # Latency below saturation, at the Core API's timer cadence: each trial sends one batch a second
             # from a random phase, the batch sized so the offered load is --paced-load of the measured capacity
             # (a trial logging fewer than 500 steps a second flushes what it has every second).
-            trials = bench.trial_ids(args.trials)
+            trials = bench.trial_ids(args.paced_trials)
             exp_id = await create_experiment(bench, buses[0], conn, "ingest-paced", trials)
-            capacity = statistics.median(r["kiln"]["rate"] for r in reps)
+            capacity = statistics.median(d["rate"] for d in direct)
             names = sum(len(workload.names_of(i)) for i in range(len(trials)))
             steps = max(10, min(args.steps, round(args.paced_load * capacity * args.pace_s / names)))
             res["paced"] = await kiln_ingest(bench, buses, conn, exp_id, trials, args.paced_batches, steps,
@@ -688,30 +877,66 @@ async def run(bench: Bench) -> dict[str, Any]:
     return res
 
 
+def cores(runs: list[dict[str, Any]]) -> str:
+    """Median cores per CPU group over these runs (CPU seconds / wall seconds)."""
+    keys = list(runs[0]["cpu"])
+    return ", ".join(f"{k} {statistics.median(r['cpu'].get(k, 0.0) / r['cpu_seconds'] for r in runs):.2f}"
+                     for k in keys)
+
+
 def table(res: dict[str, Any]) -> str:
-    reps = res["reps"]
+    reps, direct = res["reps"], res["direct"]
     k = [r["kiln"]["rate"] for r in reps]
     c = [r["copy"]["rate"] for r in reps]
+    d = [x["rate"] for x in direct]
     frac = [r["kiln"]["rate"] / r["copy"]["rate"] for r in reps]
+    a = res["args"]
     lines = ["| measure | median (min–max) | target |", "|---|---|---|",
-             f"| Kiln ingest, points/s until all queryable | {med_range(k)} | ≥ 100,000 |"]
+             f"| Kiln ingest, real path ({a['trials']} trial processes on {a['workers']} workers × "
+             f"{a['slots_per_worker']} slots), points/s from first report until all queryable | {med_range(k)} |"
+             " ≥ 100,000 |"]
     if all("mlflow" in r for r in reps):
         m = [r["mlflow"]["rate"] for r in reps]
         ratio = [r["kiln"]["rate"] / r["mlflow"]["rate"] for r in reps]
         lines.append(f"| MLflow `log_batch`, points/s | {med_range(m)} | |")
-        lines.append(f"| Kiln / MLflow (per rep) | {med_range(ratio, '{:.1f}×')} | ≥ 20× |")
+        lines.append(f"| Kiln real path / MLflow (per rep) | {med_range(ratio, '{:.1f}×')} | ≥ 20× |")
+        md = statistics.median(m)
+        lines.append(f"| Kiln direct publish (old path, admin credential) / MLflow (medians) |"
+                     f" {statistics.median(d) / md:.1f}× | |")
     lines.append(f"| raw asyncpg COPY, points/s (physical limit) | {med_range(c)} | |")
-    lines.append(f"| Kiln / raw COPY (per rep) | {med_range([f * 100 for f in frac], '{:.0f} %')} | ≥ 50 % |")
-    lines.append(f"| JetStream publish (acked), points/s | {med_range([r['kiln']['publish_rate'] for r in reps])} | |")
-    lines.append("| saturated: publish → queryable p50 / p95, ms | "
-                 f"{med_range([r['kiln']['lat_p50'] * 1000 for r in reps])} / "
-                 f"{med_range([r['kiln']['lat_p95'] * 1000 for r in reps])} | |")
+    lines.append(f"| Kiln real path / raw COPY (per rep) | {med_range([f * 100 for f in frac], '{:.0f} %')} | ≥ 50 % |")
+    lines.append(f"| Kiln direct publish (old path, same shape, after the reps), points/s | {med_range(d)} | |")
+    lines.append(f"| Kiln real path / direct publish (medians) | {statistics.median(k) / statistics.median(d) * 100:.0f} % | |")
+    for stage, label in (("reported", "trials' `report_training_metrics` calls done"),
+                         ("outbox", "every batch stored in the workers' outboxes (trials' `core` closed)"),
+                         ("jetstream", "every batch in the metrics stream (worker publish from outbox)"),
+                         ("postgres", "every point queryable (tracker)")):
+        secs = [r["kiln"]["stages"][stage] for r in reps]
+        rates = [r["kiln"]["stage_rates"][stage] for r in reps]
+        lines.append(f"| real path: {label}: s after go / points/s | {med_range(secs, '{:.2f}')} / {med_range(rates)} | |")
+    lines.append(f"| real path: points queryable when the stream held every batch | "
+                 f"{med_range([r['kiln']['queryable_at_jetstream'] * 100 for r in reps], '{:.0f} %')} | |")
+    lines.append(f"| real path: tracker on the rest (backlog after the last publish), points/s | "
+                 f"{med_range([r['kiln']['tracker_backlog_rate'] for r in reps])} | |")
+    lines.append(f"| tracker + Postgres CPU per point, µs: real path / direct publish | "
+                 f"{med_range([r['kiln']['tracker_cpu_us_per_point'] for r in reps], '{:.2f}')} / "
+                 f"{med_range([(x['cpu']['tracker'] + x['cpu']['postgres']) / x['points'] * 1e6 for x in direct], '{:.2f}')} | |")
+    per_trial = [x for r in reps for x in r["kiln"]["trial_report_rates"]]
+    lines.append(f"| real path: one trial's report rate, points/s (all trials of all reps) | {med_range(per_trial)} | |")
+    lines.append(f"| real path: trial start-up (submit → every trial ready), s | "
+                 f"{med_range([r['kiln']['startup_s'] for r in reps], '{:.1f}')} | |")
+    lines.append(f"| real path: CPU, cores (median over reps) | {cores([r['kiln'] for r in reps])} | |")
+    lines.append(f"| direct publish: CPU, cores | {cores(direct)} | |")
+    lines.append(f"| direct publish: JetStream publish (acked), points/s | {med_range([x['publish_rate'] for x in direct])} | |")
+    lines.append("| direct publish, saturated: publish → queryable p50 / p95, ms | "
+                 f"{med_range([x['lat_p50'] * 1000 for x in direct])} / "
+                 f"{med_range([x['lat_p95'] * 1000 for x in direct])} | |")
     if all("mlflow" in r for r in reps):
         lines.append("| saturated: MLflow 500-step batch logged p50 / p95, ms | "
                      f"{med_range([r['mlflow']['lat_p50'] * 1000 for r in reps])} / "
                      f"{med_range([r['mlflow']['lat_p95'] * 1000 for r in reps])} | |")
     p = res["paced"]
-    lines.append(f"| paced (1 batch of {p['steps']} steps/s/trial = {p['offered']:,.0f} pts/s offered):"
+    lines.append(f"| direct publish, paced ({a['paced_trials']} trials, 1 batch of {p['steps']} steps/s/trial = {p['offered']:,.0f} pts/s offered):"
                  f" publish → queryable p50 / p95, ms | {p['lat_p50'] * 1000:.0f} / {p['lat_p95'] * 1000:.0f} | |")
     q = res["queries"]
     for key, label, target in (("series_http", "100k-point series → 1,000 points, gateway", "p95 < 100 ms"),
@@ -738,8 +963,13 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=12, help="batches per trial per repetition")
+    parser.add_argument("--trials", type=int, default=8,
+                        help="trials per repetition (real trial processes: at most workers × slots run at once)")
+    parser.add_argument("--batches", type=int, default=96, help="batches per trial per repetition")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--slots-per-worker", type=int, default=4)
+    parser.add_argument("--direct-reps", type=int, default=0, help="old direct-publish runs (default: --reps)")
+    parser.add_argument("--paced-trials", type=int, default=64)
     parser.add_argument("--steps", type=int, default=500, help="steps per batch (the Core API flushes at 500)")
     parser.add_argument("--connections", type=int, default=4, help="NATS connections the trials share")
     parser.add_argument("--paced-batches", type=int, default=8)
@@ -749,7 +979,8 @@ def main() -> None:
     parser.add_argument("--summary-trials", type=int, default=1000)
     parser.add_argument("--validations", type=int, default=10, help="ValidationReported per summary trial")
     parser.add_argument("--query-calls", type=int, default=50)
-    parser.add_argument("--mlflow-python", default="/tmp/mlflow-venv/bin/python")
+    parser.add_argument("--mlflow-python", default=str(HERE / ".venv-mlflow" / "bin" / "python"),
+                        help="MLflow's own venv (`just bench-ingest` makes it)")
     parser.add_argument("--mlflow-workers", type=int, default=2)
     parser.add_argument("--mlflow-procs", type=int, default=4, help="client processes (threads = trials)")
     parser.add_argument("--mlflow-budget-s", type=float, default=30.0)
@@ -758,6 +989,14 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="py-spy the tracker during each Kiln ingest into this dir")
     parser.add_argument("--json", default=str(HERE / "last_run.json"))
     args = parser.parse_args()
+    args.direct_reps = args.direct_reps or args.reps
+    if args.trials > args.workers * args.slots_per_worker:
+        # Every trial waits for `go` until all are ready, so all of them must run at once.
+        parser.error(f"--trials {args.trials} > workers × slots ({args.workers * args.slots_per_worker})")
+    args.mlflow_python = os.path.abspath(args.mlflow_python)  # the server runs in the state dir; keep the venv's link
+    if not args.skip_mlflow and not Path(args.mlflow_python).exists():
+        parser.error(f"no MLflow venv at {args.mlflow_python}: run `just bench-ingest` (it makes one) or pass"
+                     " --mlflow-python / --skip-mlflow")
     bench = Bench(args)
     try:
         bench.up()
@@ -770,6 +1009,8 @@ def main() -> None:
         for what, v in r.items():
             print(f"rep {rep} {what}: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s;"
                   f" cpu {fmt_cpu(v['cpu'], v['cpu_seconds'])}")
+    for rep, v in enumerate(res["direct"]):
+        print(f"direct {rep}: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s; cpu {fmt_cpu(v['cpu'], v['cpu_seconds'])}")
     print(f"replay (incl. digests) cpu: {fmt_cpu(res['replay']['full']['cpu'], res['replay']['full']['cpu_seconds'])};"
           f" per consumer {res['replay']['full']['per_consumer']}")
 
