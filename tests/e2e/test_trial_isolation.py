@@ -60,11 +60,56 @@ ATTACKER = textwrap.dedent("""\
     # The store without a credential: list, read, overwrite, delete.
     out["anon"] = {m: http(m, s3 + "/" + victim) for m in ("GET", "PUT", "DELETE")}
     out["anon"]["LIST"] = http("GET", s3 + "?list-type=2")
-    if data.get("filer_port"):
-        # SeaweedFS's own HTTP API behind S3 (the filer), on loopback like S3.
-        filer = "http://" + wire.s3_endpoint.split(":")[0] + ":" + str(data["filer_port"])
-        out["filer"] = {m: http(m, filer + "/buckets/" + wire.s3_bucket + "/" + victim) for m in ("GET", "DELETE")}
-        out["filer"]["LIST"] = http("GET", filer + "/buckets/" + wire.s3_bucket + "/checkpoints/")
+    if data.get("weed_ports"):
+        # SeaweedFS's own APIs behind S3 (filer, volume server, master), on loopback like S3: plain HTTP, and
+        # HTTPS without a client certificate; gRPC in the clear (HTTP/2 prior knowledge) and over TLS.
+        import socket, ssl
+        host, ports, bucket = wire.s3_endpoint.split(":")[0], data["weed_ports"], wire.s3_bucket
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+
+        def http2(method, url):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10, context=tls) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except Exception as exc:
+                return repr(exc)
+
+        key = "/buckets/" + bucket + "/" + victim
+        paths = {"filer": [("GET", key), ("DELETE", key), ("GET", "/buckets/" + bucket + "/checkpoints/")],
+                 "volume": [("GET", "/status"), ("GET", "/1,01")],
+                 "master": [("GET", "/dir/status"), ("GET", "/dir/assign"),
+                            ("GET", "/col/delete?collection=" + bucket)]}
+        out["weed_http"] = {}
+        for name, reqs in paths.items():
+            for method, path in reqs:
+                for scheme in ("http", "https"):
+                    url = scheme + "://" + host + ":" + str(ports[name]) + path
+                    out["weed_http"][method + " " + scheme + "://" + name + path] = http2(method, url)
+        preface = b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+        out["weed_grpc"] = {}
+        for name, port in ports.items():
+            if not name.endswith("grpc"):
+                continue
+            try:
+                with socket.create_connection((host, port), timeout=5) as sock:
+                    sock.sendall(preface)
+                    got = sock.recv(64)
+                out["weed_grpc"][name + " plain"] = "answered: " + repr(got) if got else "closed"
+            except OSError as exc:
+                out["weed_grpc"][name + " plain"] = "refused: " + repr(exc)
+            try:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                ctx.set_alpn_protocols(["h2"])
+                with ctx.wrap_socket(socket.create_connection((host, port), timeout=5)) as sock:
+                    sock.sendall(preface)
+                    got = sock.recv(64)
+                out["weed_grpc"][name + " tls"] = "answered: " + repr(got) if got else "closed"
+            except OSError as exc:
+                out["weed_grpc"][name + " tls"] = "refused: " + repr(exc)
 
     def attempt(fn):
         try:
@@ -198,15 +243,37 @@ def test_a_trial_reaches_only_its_own_experiments_checkpoints_and_no_secret(kiln
             assert st.st_mode & 0o777 == 0o700 and st.st_uid == out["uid"]
 
 
-@pytest.mark.xfail(strict=True, reason="open: SeaweedFS's filer, volume and master APIs (HTTP and gRPC on loopback) take "
-                   "no credential; closing them needs weed's security.toml (JWT for HTTP, mTLS for gRPC) in deploy/parts")
+def _weed_ports(stack: Stack) -> dict[str, int]:
+    # deploy.parts.weed_ports: HTTP at s3_ports_base + 0..2, gRPC at + 10000..10004 (master, volume, filer, admin, S3).
+    b = stack.cfg.s3_ports_base
+    names = ("master", "volume", "filer", "admin", "s3")
+    return {"master": b, "volume": b + 1, "filer": b + 2, **{f"{n}.grpc": b + 10000 + i for i, n in enumerate(names)}}
+
+
 def test_a_trial_cannot_go_around_s3_to_the_stores_own_apis(kiln_stack: Stack, tmp_path: Path) -> None:
     victim = _run(kiln_stack, tmp_path / "victim", VICTIM, _config("victim"))
     ckpt = kiln_stack.http.get(f"/api/v1/trials/{victim['trial']['id']}/checkpoints").json()[0]
     victim_key = f"checkpoints/{victim['exp']}/{ckpt['uuid']}/weights.bin"
+    before = _download(kiln_stack, ckpt["uuid"])
     attacker = _run(kiln_stack, tmp_path / "attacker", ATTACKER,
                     _config("attacker", {"victim_key": victim_key, "state_dir": str(kiln_stack.cfg.state_dir),
-                                         "filer_port": kiln_stack.cfg.s3_ports_base + 2}))
+                                         "weed_ports": _weed_ports(kiln_stack)}))
     line = next(x["text"] for x in attacker["logs"] if x["text"].startswith("ATTACK "))
     out = json.loads(line.removeprefix("ATTACK "))
-    assert all(code in (401, 403) for code in out["filer"].values()), out["filer"]
+    # weed's HTTP APIs are HTTPS with client certificates only (deploy.parts.weed_security): plain HTTP is a 400
+    # ("Client sent an HTTP request to an HTTPS server"; a DELETE is hung up on unanswered), HTTPS without a
+    # certificate fails the handshake.
+    for what, got in out["weed_http"].items():
+        if what.split()[1].startswith("http:"):
+            assert got == 400 or (isinstance(got, str) and "RemoteDisconnected" in got), (what, got)
+        else:
+            assert isinstance(got, str) and "CERTIFICATE_REQUIRED" in got, (what, got)
+    # gRPC is mutual TLS: in the clear the server hangs up, over TLS without a certificate the handshake fails.
+    assert len(out["weed_grpc"]) == 2 * 5, out["weed_grpc"]
+    for what, got in out["weed_grpc"].items():
+        if what.endswith(" plain"):
+            assert got == "closed" or got.startswith("refused: "), (what, got)
+        else:
+            assert got.startswith("refused: ") and "CERTIFICATE_REQUIRED" in got, (what, got)
+    # The victim's checkpoint survived (the master's /col/delete would have dropped the bucket's volumes).
+    assert _download(kiln_stack, ckpt["uuid"]) == before
