@@ -32,6 +32,17 @@ class APIError(Exception):
         super().__init__("\n".join(lines))
 
 
+def field_errors(extra: Any) -> list[dict[str, str]]:
+    """Field-level problems from an error body's ``extra``, in either shape the gateway answers with:
+    Kiln's own ``{"errors": [{"path", "message"}]}`` or Litestar's validation list ``[{"key", "message"}]``."""
+    if isinstance(extra, dict):
+        extra = extra.get("errors") or []
+    if not isinstance(extra, list):
+        return []
+    return [{"path": str(e.get("path", e.get("key", "?"))), "message": str(e.get("message", ""))}
+            for e in extra if isinstance(e, dict)]
+
+
 class NotLoggedIn(APIError):
     """The gateway answered 401: no token, or one that is unknown, expired or revoked."""
 
@@ -125,10 +136,9 @@ class Client:
                 body = resp.json()
             except ValueError:
                 body = {"detail": resp.text}
-            extra = body.get("extra") or {}
             if resp.status_code == 401:
                 raise NotLoggedIn(str(body.get("detail", resp.reason_phrase)))
-            raise APIError(resp.status_code, str(body.get("detail", resp.reason_phrase)), extra.get("errors"))
+            raise APIError(resp.status_code, str(body.get("detail", resp.reason_phrase)), field_errors(body.get("extra")))
         return resp.json()
 
     def _get(self, path: str, **params: Any) -> Any:
