@@ -26,7 +26,7 @@ from nats.js import api as js_api
 
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET
-from schemas.subjects import ALL_STREAMS, DEADLETTER, StreamSpec, dedupe_key, forged, subject_for, worker_token
+from schemas.subjects import ALL_STREAMS, StreamSpec, dedupe_key, forged, subject_for, worker_token
 
 log = structlog.get_logger(__name__)
 

@@ -263,7 +263,7 @@ async def swap(bus: Any, conn: Any, swap_conn: Any, schema: str = "replay", live
     report = await replay(bus, conn, schema, up_to)
     report.digests = await digests(conn, schema)
     report.live_digests = await digests(conn, live_schema)
-    check = await replay(bus, conn, check_schema, up_to)
+    await replay(bus, conn, check_schema, up_to)
     report.check_digests = await digests(conn, check_schema)
     await conn.execute(f'DROP SCHEMA "{check_schema}" CASCADE')
     if report.check_digests != report.digests:

@@ -8,8 +8,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -18,6 +20,18 @@ from deploy import stack
 from deploy.ports import free_port_block
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(pred: Callable[[], T | None], timeout: float = 60.0, what: str = "condition", poll_s: float = 0.2) -> T:
+    """Poll ``pred`` until it returns something truthy (and return that), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Stack:

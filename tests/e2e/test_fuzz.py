@@ -7,12 +7,10 @@ per run); ``just fuzz`` a long one (≥ 10,000 cases) and prints the counts.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Stack
+from tests.e2e.test_bad_input import _tar
 from tests.unit.test_context_limits import many_files, zip_bomb
 from tests.unit.test_gateway_input import billion_laughs
 
@@ -117,16 +116,6 @@ def test_inputs_that_gave_a_500_are_a_400_naming_the_parameter(kiln_stack: Stack
     resp = kiln_stack.http.request(method, path)
     assert resp.status_code == 400, resp.text
     assert key in resp.text
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _submit(stack: Stack, config: str, blob: bytes) -> httpx.Response:

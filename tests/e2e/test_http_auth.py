@@ -3,6 +3,8 @@ owner and an admin may; a revoked token is 401; token values appear in no log an
 
 from __future__ import annotations
 
+import functools
+
 import asyncio
 import json
 import os
@@ -19,7 +21,7 @@ import httpx
 import pytest
 
 from kiln import context
-from tests.e2e.conftest import REPO, Stack
+from tests.e2e.conftest import wait_for, REPO, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +45,7 @@ CHANGES = ("ExperimentKillRequested", "TrialKillRequested", "ExperimentPauseRequ
            "ExperimentResourcesChanged")
 
 
-def _wait(pred, timeout: float = 90.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_for, timeout=90.0)
 
 
 def _cli(s: Stack, auth_dir: Path, *args: str, stdin: str | None = None,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import os
 import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from deploy import parts, stack
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import wait_for, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +52,7 @@ def _write(tmp: Path, steps: int, delay: float) -> None:
     (tmp / "cfg.yaml").write_text(CONFIG.replace("STEPS", str(steps)))
 
 
-def _wait(pred, timeout: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_for, timeout=60.0)
 
 
 def _created_id(stdout: str) -> int:

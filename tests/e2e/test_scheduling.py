@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import wait_for, Stack
 from tests.e2e.test_lifecycle import CONFIG, SLOW_TRAIN
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +34,7 @@ def _get(stack: Stack, path: str) -> Any:
     return stack.http.get(f"{stack.cfg.master_url}{path}").json()
 
 
-def _wait(pred, timeout: float = 90.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_for, timeout=90.0)
 
 
 def _running_with_steps(stack: Stack, exp_id: int, steps: int) -> dict[str, Any] | None:

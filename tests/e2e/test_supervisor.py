@@ -3,33 +3,25 @@ applies a new one, starts a dead process again and names a process that cannot s
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import signal
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from deploy import parts, stack, supervise
-from tests.e2e.conftest import Stack, local_stack
+from tests.e2e.conftest import wait_for, Stack, local_stack
 
 pytestmark = pytest.mark.e2e
-T = TypeVar("T")
 
 
-def _wait(pred: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_for, timeout=30.0)
 
 
 def _rows(cfg: stack.StackConfig) -> dict[str, stack.ProcessStatus]:

@@ -9,18 +9,19 @@ allocations' work dirs are pruned to the newest few.
 
 from __future__ import annotations
 
+import functools
+
 import io
 import json
 import os
 import tarfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import wait_for, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -163,14 +164,7 @@ def _config(name: str, data: dict[str, Any] | None = None) -> str:
     return json.dumps(cfg)
 
 
-def _wait(pred, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_for, timeout=120.0, poll_s=0.3)
 
 
 def _run(stack: Stack, tmp: Path, script: str, cfg: str) -> dict[str, Any]:
