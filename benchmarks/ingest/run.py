@@ -64,6 +64,9 @@ from schemas import events as ev  # noqa: E402
 from services.runtime import Bus, BusSettings, connect_bus  # noqa: E402
 
 POLL_S = 0.02  # how often the read model is sampled for freshly visible batches
+# How often nats-server's /jsz is sampled on the real path: it serialises every stream's state, which cost
+# nats-server and this script ~2 µs per point at 20 ms; the "in the stream" stage is this coarse.
+JS_POLL_S = 0.25
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -487,13 +490,14 @@ async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, bat
     js_samples: list[tuple[float, int]] = []
     pg_samples: list[tuple[float, int]] = []
     meter = cpu_meter(bench)
-    spy = bench.profile("tracker", f"tracker-real-{label}")
+    spies = [bench.profile(name, f"{name}-real-{label}")
+             for name in ("tracker", *(f"worker-{i}" for i in range(bench.cfg.workers)))]
     done_pg = asyncio.Event()
 
     async def poll_js() -> None:
         while not done_pg.is_set():
             js_samples.append((time.time(), await jetstream_messages(mon, stream) - js_before))
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(JS_POLL_S)
 
     meter.start()
     t0 = time.time()
@@ -517,7 +521,8 @@ async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, bat
     finally:
         done_pg.set()
         await js_task
-        bench.stop_profile(spy)
+        for spy in spies:
+            bench.stop_profile(spy)
     js_final = await jetstream_messages(mon, stream) - js_before
     await mon.aclose()
     t_js = next(t for t, n in js_samples if n >= js_final) if js_samples else t_end
@@ -829,6 +834,8 @@ async def run(bench: Bench) -> dict[str, Any]:
                                                            args.steps)
                         await gateway_check(bench, r["kiln"]["trial_ids"], list(range(args.trials)), args.batches,
                                             args.steps)
+                    elif args.real_only:
+                        continue
                     elif what == "copy":
                         trials = bench.trial_ids(args.trials)
                         r["copy"] = await raw_copy(bench, conn, trials, args.batches, args.steps)
@@ -838,12 +845,15 @@ async def run(bench: Bench) -> dict[str, Any]:
                 reps.append(r)
                 st = r["kiln"]["stages"]
                 line = (f"rep {rep}: kiln {r['kiln']['rate']:,.0f} pts/s (reported {st['reported']:.2f}s, outbox"
-                        f" {st['outbox']:.2f}s, jetstream {st['jetstream']:.2f}s, postgres {st['postgres']:.2f}s),"
-                        f" copy {r['copy']['rate']:,.0f} pts/s")
+                        f" {st['outbox']:.2f}s, jetstream {st['jetstream']:.2f}s, postgres {st['postgres']:.2f}s)")
+                if "copy" in r:
+                    line += f", copy {r['copy']['rate']:,.0f} pts/s"
                 if "mlflow" in r:
                     line += f", mlflow {r['mlflow']['rate']:,.0f} pts/s"
                 print(line, flush=True)
             res["reps"] = reps
+            if args.real_only:
+                return res
             # The old direct path on the same shape, for what the real path costs: simulated trials publish
             # their batches straight to JetStream (admin credential); no trial processes, link or outbox.
             bench.stop_deciders()
@@ -984,12 +994,15 @@ def main() -> None:
     parser.add_argument("--mlflow-workers", type=int, default=2)
     parser.add_argument("--mlflow-procs", type=int, default=4, help="client processes (threads = trials)")
     parser.add_argument("--mlflow-budget-s", type=float, default=30.0)
+    parser.add_argument("--real-only", action="store_true",
+                        help="only the real-path repetitions (no MLflow, COPY, direct, paced, queries, replay): for profiling")
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--keep-state", action="store_true")
-    parser.add_argument("--profile", default="", help="py-spy the tracker during each Kiln ingest into this dir")
+    parser.add_argument("--profile", default="", help="py-spy the tracker (and, on the real path, the workers) during each Kiln ingest into this dir")
     parser.add_argument("--json", default=str(HERE / "last_run.json"))
     args = parser.parse_args()
     args.direct_reps = args.direct_reps or args.reps
+    args.skip_mlflow = args.skip_mlflow or args.real_only
     if args.trials > args.workers * args.slots_per_worker:
         # Every trial waits for `go` until all are ready, so all of them must run at once.
         parser.error(f"--trials {args.trials} > workers × slots ({args.workers * args.slots_per_worker})")
@@ -1003,6 +1016,13 @@ def main() -> None:
         res = asyncio.run(run(bench))
     finally:
         bench.down()
+    if args.real_only:  # no table: the per-repetition lines and CPU per point only (last_run.json is kept)
+        for rep, r in enumerate(res["reps"]):
+            v = r["kiln"]
+            print(f"rep {rep} real path: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s; cpu"
+                  f" {fmt_cpu(v['cpu'], v['cpu_seconds'])}; per point, µs: "
+                  + ", ".join(f"{k} {c / v['points'] * 1e6:.2f}" for k, c in v["cpu"].items()))
+        return
     Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(table(res))
     for rep, r in enumerate(res["reps"]):

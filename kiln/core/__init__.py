@@ -44,6 +44,9 @@ class InvalidHP(Exception):
 
 def _json_metric(value: Any) -> ev.MetricValue:
     """Metrics as JSON-safe scalars: NaN/inf become strings, tensors and numpy scalars numbers."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):  # the common case, first
+        return value  # type: ignore[no-any-return]
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
     if isinstance(value, bool) or value is None or isinstance(value, str):

@@ -47,6 +47,7 @@ FLUSH_SECONDS = 1.0
 MAX_IN_FLIGHT = 8
 # A batch whose JSON is bigger than this is split: a bus message holds at most 1 MiB.
 MAX_BATCH_BYTES = 512 * 1024
+JSON_GROWTH = 6
 # How long a report may wait for the worker's "stored" before it is an error.
 REPLY_TIMEOUT_S = 120.0
 
@@ -207,18 +208,22 @@ class TrialBus:
                     with self._cond:
                         while self._sent - self._replied >= MAX_IN_FLIGHT and not self._broken:
                             self._cond.wait(1.0)
-                    self._batches += 1
-                    batch = ev.TrainingMetricsReported(experiment_id=self.experiment_id, trial_id=self.trial_id,
-                                                       batch_id=f"{self.allocation_id}:{self._batches}",
-                                                       points=chunk)
-                    payload = msgspec.Raw(self._encoder.encode(batch))
-                    last = self._send(lambda n, p=payload: Report(id=n, event=p), awaited=False)
+                    last = self._send(lambda n, p=chunk: Report(id=n, event=p), awaited=False)
             return last
 
-    def _fitting(self, points: list[ev.MetricPoint]) -> list[list[ev.MetricPoint]]:
-        """``points`` cut so each batch fits one bus message."""
-        if len(points) <= 1 or len(self._json.encode(points)) <= MAX_BATCH_BYTES:
-            return [points]
+    def _fitting(self, points: list[ev.MetricPoint]) -> list[msgspec.Raw]:
+        """``points`` as encoded batches, cut so each fits one bus message.
+
+        The bus carries JSON, at most JSON_GROWTH times the msgpack size (a control character in a text
+        metric: 1 byte -> 6), so only a large batch is measured as JSON too.
+        """
+        batch = ev.TrainingMetricsReported(experiment_id=self.experiment_id, trial_id=self.trial_id,
+                                           batch_id=f"{self.allocation_id}:{self._batches + 1}", points=points)
+        payload = self._encoder.encode(batch)
+        if (len(points) <= 1 or len(payload) * JSON_GROWTH <= MAX_BATCH_BYTES
+                or len(self._json.encode(batch)) <= MAX_BATCH_BYTES):
+            self._batches += 1
+            return [msgspec.Raw(payload)]
         mid = len(points) // 2
         return self._fitting(points[:mid]) + self._fitting(points[mid:])
 

@@ -38,8 +38,12 @@ class Item(msgspec.Struct, frozen=True):
     event: Any
 
 
+_FROM_TS = dt.datetime.fromtimestamp  # positional (seconds, tz): about half the cost of the keyword call
+_UTC = dt.UTC
+
+
 def _ts(seconds: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    return _FROM_TS(seconds, _UTC)
 
 
 def _j(value: Any) -> str:
@@ -353,10 +357,14 @@ class Fold:
             x["progress"] = math.fsum(values) / len(values)  # exactly rounded: no dependence on row order
 
     def _points(self, trial_id: int, kind: str, step: int, metrics: dict[str, Any], ts: float) -> None:
-        at = _ts(ts)
+        at = _FROM_TS(ts, _UTC)
+        rows = self.metric_rows
         for name, raw in metrics.items():
+            if type(raw) is float:  # the common case without a call
+                rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, raw, None, at)
+                continue
             value, text = metric_value(raw)
-            self.metric_rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
+            rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
 
 
 _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {

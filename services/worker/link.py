@@ -34,7 +34,7 @@ from schemas import events as ev
 from schemas.subjects import EVENTS, forged, trial_filter
 from schemas.trial import (
     CHECKPOINTS,
-    FRAME_HEADER,
+    FrameBuffer,
     FrameError,
     LinkFrame,
     Listed,
@@ -46,9 +46,7 @@ from schemas.trial import (
     StopRequested,
     WatchStops,
     checkpoint_prefix,
-    decode_frame,
     encode_frame,
-    frame_length,
 )
 
 log = structlog.get_logger(__name__)
@@ -64,6 +62,8 @@ TRIAL_REPORTS: tuple[type, ...] = (
 _MAX_SOCKET_PATH = 107
 # How long a closing link waits for a dead trial's last frames (still in the socket buffer).
 CLOSE_GRACE_S = 5.0
+# Bytes read from a trial's socket at once: every frame that has arrived is handled in one go.
+READ_CHUNK = 1 << 20
 # How long a presigned URL is good for: the trial asks right before each object, so minutes are plenty
 # (an upload that has started finishes even if the URL expires meanwhile).
 PRESIGN_EXPIRY_S = 300
@@ -330,13 +330,22 @@ class TrialLink:
                 self.refused += 1
                 log.warning("link.peer_refused", allocation=self.who.allocation_id, error=why)
                 return
+            frames = FrameBuffer()
             while True:
-                try:
-                    body = await reader.readexactly(frame_length(await reader.readexactly(FRAME_HEADER.size)))
-                except asyncio.IncompleteReadError:
+                data = await reader.read(READ_CHUNK)
+                if not data:
                     return  # the trial closed the link (or exited)
-                reply = await self._handle(decode_frame(body), writer)
-                writer.write(encode_frame(reply))
+                todo = frames.feed(data)
+                while todo:
+                    # Reports that arrived together are handled together: their outbox appends share one
+                    # commit. Replies still go out in frame order.
+                    n = next((i for i, f in enumerate(todo) if not isinstance(f, Report)), len(todo))
+                    if n:
+                        replies = list(await asyncio.gather(*(self._report(f) for f in todo[:n])))
+                        todo = todo[n:]
+                    else:
+                        replies = [await self._handle(todo.pop(0), writer)]
+                    writer.write(b"".join(encode_frame(r) for r in replies))
                 await writer.drain()
         except FrameError as exc:
             log.warning("link.bad_frame", allocation=self.who.allocation_id, error=str(exc))

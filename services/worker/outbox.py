@@ -39,6 +39,8 @@ T = TypeVar("T")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Rows read per round; acked rows are deleted per round (one fsync), and before waiting out a failure.
 DRAIN_BATCH = 256
+# Payload bytes of appended rows kept in memory until published (beyond it, the drain reads the file).
+CACHE_BYTES = 64 * 1024 * 1024
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -132,21 +134,21 @@ class OutboxFile:
             " kind TEXT NOT NULL, allocation_id TEXT NOT NULL DEFAULT '')"
         )
 
-    def append(self, rows: Sequence[PendingRow]) -> int:
-        """Store rows in one transaction (durable on return); the id of the last."""
+    def append(self, rows: Sequence[PendingRow]) -> list[int]:
+        """Store rows in one transaction (durable on return, one fsync); their ids, in order."""
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            last = 0
+            ids = []
             for r in rows:
                 cur.execute("INSERT INTO outbox (subject, msg_id, payload, kind, allocation_id) VALUES (?,?,?,?,?)",
                             (r.subject, r.msg_id, r.payload, r.kind, r.allocation_id))
-                last = int(cur.lastrowid or 0)
+                ids.append(int(cur.lastrowid or 0))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        return last
+        return ids
 
     def head(self, limit: int = DRAIN_BATCH, after: int = 0) -> list[OutboxRow]:
         """The oldest rows with ids above ``after``, in append order."""
@@ -156,8 +158,17 @@ class OutboxFile:
         return [OutboxRow(int(i), s, m, bytes(p), k, a) for i, s, m, p, k, a in rows]
 
     def delete_through(self, row_id: int) -> None:
-        """Forget every row up to ``row_id`` (JetStream has them)."""
-        self._db.execute("DELETE FROM outbox WHERE id <= ?", (row_id,))
+        """Forget every row up to ``row_id`` (JetStream has them).
+
+        Not fsynced on its own (``synchronous=NORMAL`` for this commit; the next append's fsync carries
+        it): a delete lost to a power cut only republishes rows JetStream already holds, with their
+        ``Nats-Msg-Id``, so it drops them as duplicates.
+        """
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute("DELETE FROM outbox WHERE id <= ?", (row_id,))
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def count(self) -> int:
         """How many rows wait."""
@@ -195,6 +206,12 @@ class Outbox:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._file: OutboxFile | None = None
         self._task: asyncio.Task[None] | None = None
+        # Group commit: appends asked for while one commits wait here and go in the next transaction.
+        self._queued: list[tuple[list[PendingRow], asyncio.Future[int]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Rows appended by this process and not yet published, so the drain need not read them back.
+        self._cache: dict[int, OutboxRow] = {}
+        self._cache_bytes = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self.last_appended = 0
@@ -227,15 +244,64 @@ class Outbox:
         return await self.append_many([event])
 
     async def append_many(self, events: Sequence[Event]) -> int:
-        """Store events in one transaction, in order; the last one's row id."""
+        """Store events in one transaction, in order; the last one's row id.
+
+        Appends asked for while another commits are grouped into the next transaction (one fsync for
+        all of them), in the order they were asked for; each returns once its own rows are durable.
+        """
         if self._file is None:
             raise RuntimeError("the outbox is not open")
         rows = [row_for(e, self.max_payload) for e in events]  # OversizedEvent before anything is stored
-        last = await self._io(self._file.append, rows)
-        self.last_appended = max(self.last_appended, last)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queued.append((rows, done))
+        if self._committer is None or self._committer.done():
+            # Its own task: a caller cancelled mid-commit (a trial hanging up) must not fail the others.
+            self._committer = asyncio.create_task(self._commit_queued(), name="outbox-commit")
+        return await asyncio.shield(done)
+
+    async def _commit_queued(self) -> None:
+        while self._queued:
+            group, self._queued = self._queued, []
+            try:
+                await self._commit(group)
+            except BaseException as exc:  # the transaction rolled back (or the outbox closed): none is stored
+                error = exc if isinstance(exc, Exception) else RuntimeError("the outbox closed during the append")
+                for _, done in group + self._queued:
+                    if not done.done():
+                        done.set_exception(error)
+                self._queued = []
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _commit(self, group: list[tuple[list[PendingRow], asyncio.Future[int]]]) -> None:
+        assert self._file is not None
+        rows = [r for batch, _ in group for r in batch]
+        ids = await self._io(self._file.append, rows)
+        for row_id, r in zip(ids, rows, strict=True):
+            if self._cache_bytes + len(r.payload) <= CACHE_BYTES:
+                self._cache[row_id] = OutboxRow(row_id, r.subject, r.msg_id, r.payload, r.kind, r.allocation_id)
+                self._cache_bytes += len(r.payload)
+        self.last_appended = max(self.last_appended, ids[-1] if ids else 0)
+        at = 0
+        for batch, done in group:
+            at += len(batch)
+            if not done.done():
+                done.set_result(ids[at - 1] if batch else self.last_appended)
         self._idle.clear()
         self._wake.set()
-        return last
+
+    def _head(self, after: int) -> list[OutboxRow] | None:
+        """The next rows from memory, when the first of them is there; None to read the file."""
+        rows: list[OutboxRow] = []
+        nxt = after + 1
+        while len(rows) < self._batch and (row := self._cache.get(nxt)) is not None:
+            rows.append(row)
+            nxt += 1
+        return rows or None
+
+    def _forget(self, row: OutboxRow) -> None:
+        if self._cache.pop(row.id, None) is not None:
+            self._cache_bytes -= len(row.payload)
 
     def published(self, row_id: int) -> bool:
         """Whether the row with this id has reached JetStream."""
@@ -260,7 +326,7 @@ class Outbox:
         while True:
             # Cleared before reading: an append committed after this point sets it again.
             self._wake.clear()
-            rows = await self._io(f.head, self._batch, self.published_through)
+            rows = self._head(self.published_through) or await self._io(f.head, self._batch, self.published_through)
             if not rows:
                 await self._delete_acked()
                 self._idle.set()
@@ -269,6 +335,7 @@ class Outbox:
             for row in rows:
                 await self._publish_row(row)
                 self.published_through = row.id
+                self._forget(row)
             await self._delete_acked()
             self._idle.set()
 
@@ -307,6 +374,9 @@ class Outbox:
 
     async def close(self) -> None:
         """Stop publishing, forget what JetStream acked, close the file. Rows left wait for the next start."""
+        if self._committer is not None:  # appends already asked for are stored (or refused) first
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._committer
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -110,6 +110,27 @@ async def test_the_link_stores_what_the_trial_reports_and_refuses_what_is_not_it
     assert not link.path.exists()
 
 
+async def test_batches_too_big_for_one_bus_message_are_split_and_every_point_is_stored(tmp_path: Path) -> None:
+    """Text metrics of control characters grow 6x as JSON (the bus's format): still every batch fits."""
+    store = Stored()
+    link = await _link(tmp_path, WHO, store.append, FakeStops().watch)
+    text = "\x01" * 4000  # 4 kB in msgpack, 24 kB as JSON
+
+    def trial() -> None:
+        bus = TrialBus(str(link.path), 3, 7, "7.2")
+        for step in range(200):
+            bus.add_point(ev.MetricPoint(steps_completed=step, metrics={"note": text, "loss": 1.0}))
+        bus.flush()
+        bus.close()
+
+    await asyncio.to_thread(trial)
+    batches = [e for e in store.events if isinstance(e, ev.TrainingMetricsReported)]
+    assert [p.steps_completed for b in batches for p in b.points] == list(range(200))
+    assert len(batches) > 1 and all(len(msgspec.json.encode(b)) <= 512 * 1024 for b in batches)
+    assert [b.batch_id for b in batches] == [f"7.2:{i}" for i in range(1, len(batches) + 1)]
+    await link.close()
+
+
 async def test_a_client_claiming_another_allocations_batches_is_refused(tmp_path: Path) -> None:
     store = Stored()
     link = await _link(tmp_path, WHO, store.append, FakeStops().watch)

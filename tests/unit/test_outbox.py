@@ -7,6 +7,7 @@ across processes is the point of the outbox.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import msgspec
 import pytest
 
 from schemas import events as ev
+from services.worker import outbox as outbox_mod
 from services.worker.main import Worker
 from services.worker.outbox import (
     Backoff,
@@ -94,8 +96,8 @@ def _pending(i: int) -> PendingRow:
 
 def test_rows_come_back_in_append_order_and_go_only_when_deleted(tmp_path: Path) -> None:
     f = OutboxFile(tmp_path / "outbox.sqlite")
-    assert f.append([_pending(1), _pending(2)]) == 2
-    assert f.append([_pending(3)]) == 3
+    assert f.append([_pending(1), _pending(2)]) == [1, 2]
+    assert f.append([_pending(3)]) == [3]
     assert [r.msg_id for r in f.head()] == ["m1", "m2", "m3"]
     assert [r.msg_id for r in f.head(limit=1, after=1)] == ["m2"]
     f.delete_through(2)
@@ -114,7 +116,7 @@ def test_the_file_keeps_rows_and_ids_across_processes(tmp_path: Path) -> None:
     assert [(r.id, r.payload) for r in again.head()] == [(4, b"p4")]
     # Ids never go back, even after the table was emptied: append order holds across restarts.
     again.delete_through(4)
-    assert again.append([_pending(5)]) == 5
+    assert again.append([_pending(5)]) == [5]
     assert again.exited_allocations() == []
     again.append([PendingRow("s", "AllocationExited:8.1", b"{}", "AllocationExited", "8.1")])
     assert again.exited_allocations() == ["8.1"]
@@ -148,6 +150,42 @@ async def test_events_are_published_in_append_order_each_once_after_failures(tmp
     f = OutboxFile(tmp_path / "outbox.sqlite")
     assert f.count() == 0  # published rows are gone from the file
     f.close()
+
+
+class CountingFile(OutboxFile):
+    """The real file, counting transactions (each one is one fsync); ``fail_next`` makes the next one fail."""
+
+    commits = 0
+    fail_next = False
+
+    def append(self, rows):  # type: ignore[no-untyped-def]
+        if CountingFile.fail_next:
+            CountingFile.fail_next = False
+            raise sqlite3.OperationalError("disk I/O error")
+        CountingFile.commits += 1
+        return super().append(rows)
+
+
+async def test_appends_asked_for_together_share_one_commit_and_keep_their_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials reporting at once cost one fsync per group, not per batch; each caller gets its own row id."""
+    monkeypatch.setattr(outbox_mod, "OutboxFile", CountingFile)
+    CountingFile.commits = 0
+    bus = FakeBus(fail=10**9)  # nothing leaves, so the file holds everything
+    box = Outbox(tmp_path / "outbox.sqlite", bus.publish, backoff=_fast)
+    await box.start()
+    ids = await asyncio.gather(*(box.append(_logs(i)) for i in range(20)))
+    assert ids == list(range(1, 21))  # in the order asked for, each its own id
+    assert CountingFile.commits < 20  # grouped: the first commits alone, the 19 that queued behind it together
+    # A failing commit fails its whole group (nothing of it is stored) and the next group still goes in.
+    CountingFile.fail_next = True
+    results = await asyncio.gather(*(box.append(_logs(i)) for i in range(20, 23)), return_exceptions=True)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert await box.append(_logs(23)) == 21
+    bus.fail = 0
+    assert await box.wait_drained(timeout=5.0)
+    assert [m for _, _, m in bus.published] == [f"LogsShipped:7.1:{i}" for i in (*range(20), 23)]
+    await box.close()
 
 
 async def test_an_outage_is_waited_out_however_long_it_lasts(tmp_path: Path) -> None:
