@@ -61,7 +61,13 @@ def _json_metric(value: Any) -> ev.MetricValue:
 def _clean(metrics: dict[str, Any]) -> dict[str, ev.MetricValue]:
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}")
-    return {str(k): _json_metric(v) for k, v in metrics.items()}
+    out: dict[str, ev.MetricValue] = {}
+    for k, v in metrics.items():
+        kind = type(v)
+        # Finite floats and ints as they are, without a call (v - v is NaN for NaN and inf): once per
+        # metric per step, this is the hot path of training code.
+        out[k if type(k) is str else str(k)] = v if (kind is float and v - v == 0.0) or kind is int else _json_metric(v)
+    return out
 
 
 class _Reporter:
