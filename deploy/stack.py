@@ -96,10 +96,10 @@ def user_permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
             # The credential for outside systems (README "Bus"): subscribes to metrics and domain events as
             # they are published; publishes nothing, so it forges nothing and calls no JetStream API.
             return {"publish": {"deny": [">"]},
-                    "subscribe": {"allow": ["kiln.metrics.>", "kiln.events.>", inbox]}}
+                    "subscribe": {"allow": [subjects.ALL_METRICS, subjects.ALL_EVENTS, inbox]}}
         case "gateway":
             return _user(subjects.publish_allow("gateway") + _reads(E) + _kv(CLUSTER_BUCKET, CLUSTER_KEY, write=False),
-                         [inbox, "kiln.metrics.>", "kiln.events.>"])  # live metrics (SSE)
+                         [inbox, subjects.ALL_METRICS, subjects.ALL_EVENTS])  # live metrics (SSE)
         case "searcher":
             return _user(subjects.publish_allow("searcher") + _durable(E, "searcher")
                          + _kv(runtime.SNAPSHOT_BUCKET, "searcher", write=True), [inbox])

@@ -24,23 +24,45 @@ TERMINAL_STATES = {"COMPLETED", "ERROR", "CANCELED"}
 class APIError(Exception):
     """The gateway refused a request; ``errors`` lists field-level problems when there are any."""
 
-    def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None,
+                 request_id: str | None = None) -> None:
         self.status = status
         self.detail = detail
         self.errors = errors or []
-        lines = [f"{detail} (HTTP {status})"] + [f"  {e.get('path', '?')}: {e.get('message', '')}" for e in self.errors]
+        self.request_id = request_id
+        where = f", request id {request_id}" if request_id and status >= 500 else ""
+        lines = [f"{detail} (HTTP {status}{where})"]
+        lines += [f"  {e.get('path', '?')}: {e.get('message', '')}" for e in self.errors]
         super().__init__("\n".join(lines))
 
 
 def field_errors(extra: Any) -> list[dict[str, str]]:
-    """Field-level problems from an error body's ``extra``, in either shape the gateway answers with:
-    Kiln's own ``{"errors": [{"path", "message"}]}`` or Litestar's validation list ``[{"key", "message"}]``."""
+    """Field-level problems from an error body's ``extra`` (``schemas.api.ErrorBody``), in either of its shapes:
+    the config's ``{"errors": [{"path", "message"}]}`` or the parameters' list ``[{"key", "message"}]``."""
     if isinstance(extra, dict):
         extra = extra.get("errors") or []
     if not isinstance(extra, list):
         return []
     return [{"path": str(e.get("path", e.get("key", "?"))), "message": str(e.get("message", ""))}
             for e in extra if isinstance(e, dict)]
+
+
+def api_error(resp: httpx.Response) -> APIError:
+    """The error an answer of 400 or more stands for. Its body is ``schemas.api.ErrorBody``; anything else (a
+    proxy's HTML page, a truncated body) still gives a readable error, never a traceback."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        text = " ".join(resp.text.split())[:300]
+        body = {"detail": text or resp.reason_phrase}
+    detail = str(body.get("detail") or resp.reason_phrase)
+    if resp.status_code == 401:
+        return NotLoggedIn(detail)
+    request_id = body.get("request_id") or resp.headers.get("x-request-id")
+    return APIError(resp.status_code, detail, field_errors(body.get("extra")),
+                    str(request_id) if request_id else None)
 
 
 class NotLoggedIn(APIError):
@@ -132,14 +154,12 @@ class Client:
 
     def _check(self, resp: httpx.Response) -> Any:
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {"detail": resp.text}
-            if resp.status_code == 401:
-                raise NotLoggedIn(str(body.get("detail", resp.reason_phrase)))
-            raise APIError(resp.status_code, str(body.get("detail", resp.reason_phrase)), field_errors(body.get("extra")))
-        return resp.json()
+            raise api_error(resp)
+        try:
+            return resp.json()
+        except ValueError:
+            raise APIError(resp.status_code, f"the answer from {self.master} is not JSON:"
+                           f" {' '.join(resp.text.split())[:200]!r}") from None
 
     def _get(self, path: str, **params: Any) -> Any:
         try:

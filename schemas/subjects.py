@@ -39,10 +39,16 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     duplicate_window_s: float = 120.0
 
 
-EVENTS = StreamSpec(name="KILN_EVENTS", subjects=["kiln.events.>"])
-METRICS = StreamSpec(name="KILN_METRICS", subjects=["kiln.metrics.>"])
-LOGS = StreamSpec(name="KILN_LOGS", subjects=["kiln.logs.>"], max_age_s=14 * 24 * 3600.0, max_bytes=8 << 30)
-DEADLETTER = StreamSpec(name="KILN_DEADLETTER", subjects=["kiln.deadletter.>"])
+# Every subject of a stream: what it stores, and the filter (or subscription) for all of it.
+ALL_EVENTS = "kiln.events.>"
+ALL_METRICS = "kiln.metrics.>"
+ALL_LOGS = "kiln.logs.>"
+ALL_DEADLETTERS = "kiln.deadletter.>"
+
+EVENTS = StreamSpec(name="KILN_EVENTS", subjects=[ALL_EVENTS])
+METRICS = StreamSpec(name="KILN_METRICS", subjects=[ALL_METRICS])
+LOGS = StreamSpec(name="KILN_LOGS", subjects=[ALL_LOGS], max_age_s=14 * 24 * 3600.0, max_bytes=8 << 30)
+DEADLETTER = StreamSpec(name="KILN_DEADLETTER", subjects=[ALL_DEADLETTERS])
 ALL_STREAMS = (EVENTS, METRICS, LOGS, DEADLETTER)
 
 HEARTBEAT_SUBJECT = "kiln.heartbeat.*"

@@ -1,6 +1,8 @@
 """The shared service runtime: settings, logging, the bus, consumers with an explicit ack policy.
 
 Every service's ``main.py`` uses this one module and nothing of another service. No I/O at import.
+It is the one module that speaks nats-py: the rest of the code publishes, consumes, reads, subscribes and keeps
+key-value entries through ``Bus`` (and names NATS failures through ``NATS_UNAVAILABLE`` and friends).
 """
 
 from __future__ import annotations
@@ -179,8 +181,49 @@ class Delivery(Generic[T]):
         """How many times JetStream has delivered this message (1 = first time)."""
         return self.msg.metadata.num_delivered
 
+    @property
+    def subject(self) -> str:
+        """The subject the message was stored under."""
+        return self.msg.subject
+
 
 Handler = Callable[[list[Delivery[T]]], Awaitable[None]]
+# A core-NATS subscriber: called with each message's subject and payload.
+OnMessage = Callable[[str, bytes], Awaitable[None]]
+
+
+class Published(NamedTuple):
+    """JetStream's answer to a publish: where the message sits, and whether it was stored before (dedupe)."""
+
+    seq: int
+    duplicate: bool
+
+
+class Subscription(Protocol):
+    """A live subscription (``Bus.subscribe``); ``unsubscribe`` ends it."""
+
+    async def unsubscribe(self, limit: int = 0) -> None: ...
+
+
+class Bucket:
+    """One key-value bucket (JetStream KV): bytes by key."""
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> bytes | None:
+        """The key's value, or None when it has none."""
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        value: bytes | None = entry.value
+        return value
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Replace the key's value; the revision it got."""
+        revision: int = await self._kv.put(key, value)
+        return revision
 
 
 class Bus:
@@ -196,6 +239,49 @@ class Bus:
         # Bumped each time the connection comes back after an outage: what was heard live (heartbeats)
         # during the gap is missing, and a service that judges silence must start counting afresh.
         self.reconnects = 0
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is up now (while it is not, a publish would only be buffered)."""
+        return bool(self.nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (0 before it said)."""
+        return int(self.nc.max_payload or 0)
+
+    async def subscribe(self, subject: str, on_message: OnMessage) -> Subscription:
+        """Hear messages on ``subject`` (wildcards allowed) live, over core NATS: stored events as they are
+        stored, and heartbeats; nothing from before the subscription."""
+
+        async def cb(msg: Msg) -> None:
+            await on_message(msg.subject, msg.data)
+
+        sub: Subscription = await self.nc.subscribe(subject, cb=cb)
+        return sub
+
+    async def publish_core(self, subject: str, payload: bytes) -> None:
+        """Send a message over core NATS only (a heartbeat): heard by whoever listens now, never stored."""
+        await self.nc.publish(subject, payload)
+
+    async def bucket(self, name: str) -> Bucket:
+        """A key-value bucket made by ``bootstrap`` (raises when it is missing)."""
+        return Bucket(await self.js.key_value(name))
+
+    async def kv_get(self, bucket: str, key: str) -> bytes | None:
+        """One key's value; None when the key or the whole bucket is not there (yet)."""
+        try:
+            return await (await self.bucket(bucket)).get(key)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            return None
+
+    async def stream_bounds(self, stream: StreamSpec) -> tuple[int, int] | None:
+        """The first and last seq a stream holds now; None when the stream is not there."""
+        try:
+            info = await self.js.stream_info(stream.name)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.state.first_seq), int(info.state.last_seq)
 
     async def bootstrap(self) -> None:
         """Create the streams and key-value buckets if missing: the admin's one step before services start.
@@ -242,10 +328,11 @@ class Bus:
         """
         return (await self.publish_ack(event, msg_id=msg_id)).seq
 
-    async def publish_ack(self, event: Any, *, msg_id: str | None = None) -> js_api.PubAck:
-        """``publish``, returning JetStream's whole answer (``duplicate`` says it was already stored)."""
+    async def publish_ack(self, event: Any, *, msg_id: str | None = None) -> Published:
+        """``publish``, returning JetStream's answer (``duplicate`` says it was already stored)."""
         headers = {"Nats-Msg-Id": msg_id or dedupe_key(event)}
-        return await self.js.publish(subject_for(event, self.worker_id), _ENCODER.encode(event), headers=headers)
+        ack = await self.js.publish(subject_for(event, self.worker_id), _ENCODER.encode(event), headers=headers)
+        return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def publish_raw(self, subject: str, payload: bytes, msg_id: str) -> int:
         """Publish a worker's already-encoded fact (an outbox row: its routing subject) with its ``Nats-Msg-Id``.
@@ -526,7 +613,7 @@ class Bus:
 
     async def snapshots(self) -> Snapshots:
         """The key-value bucket decision services keep their state snapshots in (made by ``bootstrap``)."""
-        return Snapshots(await self.js.key_value(SNAPSHOT_BUCKET))
+        return Snapshots(await self.bucket(SNAPSHOT_BUCKET))
 
 
 # Waits between retries of a step that failed for a transient reason; the last one repeats.
@@ -549,6 +636,9 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# A request NATS did not answer in time (a publish may still have been stored), and a connection closed for good.
+NATS_TIMEOUT: type[Exception] = nats.errors.TimeoutError
+NATS_CLOSED: type[Exception] = nats.errors.ConnectionClosedError
 # NATS failures that mean "not reachable now"; a 4xx API error (a bad request, not found) is not one, and
 # neither is a connection closed for good (the process is shutting down).
 NATS_UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -677,23 +767,20 @@ class _Puller:
 class Snapshots:
     """Serialized state of a decision service with the stream seq it reflects."""
 
-    def __init__(self, kv: Any) -> None:
-        self._kv = kv
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
 
     async def load(self, key: str) -> tuple[bytes, int] | None:
         """The last saved state and seq, or None on first start."""
-        try:
-            entry = await self._kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+        value = await self._bucket.get(key)
+        if value is None:
             return None
-        if entry.value is None:
-            return None
-        header, _, body = entry.value.partition(b"\n")
+        header, _, body = value.partition(b"\n")
         return body, int(header)
 
     async def save(self, key: str, state: bytes, seq: int) -> None:
         """Replace the snapshot (state first, seq in a one-line header)."""
-        await self._kv.put(key, str(seq).encode() + b"\n" + state)
+        await self._bucket.put(key, str(seq).encode() + b"\n" + state)
 
 
 class DecisionCore(Protocol):

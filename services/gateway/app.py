@@ -9,6 +9,10 @@ bus through ``GatewayDeps.publish()``; those attribute a failure to its part, an
 exception handler (``_error_response``) turn every outage into the 503. Every 5xx is logged with its request
 id (``X-Request-Id``, taken from the request or made up).
 
+Typed answers: every route returns a ``schemas.api`` Struct and documents the errors it can answer with
+(``_errors``), all in one shape, ``schemas.api.ErrorBody`` (``_http_error``, ``_error_response``), so the OpenAPI
+schema describes every response. A missing experiment, trial, checkpoint or token is a 404 from ``found``.
+
 Every route but ``/health``, login and the schema pages needs ``Authorization: Bearer <token>``
 (``auth.require_user``, one app-wide guard); changing an experiment needs its owner or an admin (``_may_change``).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import secrets
 import tarfile
@@ -24,20 +29,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from datetime import datetime, timezone
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import msgspec
-import nats.errors
-import nats.js.errors
 import structlog
 import urllib3.exceptions
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import ClientException, NotAuthorizedException, NotFoundException, PermissionDeniedException
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+)
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, OpenAPIType, Schema, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.response.sse import ServerSentEventMessage
@@ -47,18 +57,19 @@ from minio import Minio
 from minio.error import S3Error, ServerError
 
 from kiln import context as code_context
+from schemas import api, subjects
 from schemas import events as ev
-from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
 from services.gateway import auth, queries
 from services.gateway.auth import Principal
-from services.runtime import NATS_UNAVAILABLE, Bus, postgres_unavailable
+from services.runtime import NATS_CLOSED, NATS_TIMEOUT, NATS_UNAVAILABLE, Bus, postgres_unavailable
 
 log = structlog.get_logger(__name__)
 
 _DOMAIN_DECODER = msgspec.json.Decoder(ev.DomainEvent)
 _STREAM_DECODER = msgspec.json.Decoder(ev.DomainEvent | ev.TrainingMetricsReported)
+T = TypeVar("T")
 
 
 # -- outages -----------------------------------------------------------------------------------------------
@@ -72,11 +83,11 @@ _PART_NAMES = {"postgres": "the read model (PostgreSQL)", "nats": "the event bus
 class Unavailable(Exception):
     """Parts a request needs are down: answered 503 with ``Retry-After``, never 500."""
 
-    def __init__(self, down: list[str], detail: str | None = None, **extra: Any) -> None:
+    def __init__(self, down: list[str], detail: str | None = None, *, experiment_id: int | None = None) -> None:
         self.down = down
         self.detail = detail or (" and ".join(_PART_NAMES[d] for d in down)
                                  + (" is" if len(down) == 1 else " are") + " unavailable; retry shortly")
-        self.extra = extra
+        self.extra = api.ErrorDetails(experiment_id=experiment_id) if experiment_id is not None else None
         super().__init__(self.detail)
 
 
@@ -89,7 +100,7 @@ def outage(exc: BaseException) -> Unavailable | None:
     """
     if isinstance(exc, Unavailable):
         return exc
-    if isinstance(exc, (*NATS_UNAVAILABLE, nats.errors.ConnectionClosedError)):  # closed: the gateway is cut off
+    if isinstance(exc, (*NATS_UNAVAILABLE, NATS_CLOSED)):  # closed: the gateway is cut off
         return Unavailable(["nats"])
     if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)) \
             and postgres_unavailable(exc):
@@ -134,7 +145,7 @@ class GatewayDeps:
     def require_bus(self) -> None:
         """Fail fast while NATS is disconnected: nats-py would buffer a publish and send it after an
         answer of 503, recording what the caller was told was not recorded."""
-        if not self.bus.nc.is_connected:
+        if not self.bus.is_connected:
             raise Unavailable(["nats"])
 
     async def publish(self, event: Any) -> int:
@@ -182,8 +193,43 @@ def _deps(state: State) -> GatewayDeps:
     return deps
 
 
-def _bad_request(detail: str, **extra: Any) -> ClientException:
-    return ClientException(detail=detail, extra=extra or None)
+def _bad_request(detail: str, errors: list[api.ConfigProblem] | None = None) -> ClientException:
+    return ClientException(detail=detail, extra=api.ErrorDetails(errors=errors) if errors else None)
+
+
+def found(value: T | None, what: str, key: object) -> T:
+    """The one not-found path: a missing experiment, trial, checkpoint or token is a 404 naming it."""
+    if value is None:
+        raise NotFoundException(f"{what} {key} not found")
+    return value
+
+
+async def _experiment(deps: GatewayDeps, experiment_id: int) -> api.Experiment:
+    """An experiment of the read model, or a 404."""
+    async with deps.db() as conn:
+        return found(await queries.get_experiment(conn, experiment_id), "experiment", experiment_id)
+
+
+# -- what each route documents about its errors (all in the one shape, ``api.ErrorBody``) ---------------------
+
+_ERROR_TEXT = {
+    400: "Invalid parameters or body: ``extra`` names them (a list), or the config's fields (``extra.errors``)",
+    401: "Not signed in, or the token is unknown, expired or revoked",
+    403: "Signed in, but not allowed: only an experiment's owner or an admin may change it",
+    404: "No such thing (an experiment, trial, checkpoint or token)",
+    409: "Conflicts with the thing's state (already ended, already exists, stored elsewhere)",
+    410: "Recorded, but its files are gone from the store",
+    413: "The request body is over the gateway's limit",
+    500: "Internal server error: report its ``request_id``",
+    503: "A part is down (``down`` names it): retry after ``Retry-After`` seconds",
+}
+
+
+def _errors(*codes: int, public: bool = False) -> dict[int, ResponseSpec]:
+    """The error answers a route documents: 400, 500 and 503 always, 401 unless it is public, and ``codes``."""
+    every = {400, 500, 503, *codes} | (set() if public else {401})
+    return {code: ResponseSpec(data_container=api.ErrorBody, description=_ERROR_TEXT[code],
+                               generate_examples=False) for code in sorted(every)}
 
 
 # -- parameters: what the read model and the bus can hold, refused with a 400 naming the parameter ---------------
@@ -205,11 +251,11 @@ def _refuse_bad_text(request: Request[Any, Any, Any]) -> None:
             for text in (key, value):
                 if isinstance(text, str) and (problem := text_problem(text)):
                     raise ClientException(detail=f"{source} parameter {key!r} {problem}",
-                                          extra=[{"key": key, "source": source, "message": problem}])
+                                          extra=[api.ParamProblem(key=key, source=source, message=problem)])
 
 
-@get("/health", operation_id="health", opt={auth.PUBLIC: True}, security=[{}])
-async def health(state: State) -> dict[str, str]:
+@get("/health", operation_id="health", opt={auth.PUBLIC: True}, security=[{}], responses=_errors(public=True))
+async def health(state: State) -> api.Health:
     """Readiness: 200 when Postgres answers and the bus is connected, else 503 naming what is down."""
     deps = _deps(state)
     down, cause = [], None
@@ -218,18 +264,19 @@ async def health(state: State) -> dict[str, str]:
             await conn.fetchval("SELECT 1", timeout=deps.acquire_timeout_s)
     except Unavailable as exc:
         down, cause = ["postgres"], exc.__cause__
-    if not deps.bus.nc.is_connected:
+    if not deps.bus.is_connected:
         down.append("nats")
     if down:
         raise Unavailable(down) from cause
-    return {"status": "ok"}
+    return api.Health()
 
 
-@post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED)
+@post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED,
+      responses=_errors(409, 413))
 async def create_experiment(
     state: State, request: Request[Principal, int, Any],
     data: Annotated[Submission, Body(media_type=RequestEncodingType.MULTI_PART)],
-) -> dict[str, Any]:
+) -> api.Submitted:
     """Submit an experiment: a Determined-style YAML config and a tar.gz code context."""
     deps = _deps(state)
     try:
@@ -238,7 +285,7 @@ async def create_experiment(
                                                    YamlLimits(max_bytes=deps.max_config_bytes))
     except ConfigError as exc:
         raise _bad_request("invalid experiment config",
-                           errors=[{"path": e.path, "message": e.message} for e in exc.errors]) from exc
+                           errors=[api.ConfigProblem(path=e.path, message=e.message) for e in exc.errors]) from exc
     blob = await data.context.read(deps.max_context_bytes + 1)
     try:
         await asyncio.to_thread(code_context.check, blob, deps.max_context_bytes, deps.max_context_unpacked_bytes,
@@ -266,14 +313,14 @@ async def create_experiment(
     try:
         await deps.publish_new(event)  # never reports success for an id JetStream dropped as a duplicate
     except Unavailable as exc:
-        if not isinstance(exc.__cause__, nats.errors.TimeoutError):
+        if not isinstance(exc.__cause__, NATS_TIMEOUT):
             raise  # never sent: nothing recorded
         # Sent but not acknowledged: JetStream may still have stored it. Say which id to look for.
         raise Unavailable(["nats"], f"the event bus (NATS) did not confirm the submission in time; it may still"
                           f" appear as experiment {experiment_id}: check before submitting again",
                           experiment_id=experiment_id) from exc
     log.info("experiment.submitted", experiment_id=experiment_id, digest=digest, warnings=warnings)
-    return {"id": experiment_id, "warnings": warnings, "context_digest": digest}
+    return api.Submitted(id=experiment_id, warnings=warnings, context_digest=digest)
 
 
 def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
@@ -285,29 +332,26 @@ def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
     deps.minio.put_object(deps.bucket, key, io.BytesIO(blob), len(blob), content_type="application/gzip")
 
 
-@get("/api/v1/experiments", operation_id="listExperiments")
+@get("/api/v1/experiments", operation_id="listExperiments", responses=_errors())
 async def list_experiments(
     state: State,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     offset: Offset = 0,
     experiment_state: Annotated[str | None, Parameter(query="state")] = None,
-) -> list[dict[str, Any]]:
+) -> list[api.ExperimentSummary]:
     """Experiments, newest first."""
     async with _deps(state).db() as conn:
         return await queries.list_experiments(conn, limit, offset, experiment_state)
 
 
-@get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment")
-async def get_experiment(state: State, experiment_id: Id) -> dict[str, Any]:
+@get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment", responses=_errors(404))
+async def get_experiment(state: State, experiment_id: Id) -> api.Experiment:
     """One experiment with its config, trial states and best trial."""
-    async with _deps(state).db() as conn:
-        found = await queries.get_experiment(conn, experiment_id)
-    if found is None:
-        raise NotFoundException(f"experiment {experiment_id} not found")
-    return found
+    return await _experiment(_deps(state), experiment_id)
 
 
-@get("/api/v1/experiments/{experiment_id:int}/trials", operation_id="listExperimentTrials")
+@get("/api/v1/experiments/{experiment_id:int}/trials", operation_id="listExperimentTrials",
+     responses=_errors(404))
 async def list_trials(
     state: State,
     experiment_id: Id,
@@ -315,83 +359,82 @@ async def list_trials(
     offset: Offset = 0,
     sort: Annotated[str, Parameter(pattern="^(id|best_metric|steps_completed|state|restarts)$")] = "id",
     order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "asc",
-) -> list[dict[str, Any]]:
+) -> list[api.Trial]:
     """An experiment's trials with hparams and best metric, sortable and paged."""
     async with _deps(state).db() as conn:
-        if await queries.get_experiment(conn, experiment_id) is None:
-            raise NotFoundException(f"experiment {experiment_id} not found")
+        found(await queries.get_experiment(conn, experiment_id), "experiment", experiment_id)
         return await queries.list_trials(conn, experiment_id, limit, offset, sort, order == "desc")
 
 
-@post("/api/v1/experiments/{experiment_id:int}/kill", operation_id="killExperiment", status_code=HTTP_202_ACCEPTED)
-async def kill_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> dict[str, Any]:
+@post("/api/v1/experiments/{experiment_id:int}/kill", operation_id="killExperiment", status_code=HTTP_202_ACCEPTED,
+      responses=_errors(403, 404))
+async def kill_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> api.StateAnswer:
     """Ask for an experiment and all its trials to be killed."""
     deps = _deps(state)
-    async with deps.db() as conn:
-        found = await queries.get_experiment(conn, experiment_id)
-    if found is None:
-        raise NotFoundException(f"experiment {experiment_id} not found")
-    _may_change(request.user, found)
-    if found["ended_at"] is not None:
-        return {"id": experiment_id, "state": found["state"]}
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(request.user, experiment)
+    if experiment.ended_at is not None:
+        return api.StateAnswer(id=experiment_id, state=experiment.state)
     await deps.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
-    return {"id": experiment_id, "state": "STOPPING_CANCELED"}
+    return api.StateAnswer(id=experiment_id, state="STOPPING_CANCELED")
 
 
-@get("/api/v1/experiments/{experiment_id:int}/events", operation_id="getExperimentEvents")
+@get("/api/v1/experiments/{experiment_id:int}/events", operation_id="getExperimentEvents", responses=_errors(404))
 async def experiment_events(
     state: State,
     experiment_id: Id,
     after_seq: Annotated[int, Parameter(ge=0, le=INT64_MAX - 1)] = 0,
     limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
-) -> list[dict[str, Any]]:
+) -> list[api.AuditEvent]:
     """The audit trail: every event about the experiment, in stream order, with sequence numbers."""
     deps = _deps(state)
     deps.require_bus()
-    out: list[dict[str, Any]] = []
+    out: list[api.AuditEvent] = []
     trail = deps.bus.read(subjects.EVENTS, subjects.experiment_filter(experiment_id), _DOMAIN_DECODER,
                           start_seq=after_seq + 1)
     async with contextlib.aclosing(trail) as events:
         async for d in events:
-            out.append({"seq": d.seq, "subject": d.msg.subject, "type": type(d.event).__name__,
-                        "time": d.msg.metadata.timestamp, "event": msgspec.to_builtins(d.event)})
+            out.append(api.AuditEvent(seq=d.seq, subject=d.subject, type=type(d.event).__name__,
+                                      time=datetime.fromtimestamp(d.timestamp, timezone.utc), event=d.event))
             if len(out) >= limit:
                 break
     if not out and after_seq == 0:
-        async with deps.db() as conn:
-            if await queries.get_experiment(conn, experiment_id) is None:
-                raise NotFoundException(f"experiment {experiment_id} not found")
+        await _experiment(deps, experiment_id)
     return out
 
 
-@get("/api/v1/experiments/{experiment_id:int}/metrics/stream", operation_id="streamExperimentMetrics")
+_SSE_TEXT = ("Server-Sent Events: ``training`` and ``validation`` (data: ``LiveMetrics`` as JSON, one per point),"
+             " ``end`` (data: ``LiveEnd``) once the experiment ended, and keep-alive comments")
+
+
+@get("/api/v1/experiments/{experiment_id:int}/metrics/stream", operation_id="streamExperimentMetrics",
+     responses={200: ResponseSpec(data_container=str, media_type="text/event-stream", description=_SSE_TEXT,
+                                  generate_examples=False),
+                **_errors(404)})
 async def stream_metrics(state: State, experiment_id: Id) -> ServerSentEvent:
     """Live metrics of an experiment as Server-Sent Events (``training`` and ``validation``), until it ends."""
     deps = _deps(state)
-    async with deps.db() as conn:
-        found = await queries.get_experiment(conn, experiment_id)
-    if found is None:
-        raise NotFoundException(f"experiment {experiment_id} not found")
-    if found["ended_at"] is None:
+    experiment = await _experiment(deps, experiment_id)
+    if experiment.ended_at is None:
         deps.require_bus()  # before the stream starts: afterwards no status can be sent
-    return ServerSentEvent(_metric_events(deps, experiment_id, ended=found["ended_at"] is not None))
+    return ServerSentEvent(_metric_events(deps, experiment_id, ended=experiment.ended_at is not None))
 
 
 async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> AsyncIterator[ServerSentEventMessage]:
     """Relay the experiment's live metric messages; one SSE message per point."""
+    encoder = msgspec.json.Encoder()
     if ended:
-        yield ServerSentEventMessage(event="end", data="{}")
+        yield ServerSentEventMessage(event="end", data=encoder.encode(api.LiveEnd()).decode())
         return
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10_000)
 
-    async def relay(msg: Any) -> None:
+    async def relay(subject: str, data: bytes) -> None:
         with contextlib.suppress(asyncio.QueueFull):  # a slow client loses points, never the gateway
-            queue.put_nowait(msg.data)
+            queue.put_nowait(data)
 
-    subs = [await deps.bus.nc.subscribe(subjects.metrics_filter(experiment_id), cb=relay),
-            await deps.bus.nc.subscribe(subjects.trial_filter(experiment_id), cb=relay),
-            await deps.bus.nc.subscribe(subjects.experiment_facts_filter(experiment_id), cb=relay)]
-    encoder = msgspec.json.Encoder()
+    subs = [await deps.bus.subscribe(subjects.metrics_filter(experiment_id), relay),
+            await deps.bus.subscribe(subjects.trial_filter(experiment_id), relay),
+            await deps.bus.subscribe(subjects.experiment_facts_filter(experiment_id), relay)]
     try:
         while True:
             try:
@@ -406,15 +449,14 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
             match event:
                 case ev.TrainingMetricsReported():
                     for p in event.points:
-                        yield ServerSentEventMessage(event="training", data=encoder.encode(
-                            {"trial_id": event.trial_id, "steps_completed": p.steps_completed,
-                             "metrics": p.metrics}).decode())
+                        yield ServerSentEventMessage(event="training", data=encoder.encode(api.LiveMetrics(
+                            trial_id=event.trial_id, steps_completed=p.steps_completed, metrics=p.metrics)).decode())
                 case ev.ValidationReported():
-                    yield ServerSentEventMessage(event="validation", data=encoder.encode(
-                        {"trial_id": event.trial_id, "steps_completed": event.steps_completed,
-                         "metrics": event.metrics}).decode())
+                    yield ServerSentEventMessage(event="validation", data=encoder.encode(api.LiveMetrics(
+                        trial_id=event.trial_id, steps_completed=event.steps_completed,
+                        metrics=event.metrics)).decode())
                 case ev.ExperimentEnded():
-                    yield ServerSentEventMessage(event="end", data=encoder.encode({"state": event.state}).decode())
+                    yield ServerSentEventMessage(event="end", data=encoder.encode(api.LiveEnd(state=event.state)).decode())
                     return
                 case _:
                     pass
@@ -424,45 +466,42 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
                 await sub.unsubscribe()
 
 
-def _may_change(principal: Principal, experiment: dict[str, Any]) -> None:
+def _may_change(principal: Principal, experiment: api.Experiment) -> None:
     """403 unless the principal may change this experiment (``auth.may_change``): checked before anything is
     published."""
-    if not auth.may_change(principal, experiment["submitted_by"]):
+    if not auth.may_change(principal, experiment.submitted_by):
         raise PermissionDeniedException(
-            f"experiment {experiment['id']} belongs to {experiment['submitted_by']!r}: only its owner or an admin"
+            f"experiment {experiment.id} belongs to {experiment.submitted_by!r}: only its owner or an admin"
             f" may change it (you are {principal.username!r})")
 
 
-async def _active_experiment(deps: GatewayDeps, principal: Principal, experiment_id: int) -> dict[str, Any]:
-    async with deps.db() as conn:
-        found = await queries.get_experiment(conn, experiment_id)
-    if found is None:
-        raise NotFoundException(f"experiment {experiment_id} not found")
-    _may_change(principal, found)
-    if found["ended_at"] is not None:
-        raise ClientException(status_code=409, detail=f"experiment {experiment_id} already ended ({found['state']})")
-    return found
+async def _active_experiment(deps: GatewayDeps, principal: Principal, experiment_id: int) -> api.Experiment:
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(principal, experiment)
+    if experiment.ended_at is not None:
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} already ended ({experiment.state})")
+    return experiment
 
 
 @post("/api/v1/experiments/{experiment_id:int}/pause", operation_id="pauseExperiment",
-      status_code=HTTP_202_ACCEPTED)
-async def pause_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> dict[str, Any]:
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
+async def pause_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> api.StateAnswer:
     """Pause: trials checkpoint and give back their slots; nothing new starts until activated."""
     deps = _deps(state)
     await _active_experiment(deps, request.user, experiment_id)
     await deps.publish(ev.ExperimentPauseRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
-    return {"id": experiment_id, "state": "PAUSED"}
+    return api.StateAnswer(id=experiment_id, state="PAUSED")
 
 
 @post("/api/v1/experiments/{experiment_id:int}/activate", operation_id="activateExperiment",
-      status_code=HTTP_202_ACCEPTED)
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
 async def activate_experiment(state: State, request: Request[Principal, int, Any],
-                              experiment_id: Id) -> dict[str, Any]:
+                              experiment_id: Id) -> api.StateAnswer:
     """Activate a paused experiment: its trials queue again and resume from their checkpoints."""
     deps = _deps(state)
     await _active_experiment(deps, request.user, experiment_id)
     await deps.publish(ev.ExperimentActivateRequested(experiment_id=experiment_id, request_id=uuid.uuid4().hex))
-    return {"id": experiment_id, "state": "ACTIVE"}
+    return api.StateAnswer(id=experiment_id, state="ACTIVE")
 
 
 class ResourcesPatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -474,9 +513,9 @@ class ResourcesPatch(msgspec.Struct, forbid_unknown_fields=True):
 
 
 @post("/api/v1/experiments/{experiment_id:int}/resources", operation_id="setExperimentResources",
-      status_code=HTTP_202_ACCEPTED)
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
 async def set_resources(state: State, request: Request[Principal, int, Any], experiment_id: Id,
-                        data: ResourcesPatch) -> dict[str, Any]:
+                        data: ResourcesPatch) -> api.ResourcesAnswer:
     """Change priority, weight or max_slots of a running experiment."""
     deps = _deps(state)
     await _active_experiment(deps, request.user, experiment_id)
@@ -485,135 +524,131 @@ async def set_resources(state: State, request: Request[Principal, int, Any], exp
     await deps.publish(ev.ExperimentResourcesChanged(
         experiment_id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots,
         change_id=uuid.uuid4().hex))
-    return {"id": experiment_id, **msgspec.structs.asdict(data)}
+    return api.ResourcesAnswer(id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots)
 
 
-@post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED)
-async def kill_trial(state: State, request: Request[Principal, int, Any], trial_id: Id) -> dict[str, Any]:
+@post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED,
+      responses=_errors(403, 404))
+async def kill_trial(state: State, request: Request[Principal, int, Any], trial_id: Id) -> api.StateAnswer:
     """Kill one trial; the experiment's other trials go on."""
     deps = _deps(state)
     async with deps.db() as conn:
-        found = await queries.get_trial(conn, trial_id)
-        experiment = await queries.get_experiment(conn, found["experiment_id"]) if found else None
-    if found is None or experiment is None:
-        raise NotFoundException(f"trial {trial_id} not found")
+        trial = found(await queries.get_trial(conn, trial_id), "trial", trial_id)
+        experiment = found(await queries.get_experiment(conn, trial.experiment_id), "trial", trial_id)
     _may_change(request.user, experiment)
-    if found["ended_at"] is None:
-        await deps.publish(ev.TrialKillRequested(experiment_id=found["experiment_id"], trial_id=trial_id))
-    return {"id": trial_id, "state": found["state"] if found["ended_at"] else "STOPPING_CANCELED"}
+    if trial.ended_at is None:
+        await deps.publish(ev.TrialKillRequested(experiment_id=trial.experiment_id, trial_id=trial_id))
+    return api.StateAnswer(id=trial_id, state=trial.state if trial.ended_at else "STOPPING_CANCELED")
 
 
 async def _cluster_view(deps: GatewayDeps) -> ClusterView:
     deps.require_bus()
-    try:
-        kv = await deps.bus.js.key_value(CLUSTER_BUCKET)
-        entry = await kv.get(CLUSTER_KEY)
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError):
+    value = await deps.bus.kv_get(CLUSTER_BUCKET, CLUSTER_KEY)
+    if value is None:  # no scheduler has published yet
         return ClusterView(as_of=0.0, agents=[], jobs=[])
-    return msgspec.json.decode(entry.value or b"", type=ClusterView)
+    return msgspec.json.decode(value, type=ClusterView)
 
 
-@get("/api/v1/agents", operation_id="listAgents")
+@get("/api/v1/agents", operation_id="listAgents", responses=_errors())
 async def list_agents(state: State) -> list[AgentView]:
     """Worker agents with their slots and what runs on each (as the scheduler last published)."""
     return (await _cluster_view(_deps(state))).agents
 
 
-@get("/api/v1/jobs", operation_id="listJobs")
+@get("/api/v1/jobs", operation_id="listJobs", responses=_errors())
 async def list_jobs(state: State) -> list[JobView]:
     """Trials holding or waiting for slots, with queue positions, priorities and weights."""
     return (await _cluster_view(_deps(state))).jobs
 
 
-@get("/api/v1/trials/{trial_id:int}", operation_id="getTrial")
-async def get_trial(state: State, trial_id: Id) -> dict[str, Any]:
+@get("/api/v1/trials/{trial_id:int}", operation_id="getTrial", responses=_errors(404))
+async def get_trial(state: State, trial_id: Id) -> api.TrialDetail:
     """One trial with its allocations."""
     async with _deps(state).db() as conn:
-        found = await queries.get_trial(conn, trial_id)
-    if found is None:
-        raise NotFoundException(f"trial {trial_id} not found")
-    return found
+        return found(await queries.get_trial(conn, trial_id), "trial", trial_id)
 
 
-@get("/api/v1/trials/{trial_id:int}/metrics", operation_id="getTrialMetrics")
+@get("/api/v1/trials/{trial_id:int}/metrics", operation_id="getTrialMetrics", responses=_errors())
 async def trial_metrics(
     state: State,
     trial_id: Id,
     kind: Annotated[str | None, Parameter(pattern="^(training|validation)$")] = None,
     limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
     offset: Offset = 0,
-) -> list[dict[str, Any]]:
+) -> list[api.MetricsAtStep]:
     """A trial's metric points, by kind and step."""
     async with _deps(state).db() as conn:
         return await queries.trial_metrics(conn, trial_id, kind, limit, offset)
 
 
-@get("/api/v1/trials/{trial_id:int}/series", operation_id="getTrialSeries")
+@get("/api/v1/trials/{trial_id:int}/series", operation_id="getTrialSeries", responses=_errors())
 async def trial_series(
     state: State,
     trial_id: Id,
     name: Annotated[list[str] | None, Parameter(query="name")] = None,
     kind: Annotated[str, Parameter(pattern="^(training|validation)$")] = "training",
     max_points: Annotated[int, Parameter(ge=2, le=100000)] = 1000,
-) -> dict[str, Any]:
+) -> api.Series:
     """Series of one or more metrics, downsampled server-side to at most ~max_points keeping extremes."""
     async with _deps(state).db() as conn:
-        names = name or sorted({m["name"] for m in await queries.metric_names(conn, trial_id) if m["kind"] == kind})
-        return {"trial_id": trial_id, "kind": kind, "max_points": max_points,
-                "series": {n: await queries.series(conn, trial_id, kind, n, max_points) for n in names}}
+        names = name or sorted({m.name for m in await queries.metric_names(conn, trial_id) if m.kind == kind})
+        return api.Series(trial_id=trial_id, kind=kind, max_points=max_points,  # type: ignore[arg-type]
+                          series={n: await queries.series(conn, trial_id, kind, n, max_points) for n in names})
 
 
-@get("/api/v1/trials/{trial_id:int}/metric-names", operation_id="getTrialMetricNames")
-async def trial_metric_names(state: State, trial_id: Id) -> list[dict[str, Any]]:
+@get("/api/v1/trials/{trial_id:int}/metric-names", operation_id="getTrialMetricNames", responses=_errors())
+async def trial_metric_names(state: State, trial_id: Id) -> list[api.MetricName]:
     """The metrics a trial reported, with their last, min and max values."""
     async with _deps(state).db() as conn:
         return await queries.metric_names(conn, trial_id)
 
 
-@get("/api/v1/trials/{trial_id:int}/logs", operation_id="getTrialLogs")
+@get("/api/v1/trials/{trial_id:int}/logs", operation_id="getTrialLogs", responses=_errors())
 async def trial_logs(
     state: State,
     trial_id: Id,
     limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
     offset: Offset = 0,
     tail: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[api.LogLine]:
     """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines."""
     async with _deps(state).db() as conn:
         return await queries.trial_logs(conn, trial_id, limit, offset, tail)
 
 
-@get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints")
-async def trial_checkpoints(state: State, trial_id: Id) -> list[dict[str, Any]]:
+@get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints", responses=_errors())
+async def trial_checkpoints(state: State, trial_id: Id) -> list[api.Checkpoint]:
     """A trial's checkpoints in step order."""
     async with _deps(state).db() as conn:
         return await queries.trial_checkpoints(conn, trial_id)
 
 
-@get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint")
-async def get_checkpoint(state: State, uuid: str) -> dict[str, Any]:
+async def _checkpoint(deps: GatewayDeps, uuid: str) -> api.Checkpoint:
+    """A checkpoint's record, or a 404."""
+    async with deps.db() as conn:
+        return found(await queries.get_checkpoint(conn, uuid), "checkpoint", uuid)
+
+
+@get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint", responses=_errors(404))
+async def get_checkpoint(state: State, uuid: str) -> api.Checkpoint:
     """One checkpoint's record: trial, steps, files and metadata."""
-    async with _deps(state).db() as conn:
-        found = await queries.get_checkpoint(conn, uuid)
-    if found is None:
-        raise NotFoundException(f"checkpoint {uuid} not found")
-    return found
+    return await _checkpoint(_deps(state), uuid)
 
 
-@get("/api/v1/checkpoints/{uuid:str}/download", operation_id="downloadCheckpoint")
+@get("/api/v1/checkpoints/{uuid:str}/download", operation_id="downloadCheckpoint",
+     responses={200: ResponseSpec(data_container=bytes, media_type="application/x-tar",
+                                  description="A tar archive of the checkpoint's files",
+                                  generate_examples=False), **_errors(404, 409, 410)})
 async def download_checkpoint(state: State, uuid: str) -> Stream:
     """The checkpoint's files as a tar stream (checkpoints in the cluster's store)."""
     deps = _deps(state)
-    async with deps.db() as conn:
-        found = await queries.get_checkpoint(conn, uuid)
-    if found is None:
-        raise NotFoundException(f"checkpoint {uuid} not found")
+    checkpoint = await _checkpoint(deps, uuid)
     prefix = f"s3://{deps.bucket}/"
-    if not str(found["storage"]).startswith(prefix):
-        raise ClientException(status_code=409, detail=f"checkpoint {uuid} is stored in {found['storage']},"
+    if not checkpoint.storage.startswith(prefix):
+        raise ClientException(status_code=409, detail=f"checkpoint {uuid} is stored in {checkpoint.storage},"
                               " outside the cluster's store; read it from there")
-    key_prefix = str(found["storage"])[len(prefix):].strip("/")
-    files = list(found["resources"])
+    key_prefix = checkpoint.storage[len(prefix):].strip("/")
+    files = list(checkpoint.resources)
     try:
         blob = await deps.s3(_tar_checkpoint, key_prefix, uuid, files)
     except S3Error as exc:
@@ -668,15 +703,16 @@ class NewToken(msgspec.Struct, forbid_unknown_fields=True):
     expires_in_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] | None = None
 
 
-async def _issue_token(conn: Any, user_id: int, name: str, kind: str, ttl_s: float | None) -> dict[str, Any]:
+async def _issue_token(conn: Any, user_id: int, name: str, kind: str, ttl_s: float | None) -> api.IssuedToken:
     """A new token: the value goes back to the caller once; only its digest is stored."""
     token = auth.new_token()
     record = await queries.create_token(conn, user_id, auth.token_digest(token), name, kind, ttl_s)
-    return {**record, "token": token}
+    return msgspec.convert({**record, "token": token}, api.IssuedToken)
 
 
-@post("/api/v1/auth/login", operation_id="login", status_code=200, opt={auth.PUBLIC: True}, security=[{}])
-async def login(state: State, data: Login) -> dict[str, Any]:
+@post("/api/v1/auth/login", operation_id="login", status_code=200, opt={auth.PUBLIC: True}, security=[{}],
+      responses=_errors(401, public=True))
+async def login(state: State, data: Login) -> api.LoginAnswer:
     """Sign in with username and password; returns a session token (Authorization: Bearer <token>)."""
     async with _deps(state).db() as conn:
         # A name no user can have (checked like a new one) is not looked up: no NUL byte ever reaches Postgres.
@@ -687,29 +723,29 @@ async def login(state: State, data: Login) -> dict[str, Any]:
             log.warning("auth.login_failed", username=data.username[:64])
             raise NotAuthorizedException("wrong username or password")
         issued = await _issue_token(conn, user["id"], "login", "session", auth.SESSION_TTL_S)
-    log.info("auth.login", username=user["username"], token_id=issued["id"])
-    return {"token": issued["token"], "token_id": issued["id"], "expires_at": issued["expires_at"],
-            "username": user["username"], "admin": user["admin"]}
+    log.info("auth.login", username=user["username"], token_id=issued.id)
+    return api.LoginAnswer(token=issued.token, token_id=issued.id, expires_at=issued.expires_at,
+                           username=user["username"], admin=user["admin"])
 
 
-@post("/api/v1/auth/logout", operation_id="logout", status_code=200)
-async def logout(state: State, request: Request[Principal, int, Any]) -> dict[str, Any]:
+@post("/api/v1/auth/logout", operation_id="logout", status_code=200, responses=_errors())
+async def logout(state: State, request: Request[Principal, int, Any]) -> api.Revoked:
     """Revoke the token this request was made with."""
     async with _deps(state).db() as conn:
         await queries.revoke_token(conn, request.user.token_id)
     log.info("auth.logout", username=request.user.username, token_id=request.user.token_id)
-    return {"token_id": request.user.token_id, "revoked": True}
+    return api.Revoked(token_id=request.user.token_id, revoked=True)
 
 
-@get("/api/v1/me", operation_id="getMe")
-async def me(request: Request[Principal, int, Any]) -> dict[str, Any]:
+@get("/api/v1/me", operation_id="getMe", responses=_errors())
+async def me(request: Request[Principal, int, Any]) -> api.Me:
     """The signed-in user."""
     p = request.user
-    return {"id": p.user_id, "username": p.username, "admin": p.admin, "token_id": p.token_id}
+    return api.Me(id=p.user_id, username=p.username, admin=p.admin, token_id=p.token_id)
 
 
-@post("/api/v1/users", operation_id="createUser", status_code=HTTP_201_CREATED)
-async def create_user(state: State, request: Request[Principal, int, Any], data: NewUser) -> dict[str, Any]:
+@post("/api/v1/users", operation_id="createUser", status_code=HTTP_201_CREATED, responses=_errors(403, 409))
+async def create_user(state: State, request: Request[Principal, int, Any], data: NewUser) -> api.User:
     """Create a user (admins only)."""
     if not request.user.admin:
         raise PermissionDeniedException("only an admin may create users")
@@ -724,29 +760,29 @@ async def create_user(state: State, request: Request[Principal, int, Any], data:
     return created
 
 
-@get("/api/v1/users", operation_id="listUsers")
-async def list_users(state: State) -> list[dict[str, Any]]:
+@get("/api/v1/users", operation_id="listUsers", responses=_errors())
+async def list_users(state: State) -> list[api.User]:
     """Every user, with whether they are an admin."""
     async with _deps(state).db() as conn:
         return await queries.list_users(conn)
 
 
-@post("/api/v1/tokens", operation_id="createToken", status_code=HTTP_201_CREATED)
-async def create_token(state: State, request: Request[Principal, int, Any], data: NewToken) -> dict[str, Any]:
+@post("/api/v1/tokens", operation_id="createToken", status_code=HTTP_201_CREATED, responses=_errors())
+async def create_token(state: State, request: Request[Principal, int, Any], data: NewToken) -> api.IssuedToken:
     """Create a named API token for the signed-in user; its value is shown in this answer only."""
     if problem := text_problem(data.name):
         raise _bad_request(f"token name {problem}")
     ttl_s = data.expires_in_days * 86400 if data.expires_in_days is not None else None
     async with _deps(state).db() as conn:
         issued = await _issue_token(conn, request.user.user_id, data.name, "named", ttl_s)
-    log.info("auth.token_created", username=request.user.username, token_id=issued["id"], name=data.name)
+    log.info("auth.token_created", username=request.user.username, token_id=issued.id, name=data.name)
     return issued
 
 
-@get("/api/v1/tokens", operation_id="listTokens")
+@get("/api/v1/tokens", operation_id="listTokens", responses=_errors(403))
 async def list_tokens(
     state: State, request: Request[Principal, int, Any], all_users: Annotated[bool, Parameter(query="all")] = False,
-) -> list[dict[str, Any]]:
+) -> list[api.TokenInfo]:
     """The signed-in user's live tokens (``all=true``: every user's, admins only); never their values."""
     if all_users and not request.user.admin:
         raise PermissionDeniedException("only an admin may list every user's tokens")
@@ -754,16 +790,16 @@ async def list_tokens(
         return await queries.list_tokens(conn, None if all_users else request.user.user_id)
 
 
-@delete("/api/v1/tokens/{token_id:int}", operation_id="revokeToken", status_code=200)
-async def revoke_token(state: State, request: Request[Principal, int, Any], token_id: Id) -> dict[str, Any]:
+@delete("/api/v1/tokens/{token_id:int}", operation_id="revokeToken", status_code=200, responses=_errors(404))
+async def revoke_token(state: State, request: Request[Principal, int, Any], token_id: Id) -> api.Revoked:
     """Revoke a token (one's own, or any as an admin)."""
     async with _deps(state).db() as conn:
-        found = await queries.get_token(conn, token_id)
-        if found is None or not auth.may_revoke(request.user, found["user_id"]):
-            raise NotFoundException(f"token {token_id} not found")  # others' tokens are not revealed
+        token = await queries.get_token(conn, token_id)
+        # Others' tokens are not revealed: a token one may not revoke is not found.
+        found(token if token is not None and auth.may_revoke(request.user, token.user_id) else None, "token", token_id)
         await queries.revoke_token(conn, token_id)
     log.info("auth.token_revoked", token_id=token_id, by=request.user.username)
-    return {"token_id": token_id, "revoked": True}
+    return api.Revoked(token_id=token_id, revoked=True)
 
 
 ROUTES = [
@@ -783,7 +819,7 @@ def _request_id(scope: Scope) -> str:
     return str(state["request_id"])
 
 
-def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[api.ErrorBody]:
     """The one place failures become 5xx answers: an outage is 503 with Retry-After, anything else 500."""
     request_id = _request_id(request.scope)
     request.scope["state"]["error_logged"] = True  # type: ignore[typeddict-item]
@@ -791,14 +827,25 @@ def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response
     if (down := outage(exc)) is not None:
         cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ is not None else exc
         log.warning("request.unavailable", down=down.down, error=repr(cause)[:500], **where)
-        body = {"status_code": 503, "status": "degraded", "down": down.down, "detail": down.detail,
-                "request_id": request_id}
-        if down.extra:
-            body["extra"] = down.extra
+        body = api.ErrorBody(status_code=503, status="degraded", down=down.down,  # type: ignore[arg-type]
+                             detail=down.detail, request_id=request_id, extra=down.extra)
         return Response(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     log.error("request.failed", exc_info=exc, **where)
-    return Response({"status_code": 500, "detail": "internal server error", "request_id": request_id},
+    return Response(api.ErrorBody(status_code=500, detail="internal server error", request_id=request_id),
                     status_code=500)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[api.ErrorBody]:
+    """Every other error answer (401, 404, Litestar's validation errors...) in the one shape, ``api.ErrorBody``."""
+    extra: list[api.ParamProblem] | api.ErrorDetails | None = None
+    if exc.extra:
+        try:
+            extra = msgspec.convert(exc.extra, list[api.ParamProblem] | api.ErrorDetails, from_attributes=True)
+        except msgspec.ValidationError as why:  # a shape not documented: the detail still says what is wrong
+            log.warning("request.undocumented_extra", extra=repr(exc.extra)[:500], error=str(why))
+    body = api.ErrorBody(status_code=exc.status_code, detail=exc.detail, extra=extra,
+                         request_id=_request_id(request.scope))
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _request_ids(app: ASGIApp) -> ASGIApp:
@@ -825,6 +872,23 @@ def _request_ids(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def _one_number_type(node: Any) -> None:
+    """Where a union allows both ``number`` and ``integer`` (a metric value: ``float | int | ...``), keep ``number``:
+    in JSON Schema every integer is a number too, so ``oneOf`` would refuse an integer for matching both."""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        if isinstance(node, Schema) and node.one_of \
+                and any(isinstance(o, Schema) and o.type == OpenAPIType.NUMBER for o in node.one_of):
+            node.one_of = [o for o in node.one_of if not (isinstance(o, Schema) and o.type == OpenAPIType.INTEGER)]
+        for field in dataclasses.fields(node):
+            _one_number_type(getattr(node, field.name))
+    elif isinstance(node, dict):
+        for value in node.values():
+            _one_number_type(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _one_number_type(value)
+
+
 def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
     """The Litestar app; ``deps_factory`` is an async context manager yielding GatewayDeps."""
 
@@ -834,7 +898,7 @@ def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
             app.state.deps = deps
             yield
 
-    return Litestar(
+    app = Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
@@ -844,9 +908,13 @@ def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
                 description="An API token from POST /api/v1/auth/login or POST /api/v1/tokens (`kiln user login`)")}),
         ),
         request_max_body_size=max_body_bytes,
-        exception_handlers={Unavailable: _error_response, HTTP_500_INTERNAL_SERVER_ERROR: _error_response},
+        # Status codes win over types: a 500 HTTPException goes to _error_response, every other one to _http_error.
+        exception_handlers={Unavailable: _error_response, HTTP_500_INTERNAL_SERVER_ERROR: _error_response,
+                            HTTPException: _http_error},
         middleware=[_request_ids],
         guards=[auth.require_user],
         before_request=_refuse_bad_text,
         debug=False,
     )
+    _one_number_type(app.openapi_schema)  # built once, here, and served as fixed
+    return app

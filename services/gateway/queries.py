@@ -1,9 +1,19 @@
-"""Read-model queries the gateway serves. SQL lives here; controllers stay thin."""
+"""Read-model queries the gateway serves. SQL lives here; controllers stay thin.
+
+What a route answers with comes back as its ``schemas.api`` Struct, converted (and so checked) here: a column
+whose type drifts from the documented answer fails in the query, not in a client. ``None`` means not found.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
+
+from schemas import api
+
+T = TypeVar("T")
 
 EXPERIMENT_COLUMNS = (
     "e.id, e.name, e.description, e.labels, e.state, e.searcher_name, e.searcher_metric, e.smaller_is_better,"
@@ -26,17 +36,26 @@ def _rows(records: list[Any]) -> list[dict[str, Any]]:
     return [dict(r) for r in records]
 
 
-async def list_experiments(conn: Any, limit: int, offset: int, state: str | None) -> list[dict[str, Any]]:
+def _typed(records: list[Any], kind: type[T]) -> list[T]:
+    """Rows as a list of ``kind`` (checked against its field types)."""
+    return msgspec.convert([dict(r) for r in records], list[kind])  # type: ignore[valid-type]
+
+
+def _one(row: Any, kind: type[T]) -> T | None:
+    return msgspec.convert(dict(row), kind) if row is not None else None
+
+
+async def list_experiments(conn: Any, limit: int, offset: int, state: str | None) -> list[api.ExperimentSummary]:
     """Experiments, newest first, with trial counts."""
     records = await conn.fetch(
         f"SELECT {EXPERIMENT_COLUMNS}, (SELECT count(*) FROM trials t WHERE t.experiment_id = e.id) AS num_trials"
         " FROM experiments e WHERE ($3::text IS NULL OR e.state = $3) ORDER BY e.id DESC LIMIT $1 OFFSET $2",
         limit, offset, state,
     )
-    return _rows(records)
+    return _typed(records, api.ExperimentSummary)
 
 
-async def get_experiment(conn: Any, experiment_id: int) -> dict[str, Any] | None:
+async def get_experiment(conn: Any, experiment_id: int) -> api.Experiment | None:
     """One experiment with its config and a per-state trial count."""
     row = await conn.fetchrow(f"SELECT {EXPERIMENT_COLUMNS}, e.config, e.config_yaml, e.seed FROM experiments e"
                               " WHERE e.id = $1", experiment_id)
@@ -52,7 +71,7 @@ async def get_experiment(conn: Any, experiment_id: int) -> dict[str, Any] | None
         experiment_id, row["smaller_is_better"],
     )
     out["best_trial"] = dict(best) if best else None
-    return out
+    return msgspec.convert(out, api.Experiment)
 
 
 # Sort keys a client may ask for, mapped to SQL (never interpolate the client's text).
@@ -61,22 +80,22 @@ TRIAL_SORTS = {"id": "t.id", "best_metric": "t.best_metric", "steps_completed": 
 
 
 async def list_trials(conn: Any, experiment_id: int, limit: int, offset: int, sort: str = "id",
-                      descending: bool = False) -> list[dict[str, Any]]:
+                      descending: bool = False) -> list[api.Trial]:
     """An experiment's trials, sorted (nulls last) and paged; served from the trials table alone."""
     order = f"{TRIAL_SORTS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, t.id"
     records = await conn.fetch(f"SELECT {TRIAL_COLUMNS} FROM trials t WHERE t.experiment_id = $1"
                                f" ORDER BY {order} LIMIT $2 OFFSET $3", experiment_id, limit, offset)
-    return _rows(records)
+    return _typed(records, api.Trial)
 
 
-async def metric_names(conn: Any, trial_id: int) -> list[dict[str, Any]]:
+async def metric_names(conn: Any, trial_id: int) -> list[api.MetricName]:
     """The metrics a trial reported, with last/min/max (from the summaries, not the points)."""
     records = await conn.fetch("SELECT kind, name, last_step, last_value, min_value, max_value"
                                " FROM metric_summaries WHERE trial_id = $1 ORDER BY kind, name", trial_id)
-    return _rows(records)
+    return _typed(records, api.MetricName)
 
 
-async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int) -> list[dict[str, Any]]:
+async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int) -> list[api.SeriesPoint]:
     """One metric's series, downsampled in Postgres to about ``max_points`` points that keep extremes.
 
     The steps are cut into ``max_points / 2`` equal buckets; each bucket keeps its minimum and its
@@ -98,10 +117,10 @@ async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int
         " ORDER BY step",
         trial_id, kind, name, max_points, buckets,
     )
-    return _rows(records)
+    return _typed(records, api.SeriesPoint)
 
 
-async def get_trial(conn: Any, trial_id: int) -> dict[str, Any] | None:
+async def get_trial(conn: Any, trial_id: int) -> api.TrialDetail | None:
     """One trial with its allocations (restarts are visible there)."""
     row = await conn.fetchrow(f"SELECT {TRIAL_COLUMNS} FROM trials t WHERE t.id = $1", trial_id)
     if row is None:
@@ -111,10 +130,11 @@ async def get_trial(conn: Any, trial_id: int) -> dict[str, Any] | None:
         "SELECT id, worker_id, slot_ids, nodes, restarts, assigned_at, started_at, ended_at, exit_code, end_reason"
         " FROM allocations WHERE trial_id = $1 ORDER BY assigned_at", trial_id)
     out["allocations"] = _rows(allocations)
-    return out
+    return msgspec.convert(out, api.TrialDetail)
 
 
-async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int,
+                        offset: int) -> list[api.MetricsAtStep]:
     """A trial's metric points in step order."""
     records = await conn.fetch(
         "SELECT kind, step AS steps_completed,"
@@ -123,10 +143,10 @@ async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int, 
         " AND ($2::text IS NULL OR kind = $2) GROUP BY kind, step ORDER BY kind, step LIMIT $3 OFFSET $4",
         trial_id, kind, limit, offset,
     )
-    return _rows(records)
+    return _typed(records, api.MetricsAtStep)
 
 
-async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool) -> list[dict[str, Any]]:
+async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool) -> list[api.LogLine]:
     """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``)."""
     order = "DESC" if tail else "ASC"
     records = await conn.fetch(
@@ -134,24 +154,24 @@ async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bo
         f" ORDER BY ts {order}, allocation_id {order}, line_no {order} LIMIT $2 OFFSET $3",
         trial_id, limit, offset,
     )
-    rows = _rows(records)
+    rows = _typed(records, api.LogLine)
     return rows[::-1] if tail else rows
 
 
-async def trial_checkpoints(conn: Any, trial_id: int) -> list[dict[str, Any]]:
+async def trial_checkpoints(conn: Any, trial_id: int) -> list[api.Checkpoint]:
     """A trial's checkpoints in step order."""
     records = await conn.fetch(
         "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
         " FROM checkpoints WHERE trial_id = $1 ORDER BY steps_completed", trial_id)
-    return _rows(records)
+    return _typed(records, api.Checkpoint)
 
 
-async def get_checkpoint(conn: Any, uuid: str) -> dict[str, Any] | None:
+async def get_checkpoint(conn: Any, uuid: str) -> api.Checkpoint | None:
     """One checkpoint's record."""
     row = await conn.fetchrow(
         "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
         " FROM checkpoints WHERE uuid = $1", uuid)
-    return dict(row) if row else None
+    return _one(row, api.Checkpoint)
 
 
 async def next_experiment_id(conn: Any) -> int:
@@ -183,12 +203,12 @@ async def user_credentials(conn: Any, username: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-async def create_user(conn: Any, username: str, password_hash: str, admin: bool) -> dict[str, Any] | None:
+async def create_user(conn: Any, username: str, password_hash: str, admin: bool) -> api.User | None:
     """A new user; None when the name is taken."""
     row = await conn.fetchrow(
         "INSERT INTO users (username, password_hash, admin) VALUES ($1, $2, $3)"
         " ON CONFLICT (username) DO NOTHING RETURNING id, username, admin, created_at", username, password_hash, admin)
-    return dict(row) if row else None
+    return _one(row, api.User)
 
 
 async def create_first_admin(conn: Any, password_hash: str) -> bool:
@@ -199,9 +219,9 @@ async def create_first_admin(conn: Any, password_hash: str) -> bool:
     return created is not None
 
 
-async def list_users(conn: Any) -> list[dict[str, Any]]:
+async def list_users(conn: Any) -> list[api.User]:
     """Every active user, by id."""
-    return _rows(await conn.fetch(f"SELECT {USER_COLUMNS} FROM users u WHERE u.active ORDER BY u.id"))
+    return _typed(await conn.fetch(f"SELECT {USER_COLUMNS} FROM users u WHERE u.active ORDER BY u.id"), api.User)
 
 
 async def create_token(conn: Any, user_id: int, digest: str, name: str, kind: str,
@@ -215,19 +235,19 @@ async def create_token(conn: Any, user_id: int, digest: str, name: str, kind: st
     return dict(row)
 
 
-async def list_tokens(conn: Any, user_id: int | None) -> list[dict[str, Any]]:
+async def list_tokens(conn: Any, user_id: int | None) -> list[api.TokenInfo]:
     """Live tokens of one user (every user's when ``user_id`` is None), by id; never their values."""
-    return _rows(await conn.fetch(
+    return _typed(await conn.fetch(
         f"SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id"
         " WHERE ($1::bigint IS NULL OR t.user_id = $1) AND t.revoked_at IS NULL"
-        " AND (t.expires_at IS NULL OR t.expires_at > now()) ORDER BY t.id", user_id))
+        " AND (t.expires_at IS NULL OR t.expires_at > now()) ORDER BY t.id", user_id), api.TokenInfo)
 
 
-async def get_token(conn: Any, token_id: int) -> dict[str, Any] | None:
+async def get_token(conn: Any, token_id: int) -> api.TokenInfo | None:
     """One token's record (not its value)."""
     row = await conn.fetchrow(f"SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id"
                               " WHERE t.id = $1", token_id)
-    return dict(row) if row else None
+    return _one(row, api.TokenInfo)
 
 
 async def revoke_token(conn: Any, token_id: int) -> None:

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import time
 
-from typing import Any
-
 import msgspec
 import structlog
 
@@ -15,6 +13,7 @@ from schemas import events as ev
 from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY
 from services.runtime import (
+    Bucket,
     Bus,
     BusSettings,
     ConsumerSpec,
@@ -45,9 +44,9 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
 
 
-async def cluster_bucket(bus: Bus) -> Any:
+async def cluster_bucket(bus: Bus) -> Bucket:
     """The key-value bucket the cluster view lives in (made by the stack's bootstrap, not by the scheduler)."""
-    return await bus.js.key_value(CLUSTER_BUCKET)
+    return await bus.bucket(CLUSTER_BUCKET)
 
 
 async def main() -> None:
@@ -64,9 +63,9 @@ async def main() -> None:
         shell.core.resume(time.time())
         hb_decoder = msgspec.json.Decoder(ev.WorkerHeartbeat)
 
-        async def on_heartbeat(msg: object) -> None:
+        async def on_heartbeat(subject: str, data: bytes) -> None:
             try:
-                hb = hb_decoder.decode(msg.data)  # type: ignore[attr-defined]
+                hb = hb_decoder.decode(data)
             except msgspec.DecodeError as exc:
                 log.warning("scheduler.bad_heartbeat", error=str(exc))
                 return
@@ -85,12 +84,12 @@ async def main() -> None:
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), settings.tick_s)
-                if bus.reconnects != reconnects or not bus.nc.is_connected:
+                if bus.reconnects != reconnects or not bus.is_connected:
                     # Heartbeats were not heard while the bus was away: that silence is the bus's, not the
                     # workers'. Until one heartbeat period after it is back, nobody is judged lost for it
                     # (resumed on every tick, so a decision rolled back meanwhile cannot undo it).
                     reconnects, grace_until = bus.reconnects, time.monotonic() + 2 * settings.tick_s + 1.0
-                if time.monotonic() < grace_until or not bus.nc.is_connected:
+                if time.monotonic() < grace_until or not bus.is_connected:
                     shell.core.resume(time.time())
                 try:
                     await shell.decide(lambda core: core.tick(time.time()))
@@ -103,7 +102,7 @@ async def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - ticks retry by themselves
                     log.warning("scheduler.tick_failed", error=repr(exc))
 
-        await bus.nc.subscribe(subjects.HEARTBEAT_SUBJECT, cb=on_heartbeat)
+        await bus.subscribe(subjects.HEARTBEAT_SUBJECT, on_heartbeat)
         ticker = asyncio.create_task(tick_forever())
         log.info("scheduler.ready", seq=shell.last_seq)
 

@@ -38,11 +38,11 @@ class TrackerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 # One durable consumer per stream; each records its own position.
 CONSUMERS: list[tuple[ConsumerSpec, type]] = [
-    (ConsumerSpec(durable="tracker-events", stream=subjects.EVENTS, filter_subjects=["kiln.events.>"]),
+    (ConsumerSpec(durable="tracker-events", stream=subjects.EVENTS, filter_subjects=[subjects.ALL_EVENTS]),
      ev.DomainEvent),
-    (ConsumerSpec(durable="tracker-metrics", stream=subjects.METRICS, filter_subjects=["kiln.metrics.>"]),
+    (ConsumerSpec(durable="tracker-metrics", stream=subjects.METRICS, filter_subjects=[subjects.ALL_METRICS]),
      ev.MetricEvent),
-    (ConsumerSpec(durable="tracker-logs", stream=subjects.LOGS, filter_subjects=["kiln.logs.>"]),
+    (ConsumerSpec(durable="tracker-logs", stream=subjects.LOGS, filter_subjects=[subjects.ALL_LOGS]),
      ev.LogEvent),
 ]
 

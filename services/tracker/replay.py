@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-import nats.js.errors
 
 from schemas import readmodel
 from services.runtime import (
@@ -191,10 +190,8 @@ async def stream_ends(bus: Any) -> dict[str, int]:
     """Per consumer, the last seq of its stream now (0 for a stream not there)."""
     ends: dict[str, int] = {}
     for spec, _ in CONSUMERS:
-        try:
-            ends[spec.durable] = (await bus.js.stream_info(spec.stream.name)).state.last_seq
-        except nats.js.errors.NotFoundError:
-            ends[spec.durable] = 0
+        bounds = await bus.stream_bounds(spec.stream)
+        ends[spec.durable] = bounds[1] if bounds is not None else 0
     return ends
 
 
@@ -203,9 +200,9 @@ async def _aged_out(bus: Any) -> list[str]:
     out = []
     for spec, _ in CONSUMERS:
         if spec.durable in RETAINED:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                if (await bus.js.stream_info(spec.stream.name)).state.first_seq > 1:
-                    out.append(spec.durable)
+            bounds = await bus.stream_bounds(spec.stream)
+            if bounds is not None and bounds[0] > 1:
+                out.append(spec.durable)
     return out
 
 

@@ -25,13 +25,13 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
 
 from schemas import events as ev
-from schemas.subjects import EVENTS, forged, trial_filter
+from schemas.subjects import EVENTS, trial_filter
 from schemas.trial import (
     CHECKPOINTS,
     FrameBuffer,
@@ -48,6 +48,9 @@ from schemas.trial import (
     checkpoint_prefix,
     encode_frame,
 )
+
+if TYPE_CHECKING:
+    from services.runtime import Bus
 
 log = structlog.get_logger(__name__)
 
@@ -435,37 +438,25 @@ class TrialLink:
                 writer.write(data)
 
 
-def bus_stop_watcher(js: Any) -> StopWatcher:
-    """Watch a trial's subject on JetStream with the worker's own credential (an ordered consumer)."""
+def bus_stop_watcher(bus: Bus) -> StopWatcher:
+    """Watch a trial's subject on JetStream with the worker's own credential (``Bus.read``, following)."""
     decoder = msgspec.json.Decoder(ev.DomainEvent)
 
     async def watch(who: Identity, on_stop: OnStop) -> None:
-        async def on_msg(msg: Any) -> None:
-            try:
-                event = decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return
-            if forged(msg.subject, event) is not None:
-                return  # a stop its publisher may not issue (schemas.subjects.OWNERS)
-            reason = stop_reason(who, event)
-            if reason is not None:
-                on_stop(reason)
-
         delay = 0.5
-        while True:
+        while True:  # until the link closes (cancelled)
             try:
-                # From the start of the trial's subject: a stop decided before this run began still counts.
-                sub = await js.subscribe(trial_filter(who.experiment_id, who.trial_id), stream=EVENTS.name,
-                                         cb=on_msg, ordered_consumer=True)
-                break
+                # From the start of the trial's subject: a stop decided before this run began still counts. The
+                # reader skips what does not decode and stops its publisher may not issue (schemas.subjects.OWNERS).
+                trail = bus.read(EVENTS, trial_filter(who.experiment_id, who.trial_id), decoder, follow=True)
+                async with contextlib.aclosing(trail) as events:
+                    async for d in events:
+                        reason = stop_reason(who, d.event)
+                        if reason is not None:
+                            on_stop(reason)  # a stop heard again after a retry is ignored by the link
             except Exception as exc:  # noqa: BLE001 - the bus may be away; keep trying while the run lasts
                 log.warning("link.watch_retry", allocation=who.allocation_id, error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        try:
-            await asyncio.Event().wait()  # until the link closes
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     return watch

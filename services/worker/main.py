@@ -76,7 +76,7 @@ class Worker:
         self.s3 = s3
         self.bus = bus
         self.outbox = outbox
-        self.watch_stops = bus_stop_watcher(bus.js)
+        self.watch_stops = bus_stop_watcher(bus)
         self.slots = slot_discovery.discover(settings.cpu_slots)
         self.running: dict[str, Allocation] = {}
         # Ended, exit published: heartbeats list them for a while, in case the exit is not folded yet.
@@ -118,7 +118,7 @@ class Worker:
                 sent_at=time.time(),
             )
             with contextlib.suppress(Exception):
-                await self.bus.nc.publish(subject, encoder.encode(hb))
+                await self.bus.publish_core(subject, encoder.encode(hb))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.heartbeat_s)
 
@@ -268,7 +268,7 @@ async def main() -> None:
     async with connect_bus(bus_settings, f"worker-{settings.worker_id}", ensure=False,
                            worker_id=settings.worker_id) as bus:
         outbox = Outbox(outbox_path(settings), bus.publish_raw,
-                        max_payload=bus.nc.max_payload or DEFAULT_MAX_PAYLOAD)
+                        max_payload=bus.max_payload or DEFAULT_MAX_PAYLOAD)
         await outbox.start()
         try:
             worker = Worker(settings, s3, bus, outbox, runtime)

@@ -30,17 +30,17 @@ async def test_a_long_series_is_downsampled_keeping_its_extremes(conn: Any) -> N
     t = await _trial_with_points(conn, 20_000, spike_at=12_345)
     got = await queries.series(conn, t, "training", "loss", 200)
     assert 100 <= len(got) <= 200
-    steps = [p["step"] for p in got]
+    steps = [p.step for p in got]
     assert steps == sorted(steps)
-    values = [p["value"] for p in got]
-    assert 100.0 in values and {p["step"] for p in got if p["value"] == 100.0} == {12_345}
+    values = [p.value for p in got]
+    assert 100.0 in values and {p.step for p in got if p.value == 100.0} == {12_345}
     assert min(values) == pytest.approx(0.0, abs=1e-3)  # the troughs of the sine survive
 
 
 async def test_a_short_series_comes_back_whole(conn: Any) -> None:  # noqa: F811
     t = await _trial_with_points(conn, 50)
     got = await queries.series(conn, t, "training", "loss", 200)
-    assert [p["step"] for p in got] == list(range(1, 51))
+    assert [p.step for p in got] == list(range(1, 51))
 
 
 async def test_trials_sort_by_best_metric_with_nulls_last_and_page(conn: Any) -> None:  # noqa: F811
@@ -55,7 +55,8 @@ async def test_trials_sort_by_best_metric_with_nulls_last_and_page(conn: Any) ->
             events.append(ev.ValidationReported(experiment_id=e, trial_id=tid, steps_completed=1,
                                                 metrics={"loss": best}))
     await project_batch(conn, "c", _items(events))
+    await queries.init_connection(conn)  # as on the gateway's connections: jsonb comes back decoded
     rows = await queries.list_trials(conn, e, 10, 0, "best_metric", False)
-    assert [r["best_metric"] for r in rows] == [0.1, 0.2, 0.3, None]
+    assert [r.best_metric for r in rows] == [0.1, 0.2, 0.3, None]
     page = await queries.list_trials(conn, e, 2, 1, "best_metric", True)
-    assert [r["best_metric"] for r in page] == [0.2, 0.1]
+    assert [r.best_metric for r in page] == [0.2, 0.1]

@@ -176,7 +176,7 @@ async def test_a_trial_reports_to_jetstream_and_hears_a_stop_through_its_worker(
     async with connect_bus(settings, "test-link") as bus:
         outbox = Outbox(tmp_path / "outbox.sqlite", bus.publish_raw)
         await outbox.start()
-        link = await _link(tmp_path, who, outbox.append, bus_stop_watcher(bus.js))
+        link = await _link(tmp_path, who, outbox.append, bus_stop_watcher(bus))
         got = threading.Event()
         trial = await asyncio.to_thread(TrialBus, str(link.path), e, t, who.allocation_id)
         await asyncio.to_thread(trial.watch_stop, lambda reason: got.set())

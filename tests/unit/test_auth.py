@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
+from schemas import api
 from services.gateway import auth, queries
 from services.gateway.app import GatewayDeps, create_app
 
@@ -100,8 +102,12 @@ def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient[Any], list
         p = TOKENS.get(digest)
         return {"user_id": p.user_id, "username": p.username, "admin": p.admin, "token_id": p.token_id} if p else None
 
-    async def get_experiment(conn: Any, experiment_id: int) -> dict[str, Any] | None:
-        return {"id": experiment_id, "submitted_by": "alice", "ended_at": None, "state": "ACTIVE"}
+    async def get_experiment(conn: Any, experiment_id: int) -> api.Experiment | None:
+        return api.Experiment(
+            id=experiment_id, name="e", description="", labels=[], state="ACTIVE", searcher_name="single",
+            searcher_metric="loss", smaller_is_better=True, submitted_by="alice", submitted_at=datetime.now(timezone.utc),
+            ended_at=None, end_reason="", progress=0.0, context_digest="d", priority=42, weight=1.0, max_slots=None,
+            config={}, config_yaml="", seed=1, trial_states={}, best_trial=None)
 
     async def list_experiments(conn: Any, *args: Any) -> list[dict[str, Any]]:
         return []
@@ -116,7 +122,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient[Any], list
 
     @contextlib.asynccontextmanager
     async def deps() -> AsyncIterator[GatewayDeps]:
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish=publish)
+        bus = SimpleNamespace(is_connected=True, publish=publish)
         yield GatewayDeps(pool=_Pool(), bus=bus, minio=None, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=1024)
 
@@ -188,7 +194,7 @@ def test_login_gives_a_token_only_for_the_right_password_and_stores_only_its_dig
 
     async def create_token(conn: Any, user_id: int, digest: str, name: str, kind: str, ttl_s: float | None) -> Any:
         digests.append(digest)
-        return {"id": 5, "name": name, "kind": kind, "created_at": None, "expires_at": None}
+        return {"id": 5, "name": name, "kind": kind, "created_at": datetime.now(timezone.utc), "expires_at": None}
 
     monkeypatch.setattr(queries, "user_credentials", user_credentials)
     monkeypatch.setattr(queries, "create_token", create_token)

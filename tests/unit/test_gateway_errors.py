@@ -61,7 +61,7 @@ class _Pool:
 def _client(pool: _Pool, connected: bool = True) -> TestClient[Any]:
     @contextlib.asynccontextmanager
     async def deps() -> AsyncIterator[GatewayDeps]:
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=connected))
+        bus = SimpleNamespace(is_connected=connected)
         yield GatewayDeps(pool=pool, bus=bus, minio=None, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=1024)
 
@@ -128,7 +128,7 @@ def test_a_publish_nats_did_not_confirm_is_a_503_that_names_the_experiment_id(tm
 
     @contextlib.asynccontextmanager
     async def deps() -> AsyncIterator[GatewayDeps]:
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish=publish, publish_ack=publish)
+        bus = SimpleNamespace(is_connected=True, publish=publish, publish_ack=publish)
         minio = SimpleNamespace(stat_object=lambda bucket, key: None)  # the context is stored already
         yield GatewayDeps(pool=_OkPool(), bus=bus, minio=minio, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=1 << 20)

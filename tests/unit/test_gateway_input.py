@@ -9,6 +9,7 @@ import contextlib
 import io
 import tarfile
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,7 +26,7 @@ MiB = 1024 * 1024
 CONFIG = ("name: t\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
           "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n")
 CHECKPOINT = {"uuid": "c1", "trial_id": 1, "experiment_id": 1, "steps_completed": 5, "storage": "s3://kiln/ckpt",
-              "resources": ["model.pt"], "metadata": {}, "reported_at": 0.0}
+              "resources": {"model.pt": 5}, "metadata": {}, "reported_at": datetime.now(timezone.utc)}
 
 
 class _Conn:
@@ -62,7 +63,7 @@ def _app(minio: Any = None, **limits: int) -> Any:
         async def publish(event: Any) -> int:
             raise AssertionError("nothing may be published")
 
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish=publish, publish_ack=publish)
+        bus = SimpleNamespace(is_connected=True, publish=publish, publish_ack=publish)
         yield GatewayDeps(pool=_Pool(), bus=bus, minio=minio, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=2 * MiB, **limits)
 

@@ -30,7 +30,7 @@ def _submit(tmp_path: Path, duplicate: bool) -> tuple[Any, list[Any]]:
 
     @contextlib.asynccontextmanager
     async def deps() -> AsyncIterator[GatewayDeps]:
-        bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True), publish_ack=publish_ack)
+        bus = SimpleNamespace(is_connected=True, publish_ack=publish_ack)
         minio = SimpleNamespace(stat_object=lambda bucket, key: None)  # the context is stored already
         yield GatewayDeps(pool=_OkPool(), bus=bus, minio=minio, bucket="kiln",  # type: ignore[arg-type]
                           max_context_bytes=1 << 20)

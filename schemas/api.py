@@ -1,0 +1,337 @@
+"""The gateway's HTTP answers: one Struct per response body, the one error shape, the live-metric messages.
+
+The gateway returns these (so its OpenAPI schema at ``/schema`` documents every answer and the fuzz test
+holds it to them); ``services/gateway/queries.py`` builds the read-model ones from rows. Field names are the
+JSON keys the CLI, the SDK and the examples read. Timestamps are ISO 8601 strings in UTC on the wire.
+
+Floats that may hold NaN or infinity (a metric, a best value) are ``float | None``: JSON has no NaN, so
+msgspec writes it as ``null``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from schemas import events as ev
+
+# -- errors: every 4xx and 5xx answer has this shape ---------------------------------------------------------
+
+
+class ParamProblem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One refused parameter or body field (Litestar's validation errors and the gateway's own checks)."""
+
+    key: str
+    message: str
+    source: str | None = None  # "path", "query", "body", ...
+
+
+class ConfigProblem(msgspec.Struct, kw_only=True):
+    """One problem in a submitted experiment config, at its path (``searcher.metric``, ``labels[2]``)."""
+
+    path: str
+    message: str
+
+
+class ErrorDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``extra`` of an error that is not about parameters."""
+
+    errors: list[ConfigProblem] | None = None  # an invalid experiment config, field by field
+    experiment_id: int | None = None  # a submission NATS did not confirm: the id it may still appear as
+
+
+class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every error answer (4xx and 5xx): ``detail`` says what went wrong in words."""
+
+    status_code: int
+    detail: str
+    extra: list[ParamProblem] | ErrorDetails | None = None
+    request_id: str | None = None  # also in the X-Request-Id header; quote it when reporting a 5xx
+    status: Literal["degraded"] | None = None  # 503: parts are down
+    down: list[Literal["postgres", "nats", "s3"]] | None = None  # 503: which parts
+
+
+# -- health and submissions ----------------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """``GET /health`` when every part answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Submitted(msgspec.Struct, kw_only=True):
+    """An accepted experiment submission."""
+
+    id: int
+    warnings: list[str]  # config fields accepted but not acted on, each naming its path
+    context_digest: str
+
+
+# -- experiments ---------------------------------------------------------------------------------------------
+
+
+class _ExperimentFields(msgspec.Struct, kw_only=True):
+    id: int
+    name: str
+    description: str
+    labels: list[str]
+    state: str
+    searcher_name: str
+    searcher_metric: str
+    smaller_is_better: bool
+    submitted_by: str
+    submitted_at: datetime
+    ended_at: datetime | None
+    end_reason: str
+    progress: float
+    context_digest: str
+    priority: int
+    weight: float
+    max_slots: int | None
+
+
+class ExperimentSummary(_ExperimentFields, kw_only=True):
+    """One experiment in a list, with its number of trials."""
+
+    num_trials: int
+
+
+class BestTrial(msgspec.Struct, kw_only=True):
+    """The trial with the best searcher metric so far."""
+
+    id: int
+    best_metric: float | None
+
+
+class Experiment(_ExperimentFields, kw_only=True):
+    """One experiment with its config, trial counts by state and best trial."""
+
+    config: dict[str, Any]
+    config_yaml: str
+    seed: int
+    trial_states: dict[str, int]
+    best_trial: BestTrial | None
+
+
+class StateAnswer(msgspec.Struct, kw_only=True):
+    """What a kill, pause or activate request leads to (the thing's id and the state it goes to)."""
+
+    id: int
+    state: str
+
+
+class ResourcesAnswer(msgspec.Struct, kw_only=True):
+    """The scheduling knobs a request changed (null: left as it was)."""
+
+    id: int
+    priority: int | None
+    weight: float | None
+    max_slots: int | None
+
+
+class AuditEvent(msgspec.Struct, kw_only=True):
+    """One event of an experiment's audit trail, where it sits in the stream."""
+
+    seq: int
+    subject: str
+    type: str
+    time: datetime
+    event: ev.DomainEvent
+
+
+# -- trials --------------------------------------------------------------------------------------------------
+
+
+class LatestValidation(msgspec.Struct, kw_only=True):
+    """A trial's most recent validation."""
+
+    steps_completed: int
+    metrics: dict[str, Any]
+
+
+class Trial(msgspec.Struct, kw_only=True):
+    """One trial row."""
+
+    id: int
+    experiment_id: int
+    request_id: int
+    hparams: dict[str, Any]
+    seed: int
+    max_length: int | None
+    state: str
+    restarts: int
+    exit_code: int | None
+    end_reason: str
+    stop_requested: bool
+    allocation_id: str | None
+    worker_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    steps_completed: int
+    progress: float
+    latest_validation: LatestValidation | None
+    best_metric: float | None
+    latest_checkpoint: str | None
+
+
+class Allocation(msgspec.Struct, kw_only=True):
+    """One run of a trial on a worker's slots (a restart is a new allocation)."""
+
+    id: str
+    worker_id: str
+    slot_ids: list[str]
+    nodes: list[ev.AllocationNode]  # every host of a multi-host run; empty for one host
+    restarts: int
+    assigned_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    end_reason: str
+
+
+class TrialDetail(Trial, kw_only=True):
+    """One trial with its allocations."""
+
+    allocations: list[Allocation]
+
+
+class MetricsAtStep(msgspec.Struct, kw_only=True):
+    """A trial's metrics of one kind at one step."""
+
+    kind: Literal["training", "validation"]
+    steps_completed: int
+    metrics: dict[str, float | str | None]  # a NaN or infinity is the string "NaN", "Infinity", "-Infinity"
+    reported_at: datetime
+
+
+class MetricName(msgspec.Struct, kw_only=True):
+    """A metric a trial reported, with its last, min and max values."""
+
+    kind: Literal["training", "validation"]
+    name: str
+    last_step: int
+    last_value: float | None
+    min_value: float | None
+    max_value: float | None
+
+
+class SeriesPoint(msgspec.Struct, kw_only=True):
+    """One point of a (downsampled) metric series."""
+
+    step: int
+    value: float | None
+
+
+class Series(msgspec.Struct, kw_only=True):
+    """Series of a trial's metrics, by name."""
+
+    trial_id: int
+    kind: Literal["training", "validation"]
+    max_points: int
+    series: dict[str, list[SeriesPoint]]
+
+
+class LogLine(msgspec.Struct, kw_only=True):
+    """One line a trial wrote."""
+
+    allocation_id: str
+    line_no: int
+    stream: str
+    ts: datetime
+    text: str
+
+
+class Checkpoint(msgspec.Struct, kw_only=True):
+    """One checkpoint's record."""
+
+    uuid: str
+    trial_id: int
+    experiment_id: int
+    steps_completed: int
+    storage: str
+    resources: dict[str, int]  # relative file path -> size in bytes
+    metadata: dict[str, Any]
+    reported_at: datetime
+
+
+# -- live metrics (``GET /api/v1/experiments/{id}/metrics/stream``, as SSE data) -----------------------------
+
+
+class LiveMetrics(msgspec.Struct, kw_only=True):
+    """The data of a ``training`` or ``validation`` server-sent event."""
+
+    trial_id: int
+    steps_completed: int
+    metrics: dict[str, ev.MetricValue]
+
+
+class LiveEnd(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The data of the ``end`` server-sent event (``state`` absent when it had ended before the stream)."""
+
+    state: str | None = None
+
+
+# -- users and tokens ----------------------------------------------------------------------------------------
+
+
+class LoginAnswer(msgspec.Struct, kw_only=True):
+    """A session token (send it as ``Authorization: Bearer <token>``) and whom it signs in."""
+
+    token: str
+    token_id: int
+    expires_at: datetime | None
+    username: str
+    admin: bool
+
+
+class Revoked(msgspec.Struct, kw_only=True):
+    """A token that no longer signs anyone in."""
+
+    token_id: int
+    revoked: bool
+
+
+class Me(msgspec.Struct, kw_only=True):
+    """The signed-in user and the token the request came with."""
+
+    id: int
+    username: str
+    admin: bool
+    token_id: int
+
+
+class User(msgspec.Struct, kw_only=True):
+    """One user."""
+
+    id: int
+    username: str
+    admin: bool
+    created_at: datetime
+
+
+class IssuedToken(msgspec.Struct, kw_only=True):
+    """A new token: ``token`` is its value, shown in this answer only."""
+
+    id: int
+    name: str
+    kind: Literal["session", "named"]
+    created_at: datetime
+    expires_at: datetime | None
+    token: str
+
+
+class TokenInfo(msgspec.Struct, kw_only=True):
+    """One token's record (never its value)."""
+
+    id: int
+    user_id: int
+    username: str
+    name: str
+    kind: Literal["session", "named"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
