@@ -23,6 +23,7 @@ DEFAULT_MAX_CONFIG_BYTES = 256 * 1024
 DEFAULT_EXPERIMENT_NAME = "Experiment"
 DEFAULT_PRIORITY = 42  # 1..99, lower runs first
 DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESOURCE_POOL = "default"
 _INT64 = (-(2**63), 2**63 - 1)
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -142,7 +143,7 @@ class ResourcesConfig(_Spec, frozen=True, kw_only=True):
     slots_per_trial: NonNegativeInt = 1
     priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
     weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    resource_pool: str = "default"
+    resource_pool: str = DEFAULT_RESOURCE_POOL
     max_slots: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None  # a Postgres integer
     shm_size: int | str | None = None
 
@@ -230,6 +231,11 @@ class ExperimentConfig(_Spec, frozen=True, kw_only=True):
     def priority(self) -> int:
         """The priority the experiment's trials are scheduled with until a user changes it."""
         return self.resources.priority if self.resources.priority is not None else DEFAULT_PRIORITY
+
+    @property
+    def resource_pool(self) -> str:
+        """The pool the experiment's trials run in; an empty ``resources.resource_pool`` means the default."""
+        return self.resources.resource_pool or DEFAULT_RESOURCE_POOL
 
     @property
     def full_length(self) -> int | None:

@@ -17,10 +17,19 @@ import msgspec
 
 from schemas import events as ev
 from schemas.cluster import AgentView, ClusterView, JobView, SlotView
+from schemas.config import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_PRIORITY,
+    ConfigError,
+    ExperimentConfig,
+    ResourcesConfig,
+    config_from_wire,
+)
 from services.scheduler import policy
 
 RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
-DEFAULT_PRIORITY = 42
+# An experiment's knobs before (or without) its config: the config's own defaults.
+_RESOURCES = ResourcesConfig()
 # torch.distributed rendezvous ports for multi-host trials: node 0 listens on one of these, picked from
 # the allocation id so every node computes the same one.
 RENDEZVOUS_PORTS = range(29400, 30000)
@@ -69,14 +78,14 @@ class TrialRun(msgspec.Struct, kw_only=True):
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
     """The scheduling knobs of an experiment's config."""
 
-    slots_per_trial: int = 1
+    slots_per_trial: int = _RESOURCES.slots_per_trial
     priority: int = DEFAULT_PRIORITY
-    resource_pool: str = "default"
-    max_restarts: int = 5
+    resource_pool: str = _RESOURCES.resource_pool
+    max_restarts: int = DEFAULT_MAX_RESTARTS
     killed: bool = False
     paused: bool = False
-    weight: float = 1.0
-    max_slots: int | None = None
+    weight: float = _RESOURCES.weight
+    max_slots: int | None = _RESOURCES.max_slots
     # Promotion-based search (stop_once: false): a run that reached a shorter length than the
     # search's full length pauses instead of completing, and may be resumed.
     pausable: bool = False
@@ -97,23 +106,26 @@ _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
 _SNAPSHOT_DECODER = msgspec.msgpack.Decoder(SchedulerState)
 
 
-def knobs_from_config(config: dict) -> ExperimentKnobs:
-    """Read the scheduling knobs out of a validated config (plain data from the event)."""
-    resources = config.get("resources") or {}
-    priority = resources.get("priority")
-    searcher = config.get("searcher") or {}
-    length = searcher.get("max_length")
-    full = searcher.get("max_time") or (next(iter(length.values())) if isinstance(length, dict) else length)
+def knobs_from_config(config: ExperimentConfig) -> ExperimentKnobs:
+    """The scheduling knobs of an experiment's config."""
     return ExperimentKnobs(
-        slots_per_trial=int(resources.get("slots_per_trial", 1)),
-        priority=int(priority) if priority is not None else DEFAULT_PRIORITY,
-        resource_pool=str(resources.get("resource_pool") or "default"),
-        max_restarts=int(config.get("max_restarts", 5)),
-        weight=float(resources.get("weight") or 1.0),
-        max_slots=int(resources["max_slots"]) if resources.get("max_slots") is not None else None,
-        pausable=searcher.get("name") in ("adaptive_asha", "async_halving") and searcher.get("stop_once") is False,
-        full_length=int(full) if full is not None else None,
+        slots_per_trial=config.resources.slots_per_trial,
+        priority=config.priority,
+        resource_pool=config.resource_pool,
+        max_restarts=config.max_restarts,
+        weight=config.resources.weight,
+        max_slots=config.resources.max_slots,
+        pausable=config.pausable,
+        full_length=config.full_length,
     )
+
+
+def _knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
+    try:
+        return knobs_from_config(config_from_wire(event.config))
+    except ConfigError:
+        # A config this version cannot read: the searcher ends the experiment (ERROR) and creates no trial.
+        return ExperimentKnobs()
 
 
 class SchedulerCore:
@@ -140,7 +152,7 @@ class SchedulerCore:
         """Apply one domain event; return what the scheduler decides because of it."""
         match event:
             case ev.ExperimentSubmitted():
-                self.state.experiments.setdefault(event.experiment_id, knobs_from_config(event.config))
+                self.state.experiments.setdefault(event.experiment_id, _knobs_of(event))
                 return []
             case ev.TrialCreated():
                 return self._trial_created(event)

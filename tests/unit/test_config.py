@@ -560,6 +560,8 @@ def test_defaults_every_reader_shares_come_from_the_schema() -> None:
         ("Experiment", {}, None, False)
     assert parse_config(minimal(name=""))[0].display_name == "Experiment"
     assert parse_config(minimal(resources={"priority": 7}))[0].priority == 7
+    assert (cfg.resource_pool, parse_config(minimal(resources={"resource_pool": ""}))[0].resource_pool) == \
+        ("default", "default")
 
 
 @pytest.mark.parametrize(

@@ -297,6 +297,26 @@ def test_lower_priority_value_first_then_fifo(trials: list[tuple[int, int | None
     assert core.tick(T0) == []
 
 
+def test_knobs_are_read_through_the_typed_config_even_with_fields_a_later_version_added() -> None:
+    event = submitted(1, slots=2, pool="gpu", priority=7)
+    newer = msgspec.structs.replace(event, config={**event.config, "added_later": 1,
+                                                   "resources": {**event.config["resources"], "gpu_kind": "x"}})
+    core = core_with(newer, created(1, 10))
+    core.heartbeat(heartbeat("w1", 4, T0, pool="default"))
+    assert core.tick(T0) == []  # its pool is "gpu"
+    core.heartbeat(heartbeat("w2", 4, T0, pool="gpu"))
+    a = only_assignment(core.tick(T0))
+    assert (a.worker_id, len(a.slot_ids)) == ("w2", 2)
+    assert [j.priority for j in core.view(T0).jobs] == [7]
+
+
+def test_a_config_this_version_cannot_read_leaves_the_default_knobs() -> None:
+    event = submitted(1, slots=2, priority=7)
+    skewed = msgspec.structs.replace(event, config={**event.config, "max_restarts": "many"})
+    core = core_with(skewed, created(1, 10))
+    assert [(j.priority, j.slots) for j in core.view(T0).jobs] == [(42, 1)]
+
+
 def test_allocation_exit_frees_the_slots_for_the_next_trial() -> None:
     core = core_with(submitted(1, slots=2), created(1, 10), created(1, 11))
     core.heartbeat(heartbeat("w1", 2, T0))
