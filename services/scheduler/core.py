@@ -11,7 +11,7 @@ again when they come back through the stream, where applying them is a no-op.
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -73,6 +73,9 @@ class TrialRun(msgspec.Struct, kw_only=True):
     preempt_requested: bool = False
     preempt_since: float = 0.0  # when the tick first saw the request (0: not yet)
     started_order: int = 0
+    # From its TrialCreated, for the spec its placements carry; None: restored from an older snapshot.
+    hparams: dict[str, Any] | None = None
+    seed: int = 0
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -90,6 +93,10 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     # search's full length pauses instead of completing, and may be resumed.
     pausable: bool = False
     full_length: int | None = None
+    # What its trials' placements carry (ev.TrialSpec): the config as submitted and the code context;
+    # None when not submitted (yet), or restored from an older snapshot.
+    config: dict[str, Any] | None = None
+    context_digest: str = ""
 
 
 class SchedulerState(msgspec.Struct, kw_only=True):
@@ -122,10 +129,12 @@ def knobs_from_config(config: ExperimentConfig) -> ExperimentKnobs:
 
 def _knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
     try:
-        return knobs_from_config(config_from_wire(event.config))
+        knobs = knobs_from_config(config_from_wire(event.config))
     except ConfigError:
         # A config this version cannot read: the searcher ends the experiment (ERROR) and creates no trial.
         return ExperimentKnobs()
+    knobs.config, knobs.context_digest = event.config, event.context_digest
+    return knobs
 
 
 class SchedulerCore:
@@ -271,6 +280,8 @@ class SchedulerCore:
             max_restarts=knobs.max_restarts,
             queued_order=self.state.next_order,
             max_length=event.max_length,
+            hparams=event.hparams,
+            seed=event.seed,
         )
         self.state.next_order += 1
         self.state.trials[event.trial_id] = run
@@ -518,15 +529,24 @@ class SchedulerCore:
         nodes = [ev.AllocationNode(worker_id=w, address=self.state.workers[w].address, slot_ids=list(slots))
                  for w, slots in worker_slots.items()] if len(worker_slots) > 1 else []
         port = RENDEZVOUS_PORTS[zlib.crc32(allocation_id.encode()) % len(RENDEZVOUS_PORTS)] if nodes else 0
+        spec = self._spec(run)
         return [
             ev.AllocationAssigned(
                 experiment_id=run.experiment_id, trial_id=run.trial_id, allocation_id=allocation_id,
                 worker_id=worker_id, slot_ids=list(slot_ids), restarts=run.restarts,
                 latest_checkpoint=run.latest_checkpoint, max_length=run.max_length,
-                node_rank=rank, nodes=nodes, master_port=port,
+                node_rank=rank, nodes=nodes, master_port=port, spec=spec,
             )
             for rank, (worker_id, slot_ids) in enumerate(worker_slots.items())
         ]
+
+    def _spec(self, run: TrialRun) -> ev.TrialSpec | None:
+        """What the worker needs to start the run, from the facts this core folded; None if it lacks them."""
+        knobs = self.state.experiments.get(run.experiment_id)
+        if knobs is None or knobs.config is None or run.hparams is None:
+            return None  # the worker reports that it cannot start the run
+        return ev.TrialSpec(config=knobs.config, context_digest=knobs.context_digest, hparams=run.hparams,
+                            seed=run.seed)
 
     def view(self, now: float) -> ClusterView:
         """Agents with their slots' occupants, and jobs with queue positions (for people)."""

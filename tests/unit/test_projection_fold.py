@@ -182,3 +182,13 @@ def test_experiment_columns_come_from_the_typed_config(config: dict[str, Any], c
 
 def ev_json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
+
+
+def test_an_assignment_from_an_older_log_without_a_spec_folds_like_one_with_it() -> None:
+    old = b'{"type":"AllocationAssigned","experiment_id":1,"trial_id":10,"allocation_id":"10.1","worker_id":"w0",' \
+          b'"slot_ids":["cpu0"]}'
+    decoded = msgspec.json.decode(old, type=ev.DomainEvent)
+    assert isinstance(decoded, ev.AllocationAssigned) and decoded.spec is None
+    spec = ev.TrialSpec(config={"entrypoint": "t:T"}, context_digest="d", hparams={"lr": 1}, seed=2)
+    with_spec = msgspec.structs.replace(decoded, spec=spec)
+    assert fold(submitted(), created(), decoded).allocations == fold(submitted(), created(), with_spec).allocations
