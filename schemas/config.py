@@ -19,6 +19,11 @@ import yaml
 
 # A config document larger than this is refused before it is parsed (gateway: KILN_MAX_CONFIG_BYTES).
 DEFAULT_MAX_CONFIG_BYTES = 256 * 1024
+# Defaults every reader of a config shares (the scheduler for an experiment it has not seen, the tracker).
+DEFAULT_EXPERIMENT_NAME = "Experiment"
+DEFAULT_PRIORITY = 42  # 1..99, lower runs first
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESOURCE_POOL = "default"
 _INT64 = (-(2**63), 2**63 - 1)
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -107,6 +112,8 @@ class Length(_Spec, frozen=True, kw_only=True, omit_defaults=True):
 
 
 SearcherName = Literal["single", "random", "grid", "adaptive_asha", "async_halving"]
+# The methods that train trials in rungs (ASHA.md): they need a length, and may pause and promote trials.
+_RUNG_METHODS = frozenset({"adaptive_asha", "async_halving"})
 
 
 class SearcherConfig(_Spec, frozen=True, kw_only=True):
@@ -136,7 +143,7 @@ class ResourcesConfig(_Spec, frozen=True, kw_only=True):
     slots_per_trial: NonNegativeInt = 1
     priority: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
     weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    resource_pool: str = "default"
+    resource_pool: str = DEFAULT_RESOURCE_POOL
     max_slots: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None  # a Postgres integer
     shm_size: int | str | None = None
 
@@ -187,7 +194,7 @@ _CALLABLE_ENTRYPOINT = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\
 class ExperimentConfig(_Spec, frozen=True, kw_only=True):
     """A whole experiment config."""
 
-    name: str = "Experiment"
+    name: str = DEFAULT_EXPERIMENT_NAME
     description: str = ""
     labels: list[str] = []
     project: str = ""
@@ -196,7 +203,7 @@ class ExperimentConfig(_Spec, frozen=True, kw_only=True):
     hyperparameters: HyperparameterSpace = {}
     searcher: SearcherConfig
     resources: ResourcesConfig = msgspec.field(default_factory=ResourcesConfig)
-    max_restarts: NonNegativeInt = 5
+    max_restarts: NonNegativeInt = DEFAULT_MAX_RESTARTS
     checkpoint_storage: CheckpointStorage | None = None  # None: the cluster's default store
     checkpoint_policy: Literal["best", "all", "none"] = "best"
     environment: EnvironmentConfig = msgspec.field(default_factory=EnvironmentConfig)
@@ -214,6 +221,45 @@ class ExperimentConfig(_Spec, frozen=True, kw_only=True):
         if isinstance(self.entrypoint, str) and _CALLABLE_ENTRYPOINT.fullmatch(self.entrypoint):
             return "callable"
         return "command"
+
+    @property
+    def display_name(self) -> str:
+        """The name people see: an empty ``name`` shows as the default."""
+        return self.name or DEFAULT_EXPERIMENT_NAME
+
+    @property
+    def priority(self) -> int:
+        """The priority the experiment's trials are scheduled with until a user changes it."""
+        return self.resources.priority if self.resources.priority is not None else DEFAULT_PRIORITY
+
+    @property
+    def resource_pool(self) -> str:
+        """The pool the experiment's trials run in; an empty ``resources.resource_pool`` means the default."""
+        return self.resources.resource_pool or DEFAULT_RESOURCE_POOL
+
+    @property
+    def full_length(self) -> int | None:
+        """How long each trial trains at most, in units of the searcher's time metric (``max_time`` or
+        legacy ``max_length``); None: unbounded."""
+        searcher = self.searcher
+        if searcher.max_time is not None:
+            return searcher.max_time
+        match searcher.max_length:
+            case Length() as length:
+                return length.units
+            case other:
+                return other
+
+    @property
+    def pausable(self) -> bool:
+        """Promotion-based search (a rung method, ``stop_once: false``): a run that trained to a rung
+        shorter than ``full_length`` pauses, and may be resumed, instead of completing."""
+        return self.searcher.name in _RUNG_METHODS and not self.searcher.stop_once
+
+    @property
+    def environment_variables(self) -> dict[str, str]:
+        """The variables every process of a trial gets."""
+        return self.environment.environment_variables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,23 +320,29 @@ def parse_config(source: str | bytes | dict[str, Any],
     return config, report.warnings
 
 
+def config_from_wire(data: dict[str, Any]) -> ExperimentConfig:
+    """The typed config of an event (``ExperimentSubmitted.config``): how every service reads it.
+
+    Lenient where ``parse_config`` is strict: the gateway validated the config when it was submitted, and a
+    later version may have added fields this reader does not know, so unknown fields are skipped, not
+    refused (old logs and newer writers both decode). What this version knows must still be valid:
+    ConfigError otherwise (a version skew the reader reports).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([FieldError("<config>", f"expected a mapping, got {type(data).__name__}")])
+    report = _Report(lenient=True)
+    config = _convert(data, ExperimentConfig, "", report)
+    if report.errors:
+        raise ConfigError(report.errors)
+    assert isinstance(config, ExperimentConfig)
+    return config
+
+
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config as JSON-safe plain data; ``parse_config`` of it gives back an equal config."""
     data = msgspec.to_builtins(cfg)
     assert isinstance(data, dict)
     return data
-
-
-def searcher_max_length(cfg: ExperimentConfig) -> int | None:
-    """How long each trial trains, in units of the searcher's time metric (None: unbounded)."""
-    searcher = cfg.searcher
-    if searcher.max_time is not None:
-        return searcher.max_time
-    match searcher.max_length:
-        case Length() as length:
-            return length.units
-        case other:
-            return other
 
 
 def leaf_hyperparameters(space: HyperparameterSpace, prefix: str = "") -> Iterator[tuple[str, HPSpec]]:
@@ -516,9 +568,10 @@ _NOT_SUPPORTED_YET: dict[str, frozenset[str]] = {
 
 
 class _Report:
-    """Errors and warnings collected during one walk."""
+    """Errors and warnings collected during one walk; ``lenient`` skips unknown fields (wire data)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lenient: bool = False) -> None:
+        self.lenient = lenient
         self.errors: list[FieldError] = []
         self.warnings: list[str] = []
 
@@ -669,6 +722,9 @@ def _convert_struct(raw: dict[Any, Any], cls: type[msgspec.Struct], path: str, r
             report.warn(field_path, _IGNORED_MESSAGE)
             continue
         field = fields.get(key)
+        if field is None and report.lenient:
+            report.warn(field_path, "unknown field; skipped")
+            continue
         if field is None:
             report.error(field_path, "unknown field" + _suggestion(str(key), [*fields, *ignored]))
             valid = False
@@ -804,8 +860,8 @@ def _check_length(length: Length) -> list[tuple[str, str]]:
     return []
 
 
-_NEEDS_MAX_TRIALS = frozenset({"random", "adaptive_asha", "async_halving"})
-_NEEDS_LENGTH = frozenset({"adaptive_asha", "async_halving"})
+_NEEDS_MAX_TRIALS = frozenset({"random", *_RUNG_METHODS})
+_NEEDS_LENGTH = _RUNG_METHODS
 
 
 def _check_searcher(s: SearcherConfig) -> list[tuple[str, str]]:

@@ -153,9 +153,20 @@ class AllocationNode(msgspec.Struct, frozen=True, kw_only=True):
     slot_ids: list[str]
 
 
+class TrialSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker needs to start a trial's process, from its ExperimentSubmitted and TrialCreated."""
+
+    # The experiment's validated config as ExperimentSubmitted carries it (schemas.config.config_from_wire reads it).
+    config: dict[str, Any]
+    context_digest: str  # the experiment's code context
+    hparams: dict[str, Any]
+    seed: int  # the trial's own seed
+
+
 class AllocationAssigned(Event, frozen=True, kw_only=True):
     """The scheduler placed a trial run on a worker's slots.
 
+    Self-contained: with ``spec`` the worker starts the run without reading anything back from the stream.
     A trial spanning hosts gets one of these per host, all with the same allocation id: ``node_rank``
     says which host this one is, ``nodes`` lists them all in rank order and ``master_port`` is where
     node 0 (at ``nodes[0].address``) hosts the rendezvous. A single-host run leaves those empty.
@@ -168,11 +179,12 @@ class AllocationAssigned(Event, frozen=True, kw_only=True):
     slot_ids: list[str]
     restarts: int = 0
     latest_checkpoint: str | None = None
-    # The length (searcher units) this run trains to; None: the trial's own max_length.
+    # The length (searcher units) this run trains to: the trial's own, or what a promotion asked for.
     max_length: int | None = None
     node_rank: int = 0
     nodes: list[AllocationNode] = []
     master_port: int = 0
+    spec: TrialSpec | None = None  # None only in placements made before this field existed
 
 
 class AllocationKillRequested(Event, frozen=True, kw_only=True):

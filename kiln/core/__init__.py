@@ -221,19 +221,19 @@ class Context:
 
 def _storage_for(config: dict[str, Any], wire: Any, presigner: Any) -> Storage:
     """The checkpoint storage the experiment config names, else the cluster's store (through the worker)."""
-    cs = config.get("checkpoint_storage") or {}
-    kind = cs.get("type")
-    if kind == "shared_fs":
-        root = Path(cs["host_path"]) / (cs.get("storage_path") or "")
-        return SharedFSStorage(root)
-    if kind == "s3" and (cs.get("access_key") or cs.get("endpoint_url") or cs["bucket"] != wire.s3_bucket):
-        # The user's own bucket, with the key the config gives (the trial never gets the cluster's key).
-        endpoint = (cs.get("endpoint_url") or wire.s3_endpoint).removeprefix("http://").removeprefix("https://")
-        return S3Storage(endpoint, cs.get("access_key") or "", cs.get("secret_key") or "", cs["bucket"],
-                         cs.get("prefix") or "", secure=(cs.get("endpoint_url") or "").startswith("https://"))
-    if kind == "s3" and cs.get("prefix"):
-        log.warning("checkpoint_storage.prefix %r is not used in the cluster's bucket: checkpoints go under %s/",
-                    cs["prefix"], checkpoint_prefix(wire.trial.experiment_id))
+    from schemas import config as schema  # only on a cluster: the typed config every service reads
+
+    match schema.config_from_wire(config).checkpoint_storage:
+        case schema.SharedFSStorage() as fs:
+            return SharedFSStorage(Path(fs.host_path) / (fs.storage_path or ""))
+        case schema.S3Storage() as s3 if s3.access_key or s3.endpoint_url or s3.bucket != wire.s3_bucket:
+            # The user's own bucket, with the key the config gives (the trial never gets the cluster's key).
+            endpoint = (s3.endpoint_url or wire.s3_endpoint).removeprefix("http://").removeprefix("https://")
+            return S3Storage(endpoint, s3.access_key or "", s3.secret_key or "", s3.bucket, s3.prefix,
+                             secure=(s3.endpoint_url or "").startswith("https://"))
+        case schema.S3Storage() as s3 if s3.prefix:
+            log.warning("checkpoint_storage.prefix %r is not used in the cluster's bucket: checkpoints go under %s/",
+                        s3.prefix, checkpoint_prefix(wire.trial.experiment_id))
     return LinkedS3Storage(presigner, wire.s3_bucket, checkpoint_prefix(wire.trial.experiment_id))
 
 

@@ -11,16 +11,25 @@ again when they come back through the stream, where applying them is a no-op.
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from schemas import events as ev
 from schemas.cluster import AgentView, ClusterView, JobView, SlotView
+from schemas.config import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_PRIORITY,
+    ConfigError,
+    ExperimentConfig,
+    ResourcesConfig,
+    config_from_wire,
+)
 from services.scheduler import policy
 
 RunState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED", "EXITED"]
-DEFAULT_PRIORITY = 42
+# An experiment's knobs before (or without) its config: the config's own defaults.
+_RESOURCES = ResourcesConfig()
 # torch.distributed rendezvous ports for multi-host trials: node 0 listens on one of these, picked from
 # the allocation id so every node computes the same one.
 RENDEZVOUS_PORTS = range(29400, 30000)
@@ -64,23 +73,30 @@ class TrialRun(msgspec.Struct, kw_only=True):
     preempt_requested: bool = False
     preempt_since: float = 0.0  # when the tick first saw the request (0: not yet)
     started_order: int = 0
+    # From its TrialCreated, for the spec its placements carry; None: restored from an older snapshot.
+    hparams: dict[str, Any] | None = None
+    seed: int = 0
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
     """The scheduling knobs of an experiment's config."""
 
-    slots_per_trial: int = 1
+    slots_per_trial: int = _RESOURCES.slots_per_trial
     priority: int = DEFAULT_PRIORITY
-    resource_pool: str = "default"
-    max_restarts: int = 5
+    resource_pool: str = _RESOURCES.resource_pool
+    max_restarts: int = DEFAULT_MAX_RESTARTS
     killed: bool = False
     paused: bool = False
-    weight: float = 1.0
-    max_slots: int | None = None
+    weight: float = _RESOURCES.weight
+    max_slots: int | None = _RESOURCES.max_slots
     # Promotion-based search (stop_once: false): a run that reached a shorter length than the
     # search's full length pauses instead of completing, and may be resumed.
     pausable: bool = False
     full_length: int | None = None
+    # What its trials' placements carry (ev.TrialSpec): the config as submitted and the code context;
+    # None when not submitted (yet), or restored from an older snapshot.
+    config: dict[str, Any] | None = None
+    context_digest: str = ""
 
 
 class SchedulerState(msgspec.Struct, kw_only=True):
@@ -97,23 +113,28 @@ _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
 _SNAPSHOT_DECODER = msgspec.msgpack.Decoder(SchedulerState)
 
 
-def knobs_from_config(config: dict) -> ExperimentKnobs:
-    """Read the scheduling knobs out of a validated config (plain data from the event)."""
-    resources = config.get("resources") or {}
-    priority = resources.get("priority")
-    searcher = config.get("searcher") or {}
-    length = searcher.get("max_length")
-    full = searcher.get("max_time") or (next(iter(length.values())) if isinstance(length, dict) else length)
+def knobs_from_config(config: ExperimentConfig) -> ExperimentKnobs:
+    """The scheduling knobs of an experiment's config."""
     return ExperimentKnobs(
-        slots_per_trial=int(resources.get("slots_per_trial", 1)),
-        priority=int(priority) if priority is not None else DEFAULT_PRIORITY,
-        resource_pool=str(resources.get("resource_pool") or "default"),
-        max_restarts=int(config.get("max_restarts", 5)),
-        weight=float(resources.get("weight") or 1.0),
-        max_slots=int(resources["max_slots"]) if resources.get("max_slots") is not None else None,
-        pausable=searcher.get("name") in ("adaptive_asha", "async_halving") and searcher.get("stop_once") is False,
-        full_length=int(full) if full is not None else None,
+        slots_per_trial=config.resources.slots_per_trial,
+        priority=config.priority,
+        resource_pool=config.resource_pool,
+        max_restarts=config.max_restarts,
+        weight=config.resources.weight,
+        max_slots=config.resources.max_slots,
+        pausable=config.pausable,
+        full_length=config.full_length,
     )
+
+
+def _knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
+    try:
+        knobs = knobs_from_config(config_from_wire(event.config))
+    except ConfigError:
+        # A config this version cannot read: the searcher ends the experiment (ERROR) and creates no trial.
+        return ExperimentKnobs()
+    knobs.config, knobs.context_digest = event.config, event.context_digest
+    return knobs
 
 
 class SchedulerCore:
@@ -140,7 +161,7 @@ class SchedulerCore:
         """Apply one domain event; return what the scheduler decides because of it."""
         match event:
             case ev.ExperimentSubmitted():
-                self.state.experiments.setdefault(event.experiment_id, knobs_from_config(event.config))
+                self.state.experiments.setdefault(event.experiment_id, _knobs_of(event))
                 return []
             case ev.TrialCreated():
                 return self._trial_created(event)
@@ -259,6 +280,8 @@ class SchedulerCore:
             max_restarts=knobs.max_restarts,
             queued_order=self.state.next_order,
             max_length=event.max_length,
+            hparams=event.hparams,
+            seed=event.seed,
         )
         self.state.next_order += 1
         self.state.trials[event.trial_id] = run
@@ -506,15 +529,24 @@ class SchedulerCore:
         nodes = [ev.AllocationNode(worker_id=w, address=self.state.workers[w].address, slot_ids=list(slots))
                  for w, slots in worker_slots.items()] if len(worker_slots) > 1 else []
         port = RENDEZVOUS_PORTS[zlib.crc32(allocation_id.encode()) % len(RENDEZVOUS_PORTS)] if nodes else 0
+        spec = self._spec(run)
         return [
             ev.AllocationAssigned(
                 experiment_id=run.experiment_id, trial_id=run.trial_id, allocation_id=allocation_id,
                 worker_id=worker_id, slot_ids=list(slot_ids), restarts=run.restarts,
                 latest_checkpoint=run.latest_checkpoint, max_length=run.max_length,
-                node_rank=rank, nodes=nodes, master_port=port,
+                node_rank=rank, nodes=nodes, master_port=port, spec=spec,
             )
             for rank, (worker_id, slot_ids) in enumerate(worker_slots.items())
         ]
+
+    def _spec(self, run: TrialRun) -> ev.TrialSpec | None:
+        """What the worker needs to start the run, from the facts this core folded; None if it lacks them."""
+        knobs = self.state.experiments.get(run.experiment_id)
+        if knobs is None or knobs.config is None or run.hparams is None:
+            return None  # the worker reports that it cannot start the run
+        return ev.TrialSpec(config=knobs.config, context_digest=knobs.context_digest, hparams=run.hparams,
+                            seed=run.seed)
 
     def view(self, now: float) -> ClusterView:
         """Agents with their slots' occupants, and jobs with queue positions (for people)."""

@@ -13,7 +13,7 @@ from typing import assert_never
 import msgspec
 
 from schemas import events as ev
-from schemas.config import ConfigError, ExperimentConfig, parse_config
+from schemas.config import ConfigError, ExperimentConfig, config_from_wire
 from schemas.trial import INVALID_HP_EXIT_CODE
 from services.searcher.methods import (
     CreateTrial,
@@ -43,7 +43,7 @@ class ExperimentSearch(msgspec.Struct, kw_only=True):
     """One experiment's search: its method state and its trials."""
 
     experiment_id: int
-    config: dict
+    config: dict  # as ExperimentSubmitted carries it; read through schemas.config.config_from_wire
     seed: int
     method: MethodState
     trials: dict[int, TrialEntry] = {}  # by request id
@@ -108,7 +108,7 @@ class SearcherCore:
         if event.experiment_id in self.state.experiments:
             return []  # redelivered
         try:
-            config, _ = parse_config(event.config)
+            config = config_from_wire(event.config)
             method = new_method(config)
         except (ConfigError, ValueError) as exc:
             # The gateway validated the config, so this is a version skew: end it loudly.
@@ -225,7 +225,7 @@ class SearcherCore:
         ctx = self._contexts.get(exp.experiment_id)
         if ctx is None:
             if config is None:
-                config, _ = parse_config(exp.config)
+                config = config_from_wire(exp.config)
             ctx = SearchContext(config, exp.seed)
             self._contexts[exp.experiment_id] = ctx
         return ctx

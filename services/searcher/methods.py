@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.config import ExperimentConfig, searcher_max_length
+from schemas.config import ExperimentConfig
 from services.searcher import asha, hparams
 
 ExitKind = Literal["completed", "errored", "invalid_hp", "canceled"]
@@ -68,7 +68,7 @@ class SearchContext:
     def __init__(self, config: ExperimentConfig, seed: int) -> None:
         self.config = config
         self.seed = seed
-        self.max_length = searcher_max_length(config)
+        self.max_length = config.full_length
 
     def new_trial(self, request_id: int) -> CreateTrial:
         """Draw trial ``request_id``'s hyperparameters and seed, the same every time it is asked."""
@@ -575,7 +575,7 @@ class ASHASearch(msgspec.Struct, kw_only=True, tag="asha"):
 def _asha_search(config: ExperimentConfig) -> ASHASearch:
     """The brackets ``adaptive_asha`` (ASHA.md steps 1-5) or ``async_halving`` (one bracket) asks for."""
     searcher = config.searcher
-    max_time = searcher_max_length(config)
+    max_time = config.full_length
     if max_time is None or searcher.max_trials is None:
         raise ValueError(f"searcher {searcher.name!r} needs max_trials and max_time (or legacy max_length)")
     if searcher.name == "adaptive_asha":

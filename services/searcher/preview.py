@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from schemas.config import ExperimentConfig, searcher_max_length
+from schemas.config import ExperimentConfig
 from services.searcher import asha, hparams
 
 CurveName = Literal["improving", "worsening", "random"]
@@ -49,7 +49,7 @@ class SearchPreview(msgspec.Struct, frozen=True, kw_only=True):
 def preview(config: ExperimentConfig) -> SearchPreview:
     """The search's shape and budget, from its config alone."""
     s = config.searcher
-    length = searcher_max_length(config) or 0
+    length = config.full_length or 0
     unit = s.time_metric or (s.max_length.unit if s.max_length is not None and not isinstance(s.max_length, int)
                              else "batches")
     match s.name:

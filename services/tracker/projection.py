@@ -24,6 +24,7 @@ import asyncpg
 import msgspec
 
 from schemas import events as ev
+from schemas.config import DEFAULT_EXPERIMENT_NAME, DEFAULT_PRIORITY, ConfigError, ResourcesConfig, config_from_wire
 
 _json = msgspec.json.Encoder()
 
@@ -172,18 +173,11 @@ class Fold:
     def _submitted(self, e: ev.ExperimentSubmitted, item: Item) -> None:
         if e.experiment_id in self.experiments:
             return
-        cfg = e.config
-        searcher = cfg.get("searcher") or {}
-        resources = cfg.get("resources") or {}
         self.experiments[e.experiment_id] = {
-            "id": e.experiment_id, "name": cfg.get("name") or "Experiment", "description": cfg.get("description") or "",
-            "labels": _j(cfg.get("labels") or []), "state": "ACTIVE", "config": _j(cfg), "config_yaml": e.config_yaml,
-            "context_digest": e.context_digest, "searcher_name": searcher.get("name", ""),
-            "searcher_metric": searcher.get("metric", ""),
-            "smaller_is_better": bool(searcher.get("smaller_is_better", True)), "seed": e.seed,
-            "submitted_by": e.submitted_by, "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None,
-            "end_reason": "", "progress": 0.0, "priority": resources.get("priority") or 42,
-            "weight": float(resources.get("weight") or 1.0), "max_slots": resources.get("max_slots"),
+            "id": e.experiment_id, "state": "ACTIVE", "config": _j(e.config), "config_yaml": e.config_yaml,
+            "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
+            "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
+            **_config_columns(e.config),
         }
         self.changed["experiments"].add(e.experiment_id)
         self.progress_of.setdefault(e.experiment_id, {})  # a new experiment: all its trials are in this fold
@@ -396,6 +390,23 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.LogsShipped: Fold._logs,
     ev.MessageDeadLettered: lambda f, e, _: None,
 }
+
+
+def _config_columns(data: dict[str, Any]) -> Row:
+    """The experiments columns read from its config (the typed reading every service shares)."""
+    try:
+        cfg = config_from_wire(data)
+    except ConfigError:
+        # A config this version cannot read (the searcher ends the experiment with ERROR): the row keeps the
+        # raw config and the defaults.
+        resources = ResourcesConfig()
+        return {"name": DEFAULT_EXPERIMENT_NAME, "description": "", "labels": _j([]), "searcher_name": "",
+                "searcher_metric": "", "smaller_is_better": True, "priority": DEFAULT_PRIORITY,
+                "weight": resources.weight, "max_slots": resources.max_slots}
+    return {"name": cfg.display_name, "description": cfg.description, "labels": _j(cfg.labels),
+            "searcher_name": cfg.searcher.name, "searcher_metric": cfg.searcher.metric,
+            "smaller_is_better": cfg.searcher.smaller_is_better, "priority": cfg.priority,
+            "weight": cfg.resources.weight, "max_slots": cfg.resources.max_slots}
 
 
 def _new_trial(e: ev.TrialCreated, item: Item) -> Row:

@@ -101,7 +101,6 @@ class Worker:
             s3_bucket=s3.s3_bucket,
             s3_secure=s3.s3_secure,
         )
-        self._decoder = msgspec.json.Decoder(ev.DomainEvent)
 
     async def heartbeat_forever(self, stop: asyncio.Event) -> None:
         """Publish the slot inventory every ``heartbeat_s`` on core NATS (never stored)."""
@@ -150,13 +149,8 @@ class Worker:
         if assigned.allocation_id in self.running or assigned.allocation_id in self.finished \
                 or assigned.allocation_id in self.exiting:
             return  # redelivered
-        submitted = await self._find(subjects.EVENTS, subjects.experiment_facts_filter(assigned.experiment_id),
-                                     ev.ExperimentSubmitted)
-        created = await self._find(subjects.EVENTS, subjects.trial_filter(assigned.experiment_id, assigned.trial_id),
-                                   ev.TrialCreated)
-        if submitted is None or created is None:
-            raise RuntimeError(f"allocation {assigned.allocation_id}: its experiment or trial is not on the bus yet")
-        alloc = Allocation(assigned, submitted, created, self.info_base, self.work_root, self.outbox.append,
+        # Everything the run needs is in the assignment (its spec): nothing is read back from the stream.
+        alloc = Allocation(assigned, self.info_base, self.work_root, self.outbox.append,
                            self._fetch_context, self.watch_stops, runtime=self.runtime, store=self.store,
                            context_limits=(self.settings.max_context_unpacked_bytes, self.settings.max_context_files))
         self.running[assigned.allocation_id] = alloc
@@ -180,13 +174,6 @@ class Worker:
             self.exiting[alloc.allocation_id] = alloc.exit_row
         else:
             self.finished[alloc.allocation_id] = time.time()
-
-    async def _find(self, stream: subjects.StreamSpec, subject: str, kind: type) -> object | None:
-        async with contextlib.aclosing(self.bus.read(stream, subject, self._decoder)) as events:
-            async for d in events:
-                if isinstance(d.event, kind):
-                    return d.event
-        return None
 
     async def _fetch_context(self, digest: str) -> bytes:
         def get() -> bytes:

@@ -23,6 +23,7 @@ import structlog
 
 from kiln import context as code_context
 from schemas import events as ev
+from schemas.config import ExperimentConfig, config_from_wire
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
 from services.worker.outbox import OversizedEvent
@@ -117,8 +118,6 @@ class Allocation:
     def __init__(
         self,
         assigned: ev.AllocationAssigned,
-        submitted: ev.ExperimentSubmitted,
-        created: ev.TrialCreated,
         info_base: ClusterInfo,
         work_root: Path,
         publish: Publish,
@@ -131,8 +130,6 @@ class Allocation:
         self.assigned = assigned
         # (unpacked bytes, members): the gateway's limits again, held while the context is streamed to disk.
         self.context_limits = context_limits
-        self.submitted = submitted
-        self.created = created
         self.info_base = info_base
         self.dir = work_root / assigned.allocation_id
         self.publish = publish
@@ -161,8 +158,12 @@ class Allocation:
         """Fetch and unpack the context, start the process, publish TrialStarted. False if it could not."""
         a = self.assigned
         try:
-            data = await self.fetch_context(self.submitted.context_digest)
-            if code_context.digest(data) != self.submitted.context_digest:
+            spec = a.spec
+            if spec is None:
+                raise RuntimeError("the allocation carries no trial spec (placed by an older scheduler)")
+            config = config_from_wire(spec.config)
+            data = await self.fetch_context(spec.context_digest)
+            if code_context.digest(data) != spec.context_digest:
                 raise code_context.ContextError("context digest mismatch")
             if self.dir.exists():
                 shutil.rmtree(self.dir)
@@ -177,13 +178,13 @@ class Allocation:
                                   self.publish, self.watch_stops, store=self.store,
                                   grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
             await self.link.start()
-            argv = entrypoint_argv(self.submitted.config["entrypoint"], python=self.runtime.python,
+            argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
                                    processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a))
             user = self.runtime.user
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=self.dir,
-                env=self._env(),
+                env=self._env(spec, config),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -257,8 +258,8 @@ class Allocation:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    def _env(self) -> dict[str, str]:
-        a, created = self.assigned, self.created
+    def _env(self, spec: ev.TrialSpec, config: ExperimentConfig) -> dict[str, str]:
+        a = self.assigned
         info = msgspec.structs.replace(
             self.info_base,
             allocation_id=a.allocation_id,
@@ -272,18 +273,17 @@ class Allocation:
             trial=TrialInfo(
                 trial_id=a.trial_id,
                 experiment_id=a.experiment_id,
-                hparams=created.hparams,
-                trial_seed=created.seed,
-                config=self.submitted.config,
-                max_length=a.max_length if a.max_length is not None else created.max_length,
+                hparams=spec.hparams,
+                trial_seed=spec.seed,
+                config=spec.config,
+                max_length=a.max_length,
             ),
         )
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
         env["HOME"] = str(self.dir / HOME_DIR)  # the trial user's caches (torch, pip...) stay in its work dir
         for k, v in self.runtime.env.items():
             env[k] = v + (os.pathsep + env[k] if env.get(k) and k.endswith("PATH") else "")
-        env.update({str(k): str(v) for k, v in (self.submitted.config.get("environment") or {})
-                    .get("environment_variables", {}).items()})
+        env.update(config.environment_variables)
         env[CLUSTER_INFO_ENV] = msgspec.json.encode(info).decode()
         env["PYTHONUNBUFFERED"] = "1"
         if all(s.startswith("cpu") for s in a.slot_ids):

@@ -18,9 +18,11 @@ from schemas.config import (
     LogHP,
     S3Storage,
     SharedFSStorage,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_PRIORITY,
+    config_from_wire,
     config_to_dict,
     parse_config,
-    searcher_max_length,
 )
 
 # Determined's examples/tutorials/mnist_pytorch/const.yaml.
@@ -123,7 +125,7 @@ def test_mnist_const_parses_with_determined_defaults() -> None:
     assert cfg.searcher.metric == "validation_loss"
     assert cfg.searcher.smaller_is_better is True
     assert cfg.searcher.max_length == Length(batches=937000)
-    assert searcher_max_length(cfg) == 937000
+    assert cfg.full_length == 937000
     assert cfg.data["url"].endswith("pytorch_mnist.tar.gz")
     assert cfg.resources.slots_per_trial == 1
     assert cfg.resources.resource_pool == "default"
@@ -149,7 +151,7 @@ def test_adaptive_example_parses_every_section() -> None:
         "momentum": ConstHP(val=0.9),
     }
     assert cfg.searcher.max_trials == 16
-    assert searcher_max_length(cfg) == 937
+    assert cfg.full_length == 937
     assert cfg.resources.slots_per_trial == 2
     assert cfg.resources.priority == 10
     assert cfg.checkpoint_storage == S3Storage(
@@ -248,9 +250,9 @@ def test_shared_fs_storage() -> None:
         ({"name": "async_halving", "max_trials": 4, "max_length": {"records": 7}, "num_rungs": 3}, 7),
     ],
 )
-def test_searcher_max_length(searcher: dict[str, Any], expected: int | None) -> None:
+def test_full_length(searcher: dict[str, Any], expected: int | None) -> None:
     cfg, _ = parse_config(minimal(searcher={"metric": "m"} | searcher))
-    assert searcher_max_length(cfg) == expected
+    assert cfg.full_length == expected
 
 
 # --- round trip ------------------------------------------------------------------------------
@@ -545,3 +547,62 @@ def test_top_level_must_be_a_mapping(source: str) -> None:
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
     assert isinstance(parse_config(MNIST_CONST)[0], ExperimentConfig)
+
+
+# --- the typed config as every service reads it ------------------------------------------------
+
+
+def test_defaults_every_reader_shares_come_from_the_schema() -> None:
+    cfg, _ = parse_config(minimal())
+    assert (cfg.priority, cfg.max_restarts) == (DEFAULT_PRIORITY, DEFAULT_MAX_RESTARTS) == (42, 5)
+    assert cfg.resources.priority is None  # unset: the default applies, not a value the user wrote
+    assert (cfg.display_name, cfg.environment_variables, cfg.full_length, cfg.pausable) == \
+        ("Experiment", {}, None, False)
+    assert parse_config(minimal(name=""))[0].display_name == "Experiment"
+    assert parse_config(minimal(resources={"priority": 7}))[0].priority == 7
+    assert (cfg.resource_pool, parse_config(minimal(resources={"resource_pool": ""}))[0].resource_pool) == \
+        ("default", "default")
+
+
+@pytest.mark.parametrize(
+    ("searcher", "pausable"),
+    [
+        ({"name": "single"}, False),
+        ({"name": "async_halving", "max_trials": 4, "max_time": 9, "time_metric": "b", "stop_once": False}, True),
+        ({"name": "async_halving", "max_trials": 4, "max_time": 9, "time_metric": "b"}, False),
+        ({"name": "adaptive_asha", "max_trials": 4, "max_length": {"batches": 9}, "stop_once": False}, True),
+        ({"name": "random", "max_trials": 4, "stop_once": False}, False),
+    ],
+)
+def test_pausable_means_a_rung_method_that_promotes(searcher: dict[str, Any], pausable: bool) -> None:
+    cfg, _ = parse_config(minimal(searcher={"metric": "m"} | searcher))
+    assert cfg.pausable is pausable
+
+
+@pytest.mark.parametrize("source", [MNIST_CONST, MNIST_ADAPTIVE])
+def test_wire_data_decodes_to_the_config_that_was_submitted(source: str) -> None:
+    cfg, _ = parse_config(source)
+    assert config_from_wire(config_to_dict(cfg)) == cfg
+
+
+def test_wire_decode_skips_fields_a_later_version_added() -> None:
+    """An event written by a newer gateway (or read back from an old log) still decodes."""
+    data = minimal(resources={"slots_per_trial": 2, "gpu_kind": "h200"}, checkpoint_storage={
+        "type": "shared_fs", "host_path": "/mnt", "compression": "zstd"}, tracing={"enabled": True})
+    with pytest.raises(ConfigError):
+        parse_config(data)  # user input stays strict
+
+    cfg = config_from_wire(data)
+
+    assert cfg.resources.slots_per_trial == 2
+    assert cfg.checkpoint_storage == SharedFSStorage(host_path="/mnt")
+    assert cfg == parse_config(minimal(resources={"slots_per_trial": 2},
+                                       checkpoint_storage={"type": "shared_fs", "host_path": "/mnt"}))[0]
+
+
+def test_wire_decode_still_refuses_what_it_knows_to_be_invalid() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_wire(minimal(searcher={"name": "pbt", "metric": "m"}, max_restarts=-1))
+    assert [e.path for e in info.value.errors] == ["searcher.name", "max_restarts"]
+    with pytest.raises(ConfigError):
+        config_from_wire([])  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.config import parse_config, searcher_max_length
+from schemas.config import parse_config
 from schemas.trial import CLUSTER_INFO_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits"
@@ -104,4 +104,4 @@ def test_const_config_parses() -> None:
     config, warnings = parse_config((EXAMPLE / "const.yaml").read_text())
     assert warnings == []
     assert config.searcher.metric == "validation_accuracy"
-    assert searcher_max_length(config) == 5
+    assert config.full_length == 5

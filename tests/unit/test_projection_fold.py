@@ -6,6 +6,7 @@ import math
 import typing
 from typing import Any
 
+import msgspec
 import pytest
 
 from schemas import events as ev
@@ -15,7 +16,8 @@ E, T, T2 = 1, 10, 11
 
 
 def submitted(smaller: bool = True) -> ev.ExperimentSubmitted:
-    cfg = {"name": "x", "searcher": {"name": "single", "metric": "loss", "smaller_is_better": smaller}}
+    cfg = {"name": "x", "entrypoint": "python3 train.py",
+           "searcher": {"name": "single", "metric": "loss", "smaller_is_better": smaller}}
     return ev.ExperimentSubmitted(experiment_id=E, config=cfg, config_yaml="", context_digest="d", context_size=1,
                                   seed=1, submitted_at=100.0)
 
@@ -153,3 +155,40 @@ def test_every_event_the_tracker_consumes_has_a_handler() -> None:
                 for member in (typing.get_args(kind) or (kind,))}
     assert len(consumed) > 25 and ev.TrainingMetricsReported in consumed and ev.LogsShipped in consumed
     assert consumed <= set(_HANDLERS)
+
+
+@pytest.mark.parametrize(
+    ("config", "columns"),
+    [
+        # Unset knobs get the config's defaults; a field added by a later version is skipped.
+        ({"name": "", "entrypoint": "t:T", "searcher": {"name": "single", "metric": "acc", "smaller_is_better": False},
+          "added_later": {"x": 1}},
+         ("Experiment", "single", "acc", False, 42, 1.0, None)),
+        ({"name": "x", "entrypoint": "t:T", "searcher": {"name": "single", "metric": "m"},
+          "resources": {"priority": 7, "weight": 2, "max_slots": 3}},
+         ("x", "single", "m", True, 7, 2.0, 3)),
+        # Unreadable by this version: the raw config is kept, the columns are the defaults.
+        ({"name": "x", "searcher": {"name": "pbt"}}, ("Experiment", "", "", True, 42, 1.0, None)),
+    ],
+)
+def test_experiment_columns_come_from_the_typed_config(config: dict[str, Any], columns: tuple[Any, ...]) -> None:
+    event = ev.ExperimentSubmitted(experiment_id=E, config=config, config_yaml="", context_digest="d",
+                                   context_size=1, seed=1)
+    x = fold(event).experiments[E]
+    assert (x["name"], x["searcher_name"], x["searcher_metric"], x["smaller_is_better"], x["priority"], x["weight"],
+            x["max_slots"]) == columns
+    assert x["config"] == ev_json(config)
+
+
+def ev_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def test_an_assignment_from_an_older_log_without_a_spec_folds_like_one_with_it() -> None:
+    old = b'{"type":"AllocationAssigned","experiment_id":1,"trial_id":10,"allocation_id":"10.1","worker_id":"w0",' \
+          b'"slot_ids":["cpu0"]}'
+    decoded = msgspec.json.decode(old, type=ev.DomainEvent)
+    assert isinstance(decoded, ev.AllocationAssigned) and decoded.spec is None
+    spec = ev.TrialSpec(config={"entrypoint": "t:T"}, context_digest="d", hparams={"lr": 1}, seed=2)
+    with_spec = msgspec.structs.replace(decoded, spec=spec)
+    assert fold(submitted(), created(), decoded).allocations == fold(submitted(), created(), with_spec).allocations

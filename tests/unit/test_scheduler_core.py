@@ -126,7 +126,8 @@ def run_to_start(core: SchedulerCore, at: float = T0) -> ev.AllocationAssigned:
 
 
 def test_queued_trial_is_placed_on_a_worker_with_enough_free_slots() -> None:
-    core = core_with(submitted(1, slots=2), created(1, 10))
+    sub = submitted(1, slots=2)
+    core = core_with(sub, created(1, 10))
     assert core.heartbeat(heartbeat("w1", 2, T0)) == []
     out = core.tick(T0)
     assert out == [
@@ -138,10 +139,45 @@ def test_queued_trial_is_placed_on_a_worker_with_enough_free_slots() -> None:
             slot_ids=["w1-gpu0", "w1-gpu1"],
             restarts=0,
             latest_checkpoint=None,
+            spec=ev.TrialSpec(config=sub.config, context_digest=sub.context_digest, hparams={}, seed=0),
         )
     ]
     # Placed once: the next tick does not place it again.
     assert core.tick(T0 + 1) == []
+
+
+def test_every_placement_carries_what_the_worker_needs_to_start_the_run() -> None:
+    """Self-contained: config, code context, hyperparameters and seed, on every host, on every attempt."""
+    sub = submitted(1, slots=3)
+    trial = ev.TrialCreated(experiment_id=1, trial_id=10, request_id=0, hparams={"lr": 0.1, "opt": {"m": 0.9}},
+                            seed=1234, max_length=50)
+    core = core_with(sub, trial)
+    core.heartbeat(heartbeat("w1", 2, T0))
+    core.heartbeat(heartbeat("w2", 2, T0))
+    first = core.tick(T0)
+    echo(core, first)
+    crashed = core.handle(alloc_exited(first[0], 1))
+    echo(core, crashed)
+    second = [e for e in core.tick(T0) if isinstance(e, ev.AllocationAssigned)]
+    expected = ev.TrialSpec(config=sub.config, context_digest="sha256:00", hparams={"lr": 0.1, "opt": {"m": 0.9}},
+                            seed=1234)
+    placements = [a for a in first + second if isinstance(a, ev.AllocationAssigned)]
+    assert [(a.allocation_id, a.node_rank) for a in placements] == [("10.1", 0), ("10.1", 1), ("10.2", 0), ("10.2", 1)]
+    assert all(a.spec == expected and a.max_length == 50 for a in placements)
+    # The spec survives the snapshot.
+    restored = SchedulerCore.restore(core.snapshot())
+    assert restored.snapshot() == core.snapshot()
+
+
+def test_a_trial_known_only_from_an_older_snapshot_is_placed_without_a_spec() -> None:
+    state = msgspec.msgpack.decode(core_with(submitted(1), created(1, 10)).snapshot())
+    for knobs in state["experiments"].values():
+        del knobs["config"], knobs["context_digest"]
+    for run in state["trials"].values():
+        del run["hparams"], run["seed"]
+    core = SchedulerCore.restore(msgspec.msgpack.encode(state), worker_timeout_s=TIMEOUT)
+    core.heartbeat(heartbeat("w1", 1, T0))
+    assert only_assignment(core.tick(T0)).spec is None  # the worker says it cannot start it
 
 
 def test_nothing_is_placed_without_heartbeats() -> None:
@@ -295,6 +331,26 @@ def test_lower_priority_value_first_then_fifo(trials: list[tuple[int, int | None
         echo(core, done)
     assert placed == order
     assert core.tick(T0) == []
+
+
+def test_knobs_are_read_through_the_typed_config_even_with_fields_a_later_version_added() -> None:
+    event = submitted(1, slots=2, pool="gpu", priority=7)
+    newer = msgspec.structs.replace(event, config={**event.config, "added_later": 1,
+                                                   "resources": {**event.config["resources"], "gpu_kind": "x"}})
+    core = core_with(newer, created(1, 10))
+    core.heartbeat(heartbeat("w1", 4, T0, pool="default"))
+    assert core.tick(T0) == []  # its pool is "gpu"
+    core.heartbeat(heartbeat("w2", 4, T0, pool="gpu"))
+    a = only_assignment(core.tick(T0))
+    assert (a.worker_id, len(a.slot_ids)) == ("w2", 2)
+    assert [j.priority for j in core.view(T0).jobs] == [7]
+
+
+def test_a_config_this_version_cannot_read_leaves_the_default_knobs() -> None:
+    event = submitted(1, slots=2, priority=7)
+    skewed = msgspec.structs.replace(event, config={**event.config, "max_restarts": "many"})
+    core = core_with(skewed, created(1, 10))
+    assert [(j.priority, j.slots) for j in core.view(T0).jobs] == [(42, 1)]
 
 
 def test_allocation_exit_frees_the_slots_for_the_next_trial() -> None:

@@ -240,12 +240,22 @@ def test_a_config_this_searcher_cannot_read_ends_the_experiment_with_an_error_na
 
 
 def test_a_config_that_no_longer_validates_ends_the_experiment_with_an_error() -> None:
-    # Version skew: the gateway accepted a config this searcher cannot parse.
+    # Version skew: the gateway accepted a value this searcher cannot read.
     event = submitted(4)
-    bad = msgspec.structs.replace(event, config={**event.config, "no_such_field": 1})
+    bad = msgspec.structs.replace(event, config={**event.config, "max_restarts": "many"})
     out = SearcherCore().handle(bad)
     assert [(type(e), e.state) for e in out] == [(ev.ExperimentEnded, "ERROR")]  # type: ignore[attr-defined]
-    assert "no_such_field" in out[0].reason  # type: ignore[attr-defined]
+    assert "max_restarts" in out[0].reason  # type: ignore[attr-defined]
+
+
+def test_a_config_field_added_by_a_later_version_is_skipped_and_the_search_runs() -> None:
+    """Wire data is read leniently: a newer gateway's extra field does not end the experiment."""
+    event = submitted(4)
+    newer = msgspec.structs.replace(event, config={**event.config, "no_such_field": 1,
+                                                   "searcher": {**event.config["searcher"], "new_knob": True}})
+    plain, skewed = SearcherCore().handle(event), SearcherCore().handle(newer)
+    assert [type(e) for e in skewed] == [ev.TrialCreated]
+    assert encode(skewed) == encode(plain)
 
 
 # --- idempotency, determinism, snapshots -------------------------------------------------------
