@@ -34,6 +34,11 @@ demo: setup
 test *ARGS: setup
     {{venv}}/python -m pytest -q {{ARGS}}
 
+# Lint and type-check: ruff (style, imports, likely bugs) and mypy (strict on schemas/, kiln/ and the cores)
+lint: setup
+    {{venv}}/ruff check .
+    {{venv}}/mypy
+
 # Only the fast no-I/O tests
 test-unit: setup
     {{venv}}/python -m pytest -q tests/unit

@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch is pinned to 2.13.0 in pyproject.toml: that CPU wheel is local here; an unpinned torch
     # would pull a multi-GB CUDA build.
-    .venv/bin/python -m pip install --quiet -e ".[stack,test]"
+    .venv/bin/python -m pip install --quiet -e ".[stack,test,lint]"
     rm -f .venv/.kiln-setup-*
     touch "$stamp"
 fi
