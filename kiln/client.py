@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from kiln import context as code_context
+from schemas import context as code_context
 
 DEFAULT_MASTER = "http://127.0.0.1:18080"
 TERMINAL_STATES = {"COMPLETED", "ERROR", "CANCELED"}

@@ -450,7 +450,7 @@ async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, bat
     core context closed, which waits for that); the metrics stream held every batch; Postgres showed
     every point (``metric_summaries``, sampled every POLL_S).
     """
-    from kiln import context as code_context
+    from schemas import context as code_context
     from schemas import subjects
 
     work = bench.state / f"real-{label}"

@@ -46,7 +46,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from minio import Minio
 from minio.error import S3Error, ServerError
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
 from schemas import subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView

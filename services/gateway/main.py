@@ -18,7 +18,7 @@ import uvicorn
 from litestar import Litestar
 from minio import Minio
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import readmodel
 from schemas.config import DEFAULT_MAX_CONFIG_BYTES
 from services.gateway import auth, queries

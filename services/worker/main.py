@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from minio import Minio
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
 from schemas import subjects
 from schemas.trial import ClusterInfo, TrialInfo

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
