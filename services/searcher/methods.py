@@ -1,4 +1,4 @@
-"""Search methods: pure, deterministic state machines (STYLE.md 1-2).
+"""Search methods: pure, deterministic state machines that answer each fact with a closed set of decisions.
 
 A method gets one call per incoming fact (``initial_trials``, ``trial_created``,
 ``validation_reported``, ``trial_exited``) and answers with a list of decisions. It never touches the
@@ -9,7 +9,7 @@ Every method hands out its own request ids (0, 1, 2, ... in the order it decides
 emits ``Shutdown`` once every trial it created has exited and it will create no more: Determined's
 ``TrialsRequested == len(TrialsClosed)`` rule (``searcher.go``).
 
-``adaptive_asha`` and ``async_halving`` follow ``/work/shared/ASHA.md``: a tournament of brackets, each
+``adaptive_asha`` and ``async_halving`` follow ``docs/asha.md``: a tournament of brackets, each
 an independent ASHA sub-search, stopping-based (``stop_once: true``, Determined 0.38's
 ``asha_stopping.go``) or promotion-based (``stop_once: false``, the legacy ``asha.go``, with pause and
 resume from checkpoint). The arithmetic lives in :mod:`services.searcher.asha`.
@@ -573,7 +573,7 @@ class ASHASearch(msgspec.Struct, kw_only=True, tag="asha"):
 
 
 def _asha_search(config: ExperimentConfig) -> ASHASearch:
-    """The brackets ``adaptive_asha`` (ASHA.md steps 1-5) or ``async_halving`` (one bracket) asks for."""
+    """The brackets ``adaptive_asha`` (docs/asha.md, "Planning") or ``async_halving`` (one bracket) asks for."""
     searcher = config.searcher
     max_time = searcher_max_length(config)
     if max_time is None or searcher.max_trials is None:
