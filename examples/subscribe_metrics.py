@@ -36,7 +36,6 @@ import nats
 
 from schemas import events as ev
 from schemas.subjects import forged
-from schemas.upcast import decoder_with_upcasts
 
 READER_USER = "reader"
 
@@ -108,9 +107,9 @@ async def run(args: argparse.Namespace) -> int:
     """Subscribe, print points until --count is reached or a signal arrives."""
     url, user, password = connection(args)
     metrics_subject, events_subject = subjects(args.experiment, args.trial)
-    # One decoder per stream, reused; the domain one also accepts retired event shapes (schemas.upcast).
+    # One decoder per stream, reused.
     metric_decoder = msgspec.json.Decoder(ev.MetricEvent)
-    event_decoder = decoder_with_upcasts(ev.DomainEvent)
+    event_decoder = msgspec.json.Decoder(ev.DomainEvent)
     # Both subscriptions feed one queue, so lines come out in the order messages arrived.
     queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     stop = asyncio.Event()
