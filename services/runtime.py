@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -809,8 +808,3 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
 def inbox_prefix(user: str) -> str:
     """The inbox prefix of a NATS user's connections (its permissions allow subscribing to it alone)."""
     return f"_INBOX_{user}"
-
-
-def now() -> float:
-    """Wall-clock seconds, the one clock events are stamped with."""
-    return time.time()
