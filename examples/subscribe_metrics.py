@@ -35,6 +35,7 @@ import msgspec
 import nats
 
 from schemas import events as ev
+from schemas import ports
 from schemas.subjects import forged
 
 READER_USER = "reader"
@@ -54,7 +55,7 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
 def connection(args: argparse.Namespace) -> tuple[str, str, str]:
     """(url, user, password): from --state-dir, else the KILN_NATS_* environment, else the default state dir."""
     if args.state_dir is None and os.environ.get("KILN_NATS_USER"):
-        url = os.environ.get("KILN_NATS_URL", "nats://127.0.0.1:14222")
+        url = os.environ.get("KILN_NATS_URL", ports.NATS_URL)
         return url, os.environ["KILN_NATS_USER"], os.environ.get("KILN_NATS_PASSWORD", "")
     state_dir = Path(args.state_dir or os.environ.get("KILN_STATE_DIR", ".kiln"))
     creds_path = state_dir / "credentials.json"
@@ -66,7 +67,8 @@ def connection(args: argparse.Namespace) -> tuple[str, str, str]:
         raise SystemExit(f"{creds_path} has no {READER_USER!r} user: restart the stack (kiln down; kiln up)") from None
     stack_path = state_dir / "stack.json"
     stack = json.loads(stack_path.read_text()) if stack_path.exists() else {}
-    url = os.environ.get("KILN_NATS_URL") or f"nats://{stack.get('host', '127.0.0.1')}:{stack.get('nats_port', 14222)}"
+    host, port = stack.get("host", ports.HOST), stack.get("nats_port", ports.NATS_PORT)
+    url = os.environ.get("KILN_NATS_URL") or f"nats://{host}:{port}"
     return url, READER_USER, password
 
 

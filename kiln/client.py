@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from kiln._lazy import LazyModule
 from schemas import context as code_context
+from schemas import ports
 
 if TYPE_CHECKING:
     import httpx
 else:
     httpx = LazyModule("httpx")  # imported on the first request: the CLI's --help never pays for it
 
-DEFAULT_MASTER = "http://127.0.0.1:18080"
+DEFAULT_MASTER = ports.MASTER_URL
 TERMINAL_STATES = {"COMPLETED", "ERROR", "CANCELED"}
 
 

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from schemas import events as ev
+from schemas import ports
 from schemas.cluster import CLUSTER_BUCKET
 from schemas.subjects import ALL_STREAMS, StreamSpec, dedupe_key, forged, subject_for, worker_token
 
@@ -48,7 +49,7 @@ KV_BUCKETS = (SNAPSHOT_BUCKET, CLUSTER_BUCKET)
 class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How a process reaches NATS: its own user, never a global one."""
 
-    nats_url: str = "nats://127.0.0.1:14222"
+    nats_url: str = ports.NATS_URL
     nats_user: str = ""
     nats_password: str = ""
 
@@ -56,7 +57,7 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
 class S3Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How a process reaches the object store."""
 
-    s3_endpoint: str = "127.0.0.1:18333"
+    s3_endpoint: str = ports.S3_ENDPOINT
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_bucket: str = "kiln"
