@@ -6,7 +6,10 @@ CLI part: fresh processes timed from spawn to exit (`python -c pass` as the floo
 Stack part: the same digits script run bare (`python train.py`, torch import included) until its first
 training report, side by side with the platform doing it, in one run: the bare run is the floor any
 platform adds to.
-Usage: .venv/bin/python benchmarks/startup/run.py [--runs N] [--cli-only]
+Usage: .venv/bin/python benchmarks/startup/run.py [--runs N] [--cli-only] [--compare-with DIR]
+
+``--compare-with DIR`` times the CLI part of another checkout too (e.g. ``git archive <commit> | tar -x -C DIR``),
+interleaved with this one under the same load and against the same stack: before/after numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def cli_commands() -> list[tuple[str, list[str]]]:
     py = sys.executable
     return [
         ("`python -c pass` (the floor)", [py, "-c", "pass"]),
-        ("`python -c 'import kiln'` (training code)", [py, "-c", "import kiln"]),
+        ("`python -c 'import kiln'`", [py, "-c", "import kiln"]),
+        ("`python -c 'import kiln.core'` (what training code loads)", [py, "-c", "import kiln.core"]),
         ("`python -c 'import kiln.client'` (SDK)", [py, "-c", "import kiln.client"]),
         ("`kiln --help`", [str(KILN), "--help"]),
         ("`kiln experiment list` (a typical call to the gateway)", [str(KILN), "experiment", "list"]),
@@ -45,26 +49,38 @@ def cli_commands() -> list[tuple[str, list[str]]]:
     ]
 
 
-def time_process(argv: list[str], env: dict[str, str]) -> float:
+def time_process(argv: list[str], env: dict[str, str], cwd: Path) -> float:
     """Seconds from spawning ``argv`` to its exit; it must succeed."""
     start = time.perf_counter()
-    subprocess.run(argv, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
-def cli_rows(master: str, token: str, runs: int) -> tuple[float, list[tuple[str, list[float]]]]:
-    """Each CLI measure ``runs`` times, interleaved so that a burst of load on the machine hits them all.
+def cli_rows(
+    master: str, token: str, runs: int, trees: list[Path]
+) -> tuple[float, list[tuple[str, list[list[float]]]]]:
+    """Each CLI measure ``runs`` times per checkout in ``trees``, interleaved so that a burst of load on the
+    machine hits them all alike.
 
-    Returns the 1-minute load average at the start (the machine is shared) and the samples per row."""
+    The first tree is this one (the editable install); another is put first on ``PYTHONPATH`` and is the
+    working directory (``python -c`` looks there first). Returns the 1-minute load average at the start
+    (the machine is shared) and, per row, the samples of each tree."""
     load = os.getloadavg()[0]
-    env = {**os.environ, "KILN_MASTER": master, "KILN_TOKEN": token}
+    envs = []
+    for tree in trees:
+        env = {**os.environ, "KILN_MASTER": master, "KILN_TOKEN": token}
+        if tree != REPO:
+            env["PYTHONPATH"] = str(tree)
+        envs.append(env)
     commands = cli_commands()
     for _, argv in commands:  # warm the page cache and .pyc files; not counted
-        time_process(argv, env)
-    samples: list[list[float]] = [[] for _ in commands]
+        for tree, env in zip(trees, envs, strict=True):
+            time_process(argv, env, tree)
+    samples: list[list[list[float]]] = [[[] for _ in trees] for _ in commands]
     for _ in range(runs):
         for i, (_, argv) in enumerate(commands):
-            samples[i].append(time_process(argv, env))
+            for j, (tree, env) in enumerate(zip(trees, envs, strict=True)):
+                samples[i][j].append(time_process(argv, env, tree))
     return load, [(label, times) for (label, _), times in zip(commands, samples, strict=True)]
 
 
@@ -106,11 +122,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cli-runs", type=int, default=20, help="Repetitions of each CLI measure.")
     parser.add_argument("--cli-only", action="store_true", help="Only the CLI part (no trials are run).")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR",
+                        help="Another checkout whose CLI part is timed alongside (before/after).")
     args = parser.parse_args()
-    main_with(args.runs, args.cli_runs, args.cli_only)
+    main_with(args.runs, args.cli_runs, args.cli_only, args.compare_with)
 
 
-def main_with(runs: int, cli_runs: int = 20, cli_only: bool = False) -> None:
+def main_with(runs: int, cli_runs: int = 20, cli_only: bool = False, compare_with: Path | None = None) -> None:
     """Start a stack on free ports, measure ``runs`` times, stop it, print the tables."""
     state = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     state.chmod(0o755)
@@ -123,7 +141,8 @@ def main_with(runs: int, cli_runs: int = 20, cli_only: bool = False) -> None:
         admin = stack.Credentials.load_or_create(state).admin_password
         token = Client(cfg.master_url, token="").login("admin", admin)["token"]
         client = Client(cfg.master_url, token=token)
-        load, cli = cli_rows(cfg.master_url, token, cli_runs)
+        trees = [REPO] + ([compare_with.resolve()] if compare_with else [])
+        load, cli = cli_rows(cfg.master_url, token, cli_runs, trees)
         kiln: list[float] = []
         bare: list[float] = []
         for _ in range(0 if cli_only else runs):
@@ -134,10 +153,17 @@ def main_with(runs: int, cli_runs: int = 20, cli_only: bool = False) -> None:
         stack.down(cfg)
         shutil.rmtree(state, ignore_errors=True)
     print(f"CLI and SDK start, fresh process each, {cli_runs} runs (load average at the start: {load:.1f}):")
-    print("| measure | median s | min s | max s |")
-    print("|---|---|---|---|")
-    for label, times in cli:
-        print(f"| {label} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |")
+    if compare_with is None:
+        print("| measure | median s | min s | max s |")
+        print("|---|---|---|---|")
+        for label, (times,) in cli:
+            print(f"| {label} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |")
+    else:
+        print(f"| measure | {compare_with.name}: median s (min–max) | this checkout: median s (min–max) |")
+        print("|---|---|---|")
+        for label, (now, then) in cli:
+            print(f"| {label} | {statistics.median(then):.3f} ({min(then):.3f}–{max(then):.3f}) "
+                  f"| {statistics.median(now):.3f} ({min(now):.3f}–{max(now):.3f}) |")
     print()
     if cli_only:
         return
