@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from deploy import stack
-from kiln.client import Client
 from deploy.ports import free_port_block
+from kiln.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "examples" / "digits"
