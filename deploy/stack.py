@@ -26,7 +26,7 @@ import msgspec
 import structlog
 
 from deploy import parts, supervise
-from schemas import subjects
+from schemas import ports, subjects
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY
 from services import runtime
 
@@ -138,13 +138,13 @@ class StackConfig(msgspec.Struct, kw_only=True):
     """Ports, sizes and the state directory of a local stack."""
 
     state_dir: Path
-    host: str = "127.0.0.1"
-    nats_port: int = 14222
-    nats_monitor_port: int = 18222
-    pg_port: int = 15432
-    s3_port: int = 18333
-    s3_ports_base: int = 19330
-    http_port: int = 18080
+    host: str = ports.HOST
+    nats_port: int = ports.NATS_PORT
+    nats_monitor_port: int = ports.NATS_MONITOR_PORT
+    pg_port: int = ports.PG_PORT
+    s3_port: int = ports.S3_PORT
+    s3_ports_base: int = ports.S3_PORTS_BASE
+    http_port: int = ports.HTTP_PORT
     workers: int = 1
     slots_per_worker: int = 2
     worker_timeout_s: float = 10.0

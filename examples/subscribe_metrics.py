@@ -35,8 +35,8 @@ import msgspec
 import nats
 
 from schemas import events as ev
+from schemas import ports
 from schemas.subjects import forged
-from schemas.upcast import decoder_with_upcasts
 
 READER_USER = "reader"
 
@@ -55,7 +55,7 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
 def connection(args: argparse.Namespace) -> tuple[str, str, str]:
     """(url, user, password): from --state-dir, else the KILN_NATS_* environment, else the default state dir."""
     if args.state_dir is None and os.environ.get("KILN_NATS_USER"):
-        url = os.environ.get("KILN_NATS_URL", "nats://127.0.0.1:14222")
+        url = os.environ.get("KILN_NATS_URL", ports.NATS_URL)
         return url, os.environ["KILN_NATS_USER"], os.environ.get("KILN_NATS_PASSWORD", "")
     state_dir = Path(args.state_dir or os.environ.get("KILN_STATE_DIR", ".kiln"))
     creds_path = state_dir / "credentials.json"
@@ -67,7 +67,8 @@ def connection(args: argparse.Namespace) -> tuple[str, str, str]:
         raise SystemExit(f"{creds_path} has no {READER_USER!r} user: restart the stack (kiln down; kiln up)") from None
     stack_path = state_dir / "stack.json"
     stack = json.loads(stack_path.read_text()) if stack_path.exists() else {}
-    url = os.environ.get("KILN_NATS_URL") or f"nats://{stack.get('host', '127.0.0.1')}:{stack.get('nats_port', 14222)}"
+    host, port = stack.get("host", ports.HOST), stack.get("nats_port", ports.NATS_PORT)
+    url = os.environ.get("KILN_NATS_URL") or f"nats://{host}:{port}"
     return url, READER_USER, password
 
 
@@ -108,9 +109,9 @@ async def run(args: argparse.Namespace) -> int:
     """Subscribe, print points until --count is reached or a signal arrives."""
     url, user, password = connection(args)
     metrics_subject, events_subject = subjects(args.experiment, args.trial)
-    # One decoder per stream, reused; the domain one also accepts retired event shapes (schemas.upcast).
+    # One decoder per stream, reused.
     metric_decoder = msgspec.json.Decoder(ev.MetricEvent)
-    event_decoder = decoder_with_upcasts(ev.DomainEvent)
+    event_decoder = msgspec.json.Decoder(ev.DomainEvent)
     # Both subscriptions feed one queue, so lines come out in the order messages arrived.
     queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     stop = asyncio.Event()

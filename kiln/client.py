@@ -11,13 +11,18 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+from kiln._lazy import LazyModule
+from schemas import context as code_context
+from schemas import ports
 
-from kiln import context as code_context
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = LazyModule("httpx")  # imported on the first request: the CLI's --help never pays for it
 
-DEFAULT_MASTER = "http://127.0.0.1:18080"
+DEFAULT_MASTER = ports.MASTER_URL
 TERMINAL_STATES = {"COMPLETED", "ERROR", "CANCELED"}
 
 

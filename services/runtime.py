@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -27,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from schemas import events as ev
+from schemas import ports
 from schemas.cluster import CLUSTER_BUCKET
 from schemas.subjects import ALL_STREAMS, StreamSpec, dedupe_key, forged, subject_for, worker_token
 
@@ -51,7 +51,7 @@ KV_BUCKETS = (SNAPSHOT_BUCKET, CLUSTER_BUCKET)
 class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How a process reaches NATS: its own user, never a global one."""
 
-    nats_url: str = "nats://127.0.0.1:14222"
+    nats_url: str = ports.NATS_URL
     nats_user: str = ""
     nats_password: str = ""
 
@@ -59,7 +59,7 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
 class S3Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How a process reaches the object store."""
 
-    s3_endpoint: str = "127.0.0.1:18333"
+    s3_endpoint: str = ports.S3_ENDPOINT
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_bucket: str = "kiln"
@@ -896,8 +896,3 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
 def inbox_prefix(user: str) -> str:
     """The inbox prefix of a NATS user's connections (its permissions allow subscribing to it alone)."""
     return f"_INBOX_{user}"
-
-
-def now() -> float:
-    """Wall-clock seconds, the one clock events are stamped with."""
-    return time.time()

@@ -1,6 +1,6 @@
 """Ingest benchmark: metric points through NATS into the tracker and Postgres, side by side with MLflow.
 
-One invocation, one machine, everything side by side (BENCHMARKS.md):
+One invocation, one machine, everything side by side, so the numbers compare under the same load:
 
 1. A Kiln stack on free ports with a few multi-slot workers. The real path: an experiment submitted
    through the gateway whose N trials (real trial processes started by the real workers, ``bench_train.py``)
@@ -165,6 +165,13 @@ def fmt_cpu(cpu: dict[str, float], seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _repo_relative(value: Any) -> Any:
+    """A path inside the repository, recorded relative to it: a saved run names no machine's directories."""
+    if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(REPO):
+        return str(Path(value).relative_to(REPO))
+    return value
+
+
 class Bench:
     """A running Kiln stack (plus MLflow server) and what the phases share."""
 
@@ -182,7 +189,7 @@ class Bench:
         self.creds: stack.Credentials
         self.next_trial = 1_000_000  # synthetic trials' ids stay clear of the real experiments' trials
         self._headers: dict[str, str] | None = None
-        self.results: dict[str, Any] = {"args": vars(args)}
+        self.results: dict[str, Any] = {"args": {k: _repo_relative(v) for k, v in vars(args).items()}}
 
     @property
     def dsn(self) -> str:
@@ -453,7 +460,7 @@ async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, bat
     core context closed, which waits for that); the metrics stream held every batch; Postgres showed
     every point (``metric_summaries``, sampled every POLL_S).
     """
-    from kiln import context as code_context
+    from schemas import context as code_context
     from schemas import subjects
 
     work = bench.state / f"real-{label}"

@@ -299,8 +299,3 @@ def _connect(path: str, timeout: float = 10.0) -> socket.socket:
             if time.monotonic() >= deadline:
                 raise LinkError(f"cannot reach the worker at {path}: {exc}") from exc
             time.sleep(0.1)
-
-
-def now() -> float:
-    """Timestamp for reports."""
-    return time.time()

@@ -56,8 +56,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from minio import Minio
 from minio.error import S3Error, ServerError
 
-from kiln import context as code_context
 from schemas import api, subjects
+from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem

@@ -18,8 +18,8 @@ import uvicorn
 from litestar import Litestar
 from minio import Minio
 
-from kiln import context as code_context
-from schemas import readmodel
+from schemas import context as code_context
+from schemas import ports, readmodel
 from schemas.config import DEFAULT_MAX_CONFIG_BYTES
 from services.gateway import auth, queries
 from services.gateway.app import GatewayDeps, create_app
@@ -33,9 +33,9 @@ log = structlog.get_logger(__name__)
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of the gateway (``KILN_*`` environment variables)."""
 
-    pg_dsn: str = "postgresql://kiln@127.0.0.1:15432/kiln"
-    http_host: str = "127.0.0.1"
-    http_port: int = 18080
+    pg_dsn: str = ports.PG_DSN
+    http_host: str = ports.HOST
+    http_port: int = ports.HTTP_PORT
     max_context_bytes: int = code_context.DEFAULT_MAX_BYTES
     # Hostile input (README "Security"): configs bigger than this are refused unparsed; contexts that unpack
     # to more bytes or members are refused while streamed (the workers hold the same limits).

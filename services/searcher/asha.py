@@ -1,12 +1,12 @@
-"""ASHA's arithmetic, exactly as Determined 0.38 computes it (``/work/shared/ASHA.md``). Pure, no I/O.
+"""ASHA's arithmetic, exactly as Determined 0.38 computes it (``docs/asha.md``). Pure, no I/O.
 
 Determined does this arithmetic in Go float64. Python floats are the same IEEE doubles and ``+ - * /``
 round the same way. The number of rungs truncates ``ln(max_time)/ln(divisor)``, so the last bit of the
 logarithms matters at exact powers (``ln(1000)/ln(10)`` is 2.9999999999999996: 3 rungs, not 4); it uses
-the correctly rounded ``math.log`` values ASHA.md specifies (ln(243)/ln(3) = 4.999999999999999). Go's
-``math.Log`` is not always correctly rounded (golang/go#9546: its ln(3) is one ulp low, which would give
-5.0 there); that difference shows only with ``max_rungs`` >= 6 and is noted in the README as an open
-question. Powers use :func:`go_pow`, Go's ``math.Pow`` for whole exponents (square and multiply).
+the correctly rounded ``math.log`` values (ln(243)/ln(3) = 4.999999999999999). Go's ``math.Log`` is not
+always correctly rounded (golang/go#9546: its ln(3) is one ulp low, which would give 5.0 there); that
+difference shows only with ``max_rungs`` >= 6 and is the open question at the end of ``docs/asha.md``.
+Powers use :func:`go_pow`, Go's ``math.Pow`` for whole exponents (square and multiply).
 
 The two rung rules live here too, as functions over a sorted list of metrics, so that the tables in
 the tests pin them without building a whole search.

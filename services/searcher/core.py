@@ -168,7 +168,7 @@ class SearcherCore:
     # -- decisions -> events --------------------------------------------------------------------
 
     def _apply(self, exp: ExperimentSearch, decisions: list[Decision]) -> list[ev.DomainEvent]:
-        """Turn method decisions into events (one place, closed union, STYLE.md 2)."""
+        """Turn method decisions into events: the one place they are handled, a match over the closed union."""
         out: list[ev.DomainEvent] = []
         for d in decisions:
             match d:

@@ -1,4 +1,4 @@
-"""Search methods: pure, deterministic state machines (STYLE.md 1-2).
+"""Search methods: pure, deterministic state machines that answer each fact with a closed set of decisions.
 
 A method gets one call per incoming fact (``initial_trials``, ``trial_created``,
 ``validation_reported``, ``trial_exited``) and answers with a list of decisions. It never touches the
@@ -9,7 +9,7 @@ Every method hands out its own request ids (0, 1, 2, ... in the order it decides
 emits ``Shutdown`` once every trial it created has exited and it will create no more: Determined's
 ``TrialsRequested == len(TrialsClosed)`` rule (``searcher.go``).
 
-``adaptive_asha`` and ``async_halving`` follow ``/work/shared/ASHA.md``: a tournament of brackets, each
+``adaptive_asha`` and ``async_halving`` follow ``docs/asha.md``: a tournament of brackets, each
 an independent ASHA sub-search, stopping-based (``stop_once: true``, Determined 0.38's
 ``asha_stopping.go``) or promotion-based (``stop_once: false``, the legacy ``asha.go``, with pause and
 resume from checkpoint). The arithmetic lives in :mod:`services.searcher.asha`.
@@ -105,13 +105,43 @@ def _shutdown_if_done(created: int, exited: int, errored: int) -> list[Decision]
     return [Shutdown(failure=created > 0 and errored >= created)]
 
 
+class SearchMethod(msgspec.Struct, kw_only=True):
+    """What every search method answers (Determined's ``SearchMethod``): one call per fact, decisions back.
+
+    The facts most methods ignore default to no decision here; ``initial_trials``, ``trial_exited`` and
+    ``progress`` are each method's own. The base has no fields, so a method's snapshot is only its own state.
+    """
+
+    def initial_trials(self, ctx: SearchContext) -> list[Decision]:
+        """The trials to create when the experiment starts."""
+        raise NotImplementedError
+
+    def trial_created(self, ctx: SearchContext, request_id: int) -> list[Decision]:
+        """Nothing to decide: a method registers its trials when it decides to create them."""
+        return []
+
+    def validation_reported(
+        self, ctx: SearchContext, request_id: int, metric: float, time_value: int
+    ) -> list[Decision]:
+        """Nothing to decide: only early-stopping methods rank validations."""
+        return []
+
+    def trial_exited(self, ctx: SearchContext, request_id: int, kind: ExitKind) -> list[Decision]:
+        """What a trial's end changes: a replacement, the next trial, or the end of the search."""
+        raise NotImplementedError
+
+    def progress(self) -> float:
+        """How far the search is, within [0, 1]."""
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------------
 # single
 # ---------------------------------------------------------------------------------------------
 
 
-class SingleSearch(msgspec.Struct, kw_only=True, tag="single"):
-    """``searcher.name: single``: one trial, trained to ``max_length``; done when it exits."""
+class SingleSearch(SearchMethod, kw_only=True, tag="single"):
+    """``searcher.name: single``: one trial, trained to ``max_length`` and never stopped early; done when it exits."""
 
     created: int = 0
     exited: int = 0
@@ -120,16 +150,6 @@ class SingleSearch(msgspec.Struct, kw_only=True, tag="single"):
         """Create the one trial."""
         self.created = 1
         return [ctx.new_trial(0)]
-
-    def trial_created(self, ctx: SearchContext, request_id: int) -> list[Decision]:
-        """Nothing to decide: the trial was asked for at the start."""
-        return []
-
-    def validation_reported(
-        self, ctx: SearchContext, request_id: int, metric: float, time_value: int
-    ) -> list[Decision]:
-        """A single trial is never stopped early."""
-        return []
 
     def trial_exited(self, ctx: SearchContext, request_id: int, kind: ExitKind) -> list[Decision]:
         """The one trial is over, whatever its end: so is the search."""
@@ -146,12 +166,12 @@ class SingleSearch(msgspec.Struct, kw_only=True, tag="single"):
 # ---------------------------------------------------------------------------------------------
 
 
-class RandomSearch(msgspec.Struct, kw_only=True, tag="random"):
+class RandomSearch(SearchMethod, kw_only=True, tag="random"):
     """``searcher.name: random``: ``max_trials`` random trials, ``max_concurrent_trials`` at a time.
 
     ``max_concurrent_trials: 0`` starts them all at once. Each exit starts the next one while fewer than
     ``max_trials`` count against the budget; an invalid-hyperparameter trial does not count (it is
-    replaced), as in Determined.
+    replaced), as in Determined. No trial is stopped early.
     """
 
     max_trials: int
@@ -168,16 +188,6 @@ class RandomSearch(msgspec.Struct, kw_only=True, tag="random"):
         if self.max_concurrent_trials > 0:
             n = min(self.max_trials, self.max_concurrent_trials)
         return [self._create(ctx) for _ in range(n)]
-
-    def trial_created(self, ctx: SearchContext, request_id: int) -> list[Decision]:
-        """Nothing to decide: the method created it."""
-        return []
-
-    def validation_reported(
-        self, ctx: SearchContext, request_id: int, metric: float, time_value: int
-    ) -> list[Decision]:
-        """Random search never stops a trial early."""
-        return []
 
     def trial_exited(self, ctx: SearchContext, request_id: int, kind: ExitKind) -> list[Decision]:
         """Start the next trial while the budget allows; shut down when the last one has exited."""
@@ -207,11 +217,12 @@ class RandomSearch(msgspec.Struct, kw_only=True, tag="random"):
 # ---------------------------------------------------------------------------------------------
 
 
-class GridSearch(msgspec.Struct, kw_only=True, tag="grid"):
+class GridSearch(SearchMethod, kw_only=True, tag="grid"):
     """``searcher.name: grid``: one trial per grid point, in grid order, each trained to ``max_length``.
 
     At most ``max_concurrent_trials`` run at once (0: all). Request id ``i`` is grid point ``i``. A trial
-    that fails, invalid hyperparameters included, is not replaced: it was its point's only chance.
+    that fails, invalid hyperparameters included, is not replaced: it was its point's only chance. No trial
+    is stopped early.
     """
 
     points: int = 0  # how many points the grid has (fixed at the start)
@@ -226,16 +237,6 @@ class GridSearch(msgspec.Struct, kw_only=True, tag="grid"):
         n = self.points if limit == 0 else min(limit, self.points)
         out: list[Decision] = [self._create(ctx) for _ in range(n)]
         return out or [Shutdown()]
-
-    def trial_created(self, ctx: SearchContext, request_id: int) -> list[Decision]:
-        """Nothing to decide: the method created it."""
-        return []
-
-    def validation_reported(
-        self, ctx: SearchContext, request_id: int, metric: float, time_value: int
-    ) -> list[Decision]:
-        """Grid search never stops a trial early."""
-        return []
 
     def trial_exited(self, ctx: SearchContext, request_id: int, kind: ExitKind) -> list[Decision]:
         """Start the next point, if any; shut down when the last one has exited."""
@@ -511,7 +512,7 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
         return created
 
 
-class ASHASearch(msgspec.Struct, kw_only=True, tag="asha"):
+class ASHASearch(SearchMethod, kw_only=True, tag="asha"):
     """``adaptive_asha`` and ``async_halving``: a tournament of ASHA brackets (``tournament.go``).
 
     Each trial's events go to the bracket that created it. ``async_halving`` is the one-bracket case.
@@ -530,10 +531,6 @@ class ASHASearch(msgspec.Struct, kw_only=True, tag="asha"):
         for index, bracket in enumerate(self.brackets):
             out.extend(bracket.initial_trials(ctx, self._spawner(ctx, index)))
         return out
-
-    def trial_created(self, ctx: SearchContext, request_id: int) -> list[Decision]:
-        """Nothing to decide: trials are registered when the method creates them."""
-        return []
 
     def validation_reported(
         self, ctx: SearchContext, request_id: int, metric: float, time_value: int
@@ -573,7 +570,7 @@ class ASHASearch(msgspec.Struct, kw_only=True, tag="asha"):
 
 
 def _asha_search(config: ExperimentConfig) -> ASHASearch:
-    """The brackets ``adaptive_asha`` (ASHA.md steps 1-5) or ``async_halving`` (one bracket) asks for."""
+    """The brackets ``adaptive_asha`` (docs/asha.md, "Planning") or ``async_halving`` (one bracket) asks for."""
     searcher = config.searcher
     max_time = config.full_length
     if max_time is None or searcher.max_trials is None:

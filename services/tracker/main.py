@@ -11,7 +11,7 @@ import msgspec
 import structlog
 
 from schemas import events as ev
-from schemas import readmodel, subjects
+from schemas import ports, readmodel, subjects
 from services.runtime import (
     BusSettings,
     ConsumerSpec,
@@ -31,7 +31,7 @@ log = structlog.get_logger(__name__)
 class TrackerSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of the tracker (``KILN_*`` environment variables)."""
 
-    pg_dsn: str = "postgresql://kiln@127.0.0.1:15432/kiln"
+    pg_dsn: str = ports.PG_DSN
     batch: int = 256
     log_level: str = "INFO"
 

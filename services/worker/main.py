@@ -20,9 +20,9 @@ import msgspec
 import structlog
 from minio import Minio
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
-from schemas import subjects
+from schemas import ports, subjects
 from schemas.trial import ClusterInfo, TrialInfo
 from services.runtime import (
     Bus,
@@ -54,7 +54,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     cpu_slots: int = 1
     work_dir: str = "/tmp/kiln-worker"
     heartbeat_s: float = 1.0
-    master_url: str = "http://127.0.0.1:18080"
+    master_url: str = ports.MASTER_URL
     cluster_id: str = "kiln-local"
     log_level: str = "INFO"
     # The OS user trials run as when the worker is root (created if missing; "root" opts out, unsafe).

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
 from schemas.config import ExperimentConfig, config_from_wire
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo

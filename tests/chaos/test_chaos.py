@@ -32,7 +32,7 @@ import msgspec
 import pytest
 
 from deploy import parts, stack
-from kiln import context
+from schemas import context
 from schemas import events as ev
 from schemas.subjects import dedupe_key
 from tests.e2e.conftest import REPO, Stack

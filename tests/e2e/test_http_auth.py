@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from kiln import context
+from schemas import context
 from tests.e2e.conftest import wait_for, REPO, Stack
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from kiln import context
+from schemas import context
 from tests.e2e.conftest import REPO, Stack
 
 pytestmark = pytest.mark.e2e

@@ -27,7 +27,7 @@ import pytest
 
 from deploy import parts as p
 from deploy.ports import free_port_block
-from kiln import context
+from schemas import context
 from services.gateway.app import GatewayDeps, Unavailable, _store_context
 from services.gateway.main import minio_client
 from services.runtime import S3Settings

@@ -218,10 +218,11 @@ async def test_the_example_script_prints_every_point_of_a_trial(reader_nats: Rea
         assert text == f"experiment {e} trial {t} training step {step} loss={1.0 / (1 + step)}"
 
 
-async def test_the_example_script_reads_a_stack_state_dir_and_upcasts_old_events(
+async def test_the_example_script_reads_a_stack_state_dir_and_skips_what_it_cannot_decode(
     reader_nats: ReaderNats, tmp_path: Path
 ) -> None:
-    """--state-dir takes the reader credential from credentials.json; --json prints one object per point."""
+    """--state-dir takes the reader credential from credentials.json; --json prints one object per point;
+    a message of a type it does not know is skipped, not fatal."""
     e, t = _exp(), 5
     cfg = reader_nats.cfg
     (tmp_path / "credentials.json").write_text(json.dumps({
@@ -232,11 +233,13 @@ async def test_the_example_script_reads_a_stack_state_dir_and_upcasts_old_events
     proc = await _example(_env(), "--state-dir", str(tmp_path), "--experiment", str(e), "--count", "4", "--json")
     async with connect_bus(reader_nats.settings("writer"), "test-writer") as writer:
         await writer.publish_many(_batches(e, t, 1, 3))
-        # A v1 writer's validation (old tag "TrialValidated", field "step"): printed as today's event.
-        old = {"type": "TrialValidated", "experiment_id": e, "trial_id": t, "step": 3, "metrics": {"acc": 0.5}}
-        await writer.js.publish(f"kiln.events.{e}.trial.{t}.w-worker-0", json.dumps(old).encode())
+        unknown = {"type": "TrialValidated", "experiment_id": e, "trial_id": t, "step": 3, "metrics": {"acc": 0.1}}
+        await writer.js.publish(f"kiln.events.{e}.trial.{t}.w-worker-0", json.dumps(unknown).encode())
+        validation = ev.ValidationReported(experiment_id=e, trial_id=t, steps_completed=3, metrics={"acc": 0.5})
+        await writer.js.publish(f"kiln.events.{e}.trial.{t}.w-worker-0", msgspec.json.encode(validation))
         out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
+    assert "skipping undecodable message" in err.decode() and "TrialValidated" in err.decode()
     rows = [json.loads(row) for row in out.decode().splitlines()]
     assert [(r["kind"], r["steps_completed"]) for r in rows] == [
         ("training", 0), ("training", 1), ("training", 2), ("validation", 3)

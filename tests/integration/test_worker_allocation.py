@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kiln import context as code_context
+from schemas import context as code_context
 from schemas import events as ev
 from schemas.config import config_to_dict, parse_config
 from services.runtime import Delivery, S3Settings

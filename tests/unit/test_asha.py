@@ -1,4 +1,4 @@
-"""ASHA's arithmetic and rung rules (ASHA.md), table-driven; expected values derived by hand."""
+"""ASHA's arithmetic and rung rules (docs/asha.md), table-driven; expected values derived by hand."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from services.searcher.methods import (
 @pytest.mark.parametrize(
     ("top", "base", "ratio"),
     [
-        # The exact powers ASHA.md warns about: truncating these ratios drops a rung.
+        # The exact powers docs/asha.md warns about: truncating these ratios drops a rung.
         (1000, 10, 2.9999999999999996),
         (243, 3, 4.999999999999999),
         (1024, 4, 5.0),
@@ -65,7 +65,7 @@ def test_go_pow_differs_from_the_c_library_where_it_rounds_differently() -> None
         (10000, 10000, 4.0, 5, 5),  # max_rungs binds
         (1000, 1000, 10.0, 10, 3),  # 2.9999999999999996 truncates to 2: 3 rungs, not 4
         (1000, 100000, 10.0, 10, 3),
-        (243, 243, 3.0, 10, 5),  # 4.999999999999999 truncates to 4: 5 rungs, not 6 (ASHA.md)
+        (243, 243, 3.0, 10, 5),  # 4.999999999999999 truncates to 4: 5 rungs, not 6 (docs/asha.md)
         (243, 243, 3.0, 5, 5),
         (1, 100, 4.0, 5, 1),  # ln 1 = 0
         (100, 1, 4.0, 5, 1),

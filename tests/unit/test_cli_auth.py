@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from kiln import cli
 from kiln import client as kc
+from schemas import ports
 
-MASTER = "http://127.0.0.1:18080"
+MASTER = ports.MASTER_URL
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln import context
-from kiln.context import ContextError
+from schemas import context
+from schemas.context import ContextError
 
 
 def make_model_dir(root: Path) -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln import context
-from kiln.context import ContextError
+from schemas import context
+from schemas.context import ContextError
 
 MiB = 1024 * 1024
 

@@ -15,7 +15,7 @@ import pytest
 import structlog
 from litestar.testing import TestClient
 
-from kiln import context
+from schemas import context
 from services.gateway.app import GatewayDeps, Unavailable, create_app, outage
 
 # Any token: authenticating it needs the read model too, so with Postgres down it is the same 503.

@@ -1,4 +1,4 @@
-"""Whole searches played in memory (services.searcher.simulate): every method, no I/O (STYLE.md 3)."""
+"""Whole searches played in memory (services.searcher.simulate): every method, no I/O."""
 
 from __future__ import annotations
 

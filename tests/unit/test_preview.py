@@ -23,7 +23,7 @@ searcher: {name: adaptive_asha, metric: loss, time_metric: batches, max_time: 10
 @pytest.mark.parametrize(("mode", "bracket_rungs"), [("aggressive", [3]), ("standard", [3, 2]),
                                                      ("conservative", [3, 2, 1])])
 def test_brackets_follow_the_mode(mode: str, bracket_rungs: list[int]) -> None:
-    """ln(1000)/ln(10) truncates to 2, so R = 3 rungs (ASHA.md); the modes pick brackets from it."""
+    """ln(1000)/ln(10) truncates to 2, so R = 3 rungs (docs/asha.md); the modes pick brackets from it."""
     shown = preview(parse_config(ASHA.replace("MODE", mode))[0])
     assert [len(b.rungs) for b in shown.brackets] == bracket_rungs
     assert sum(b.max_trials for b in shown.brackets) == 100

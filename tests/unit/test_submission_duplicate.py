@@ -11,7 +11,7 @@ from typing import Any
 from litestar.testing import TestClient
 from nats.js.api import PubAck
 
-from kiln import context
+from schemas import context
 from schemas import events as ev
 from services.gateway.app import GatewayDeps, create_app
 from tests.unit.test_gateway_errors import AUTH, _OkPool
