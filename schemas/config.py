@@ -1,6 +1,6 @@
 """The experiment config: Determined-style YAML, validated into frozen Structs.
 
-User input, so every Struct forbids unknown fields (STYLE.md 6). Validation walks the raw document
+User input, so every Struct forbids unknown fields. Validation walks the raw document
 once, field by field, driven by the Struct definitions themselves (types and ``msgspec.Meta``
 constraints), so that a config with five mistakes is reported with five errors, not one. Fields
 Determined knows but Kiln ignores are dropped with a warning; anything else unknown is an error.
@@ -112,7 +112,7 @@ class Length(_Spec, frozen=True, kw_only=True, omit_defaults=True):
 
 
 SearcherName = Literal["single", "random", "grid", "adaptive_asha", "async_halving"]
-# The methods that train trials in rungs (ASHA.md): they need a length, and may pause and promote trials.
+# The methods that train trials in rungs (docs/asha.md): they need a length, and may pause and promote trials.
 _RUNG_METHODS = frozenset({"adaptive_asha", "async_halving"})
 
 

@@ -1,6 +1,6 @@
 """Every event Kiln puts on the bus, defined once.
 
-One tagged union per stream (STYLE.md 6). Wire events are frozen, keyword-only Structs tagged by class
+One tagged union per stream. Wire events are frozen, keyword-only Structs tagged by class
 name in the ``type`` field. They never forbid unknown fields, so an older reader skips what a newer
 writer added; new fields always get a default, and a breaking change is a new tag.
 """

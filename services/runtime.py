@@ -377,7 +377,7 @@ class Bus:
     ) -> None:
         """Pull, decode and hand batches to ``handler``, in stream order, until ``stop`` is set.
 
-        Ack policy (STYLE.md 8). Success → ack, only after the handler returned (it commits first).
+        Ack policy. Success → ack, only after the handler returned (it commits first).
         A transient failure (``is_transient``: a server unreachable, a timeout) retries the same batch
         in this process with backoff for as long as it lasts, keeping the messages' ack leases alive
         and fetching nothing newer meanwhile, so nothing behind it is applied first. Any other failure

@@ -1,6 +1,6 @@
 """The Litestar HTTP API: validates submissions into events, serves the read model.
 
-Controllers decode, call a query or the submission service, and encode (STYLE.md 9). Every route has an
+Controllers decode, call a query or the submission service, and encode. Every route has an
 ``operation_id`` and a one-line docstring; the OpenAPI schema is served at ``/schema``.
 
 Degraded, not broken: a part that is down (Postgres, NATS, the object store) makes a request answer 503

@@ -1,7 +1,7 @@
 """Folds bus events into the Postgres read model, exactly once per consumer.
 
 ``project_batch`` writes a batch's rows and the consumer's ``last_seq`` in one transaction and skips
-anything at or below the recorded position, so a redelivered message changes nothing (STYLE.md 7).
+anything at or below the recorded position, so a redelivered message changes nothing.
 Timestamps come from the events (or the stream's own timestamp), never from the clock, so a replay
 into a fresh schema produces the same rows.
 
