@@ -603,7 +603,7 @@ def _traversable_by(path: Path, user: pwd.struct_passwd | None) -> bool:
 
 def _pg_fallback_dir(state_dir: Path) -> Path:
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-    return Path("/tmp") / f"kiln-pg-{digest}"  # noqa: S108 - world-traversable on purpose, dir itself is 0700
+    return Path("/tmp") / f"kiln-pg-{digest}"
 
 
 def postgres_data_dir(cfg: PartsConfig) -> Path:

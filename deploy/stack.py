@@ -554,7 +554,10 @@ def _stop_orphans(state_dir: Path) -> list[str]:
 
 
 def down(cfg: StackConfig) -> list[str]:
-    """Stop workers, then services (each set in parallel), then supervisord, then the parts; return the names stopped."""
+    """Stop workers, then services (each set in parallel), then supervisord, then the parts.
+
+    Returns the names stopped.
+    """
     stopped = []
     paths = supervise.Paths.of(cfg.state_dir)
     sup = supervise.Supervisor(paths)

@@ -84,7 +84,7 @@ class Paths(msgspec.Struct, frozen=True, kw_only=True):
         sock = state_dir / "supervisor.sock"
         if len(str(sock)) > _MAX_UNIX_SOCKET_PATH:
             digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-            sock = Path("/tmp") / f"kiln-sv-{digest}" / "supervisor.sock"  # noqa: S108 - the dir itself is 0700
+            sock = Path("/tmp") / f"kiln-sv-{digest}" / "supervisor.sock"
         return cls(config=state_dir / "supervisord.conf", socket=sock, pid_file=state_dir / "pids" / "supervisord.pid",
                    log=state_dir / "logs" / "supervisord.log")
 
@@ -235,7 +235,7 @@ class Supervisor:
     def call(self, method: str, *args: Any) -> Any:
         """Call ``supervisor.<method>``; a fresh connection each time, so a dead daemon is never half-used."""
         transport = SupervisorTransport(None, None, f"unix://{self.paths.socket}")
-        transport._get_connection = lambda: _UnixConnection(str(self.paths.socket), self.timeout)  # noqa: SLF001
+        transport._get_connection = lambda: _UnixConnection(str(self.paths.socket), self.timeout)
         proxy = xmlrpc.client.ServerProxy("http://localhost", transport=transport)
         try:
             return getattr(proxy.supervisor, method)(*args)

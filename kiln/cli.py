@@ -7,8 +7,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -421,7 +421,8 @@ def experiment_events(experiment_id: int, as_json: bool) -> None:
         return
     for r in rows:
         detail = {k: v for k, v in r["event"].items() if k not in ("type", "experiment_id", "config", "config_yaml")}
-        click.echo(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {json.dumps(detail, sort_keys=True)[:150]}")
+        shown = json.dumps(detail, sort_keys=True)[:150]
+        click.echo(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {shown}")
 
 
 @experiment.command("pause")

@@ -297,7 +297,8 @@ class Client:
         """A trial's metric points."""
         return self._get(f"/api/v1/trials/{trial_id}/metrics", kind=kind)  # type: ignore[no-any-return]
 
-    def trial_logs(self, trial_id: int, limit: int = 10000, offset: int = 0, tail: bool = False) -> list[dict[str, Any]]:
+    def trial_logs(self, trial_id: int, limit: int = 10000, offset: int = 0,
+                   tail: bool = False) -> list[dict[str, Any]]:
         """A trial's log lines."""
         return self._get(f"/api/v1/trials/{trial_id}/logs", limit=limit, offset=offset,  # type: ignore[no-any-return]
                          tail=str(tail).lower())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 
 def main(argv: list[str]) -> int:
@@ -13,7 +14,7 @@ def main(argv: list[str]) -> int:
         return 2
     module_name, _, attr = argv[0].partition(":")
     sys.path.insert(0, ".")
-    target = importlib.import_module(module_name)
+    target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
     result = target()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Literal, TypeAlias, Union
+from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 import msgspec.inspect as mi
@@ -78,7 +78,7 @@ class CategoricalHP(_Spec, frozen=True, kw_only=True, tag="categorical", tag_fie
 
 
 HPSpec: TypeAlias = ConstHP | IntHP | DoubleHP | LogHP | CategoricalHP
-Hyperparameter: TypeAlias = Union[HPSpec, dict[str, "Hyperparameter"]]
+Hyperparameter: TypeAlias = HPSpec | dict[str, "Hyperparameter"]
 HyperparameterSpace: TypeAlias = dict[str, Hyperparameter]
 
 
@@ -386,7 +386,7 @@ class _CountingLoader(_SafeLoader):
     aliases = 0
     depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 - PyYAML's hook
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > self.max_aliases:
@@ -662,7 +662,7 @@ def _struct_for(
     tag_field = structs[0].tag_field
     assert tag_field is not None, "a union of several Structs is always tagged"
     by_tag = {t.tag: t.cls for t in structs}
-    expected = "one of " + ", ".join(repr(tag) for tag in sorted(by_tag))
+    expected = "one of " + ", ".join(sorted(repr(tag) for tag in by_tag))
     tag_path = _join(path, tag_field)
     if tag_field not in raw:
         return report.error(tag_path, f"required field missing; expected {expected}")

@@ -157,7 +157,7 @@ class _Capped(io.RawIOBase):
         return len(chunk)
 
 
-class _open:  # noqa: N801 - used like open()
+class _open:
     """``with _open(data, max_unpacked, max_files) as (tar, tally)``: the archive behind ``_Capped``,
     and a ``tally(member)`` that raises once the members pass a limit. Read errors become ContextError."""
 
@@ -168,7 +168,7 @@ class _open:  # noqa: N801 - used like open()
         elif data[:3] == b"BZh":
             raw = bz2.BZ2File(raw)
         elif data[:6] == b"\xfd7zXZ\x00":
-            raw = lzma.LZMAFile(raw)
+            raw = lzma.LZMAFile(raw)  # noqa: SIM115 - in-memory views, closed with the tar
         # Room for the headers (and padding) of every allowed member on top of the data itself.
         cap = max_unpacked + (max_files + 4) * 2048
         self._stream = _Capped(raw, cap, max_unpacked)
@@ -207,7 +207,7 @@ def _members(tar: tarfile.TarFile) -> Any:
     """The members one by one, without keeping them (``tar.members`` would grow with every header)."""
     while (member := tar.next()) is not None:
         yield member
-        tar.members.clear()
+        tar.members.clear()  # type: ignore[attr-defined]  # TarFile's list of members so far (not in typeshed)
 
 
 def _check_member(member: tarfile.TarInfo) -> None:

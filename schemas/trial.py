@@ -137,7 +137,7 @@ class FrameError(ValueError):
 
 
 _FRAME_ENCODER = msgspec.msgpack.Encoder()
-_FRAME_DECODER = msgspec.msgpack.Decoder(LinkFrame)
+_FRAME_DECODER: msgspec.msgpack.Decoder[LinkFrame] = msgspec.msgpack.Decoder(LinkFrame)
 
 
 def encode_frame(frame: LinkFrame) -> bytes:

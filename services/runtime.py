@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import asyncpg
@@ -428,7 +429,7 @@ class Bus:
                 event = decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
-                await self._until_done(lambda m=msg, e=exc: self._give_up(spec, m, f"undecodable: {e}"),
+                await self._until_done(functools.partial(self._give_up, spec, msg, f"undecodable: {exc}"),
                                        stop, classify, "dead-letter")
                 continue
             # Defense in depth behind the NATS permissions: an event type its subject's publisher does not
@@ -436,7 +437,7 @@ class Bus:
             why = forged(msg.subject, event)
             if why is not None:
                 log.warning("consumer.forged", durable=spec.durable, subject=msg.subject, error=why)
-                await self._until_done(lambda m=msg, r=why: self._give_up(spec, m, r), stop, classify, "dead-letter")
+                await self._until_done(functools.partial(self._give_up, spec, msg, why), stop, classify, "dead-letter")
                 continue
             deliveries.append(Delivery.of(event, msg))
         if not deliveries:
@@ -460,7 +461,7 @@ class Bus:
                 if failures >= spec.max_deliver:
                     log.error("consumer.poison", durable=spec.durable, seq=one.seq, error=repr(failed))
                     reason = f"handler failed {failures} times: {failed!r}"
-                    await self._until_done(lambda o=one, r=reason: self._give_up(spec, o.msg, r),
+                    await self._until_done(functools.partial(self._give_up, spec, one.msg, reason),
                                            stop, classify, "dead-letter")
                     break
                 delay = spec.backoff_s[min(failures - 1, len(spec.backoff_s) - 1)]
@@ -522,7 +523,7 @@ class Bus:
             try:
                 await step()
                 return
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if not classify(exc):
                     raise
                 delay = _TRANSIENT_BACKOFF_S[min(waits, len(_TRANSIENT_BACKOFF_S) - 1)]
@@ -540,7 +541,7 @@ class Bus:
         start_seq: int = 1,
         follow: bool = False,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[Delivery[T]]:
+    ) -> AsyncGenerator[Delivery[T], None]:
         """Read a stream in order from ``start_seq`` with an ephemeral consumer (replay, audit).
 
         Without ``follow`` it ends at the last message present when it started. Undecodable
@@ -733,11 +734,11 @@ class _Puller:
         try:
             msgs: list[Msg] = await self.psub.fetch(batch, timeout=timeout)
             return msgs
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             return None
         except nats.errors.ConnectionClosedError:
             raise  # closed for good (drained at shutdown): the consumer ends
-        except Exception as exc:  # noqa: BLE001 - a reconnecting or restarted server
+        except Exception as exc:
             if not is_transient(exc) and not isinstance(exc, nats.js.errors.NotFoundError):
                 raise
             log.warning("consumer.fetch_failed", durable=self.spec.durable, error=repr(exc))
@@ -794,6 +795,11 @@ class DecisionCore(Protocol):
 C = TypeVar("C", bound=DecisionCore)
 
 
+def _handle_with(event: Any, core: Any) -> list[Any]:
+    """The decision step for one consumed event: the core's ``handle``."""
+    return list(core.handle(event))
+
+
 class DecisionShell(Generic[C]):
     """Runs a decision core against the bus: fold, publish decisions, snapshot, then ack.
 
@@ -831,7 +837,7 @@ class DecisionShell(Generic[C]):
         for d in batch:
             if d.seq <= self.last_seq:
                 continue  # already folded into the snapshot
-            await self.decide(lambda core, e=d.event: core.handle(e), seq=d.seq)
+            await self.decide(functools.partial(_handle_with, d.event), seq=d.seq)
 
     async def decide(self, step: Callable[[C], list[Any]], seq: int | None = None) -> None:
         """Apply one step (an event, a heartbeat, a tick) and publish what it decides."""

@@ -549,7 +549,7 @@ def random_reference(table: Table, draws: int = 4000, seed: int = 12345) -> list
         reach = table.val[rows, seeds] >= target  # [draw, unit]
         first = np.where(reach.any(1), reach.argmax(1) + 1, -1)
         per_target.append(first)
-    for i, target in enumerate(table.targets):
+    for i in range(len(table.targets)):
         first = per_target[i].reshape(draws, 50)
         epochs = []
         for d in range(draws):
@@ -644,7 +644,8 @@ def report(
             row = f"| {m} | {fmt(c[0], 1) + '×' if c else '-'} |"
             for i in range(len(names)):
                 med, q1, q3, n = summarize(runs, i, "epochs")
-                row += f" {fmt(med)} [{fmt(q1)}–{fmt(q3)}] ({n}/{len(runs)}) | {speedup(base, med, i, 'epochs', cap_epochs)} |"
+                row += (f" {fmt(med)} [{fmt(q1)}–{fmt(q3)}] ({n}/{len(runs)}) |"
+                        f" {speedup(base, med, i, 'epochs', cap_epochs)} |")
             med_s = summarize(runs, len(names) - 1, "seconds")[0]
             tests = [r.hits[-1]["test"] for r in runs if r.hits[-1] is not None]
             row += f" {fmt(med_s)} | {speedup(base, med_s, len(names) - 1, 'seconds')} |"
@@ -701,7 +702,7 @@ def verdict(table: Table, results: list[RunResult], names: list[str]) -> list[st
             b = _epochs(base, i)
             bmed = float(np.median(b))
 
-            def best(cands: list[str]) -> tuple[str, np.ndarray]:
+            def best(cands: list[str], w: str = w, i: int = i) -> tuple[str, np.ndarray]:
                 meds = [(float(np.median(_epochs(by[(m, w)], i))), m) for m in cands if (m, w) in by]
                 _, m = min(meds)
                 return m, _epochs(by[(m, w)], i)
@@ -769,7 +770,8 @@ def plot(table: Table, results: list[RunResult], out_dir: Path, cap_epochs: floa
         ax.set_yscale("log")
         ax.set_ylim(9e-4, 1)
         ax.set_xlabel("epochs consumed (all trials)")
-        ax.set_ylabel("regret: 1 - incumbent val. acc. / best mean final val. acc.\n(median over seeds; grey: the 3 targets)")
+        ax.set_ylabel("regret: 1 - incumbent val. acc. / best mean final val. acc.\n"
+                      "(median over seeds; grey: the 3 targets)")
         ax.set_title(
             f"HPO replay on {table.path.name}, {w} worker(s); a run stops at the {TARGET_LEVELS[-1]:.1%} target;"
             " regret floored at 1e-3",

@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
+
 from deploy import parts, stack, supervise  # noqa: E402
 from deploy.ports import free_port_block  # noqa: E402
 from schemas import events as ev  # noqa: E402
@@ -514,8 +515,9 @@ async def kiln_real_ingest(bench: Bench, conn: Any, label: str, trials: int, bat
         while True:
             # Trials fully queryable, and points queryable so far (steps through each series' last step).
             got, seen = await conn.fetchrow(
-                "SELECT count(*) FILTER (WHERE s >= $2), coalesce(sum(n), 0) FROM (SELECT trial_id, min(last_step) AS s,"
-                " sum(last_step + 1) AS n FROM metric_summaries WHERE kind = 'training' AND trial_id = ANY($1::bigint[])"
+                "SELECT count(*) FILTER (WHERE s >= $2), coalesce(sum(n), 0) FROM"
+                " (SELECT trial_id, min(last_step) AS s, sum(last_step + 1) AS n FROM metric_summaries"
+                " WHERE kind = 'training' AND trial_id = ANY($1::bigint[])"
                 " GROUP BY trial_id) t", trial_ids, last)
             pg_samples.append((time.time(), int(seen)))
             if got == trials:
@@ -923,28 +925,33 @@ def table(res: dict[str, Any]) -> str:
     lines.append(f"| raw asyncpg COPY, points/s (physical limit) | {med_range(c)} | |")
     lines.append(f"| Kiln real path / raw COPY (per rep) | {med_range([f * 100 for f in frac], '{:.0f} %')} | ≥ 50 % |")
     lines.append(f"| Kiln direct publish (old path, same shape, after the reps), points/s | {med_range(d)} | |")
-    lines.append(f"| Kiln real path / direct publish (medians) | {statistics.median(k) / statistics.median(d) * 100:.0f} % | |")
+    share = statistics.median(k) / statistics.median(d) * 100
+    lines.append(f"| Kiln real path / direct publish (medians) | {share:.0f} % | |")
     for stage, label in (("reported", "trials' `report_training_metrics` calls done"),
                          ("outbox", "every batch stored in the workers' outboxes (trials' `core` closed)"),
                          ("jetstream", "every batch in the metrics stream (worker publish from outbox)"),
                          ("postgres", "every point queryable (tracker)")):
         secs = [r["kiln"]["stages"][stage] for r in reps]
         rates = [r["kiln"]["stage_rates"][stage] for r in reps]
-        lines.append(f"| real path: {label}: s after go / points/s | {med_range(secs, '{:.2f}')} / {med_range(rates)} | |")
+        lines.append(f"| real path: {label}: s after go / points/s | {med_range(secs, '{:.2f}')}"
+                     f" / {med_range(rates)} | |")
     lines.append(f"| real path: points queryable when the stream held every batch | "
                  f"{med_range([r['kiln']['queryable_at_jetstream'] * 100 for r in reps], '{:.0f} %')} | |")
     lines.append(f"| real path: tracker on the rest (backlog after the last publish), points/s | "
                  f"{med_range([r['kiln']['tracker_backlog_rate'] for r in reps])} | |")
+    direct_us = [(x["cpu"]["tracker"] + x["cpu"]["postgres"]) / x["points"] * 1e6 for x in direct]
     lines.append(f"| tracker + Postgres CPU per point, µs: real path / direct publish | "
                  f"{med_range([r['kiln']['tracker_cpu_us_per_point'] for r in reps], '{:.2f}')} / "
-                 f"{med_range([(x['cpu']['tracker'] + x['cpu']['postgres']) / x['points'] * 1e6 for x in direct], '{:.2f}')} | |")
+                 f"{med_range(direct_us, '{:.2f}')} | |")
     per_trial = [x for r in reps for x in r["kiln"]["trial_report_rates"]]
-    lines.append(f"| real path: one trial's report rate, points/s (all trials of all reps) | {med_range(per_trial)} | |")
+    lines.append(f"| real path: one trial's report rate, points/s (all trials of all reps) | {med_range(per_trial)}"
+                 " | |")
     lines.append(f"| real path: trial start-up (submit → every trial ready), s | "
                  f"{med_range([r['kiln']['startup_s'] for r in reps], '{:.1f}')} | |")
     lines.append(f"| real path: CPU, cores (median over reps) | {cores([r['kiln'] for r in reps])} | |")
     lines.append(f"| direct publish: CPU, cores | {cores(direct)} | |")
-    lines.append(f"| direct publish: JetStream publish (acked), points/s | {med_range([x['publish_rate'] for x in direct])} | |")
+    publish_rates = [x["publish_rate"] for x in direct]
+    lines.append(f"| direct publish: JetStream publish (acked), points/s | {med_range(publish_rates)} | |")
     lines.append("| direct publish, saturated: publish → queryable p50 / p95, ms | "
                  f"{med_range([x['lat_p50'] * 1000 for x in direct])} / "
                  f"{med_range([x['lat_p95'] * 1000 for x in direct])} | |")
@@ -953,7 +960,8 @@ def table(res: dict[str, Any]) -> str:
                      f"{med_range([r['mlflow']['lat_p50'] * 1000 for r in reps])} / "
                      f"{med_range([r['mlflow']['lat_p95'] * 1000 for r in reps])} | |")
     p = res["paced"]
-    lines.append(f"| direct publish, paced ({a['paced_trials']} trials, 1 batch of {p['steps']} steps/s/trial = {p['offered']:,.0f} pts/s offered):"
+    lines.append(f"| direct publish, paced ({a['paced_trials']} trials, 1 batch of {p['steps']} steps/s/trial"
+                 f" = {p['offered']:,.0f} pts/s offered):"
                  f" publish → queryable p50 / p95, ms | {p['lat_p50'] * 1000:.0f} / {p['lat_p95'] * 1000:.0f} | |")
     q = res["queries"]
     for key, label, target in (("series_http", "100k-point series → 1,000 points, gateway", "p95 < 100 ms"),
@@ -964,14 +972,17 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {label}: p50 / p95, ms | {pct(v, 0.5) * 1000:.1f} / {pct(v, 0.95) * 1000:.1f}"
                      f" (max {max(v) * 1000:.1f}) | {target} |")
     rp = res["replay"]
-    lines.append(f"| replay --verify, all streams, events/s | {rp['full']['rate']:,.0f} ({rp['full']['events']:,} events"
+    lines.append(f"| replay --verify, all streams, events/s | {rp['full']['rate']:,.0f}"
+                 f" ({rp['full']['events']:,} events"
                  f" in {rp['full']['seconds']:.1f} s; verify {'equal' if rp['full']['equal'] else 'DIFFERS'}) |"
                  " ≥ 50,000 |")
     lines.append(f"| replay, domain events only, events/s | {rp['domain']['rate']:,.0f} ({rp['domain']['events']:,}"
                  f" events in {rp['domain']['seconds']:.2f} s) | ≥ 50,000 |")
-    lines.append(f"| reading the events stream alone (bus.read + decode), events/s | {rp['read_only']['rate']:,.0f} | |")
+    lines.append(f"| reading the events stream alone (bus.read + decode), events/s | {rp['read_only']['rate']:,.0f}"
+                 " | |")
     metric_s = rp["full"]["seconds"] - rp["domain"]["seconds"]
-    lines.append(f"| replay, metrics stream (full − domain-only time), points/s | {rp['training_points'] / metric_s:,.0f}"
+    lines.append("| replay, metrics stream (full − domain-only time), points/s |"
+                 f" {rp['training_points'] / metric_s:,.0f}"
                  f" ({rp['full']['per_consumer'].get('tracker-metrics', 0):,} messages,"
                  f" {rp['training_points']:,} points in ≈{metric_s:.1f} s) | |")
     return "\n".join(lines)
@@ -1002,10 +1013,13 @@ def main() -> None:
     parser.add_argument("--mlflow-procs", type=int, default=4, help="client processes (threads = trials)")
     parser.add_argument("--mlflow-budget-s", type=float, default=30.0)
     parser.add_argument("--real-only", action="store_true",
-                        help="only the real-path repetitions (no MLflow, COPY, direct, paced, queries, replay): for profiling")
+                        help="only the real-path repetitions (no MLflow, COPY, direct, paced, queries, replay):"
+                        " for profiling")
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--keep-state", action="store_true")
-    parser.add_argument("--profile", default="", help="py-spy the tracker (and, on the real path, the workers) during each Kiln ingest into this dir")
+    parser.add_argument("--profile", default="",
+                        help="py-spy the tracker (and, on the real path, the workers) during each Kiln ingest"
+                        " into this dir")
     parser.add_argument("--json", default=str(HERE / "last_run.json"))
     args = parser.parse_args()
     args.direct_reps = args.direct_reps or args.reps
@@ -1037,7 +1051,8 @@ def main() -> None:
             print(f"rep {rep} {what}: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s;"
                   f" cpu {fmt_cpu(v['cpu'], v['cpu_seconds'])}")
     for rep, v in enumerate(res["direct"]):
-        print(f"direct {rep}: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s; cpu {fmt_cpu(v['cpu'], v['cpu_seconds'])}")
+        print(f"direct {rep}: {v['rate']:,.0f} pts/s over {v['seconds']:.2f}s;"
+              f" cpu {fmt_cpu(v['cpu'], v['cpu_seconds'])}")
     print(f"replay (incl. digests) cpu: {fmt_cpu(res['replay']['full']['cpu'], res['replay']['full']['cpu_seconds'])};"
           f" per consumer {res['replay']['full']['per_consumer']}")
 

@@ -14,6 +14,8 @@ experiment's checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -50,6 +52,10 @@ MAX_BATCH_BYTES = 512 * 1024
 JSON_GROWTH = 6
 # How long a report may wait for the worker's "stored" before it is an error.
 REPLY_TIMEOUT_S = 120.0
+
+
+def _report_frame(event: msgspec.Raw, frame_id: int) -> Report:
+    return Report(id=frame_id, event=event)
 
 
 class LinkError(RuntimeError):
@@ -208,7 +214,7 @@ class TrialBus:
                     with self._cond:
                         while self._sent - self._replied >= MAX_IN_FLIGHT and not self._broken:
                             self._cond.wait(1.0)
-                    last = self._send(lambda n, p=chunk: Report(id=n, event=p), awaited=False)
+                    last = self._send(functools.partial(_report_frame, chunk), awaited=False)
             return last
 
     def _fitting(self, points: list[ev.MetricPoint]) -> list[msgspec.Raw]:
@@ -276,10 +282,8 @@ class TrialBus:
             self._closing = True
             self._kick.set()
             self._flusher.join(timeout=5.0)
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._sock.close()
             self._reader.join(timeout=5.0)
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -38,7 +38,7 @@ import structlog
 import urllib3.exceptions
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State, UploadFile
-from litestar.enums import RequestEncodingType
+from litestar.enums import RequestEncodingType, ScopeType
 from litestar.exceptions import (
     ClientException,
     HTTPException,
@@ -194,7 +194,8 @@ def _deps(state: State) -> GatewayDeps:
 
 
 def _bad_request(detail: str, errors: list[api.ConfigProblem] | None = None) -> ClientException:
-    return ClientException(detail=detail, extra=api.ErrorDetails(errors=errors) if errors else None)
+    return ClientException(detail=detail,
+                           extra=msgspec.to_builtins(api.ErrorDetails(errors=errors)) if errors else None)
 
 
 def found(value: T | None, what: str, key: object) -> T:
@@ -395,7 +396,7 @@ async def experiment_events(
     async with contextlib.aclosing(trail) as events:
         async for d in events:
             out.append(api.AuditEvent(seq=d.seq, subject=d.subject, type=type(d.event).__name__,
-                                      time=datetime.fromtimestamp(d.timestamp, timezone.utc), event=d.event))
+                                      time=datetime.fromtimestamp(d.timestamp, UTC), event=d.event))
             if len(out) >= limit:
                 break
     if not out and after_seq == 0:
@@ -426,7 +427,7 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
     if ended:
         yield ServerSentEventMessage(event="end", data=encoder.encode(api.LiveEnd()).decode())
         return
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10_000)
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
 
     async def relay(subject: str, data: bytes) -> None:
         with contextlib.suppress(asyncio.QueueFull):  # a slow client loses points, never the gateway
@@ -439,7 +440,7 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
         while True:
             try:
                 data = await asyncio.wait_for(queue.get(), timeout=15.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield ServerSentEventMessage(comment="keep-alive")
                 continue
             try:
@@ -456,7 +457,8 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
                         trial_id=event.trial_id, steps_completed=event.steps_completed,
                         metrics=event.metrics)).decode())
                 case ev.ExperimentEnded():
-                    yield ServerSentEventMessage(event="end", data=encoder.encode(api.LiveEnd(state=event.state)).decode())
+                    end = encoder.encode(api.LiveEnd(state=event.state)).decode()
+                    yield ServerSentEventMessage(event="end", data=end)
                     return
                 case _:
                     pass
@@ -812,7 +814,7 @@ ROUTES = [
 
 
 def _request_id(scope: Scope) -> str:
-    state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    state: dict[str, Any] = scope.setdefault("state", {})
     if "request_id" not in state:
         given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
         state["request_id"] = given[:128] if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
@@ -822,7 +824,7 @@ def _request_id(scope: Scope) -> str:
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[api.ErrorBody]:
     """The one place failures become 5xx answers: an outage is 503 with Retry-After, anything else 500."""
     request_id = _request_id(request.scope)
-    request.scope["state"]["error_logged"] = True  # type: ignore[typeddict-item]
+    request.scope["state"]["error_logged"] = True
     where = {"method": request.method, "path": request.url.path, "request_id": request_id}
     if (down := outage(exc)) is not None:
         cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ is not None else exc
@@ -852,7 +854,7 @@ def _request_ids(app: ASGIApp) -> ASGIApp:
     """Middleware: every answer carries ``X-Request-Id``; a 5xx the error handler did not log is logged here."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         request_id = _request_id(scope)
@@ -860,7 +862,7 @@ def _request_ids(app: ASGIApp) -> ASGIApp:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-                state = scope["state"]  # type: ignore[typeddict-item]
+                state = scope["state"]
                 if message["status"] >= 500 and not state.get("error_logged"):
                     log.error("request.5xx", status=message["status"], method=scope.get("method"),
                               path=scope.get("path"), request_id=request_id)

@@ -23,9 +23,15 @@ from schemas import ports, readmodel
 from schemas.config import DEFAULT_MAX_CONFIG_BYTES
 from services.gateway import auth, queries
 from services.gateway.app import GatewayDeps, create_app
-from services.runtime import postgres_unavailable
 from services.gateway.queries import init_connection
-from services.runtime import BusSettings, S3Settings, configure_logging, connect_bus, read_settings
+from services.runtime import (
+    BusSettings,
+    S3Settings,
+    configure_logging,
+    connect_bus,
+    postgres_unavailable,
+    read_settings,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -120,15 +126,17 @@ async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3
     # (app.GatewayDeps.db), and the pool replaces broken connections by itself once it is back. No
     # connection is opened up front (min_size=0): Postgres may be down now.
     try:
-        async with asyncpg.create_pool(settings.pg_dsn, min_size=0, max_size=8, init=init_connection,
-                                       timeout=settings.pg_connect_timeout_s,
-                                       command_timeout=settings.pg_command_timeout_s) as pool:
-            async with connect_bus(bus_settings, "gateway", ensure=False) as bus:
-                yield GatewayDeps(pool=pool, bus=bus, minio=minio_client(s3), bucket=s3.s3_bucket,
-                                  max_context_bytes=settings.max_context_bytes, migrated=migrated,
-                                  max_config_bytes=settings.max_config_bytes,
-                                  max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
-                                  max_context_files=settings.max_context_files)
+        async with (
+            asyncpg.create_pool(settings.pg_dsn, min_size=0, max_size=8, init=init_connection,
+                                timeout=settings.pg_connect_timeout_s,
+                                command_timeout=settings.pg_command_timeout_s) as pool,
+            connect_bus(bus_settings, "gateway", ensure=False) as bus,
+        ):
+            yield GatewayDeps(pool=pool, bus=bus, minio=minio_client(s3), bucket=s3.s3_bucket,
+                              max_context_bytes=settings.max_context_bytes, migrated=migrated,
+                              max_config_bytes=settings.max_config_bytes,
+                              max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
+                              max_context_files=settings.max_context_files)
     finally:
         if waiting is not None:
             waiting.cancel()

@@ -177,7 +177,8 @@ async def get_checkpoint(conn: Any, uuid: str) -> api.Checkpoint | None:
 async def next_experiment_id(conn: Any) -> int:
     """A fresh experiment id: never reused (even after a failed submit) and, unlike a sequence, without a
     jump after a database crash (the counter row is committed with the increment)."""
-    value: int = await conn.fetchval("UPDATE id_counters SET value = value + 1 WHERE name = 'experiment' RETURNING value")
+    value: int = await conn.fetchval(
+        "UPDATE id_counters SET value = value + 1 WHERE name = 'experiment' RETURNING value")
     return value
 
 

@@ -43,7 +43,7 @@ def go_pow(x: float, n: int) -> float:
     x1, xe = math.frexp(x)
     i = n
     while i != 0:
-        if xe < -(1 << 12) or (1 << 12) < xe:
+        if xe < -(1 << 12) or xe > (1 << 12):
             ae += xe  # overflow: Ldexp below gives inf or 0, as in Go
             break
         if i & 1:

@@ -8,7 +8,7 @@ the same decisions with the same trial ids, so a restarted searcher republishes 
 from __future__ import annotations
 
 import math
-from typing import assert_never
+from typing import Any, Literal, assert_never
 
 import msgspec
 
@@ -18,9 +18,9 @@ from schemas.trial import INVALID_HP_EXIT_CODE
 from services.searcher.methods import (
     CreateTrial,
     Decision,
-    ResumeTrial,
     ExitKind,
     MethodState,
+    ResumeTrial,
     SearchContext,
     Shutdown,
     StopTrial,
@@ -43,7 +43,7 @@ class ExperimentSearch(msgspec.Struct, kw_only=True):
     """One experiment's search: its method state and its trials."""
 
     experiment_id: int
-    config: dict  # as ExperimentSubmitted carries it; read through schemas.config.config_from_wire
+    config: dict[str, Any]  # as ExperimentSubmitted carries it; read through schemas.config.config_from_wire
     seed: int
     method: MethodState
     trials: dict[int, TrialEntry] = {}  # by request id
@@ -207,6 +207,7 @@ class SearcherCore:
         if exp.ended or not exp.shutdown or any(not t.exited for t in exp.trials.values()):
             return []
         exp.ended = True
+        state: Literal["COMPLETED", "ERROR", "CANCELED"]
         if exp.canceled:
             state, reason = "CANCELED", "killed by user"
         elif exp.trials and all(t.state == "ERROR" for t in exp.trials.values()):

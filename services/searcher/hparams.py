@@ -58,7 +58,7 @@ def grid(space: HyperparameterSpace) -> list[dict[str, Any]]:
 def _grid(space: HyperparameterSpace, prefix: str) -> list[dict[str, Any]]:
     names = sorted(space)
     axes = [_axis(space[name], f"{prefix}{name}") for name in names]
-    return [copy.deepcopy(dict(zip(names, point))) for point in itertools.product(*axes)]
+    return [copy.deepcopy(dict(zip(names, point, strict=True))) for point in itertools.product(*axes)]
 
 
 def _axis(hp: Hyperparameter, path: str) -> list[Any]:

@@ -148,7 +148,8 @@ class Simulation:
             trial.progress = step
             metric = self.curve(request_id, step)
             trial.validations.append((step, metric))
-            self._apply(self._call(lambda m: m.validation_reported(self.ctx, request_id, metric, step)))
+            # _call runs the lambda at once: the loop variables cannot change under it.
+            self._apply(self._call(lambda m: m.validation_reported(self.ctx, request_id, metric, step)))  # noqa: B023
             if trial.progress >= trial.target:
                 if trial.stop_requested or trial.target >= self.full_length:
                     self._exit(request_id, "completed")
@@ -166,7 +167,7 @@ class Simulation:
     def _drain_exits(self) -> None:
         while self._exits:
             request_id, kind = self._exits.popleft()
-            self._apply(self._call(lambda m: m.trial_exited(self.ctx, request_id, kind)))
+            self._apply(self._call(lambda m: m.trial_exited(self.ctx, request_id, kind)))  # noqa: B023 - run at once
 
     # -- decisions ------------------------------------------------------------------------------
 

@@ -155,7 +155,8 @@ class Fold:
     def _row(self, table: str, key: Any, *, running: bool = False) -> Row | None:
         """The row of ``table`` at ``key``, marked as changed; None when it is not there (or, with
         ``running``, when it has ended)."""
-        row = getattr(self, table).get(key)
+        rows: dict[Any, Row] = getattr(self, table)
+        row = rows.get(key)
         if row is None or (running and row["ended_at"] is not None):
             return None
         self.changed[table].add(key)
@@ -255,7 +256,8 @@ class Fold:
         x = self.experiments.get(e.experiment_id)
         metric, smaller = (x["searcher_metric"], x["smaller_is_better"]) if x is not None else ("", True)
         value = e.metrics.get(metric)
-        numeric = float(value) if type(value) in (int, float) else None  # bool is not a metric value here
+        # bool is not a metric value here
+        numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         t["latest_validation"] = _j({"steps_completed": e.steps_completed, "metrics": e.metrics})
         if e.steps_completed > t["steps_completed"]:
             t["steps_completed"] = e.steps_completed

@@ -22,7 +22,7 @@ import re
 import socket
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 # What a trial process reports (kiln.core): everything else about a run is the worker's to say.
-TRIAL_REPORTS: tuple[type, ...] = (
+TRIAL_REPORTS = (
     ev.TrainingMetricsReported,
     ev.ValidationReported,
     ev.CheckpointStored,
@@ -91,7 +91,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Runs until cancelled, calling on_stop(reason) for each stop or preempt request addressed to the run.
-StopWatcher = Callable[[Identity, OnStop], Awaitable[None]]
+StopWatcher = Callable[[Identity, OnStop], Coroutine[Any, Any, None]]
 
 
 def refusal(who: Identity, event: Any) -> str:
@@ -186,7 +186,8 @@ def store_refusal(grant: StoreGrant, method: str, key: str) -> str:
     if method == "LIST" and not key.endswith("/"):
         return f"list prefix {key!r} must end in '/'"
     if not any((key.startswith(p) and len(key) > len(p)) or (method == "LIST" and key == p) for p in allowed):
-        return f"{method} {key!r}: outside what this trial may {'write' if method == 'PUT' else 'read'} ({', '.join(allowed)})"
+        may = "write" if method == "PUT" else "read"
+        return f"{method} {key!r}: outside what this trial may {may} ({', '.join(allowed)})"
     return ""
 
 
@@ -290,7 +291,7 @@ class TrialLink:
             return ""
         try:
             await asyncio.wait_for(self._root_known.wait(), 30.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "the trial's process is not known"
         sock = writer.get_extra_info("socket")
         try:
@@ -342,10 +343,15 @@ class TrialLink:
                 while todo:
                     # Reports that arrived together are handled together: their outbox appends share one
                     # commit. Replies still go out in frame order.
-                    n = next((i for i, f in enumerate(todo) if not isinstance(f, Report)), len(todo))
-                    if n:
-                        replies = list(await asyncio.gather(*(self._report(f) for f in todo[:n])))
-                        todo = todo[n:]
+                    reports: list[Report] = []
+                    for f in todo:
+                        if not isinstance(f, Report):
+                            break
+                        reports.append(f)
+                    replies: list[Reply | Presigned | Listed]
+                    if reports:
+                        replies = list(await asyncio.gather(*(self._report(f) for f in reports)))
+                        todo = todo[len(reports):]
                     else:
                         replies = [await self._handle(todo.pop(0), writer)]
                     writer.write(b"".join(encode_frame(r) for r in replies))

@@ -14,7 +14,9 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -35,8 +37,8 @@ from services.runtime import (
     read_settings,
     stop_on_signals,
 )
-from services.worker import slots as slot_discovery
 from services.worker import sandbox
+from services.worker import slots as slot_discovery
 from services.worker.link import MinioStore, bus_stop_watcher
 from services.worker.outbox import DEFAULT_MAX_PAYLOAD, Outbox
 from services.worker.runner import Allocation
@@ -186,8 +188,8 @@ class Worker:
 
         return await asyncio.to_thread(get)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

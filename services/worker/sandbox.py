@@ -73,11 +73,12 @@ def trial_user(name: str) -> TrialUser | None:
         pw = pwd.getpwnam(name)
     except KeyError:
         useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        result = subprocess.run(  # noqa: S603 - fixed argv, name checked by useradd
+        result = subprocess.run(
             [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
              "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
         if result.returncode not in (0, 9):  # 9: created meanwhile by another worker
-            raise SandboxError(f"cannot create trial user {name!r}: {result.stderr.strip() or result.returncode}")
+            why = result.stderr.strip() or result.returncode
+            raise SandboxError(f"cannot create trial user {name!r}: {why}") from None
         pw = pwd.getpwnam(name)
         log.info("sandbox.user_created", user=name, uid=pw.pw_uid)
     if pw.pw_uid == 0:
@@ -105,14 +106,16 @@ def _probe(python: str, user: TrialUser | None, env: dict[str, str]) -> str:
     """"" if ``python`` imports what a trial needs when run as ``user``; else its error."""
     probe_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", **env}
     try:
-        result = subprocess.run(  # noqa: S603 - our own interpreter
+        result = subprocess.run(
             [python, "-c", _PROBE], env=probe_env, cwd="/",
             capture_output=True, text=True, timeout=120, check=False,
             user=None if user is None else user.uid, group=None if user is None else user.gid,
             extra_groups=None if user is None else [])
     except OSError as exc:
         return str(exc)
-    return "" if result.returncode == 0 else (result.stderr.strip().splitlines() or ["exit " + str(result.returncode)])[-1]
+    if result.returncode == 0:
+        return ""
+    return (result.stderr.strip().splitlines() or ["exit " + str(result.returncode)])[-1]
 
 
 def _copy_runtime(root: Path) -> tuple[str, dict[str, str]]:

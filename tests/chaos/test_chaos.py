@@ -115,7 +115,8 @@ class Chaos:
         gateway, serving)."""
         before = self._status(name)
         assert before is not None and before.pid is not None and before.alive, f"{name} is not running"
-        fault = Fault(f"kill -9 {name}", time.monotonic() - self.t0, during_experiment=not self.experiment_done.is_set())
+        fault = Fault(f"kill -9 {name}", time.monotonic() - self.t0,
+                      during_experiment=not self.experiment_done.is_set())
         os.kill(before.pid, signal.SIGKILL)
         if name.startswith("worker-"):
             self.killed_workers.add(name)
@@ -149,7 +150,8 @@ class Chaos:
     def table(self) -> str:
         lines = [f"{'fault':<28} {'at s':>7} {'down s':>7} {'healed s':>9}  during experiment"]
         for f in self.faults:
-            lines.append(f"{f.what:<28} {f.at_s:7.1f} {f.down_s:7.1f} {f.healed_s:9.1f}  {'yes' if f.during_experiment else 'no'}")
+            during = "yes" if f.during_experiment else "no"
+            lines.append(f"{f.what:<28} {f.at_s:7.1f} {f.down_s:7.1f} {f.healed_s:9.1f}  {during}")
         return "\n".join(lines)
 
 

@@ -122,7 +122,8 @@ def test_poison_messages_are_dead_lettered_and_services_keep_working(kiln_stack:
         nc = await nats.connect(url, user=user, password=password)
         js = nc.jetstream()
         await js.publish("kiln.events.424242.experiment.gateway", b"{not json", headers={"Nats-Msg-Id": "poison-1"})
-        await js.publish("kiln.events.424242.trial.1.searcher", b'{"type": "NoSuchEvent"}', headers={"Nats-Msg-Id": "poison-2"})
+        await js.publish("kiln.events.424242.trial.1.searcher", b'{"type": "NoSuchEvent"}',
+                         headers={"Nats-Msg-Id": "poison-2"})
         deadline = time.monotonic() + 30
         count = 0
         while time.monotonic() < deadline:

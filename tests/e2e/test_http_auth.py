@@ -3,9 +3,8 @@ owner and an admin may; a revoked token is 401; token values appear in no log an
 
 from __future__ import annotations
 
-import functools
-
 import asyncio
+import functools
 import json
 import os
 import stat
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from schemas import context
-from tests.e2e.conftest import wait_for, REPO, Stack
+from tests.e2e.conftest import REPO, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -193,7 +192,8 @@ def test_users_tokens_and_owners(kiln_stack: Stack, tmp_path: Path) -> None:
 
     # No token value in any log of the stack, nor in any table of the read model.
     logs = list((s.cfg.state_dir / "logs").glob("*.log"))
-    assert "gateway.log" in {f.name for f in logs} and '"auth.login"' in (s.cfg.state_dir / "logs/gateway.log").read_text()
+    assert "gateway.log" in {f.name for f in logs}
+    assert '"auth.login"' in (s.cfg.state_dir / "logs/gateway.log").read_text()
     for log_file in logs:
         text = log_file.read_text(errors="replace")
         assert not [t for t in tokens if t in text], f"a token is in {log_file.name}"
@@ -208,7 +208,8 @@ async def _dump_tables(dsn: str) -> dict[str, str]:
     """Every row of every table of the live schema, as text."""
     conn = await asyncpg.connect(dsn)
     try:
-        tables = [r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = [r["tablename"] for r in rows]
         out: dict[str, Any] = {}
         for table in tables:
             rows = await conn.fetch(f'SELECT t::text AS row FROM public."{table}" t')

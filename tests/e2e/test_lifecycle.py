@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import os
 import signal
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy import parts, stack
-from tests.e2e.conftest import wait_for, Stack
+from tests.e2e.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import json
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import wait_for, Stack
+from tests.e2e.conftest import Stack, wait_for
 from tests.e2e.test_lifecycle import CONFIG, SLOW_TRAIN
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,6 @@ applies a new one, starts a dead process again and names a process that cannot s
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy import parts, stack, supervise
-from tests.e2e.conftest import wait_for, Stack, local_stack
+from tests.e2e.conftest import Stack, local_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 

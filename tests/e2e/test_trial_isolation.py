@@ -10,7 +10,6 @@ allocations' work dirs are pruned to the newest few.
 from __future__ import annotations
 
 import functools
-
 import io
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import wait_for, Stack
+from tests.e2e.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +50,8 @@ ATTACKER = textwrap.dedent("""\
 
     def http(method, url):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"x" if method == "PUT" else None), timeout=10) as r:
+            request = urllib.request.Request(url, method=method, data=b"x" if method == "PUT" else None)
+            with urllib.request.urlopen(request, timeout=10) as r:
                 return r.status
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -123,7 +123,8 @@ ATTACKER = textwrap.dedent("""\
         # Through the worker: presign another experiment's key, list outside its own prefix.
         out["presign_get"] = attempt(lambda: link.presign("GET", victim))
         out["presign_put"] = attempt(lambda: link.presign("PUT", victim))
-        out["presign_escape"] = attempt(lambda: link.presign("GET", "checkpoints/%d/../%s" % (info.trial.experiment_id, victim)))
+        escape = "checkpoints/%d/../%s" % (info.trial.experiment_id, victim)
+        out["presign_escape"] = attempt(lambda: link.presign("GET", escape))
         out["list_bucket"] = attempt(lambda: link.list_keys(""))
         out["list_checkpoints"] = attempt(lambda: link.list_keys("checkpoints/"))
         # Its own checkpoints work.
@@ -145,7 +146,8 @@ ATTACKER = textwrap.dedent("""\
                 cmd = (proc / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
             except OSError:
                 continue
-            for svc in ("services.gateway.main", "services.worker.main", "services.tracker.main", "nats-server", "weed"):
+            for svc in ("services.gateway.main", "services.worker.main", "services.tracker.main", "nats-server",
+                        "weed"):
                 if svc in cmd and svc not in environs:
                     environs[svc] = attempt(lambda: (proc / "environ").read_bytes())
         out["environ"] = environs

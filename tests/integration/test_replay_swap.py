@@ -91,7 +91,7 @@ async def _replay(own: OwnParts, *args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
-async def test_swap_replaces_a_damaged_read_model_while_the_tracker_and_gateway_run(own_parts: OwnParts,
+async def test_swap_replaces_a_damaged_read_model_while_the_tracker_and_gateway_run(own_parts: OwnParts,  # noqa: F811
                                                                                       tmp_path: Path) -> None:
     own = own_parts
     settings = BusSettings(nats_url=own.nats_url, nats_user=NATS_USER, nats_password=TEST_NATS_USERS[NATS_USER])

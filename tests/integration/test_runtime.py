@@ -78,7 +78,8 @@ async def test_transient_failures_are_retried_then_succeed(parts: p.RunningParts
         assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def test_a_message_that_always_fails_is_dead_lettered_and_the_next_one_is_processed(parts: p.RunningParts) -> None:
+async def test_a_message_that_always_fails_is_dead_lettered_and_the_next_one_is_processed(
+        parts: p.RunningParts) -> None:
     """After max_deliver failures the message goes to the dead-letter stream; the stream moves on."""
     e = _exp()
     handled: list[str] = []

@@ -155,7 +155,7 @@ async def test_only_the_trials_own_processes_may_use_its_link(tmp_path: Path) ->
         except LinkError as exc:
             return str(exc)
 
-    another_trial = subprocess.Popen(["sleep", "60"])  # noqa: S603, S607 - stands in for another trial
+    another_trial = subprocess.Popen(["sleep", "60"])
     try:
         other = TrialLink(socket_path(tmp_path / "other"), who, append, _no_stops, check_peer=True)
         await other.start()

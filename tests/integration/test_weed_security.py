@@ -94,10 +94,10 @@ def test_weed_grpc_is_mutual_tls(parts: p.RunningParts, tmp_path: Path) -> None:
     for port in grpc_ports:
         ctx = _no_cert()
         ctx.set_alpn_protocols(["h2"])
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):  # noqa: PT012
-            with ctx.wrap_socket(socket.create_connection((cfg.host, port), timeout=5)) as sock:
-                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                sock.recv(64)
+        with (pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"),
+              ctx.wrap_socket(socket.create_connection((cfg.host, port), timeout=5)) as sock):
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            sock.recv(64)
     # weed's own client: with the stack's security.toml (its working dir) it gets in, without it it does not.
     argv = [p._venv_binary("weed"), "shell",
             f"-master={cfg.host}:{ports['master.port']}.{ports['master.port.grpc']}",

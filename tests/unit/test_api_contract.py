@@ -55,7 +55,8 @@ def test_every_route_documents_its_errors_in_the_one_shape() -> None:
     for name, op in _operations(_schema()):
         errors = {code: r for code, r in op["responses"].items() if int(code) >= 400}
         assert {"400", "500", "503"} <= set(errors), name
-        if op.get("security") != [{}]:  # a route needing a token answers 401 without one (login does for a bad password)
+        # A route needing a token answers 401 without one (login does for a bad password).
+        if op.get("security") != [{}]:
             assert "401" in errors, name
         for code, response in errors.items():
             assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}, f"{name} {code}"
@@ -163,7 +164,8 @@ def _cli(monkeypatch: pytest.MonkeyPatch, answer: httpx.Response, *args: str) ->
 
 @pytest.mark.parametrize(("answer", "printed"), [
     # Litestar's validation list, as the gateway documents it (`kiln experiment set priority 3 100` once crashed).
-    (httpx.Response(400, json={"status_code": 400, "detail": "Validation failed for POST /api/v1/experiments/3/resources",
+    (httpx.Response(400, json={"status_code": 400,
+                               "detail": "Validation failed for POST /api/v1/experiments/3/resources",
                                "extra": [{"key": "priority", "message": "Input should be <= 99", "source": "body"}]}),
      "priority: Input should be <= 99"),
     (httpx.Response(404, json={"status_code": 404, "detail": "experiment 3 not found", "request_id": "r"}),

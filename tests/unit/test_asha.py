@@ -15,8 +15,8 @@ from services.searcher.methods import (
     ResumeTrial,
     Rung,
     SearchContext,
-    StopTrial,
     StoppingBracket,
+    StopTrial,
 )
 
 # --- Go's float64 log and pow ------------------------------------------------------------------

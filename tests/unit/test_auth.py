@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -105,7 +105,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient[Any], list
     async def get_experiment(conn: Any, experiment_id: int) -> api.Experiment | None:
         return api.Experiment(
             id=experiment_id, name="e", description="", labels=[], state="ACTIVE", searcher_name="single",
-            searcher_metric="loss", smaller_is_better=True, submitted_by="alice", submitted_at=datetime.now(timezone.utc),
+            searcher_metric="loss", smaller_is_better=True, submitted_by="alice", submitted_at=datetime.now(UTC),
             ended_at=None, end_reason="", progress=0.0, context_digest="d", priority=42, weight=1.0, max_slots=None,
             config={}, config_yaml="", seed=1, trial_states={}, best_trial=None)
 
@@ -154,7 +154,8 @@ def test_health_and_the_schema_need_no_token_and_the_schema_declares_the_bearer_
     assert schema.status_code == 200
     spec = schema.json()
     assert spec["components"]["securitySchemes"][auth.SCHEME] == {
-        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"][auth.SCHEME]["description"]}
+        "type": "http", "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"][auth.SCHEME]["description"]}
     assert spec["security"] == [{auth.SCHEME: []}]
     assert all(op.get("operationId") for path in spec["paths"].values() for op in path.values())
 
@@ -194,7 +195,7 @@ def test_login_gives_a_token_only_for_the_right_password_and_stores_only_its_dig
 
     async def create_token(conn: Any, user_id: int, digest: str, name: str, kind: str, ttl_s: float | None) -> Any:
         digests.append(digest)
-        return {"id": 5, "name": name, "kind": kind, "created_at": datetime.now(timezone.utc), "expires_at": None}
+        return {"id": 5, "name": name, "kind": kind, "created_at": datetime.now(UTC), "expires_at": None}
 
     monkeypatch.setattr(queries, "user_credentials", user_credentials)
     monkeypatch.setattr(queries, "create_token", create_token)

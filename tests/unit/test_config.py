@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 from schemas.config import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_PRIORITY,
     CategoricalHP,
     ConfigError,
     ConstHP,
@@ -18,8 +20,6 @@ from schemas.config import (
     LogHP,
     S3Storage,
     SharedFSStorage,
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_PRIORITY,
     config_from_wire,
     config_to_dict,
     parse_config,

@@ -9,8 +9,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from services.runtime import ConsumerSpec, Transient, _Puller, is_transient
 from schemas import subjects
+from services.runtime import ConsumerSpec, Transient, _Puller, is_transient
 
 
 def _msg(cseq: int, sseq: int | None = None, delivered: int = 1) -> Any:

@@ -9,7 +9,7 @@ import contextlib
 import io
 import tarfile
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 CONFIG = ("name: t\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
           "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n")
 CHECKPOINT = {"uuid": "c1", "trial_id": 1, "experiment_id": 1, "steps_completed": 5, "storage": "s3://kiln/ckpt",
-              "resources": {"model.pt": 5}, "metadata": {}, "reported_at": datetime.now(timezone.utc)}
+              "resources": {"model.pt": 5}, "metadata": {}, "reported_at": datetime.now(UTC)}
 
 
 class _Conn:
@@ -121,7 +121,7 @@ def _submit(http: TestClient[Any], config: str, blob: bytes | None = None) -> An
 
 def billion_laughs(levels: int = 9) -> str:
     doc = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
-    for prev, name in zip("abcdefghij", "bcdefghijk"[: levels - 1]):
+    for prev, name in zip("abcdefghij", "bcdefghijk"[: levels - 1], strict=False):
         doc += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
     return doc
 

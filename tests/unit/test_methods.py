@@ -18,8 +18,8 @@ from services.searcher.methods import (
     ResumeTrial,
     SearchContext,
     Shutdown,
-    StopTrial,
     StoppingBracket,
+    StopTrial,
     new_method,
 )
 from services.searcher.simulate import Fault, Simulation, TrialRecord, simulate

@@ -145,8 +145,8 @@ def _matches(pattern: str, subject: str) -> bool:
     """NATS wildcard match: ``*`` is one token, a trailing ``>`` one or more."""
     p, s = pattern.split("."), subject.split(".")
     if p[-1] == ">":
-        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s))
-    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s))
+        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s, strict=False))
+    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s, strict=True))
 
 
 @pytest.mark.parametrize("event", SAMPLES.values(), ids=SAMPLE_IDS)
@@ -331,7 +331,7 @@ def test_a_worker_fact_needs_the_publishing_worker() -> None:
 
 
 @pytest.mark.parametrize("event", [e for e in SAMPLES.values() if type(e) in subjects.OWNERS],
-                         ids=[n for n, c in zip(SAMPLE_IDS, SAMPLES) if c in subjects.OWNERS])
+                         ids=[n for n, c in zip(SAMPLE_IDS, SAMPLES, strict=True) if c in subjects.OWNERS])
 def test_each_principal_may_publish_exactly_the_event_types_it_owns(event: Any) -> None:
     subject = _subject(event)
     allowed = {role: subjects.publish_allow(role, WORKER if role == "worker" else "") for role in subjects.ROLES}
