@@ -18,6 +18,7 @@ from services.runtime import (
     BusSettings,
     ConsumerSpec,
     DecisionShell,
+    Delivery,
     configure_logging,
     connect_bus,
     read_settings,
@@ -106,7 +107,7 @@ async def main() -> None:
         ticker = asyncio.create_task(tick_forever())
         log.info("scheduler.ready", seq=shell.last_seq)
 
-        async def on_events(batch: list) -> None:
+        async def on_events(batch: list[Delivery[ev.DomainEvent]]) -> None:
             await shell.on_events(batch)
             await shell.decide(lambda core: core.tick(time.time()))
 
