@@ -576,12 +576,13 @@ def job_list(as_json: bool) -> None:
     if as_json:
         _print_json(jobs)
         return
-    click.echo(f"{'POS':>4} {'EXP':>5} {'TRIAL':>6} {'STATE':9} {'PRIO':>4} {'WEIGHT':>6} {'SLOTS':>5}  WORKER")
+    click.echo(f"{'POS':>4} {'EXP':>5} {'TRIAL':>6} {'STATE':9} {'PRIO':>4} {'WEIGHT':>6} {'SLOTS':>5}  "
+               f"{'WORKER':12} NOTE")
     for j in jobs:
         pos = j["position"] if j["position"] is not None else "-"
         state = "PREEMPT" if j["preempting"] else j["state"]
         click.echo(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
-                   f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-'}")
+                   f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-':12} {j.get('reason', '')}".rstrip())
 
 
 # -- events ------------------------------------------------------------------------------------------------

@@ -35,12 +35,15 @@ class AgentView(msgspec.Struct, frozen=True, kw_only=True):
     slots: list[SlotView]
 
 
+JobState = Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED"]
+
+
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """A trial that holds or wants slots."""
 
     experiment_id: int
     trial_id: int
-    state: Literal["QUEUED", "ASSIGNED", "RUNNING", "PAUSED"]
+    state: JobState
     priority: int
     weight: float
     slots: int
@@ -48,6 +51,7 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     position: int | None = None  # 1-based place in the queue, for QUEUED jobs
     worker_id: str = ""
     preempting: bool = False
+    reason: str = ""  # why a waiting trial cannot start when it is not just its turn (paused, too big for its pool)
 
 
 class ClusterView(msgspec.Struct, frozen=True, kw_only=True):

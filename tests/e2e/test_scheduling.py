@@ -117,3 +117,27 @@ def test_agent_slot_and_job_listings(kiln_stack: Stack) -> None:
     slots = json.loads(kiln_stack.kiln("slot", "list", "--json").stdout)
     assert all(s["slot"]["kind"] == "cpu" for s in slots) and len(slots) == n * kiln_stack.cfg.slots_per_worker
     assert kiln_stack.kiln("job", "list").returncode == 0
+
+
+def test_a_request_the_cluster_can_never_hold_says_so_in_the_job_list(kiln_stack: Stack, tmp_path: Path) -> None:
+    """slots_per_trial above every slot the pool has: the trial waits, and `kiln job list` says why."""
+    total = kiln_stack.cfg.workers * kiln_stack.cfg.slots_per_worker
+    d = tmp_path / "huge"
+    d.mkdir()
+    (d / "train.py").write_text(SLOW_TRAIN.replace("STEPS", "1").replace("DELAY", "0"))
+    (d / "cfg.yaml").write_text(CONFIG.replace("STEPS", "1").replace("name: slow", "name: huge")
+                                + f"resources: {{slots_per_trial: {total + 6}}}\n")
+    run = kiln_stack.kiln("experiment", "create", str(d / "cfg.yaml"), str(d))
+    assert run.returncode == 0, run.stderr
+    exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
+
+    def explained() -> dict[str, Any] | None:
+        jobs = json.loads(kiln_stack.kiln("job", "list", "--json").stdout)
+        return next((j for j in jobs if j["experiment_id"] == exp_id and j["reason"]), None)
+
+    job = _wait(explained, what="the waiting reason in the job list")
+    assert job["state"] == "QUEUED" and f"needs {total + 6} slots" in job["reason"]
+    assert f"has {total} slots" in job["reason"]
+    table = kiln_stack.kiln("job", "list")
+    assert f"needs {total + 6} slots" in table.stdout
+    assert kiln_stack.kiln("experiment", "kill", str(exp_id)).returncode == 0
