@@ -98,7 +98,9 @@ def user_permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
             return {"publish": {"deny": [">"]},
                     "subscribe": {"allow": [subjects.ALL_METRICS, subjects.ALL_EVENTS, inbox]}}
         case "gateway":
-            return _user(subjects.publish_allow("gateway") + _reads(E) + _kv(CLUSTER_BUCKET, CLUSTER_KEY, write=False),
+            # Its durable: the searcher's retention decisions, whose objects it deletes (services/gateway/collector.py).
+            return _user(subjects.publish_allow("gateway") + _reads(E) + _durable(E, "gateway-gc")
+                         + _kv(CLUSTER_BUCKET, CLUSTER_KEY, write=False),
                          [inbox, subjects.ALL_METRICS, subjects.ALL_EVENTS])  # live metrics (SSE)
         case "searcher":
             return _user(subjects.publish_allow("searcher") + _durable(E, "searcher")

@@ -439,12 +439,12 @@ def experiment_activate(experiment_id: int) -> None:
     _echo_state(lambda c: c.activate_experiment(experiment_id), f"experiment {experiment_id}")
 
 
-@experiment.command("set")
-@click.argument("knob", type=click.Choice(["priority", "weight", "max-slots"]))
-@click.argument("experiment_id", type=int)
-@click.argument("value")
-def experiment_set(knob: str, experiment_id: int, value: str) -> None:
-    """Change an experiment's priority (1-99, lower first), weight (fair share) or max-slots (0: no cap)."""
+@experiment.group("set")
+def experiment_set() -> None:
+    """Change a knob of an experiment: priority, weight, max-slots, gc-policy."""
+
+
+def _set_knob(knob: str, experiment_id: int, value: str) -> None:
     try:
         parsed: float | int = float(value) if knob == "weight" else int(value)
     except ValueError:
@@ -456,6 +456,64 @@ def experiment_set(knob: str, experiment_id: int, value: str) -> None:
         _fail(exc)
         return
     click.echo(f"experiment {experiment_id}: {knob} = {parsed}")
+
+
+def _knob_command(knob: str, help_text: str) -> None:
+    @experiment_set.command(knob, help=help_text)
+    @click.argument("experiment_id", type=int)
+    @click.argument("value")
+    def command(experiment_id: int, value: str) -> None:
+        _set_knob(knob, experiment_id, value)
+
+
+_knob_command("priority", "Change an experiment's priority (1-99, lower first).")
+_knob_command("weight", "Change an experiment's weight (its fair share).")
+_knob_command("max-slots", "Change an experiment's max-slots (0: no cap).")
+
+
+@experiment_set.command("gc-policy")
+@click.argument("experiment_id", type=int)
+@click.option("--save-experiment-best", type=click.IntRange(min=0), default=None,
+              help="Keep the N best checkpoints of the whole experiment.")
+@click.option("--save-trial-best", type=click.IntRange(min=0), default=None, help="Keep each trial's N best.")
+@click.option("--save-trial-latest", type=click.IntRange(min=0), default=None, help="Keep each trial's N latest.")
+def experiment_set_gc_policy(experiment_id: int, save_experiment_best: int | None, save_trial_best: int | None,
+                             save_trial_latest: int | None) -> None:
+    """Change checkpoint retention; finished trials' checkpoints it no longer keeps are deleted at once."""
+    out = _call(lambda c: c.set_gc_policy(experiment_id, save_experiment_best=save_experiment_best,
+                                          save_trial_best=save_trial_best, save_trial_latest=save_trial_latest))
+    shown = ", ".join(f"{k} = {out[k]}" for k in ("save_experiment_best", "save_trial_best", "save_trial_latest")
+                      if out.get(k) is not None)
+    click.echo(f"experiment {experiment_id}: {shown}")
+
+
+@experiment.command("download")
+@click.argument("experiment_id", type=int)
+@click.option("--top-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many of the best checkpoints (by the searcher metric).")
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put them (one directory per checkpoint).  [default: ./checkpoints]")
+def experiment_download(experiment_id: int, top_n: int, output: Path | None) -> None:
+    """Download the best K checkpoints of an experiment by its searcher metric."""
+    target = output or Path("checkpoints")
+    best = _call(lambda c: c.experiment_checkpoints(experiment_id, sort_by="metric", state="COMPLETED",
+                                                    limit=top_n))
+    if not best:
+        _fail(ValueError(f"experiment {experiment_id} has no checkpoint to download"))
+    for c in best:
+        uuid = str(c["uuid"])
+        _call(lambda cl: cl.download_checkpoint(uuid, target / uuid))  # noqa: B023 - _call runs it at once
+        click.echo(f"{target / c['uuid']}  trial {c['trial_id']} step {c['steps_completed']}"
+                   f"  {c['searcher_metric']} = {_fmt(c['metric'])}")
+
+
+@experiment.command("download-code")
+@click.argument("experiment_id", type=int)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def experiment_download_code(experiment_id: int, directory: Path) -> None:
+    """Download the code context of an experiment, exactly as submitted, into DIRECTORY."""
+    names = _call(lambda c: c.download_context(experiment_id, directory))
+    click.echo(f"downloaded {len(names)} files to {directory}")
 
 
 def _echo_state(call: Any, what: str) -> None:
@@ -676,16 +734,78 @@ def preview_search(config: Path, as_json: bool, simulate: str | None, period: in
 
 @main.group()
 def checkpoint() -> None:
-    """Download checkpoints."""
+    """List, describe, download and delete checkpoints."""
+
+
+_CHECKPOINT_HEADER = f"{'UUID':36}  {'TRIAL':>5} {'STEPS':>8}  {'STATE':9}  {'METRIC':>12}  FILES"
+
+
+def _checkpoint_line(c: dict[str, Any]) -> str:
+    size = sum(c["resources"].values())
+    return (f"{c['uuid']:36}  {c['trial_id']:>5} {c['steps_completed']:>8}  {c['state']:9}  "
+            f"{_fmt(c['metric']):>12}  {len(c['resources'])} ({size} B)")
+
+
+@checkpoint.command("list")
+@click.argument("experiment_id", type=int, required=False)
+@click.option("--trial", "trial_id", type=int, default=None, help="A trial's checkpoints instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_list(experiment_id: int | None, trial_id: int | None, as_json: bool) -> None:
+    """List the checkpoints of EXPERIMENT_ID (or of one trial, with --trial)."""
+    if (experiment_id is None) == (trial_id is None):
+        _fail(click.UsageError("give EXPERIMENT_ID or --trial ID (one of them)"))
+    rows = _call(lambda c: c.trial_checkpoints(trial_id) if trial_id is not None
+                 else c.experiment_checkpoints(experiment_id))  # type: ignore[arg-type]
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(_CHECKPOINT_HEADER)
+    for c in rows:
+        click.echo(_checkpoint_line(c))
+
+
+@checkpoint.command("describe")
+@click.argument("uuid")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_describe(uuid: str, as_json: bool) -> None:
+    """Show one checkpoint: trial, steps, state, metric, files and metadata."""
+    c = _call(lambda cl: cl.get_checkpoint(uuid))
+    if as_json:
+        _print_json(c)
+        return
+    click.echo(f"checkpoint {c['uuid']}: {c['state']}" + (f" ({c['delete_reason']})" if c["delete_reason"] else ""))
+    click.echo(f"  experiment {c['experiment_id']} trial {c['trial_id']} at step {c['steps_completed']}")
+    click.echo(f"  {c['searcher_metric'] or 'searcher metric'}: {_fmt(c['metric'])}")
+    click.echo(f"  stored in {c['storage']}/{c['uuid']} at {c['reported_at']}")
+    if c["protected"]:
+        click.echo("  protected (a registered model version): never collected")
+    for rel, size in sorted(c["resources"].items()):
+        click.echo(f"  {size:>12}  {rel}")
+    if c["metadata"]:
+        click.echo(f"  metadata: {json.dumps(c['metadata'], sort_keys=True, default=str)}")
 
 
 @checkpoint.command("download")
 @click.argument("uuid")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def checkpoint_download(uuid: str, directory: Path) -> None:
-    """Download checkpoint UUID's files into DIRECTORY."""
-    names = _call(lambda c: c.download_checkpoint(uuid, directory))
-    click.echo(f"downloaded {len(names)} files to {directory}: {', '.join(sorted(names))}")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put the files.  [default: ./checkpoints/UUID]")
+def checkpoint_download(uuid: str, directory: Path | None, output: Path | None) -> None:
+    """Download checkpoint UUID's files (with their modification times) into --output (or DIRECTORY)."""
+    target = output or directory or Path("checkpoints") / uuid
+    names = _call(lambda c: c.download_checkpoint(uuid, target))
+    click.echo(f"downloaded {len(names)} files to {target}: {', '.join(sorted(names))}")
+
+
+@checkpoint.command("delete")
+@click.argument("uuid")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+def checkpoint_delete(uuid: str, yes: bool) -> None:
+    """Delete checkpoint UUID's files from the store (owner or admin); it stays listed as DELETED."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"delete the files of checkpoint {uuid}?", abort=True)
+    out = _call(lambda c: c.delete_checkpoint(uuid))
+    click.echo(f"checkpoint {uuid}: {out['state']} ({out['objects_removed']} objects removed)")
 
 
 if __name__ == "__main__":

@@ -311,18 +311,47 @@ class Client:
         """A checkpoint's record."""
         return self._get(f"/api/v1/checkpoints/{uuid}")  # type: ignore[no-any-return]
 
-    def download_checkpoint(self, uuid: str, target: Path) -> list[str]:
-        """Download a checkpoint's files into ``target``; return their relative paths."""
+    def experiment_checkpoints(self, experiment_id: int, sort_by: str = "trial", state: str | None = None,
+                               limit: int = 1000) -> list[dict[str, Any]]:
+        """An experiment's checkpoints; ``sort_by="metric", state="COMPLETED", limit=K``: the best K."""
+        found: list[dict[str, Any]] = self._get(f"/api/v1/experiments/{experiment_id}/checkpoints",
+                                                sort_by=sort_by, state=state, limit=limit)
+        return found
+
+    def delete_checkpoint(self, uuid: str) -> dict[str, Any]:
+        """Delete a checkpoint's files from the store."""
+        return self._delete(f"/api/v1/checkpoints/{uuid}")  # type: ignore[no-any-return]
+
+    def set_gc_policy(self, experiment_id: int, **policy: int | None) -> dict[str, Any]:
+        """Change an experiment's checkpoint retention (``save_experiment_best``, ``save_trial_best``,
+        ``save_trial_latest``; None keeps one)."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/gc-policy",  # type: ignore[no-any-return]
+                          {k: v for k, v in policy.items() if v is not None})
+
+    def _download(self, path: str) -> bytes:
         try:
-            resp = self._http.get(f"/api/v1/checkpoints/{uuid}/download")
+            resp = self._http.get(path)
         except httpx.TransportError as exc:
             raise APIError(0, f"cannot reach Kiln at {self.master}: {exc}") from exc
         if resp.status_code >= 400:
             self._check(resp)
+        return resp.content
+
+    def download_context(self, experiment_id: int, target: Path) -> list[str]:
+        """Unpack an experiment's code context, as submitted, into ``target``; return its files."""
+        blob = self._download(f"/api/v1/experiments/{experiment_id}/context")
+        target.mkdir(parents=True, exist_ok=True)
+        code_context.extract(blob, target)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            return [m.name for m in tar.getmembers() if m.isfile()]
+
+    def download_checkpoint(self, uuid: str, target: Path) -> list[str]:
+        """Download a checkpoint's files into ``target`` (keeping their modification times); return their paths."""
+        blob = self._download(f"/api/v1/checkpoints/{uuid}/download")
         target.mkdir(parents=True, exist_ok=True)
         names = []
-        with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
             for member in tar.getmembers():
                 names.append(member.name)
-            tar.extractall(target, filter="data")
+            tar.extractall(target, filter="data")  # sets each file's mtime from the archive
         return names

@@ -256,6 +256,29 @@ class Checkpoint(msgspec.Struct, kw_only=True):
     resources: dict[str, int]  # relative file path -> size in bytes
     metadata: dict[str, Any]
     reported_at: datetime
+    state: Literal["COMPLETED", "DELETED"] = "COMPLETED"  # DELETED: its files left the store
+    deleted_at: datetime | None = None
+    delete_reason: str = ""  # "retention: trial 7 exited", "deleted by ann"
+    protected: bool = False  # registered as a model version: never collected
+    searcher_metric: str = ""
+    metric: float | None = None  # the searcher metric of the validation at this checkpoint's step, if any
+
+
+class CheckpointDeleted(msgspec.Struct, kw_only=True):
+    """A checkpoint whose files were deleted from the store (``objects_removed`` now; 0 when already gone)."""
+
+    uuid: str
+    state: Literal["DELETED"]
+    objects_removed: int
+
+
+class GCPolicy(msgspec.Struct, kw_only=True):
+    """An experiment's checkpoint retention (``checkpoint_storage.save_*``) as a request set it; null: unchanged."""
+
+    id: int
+    save_experiment_best: int | None
+    save_trial_best: int | None
+    save_trial_latest: int | None
 
 
 # -- live metrics (``GET /api/v1/experiments/{id}/metrics/stream``, as SSE data) -----------------------------

@@ -289,6 +289,45 @@ class TrialProgressReported(Event, frozen=True, kw_only=True):
     progress: float
 
 
+class CheckpointGCPolicyChanged(Event, frozen=True, kw_only=True):
+    """A user changed an experiment's checkpoint retention (Determined's ``set gc-policy``); None keeps a value."""
+
+    experiment_id: int
+    save_experiment_best: int | None = None
+    save_trial_best: int | None = None
+    save_trial_latest: int | None = None
+    requested_by: str = "anonymous"
+    change_id: str = ""  # unique per request: the same values set twice are two facts
+
+
+class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one checkpoint lives: enough for whoever deletes it to find its objects without the read model."""
+
+    uuid: str
+    trial_id: int
+    storage: str  # as CheckpointStored carried it: "s3://bucket/prefix"
+
+
+class CheckpointGCRequested(Event, frozen=True, kw_only=True):
+    """The searcher decided, by the experiment's retention policy, that these checkpoints are to be collected."""
+
+    experiment_id: int
+    checkpoints: list[CheckpointRef]
+    reason: str = ""  # what triggered it: "trial 7 exited", "experiment ended", "gc policy changed"
+
+
+class CheckpointsDeleted(Event, frozen=True, kw_only=True):
+    """These checkpoints' objects left the store (collected by retention, or deleted by a user)."""
+
+    experiment_id: int
+    uuids: list[str]
+    reason: str = ""
+    deleted_by: str = ""  # the user of an explicit delete; "" for retention
+    objects_removed: int = 0
+    # Checkpoints not in the cluster's store (another bucket, shared_fs): recorded deleted, objects left to their owner.
+    not_in_store: list[str] = []
+
+
 DomainEvent = (
     ExperimentSubmitted
     | ExperimentKillRequested
@@ -314,6 +353,9 @@ DomainEvent = (
     | ValidationReported
     | CheckpointStored
     | TrialProgressReported
+    | CheckpointGCPolicyChanged
+    | CheckpointGCRequested
+    | CheckpointsDeleted
 )
 
 

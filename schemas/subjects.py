@@ -21,7 +21,9 @@ its subject's publisher does not own ("forged").
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 from typing import Literal, assert_never
 
 import msgspec
@@ -77,6 +79,10 @@ OWNERS: dict[type, Role] = {
     ev.ExperimentActivateRequested: "gateway",
     ev.ExperimentResourcesChanged: "gateway",
     ev.TrialKillRequested: "gateway",
+    ev.CheckpointGCPolicyChanged: "gateway",
+    # Objects leave the store through the gateway (it holds the store credential); the searcher only decides.
+    ev.CheckpointsDeleted: "gateway",
+    ev.CheckpointGCRequested: "searcher",
     ev.TrialCreated: "searcher",
     ev.TrialStopRequested: "searcher",
     ev.TrialResumeRequested: "searcher",
@@ -104,7 +110,8 @@ _EXPERIMENT, _TRIAL, _WORKER_CMD = "kiln.events.*.experiment", "kiln.events.*.tr
 ROUTING_PATTERNS: dict[type, str] = {
     **{t: _EXPERIMENT for t in (ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
-                                ev.ExperimentResourcesChanged)},
+                                ev.ExperimentResourcesChanged, ev.CheckpointGCPolicyChanged,
+                                ev.CheckpointGCRequested, ev.CheckpointsDeleted)},
     **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
     **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
                            ev.TrialPreempted, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted,
@@ -219,6 +226,9 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.ExperimentPauseRequested()
             | ev.ExperimentActivateRequested()
             | ev.ExperimentResourcesChanged()
+            | ev.CheckpointGCPolicyChanged()
+            | ev.CheckpointGCRequested()
+            | ev.CheckpointsDeleted()
         ):
             return f"kiln.events.{event.experiment_id}.experiment"
         case ev.AllocationAssigned() | ev.AllocationKillRequested():
@@ -262,6 +272,11 @@ def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLe
     return f"{routing_subject(event)}.{publisher_token(OWNERS[type(event)], worker_id)}"
 
 
+def _digest(uuids: Iterable[str]) -> str:
+    """A short, order-independent digest of a set of checkpoint uuids (a dedupe key stays short)."""
+    return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()[:32]
+
+
 def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:
     """The ``Nats-Msg-Id`` of an event: the same fact published twice gets the same key."""
     match event:
@@ -276,6 +291,13 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"{type(event).__name__}:{event.experiment_id}:{event.request_id}"
         case ev.ExperimentResourcesChanged():
             return f"ExperimentResourcesChanged:{event.experiment_id}:{event.change_id}"
+        case ev.CheckpointGCPolicyChanged():
+            return f"CheckpointGCPolicyChanged:{event.experiment_id}:{event.change_id}"
+        case ev.CheckpointGCRequested():
+            # The searcher decides deterministically: a replayed decision has the same key and is dropped.
+            return f"CheckpointGCRequested:{event.experiment_id}:{_digest(c.uuid for c in event.checkpoints)}"
+        case ev.CheckpointsDeleted():
+            return f"CheckpointsDeleted:{event.experiment_id}:{_digest(event.uuids)}:{event.reason}"
         case ev.TrialKillRequested():
             return f"TrialKillRequested:{event.trial_id}"
         case ev.TrialPreemptRequested() | ev.TrialPreempted():

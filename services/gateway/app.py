@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -61,7 +62,7 @@ from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
-from services.gateway import auth, queries
+from services.gateway import auth, collector, queries
 from services.gateway.auth import Principal
 from services.runtime import NATS_CLOSED, NATS_TIMEOUT, NATS_UNAVAILABLE, Bus, postgres_unavailable
 
@@ -618,65 +619,205 @@ async def trial_logs(
         return await queries.trial_logs(conn, trial_id, limit, offset, tail)
 
 
-@get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints", responses=_errors())
-async def trial_checkpoints(state: State, trial_id: Id) -> list[api.Checkpoint]:
-    """A trial's checkpoints in step order."""
-    async with _deps(state).db() as conn:
+# -- checkpoints: readable and deletable by the experiment's owner or an admin ----------------------------------
+
+
+def _may_touch_checkpoints(principal: Principal, experiment_id: int, owner: str) -> None:
+    """403 unless the principal owns the experiment or is an admin: checkpoints (model weights) and the code
+    are the owner's, to list, read, download and delete."""
+    if not auth.may_change(principal, owner):
+        raise PermissionDeniedException(
+            f"the checkpoints and code of experiment {experiment_id} belong to {owner!r}: only"
+            f" its owner or an admin may see or delete them (you are {principal.username!r})")
+
+
+async def _owned_experiment(deps: GatewayDeps, principal: Principal, experiment_id: int) -> api.Experiment:
+    experiment = await _experiment(deps, experiment_id)
+    _may_touch_checkpoints(principal, experiment_id, experiment.submitted_by)
+    return experiment
+
+
+@get("/api/v1/trials/{trial_id:int}/checkpoints", operation_id="listTrialCheckpoints", responses=_errors(403, 404))
+async def trial_checkpoints(state: State, request: Request[Principal, int, Any], trial_id: Id) -> list[api.Checkpoint]:
+    """A trial's checkpoints in step order, with their state and searcher metric (owner or admin)."""
+    deps = _deps(state)
+    async with deps.db() as conn:
+        trial = found(await queries.get_trial(conn, trial_id), "trial", trial_id)
+        experiment = found(await queries.get_experiment(conn, trial.experiment_id), "trial", trial_id)
+        _may_touch_checkpoints(request.user, experiment.id, experiment.submitted_by)
         return await queries.trial_checkpoints(conn, trial_id)
 
 
-async def _checkpoint(deps: GatewayDeps, uuid: str) -> api.Checkpoint:
-    """A checkpoint's record, or a 404."""
+@get("/api/v1/experiments/{experiment_id:int}/checkpoints", operation_id="listExperimentCheckpoints",
+     responses=_errors(403, 404))
+async def experiment_checkpoints(
+    state: State,
+    request: Request[Principal, int, Any],
+    experiment_id: Id,
+    sort_by: Annotated[str, Parameter(pattern="^(trial|steps_completed|reported_at|metric)$")] = "trial",
+    checkpoint_state: Annotated[str | None, Parameter(query="state", pattern="^(COMPLETED|DELETED)$")] = None,
+    limit: Annotated[int, Parameter(ge=1, le=10000)] = 1000,
+    offset: Offset = 0,
+) -> list[api.Checkpoint]:
+    """An experiment's checkpoints (owner or admin); ``sort_by=metric&state=COMPLETED&limit=K``: the best K."""
+    deps = _deps(state)
+    await _owned_experiment(deps, request.user, experiment_id)
     async with deps.db() as conn:
-        return found(await queries.get_checkpoint(conn, uuid), "checkpoint", uuid)
+        return await queries.experiment_checkpoints(conn, experiment_id, sort_by, checkpoint_state, limit, offset)
 
 
-@get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint", responses=_errors(404))
-async def get_checkpoint(state: State, uuid: str) -> api.Checkpoint:
-    """One checkpoint's record: trial, steps, files and metadata."""
-    return await _checkpoint(_deps(state), uuid)
+async def _checkpoint(deps: GatewayDeps, principal: Principal, uuid: str) -> api.Checkpoint:
+    """A checkpoint's record, or a 404; a 403 unless the principal may see it."""
+    async with deps.db() as conn:
+        checkpoint, owner = found(await queries.get_checkpoint(conn, uuid), "checkpoint", uuid)
+    _may_touch_checkpoints(principal, checkpoint.experiment_id, owner)
+    return checkpoint
+
+
+@get("/api/v1/checkpoints/{uuid:str}", operation_id="getCheckpoint", responses=_errors(403, 404))
+async def get_checkpoint(state: State, request: Request[Principal, int, Any], uuid: str) -> api.Checkpoint:
+    """One checkpoint's record: trial, steps, state, files, metadata and searcher metric (owner or admin)."""
+    return await _checkpoint(_deps(state), request.user, uuid)
+
+
+def _gone(checkpoint: api.Checkpoint) -> ClientException:
+    return ClientException(status_code=410, detail=f"checkpoint {checkpoint.uuid} was deleted"
+                           f" ({checkpoint.delete_reason or 'its files left the store'})")
 
 
 @get("/api/v1/checkpoints/{uuid:str}/download", operation_id="downloadCheckpoint",
      responses={200: ResponseSpec(data_container=bytes, media_type="application/x-tar",
-                                  description="A tar archive of the checkpoint's files",
-                                  generate_examples=False), **_errors(404, 409, 410)})
-async def download_checkpoint(state: State, uuid: str) -> Stream:
-    """The checkpoint's files as a tar stream (checkpoints in the cluster's store)."""
+                                  description="A tar archive of the checkpoint's files (with their modification"
+                                              " times)", generate_examples=False), **_errors(403, 404, 409, 410)})
+async def download_checkpoint(state: State, request: Request[Principal, int, Any], uuid: str) -> Stream:
+    """The checkpoint's files as a tar stream (checkpoints in the cluster's store; owner or admin)."""
     deps = _deps(state)
-    checkpoint = await _checkpoint(deps, uuid)
-    prefix = f"s3://{deps.bucket}/"
-    if not checkpoint.storage.startswith(prefix):
+    checkpoint = await _checkpoint(deps, request.user, uuid)
+    if checkpoint.state == "DELETED":
+        raise _gone(checkpoint)
+    prefix = collector.object_prefix(checkpoint.storage, deps.bucket, uuid)
+    if prefix is None:
         raise ClientException(status_code=409, detail=f"checkpoint {uuid} is stored in {checkpoint.storage},"
                               " outside the cluster's store; read it from there")
-    key_prefix = checkpoint.storage[len(prefix):].strip("/")
     files = list(checkpoint.resources)
     try:
-        blob = await deps.s3(_tar_checkpoint, key_prefix, uuid, files)
+        blob = await deps.s3(_tar_checkpoint, prefix, files)
     except S3Error as exc:
         if exc.code not in ("NoSuchKey", "NoSuchBucket"):
             raise
         raise ClientException(status_code=410, detail=f"checkpoint {uuid} is recorded but its files are gone from"
-                              f" the store ({exc.code}: {exc.resource or key_prefix})") from exc
+                              f" the store ({exc.code}: {exc.resource or prefix})") from exc
     return Stream(iter([blob]), media_type="application/x-tar",
                   headers={"Content-Disposition": f'attachment; filename="{uuid}.tar"'})
 
 
-def _tar_checkpoint(deps: GatewayDeps, key_prefix: str, uuid: str, files: list[str]) -> bytes:
+def _mtime(headers: Any) -> float:
+    """A stored file's modification time: the one its uploader recorded (``x-amz-meta-mtime``), else when the
+    object was written (never 1970)."""
+    recorded = headers.get("x-amz-meta-mtime")
+    if recorded:
+        with contextlib.suppress(ValueError):
+            return float(recorded)
+    modified = headers.get("last-modified")
+    if modified:
+        with contextlib.suppress(TypeError, ValueError):
+            return parsedate_to_datetime(modified).timestamp()
+    return time.time()
+
+
+def _tar_checkpoint(deps: GatewayDeps, prefix: str, files: list[str]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for rel in sorted(files):
-            key = "/".join(p for p in (key_prefix, uuid, rel) if p)
-            resp = deps.minio.get_object(deps.bucket, key)
+            resp = deps.minio.get_object(deps.bucket, prefix + rel)
             try:
                 data = resp.read()
+                mtime = _mtime(resp.headers)
             finally:
                 resp.close()
                 resp.release_conn()
             info = tarfile.TarInfo(rel)
             info.size = len(data)
+            info.mtime = int(mtime)
+            info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+@delete("/api/v1/checkpoints/{uuid:str}", operation_id="deleteCheckpoint", status_code=200,
+        responses=_errors(403, 404, 409))
+async def delete_checkpoint(state: State, request: Request[Principal, int, Any], uuid: str) -> api.CheckpointDeleted:
+    """Delete a checkpoint's files from the store (owner or admin); it stays listed as DELETED."""
+    deps = _deps(state)
+    checkpoint = await _checkpoint(deps, request.user, uuid)
+    if checkpoint.protected:
+        raise ClientException(status_code=409, detail=f"checkpoint {uuid} is registered as a model version:"
+                              " delete the version first")
+    if checkpoint.state == "DELETED":
+        return api.CheckpointDeleted(uuid=uuid, state="DELETED", objects_removed=0)
+    deps.require_bus()  # before deleting: the deletion must be recorded
+    ref = ev.CheckpointRef(uuid=uuid, trial_id=checkpoint.trial_id, storage=checkpoint.storage)
+    removed, elsewhere = await deps.s3(lambda d, r: collector.delete_checkpoints(d.minio, d.bucket, r), [ref])
+    await deps.publish(ev.CheckpointsDeleted(experiment_id=checkpoint.experiment_id, uuids=[uuid], reason="deleted",
+                                             deleted_by=request.user.username, objects_removed=removed,
+                                             not_in_store=elsewhere))
+    log.info("checkpoint.deleted", uuid=uuid, objects=removed, by=request.user.username)
+    return api.CheckpointDeleted(uuid=uuid, state="DELETED", objects_removed=removed)
+
+
+class GCPolicyPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Checkpoint retention to change (Determined's ``set gc-policy``); absent values stay as they are."""
+
+    save_experiment_best: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    save_trial_best: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    save_trial_latest: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+
+
+@post("/api/v1/experiments/{experiment_id:int}/gc-policy", operation_id="setExperimentGCPolicy",
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404))
+async def set_gc_policy(state: State, request: Request[Principal, int, Any], experiment_id: Id,
+                        data: GCPolicyPatch) -> api.GCPolicy:
+    """Change an experiment's checkpoint retention; finished trials' checkpoints are collected by it at once."""
+    deps = _deps(state)
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(request.user, experiment)  # also after it ended: that is when retention matters most
+    if data.save_experiment_best is None and data.save_trial_best is None and data.save_trial_latest is None:
+        raise _bad_request("nothing to change: give save_experiment_best, save_trial_best or save_trial_latest")
+    await deps.publish(ev.CheckpointGCPolicyChanged(
+        experiment_id=experiment_id, save_experiment_best=data.save_experiment_best,
+        save_trial_best=data.save_trial_best, save_trial_latest=data.save_trial_latest,
+        requested_by=request.user.username, change_id=uuid.uuid4().hex))
+    return api.GCPolicy(id=experiment_id, save_experiment_best=data.save_experiment_best,
+                        save_trial_best=data.save_trial_best, save_trial_latest=data.save_trial_latest)
+
+
+@get("/api/v1/experiments/{experiment_id:int}/context", operation_id="downloadExperimentContext",
+     responses={200: ResponseSpec(data_container=bytes, media_type="application/gzip",
+                                  description="The code context as submitted (a tar.gz, byte for byte)",
+                                  generate_examples=False), **_errors(403, 404, 410)})
+async def download_context(state: State, request: Request[Principal, int, Any], experiment_id: Id) -> Response[bytes]:
+    """The experiment's code context exactly as submitted (owner or admin)."""
+    deps = _deps(state)
+    experiment = await _owned_experiment(deps, request.user, experiment_id)
+    try:
+        blob = await deps.s3(_read_context, experiment.context_digest)
+    except S3Error as exc:
+        if exc.code not in ("NoSuchKey", "NoSuchBucket"):
+            raise
+        raise ClientException(status_code=410, detail=f"the code context of experiment {experiment_id} is gone"
+                              f" from the store ({exc.code})") from exc
+    return Response(blob, media_type="application/gzip", headers={
+        "Content-Disposition": f'attachment; filename="experiment-{experiment_id}-context.tar.gz"',
+        "X-Context-Digest": experiment.context_digest})
+
+
+def _read_context(deps: GatewayDeps, digest: str) -> bytes:
+    resp = deps.minio.get_object(deps.bucket, code_context.object_key(digest))
+    try:
+        return bytes(resp.read())
+    finally:
+        resp.close()
+        resp.release_conn()
 
 
 # -- users and tokens ------------------------------------------------------------------------------------------
@@ -809,6 +950,7 @@ ROUTES = [
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
+    experiment_checkpoints, delete_checkpoint, set_gc_policy, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
 ]
 

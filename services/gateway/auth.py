@@ -99,8 +99,8 @@ def check_password(password: str) -> str | None:
 
 
 def may_change(principal: Principal, owner: str) -> bool:
-    """The rights rule: an experiment (and its trials) may be changed by its owner or an admin; anyone signed
-    in may read everything."""
+    """The rights rule: an experiment (and its trials) may be changed by its owner or an admin, who alone may
+    also see and delete its checkpoints and code; anyone signed in may read the rest."""
     return principal.admin or principal.username == owner
 
 

@@ -21,7 +21,7 @@ from minio import Minio
 from schemas import context as code_context
 from schemas import ports, readmodel
 from schemas.config import DEFAULT_MAX_CONFIG_BYTES
-from services.gateway import auth, queries
+from services.gateway import auth, collector, queries
 from services.gateway.app import GatewayDeps, create_app
 from services.gateway.queries import init_connection
 from services.runtime import (
@@ -132,11 +132,23 @@ async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3
                                 command_timeout=settings.pg_command_timeout_s) as pool,
             connect_bus(bus_settings, "gateway", ensure=False) as bus,
         ):
-            yield GatewayDeps(pool=pool, bus=bus, minio=minio_client(s3), bucket=s3.s3_bucket,
-                              max_context_bytes=settings.max_context_bytes, migrated=migrated,
-                              max_config_bytes=settings.max_config_bytes,
-                              max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
-                              max_context_files=settings.max_context_files)
+            minio = minio_client(s3)
+            # Retention: the searcher decides, the gateway (holding the store key) deletes the objects.
+            stop_collector = asyncio.Event()
+            collecting = asyncio.create_task(collector.run(bus, minio, s3.s3_bucket, stop_collector))
+            try:
+                yield GatewayDeps(pool=pool, bus=bus, minio=minio, bucket=s3.s3_bucket,
+                                  max_context_bytes=settings.max_context_bytes, migrated=migrated,
+                                  max_config_bytes=settings.max_config_bytes,
+                                  max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
+                                  max_context_files=settings.max_context_files)
+            finally:
+                stop_collector.set()
+                try:
+                    await asyncio.wait_for(collecting, timeout=10.0)
+                except Exception as exc:  # noqa: BLE001 - shutting down either way (a timeout included)
+                    collecting.cancel()
+                    log.warning("gateway.collector_stopped", error=repr(exc))
     finally:
         if waiting is not None:
             waiting.cancel()

@@ -158,20 +158,45 @@ async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bo
     return rows[::-1] if tail else rows
 
 
+# A checkpoint with its state and the searcher metric of the validation at its step (if there was one).
+_CHECKPOINT_SELECT = (
+    "SELECT c.uuid, c.trial_id, c.experiment_id, c.steps_completed, c.storage, c.resources, c.metadata,"
+    " c.reported_at, c.state, c.deleted_at, c.delete_reason, c.protected, e.searcher_metric, p.value AS metric,"
+    " e.submitted_by AS experiment_owner"
+    " FROM checkpoints c JOIN experiments e ON e.id = c.experiment_id"
+    " LEFT JOIN metric_points p ON p.trial_id = c.trial_id AND p.kind = 'validation'"
+    " AND p.name = e.searcher_metric AND p.step = c.steps_completed"
+)
+# Sort keys a client may ask for (never interpolate the client's text). "metric": best first, by the
+# experiment's smaller_is_better; checkpoints without a metric last.
+CHECKPOINT_SORTS = {
+    "trial": "c.trial_id, c.steps_completed",
+    "steps_completed": "c.steps_completed, c.trial_id",
+    "reported_at": "c.reported_at, c.uuid",
+    "metric": "CASE WHEN e.smaller_is_better THEN p.value ELSE -p.value END NULLS LAST, c.steps_completed DESC",
+}
+
+
 async def trial_checkpoints(conn: Any, trial_id: int) -> list[api.Checkpoint]:
     """A trial's checkpoints in step order."""
-    records = await conn.fetch(
-        "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
-        " FROM checkpoints WHERE trial_id = $1 ORDER BY steps_completed", trial_id)
+    records = await conn.fetch(f"{_CHECKPOINT_SELECT} WHERE c.trial_id = $1 ORDER BY c.steps_completed, c.uuid",
+                               trial_id)
     return _typed(records, api.Checkpoint)
 
 
-async def get_checkpoint(conn: Any, uuid: str) -> api.Checkpoint | None:
-    """One checkpoint's record."""
-    row = await conn.fetchrow(
-        "SELECT uuid, trial_id, experiment_id, steps_completed, storage, resources, metadata, reported_at"
-        " FROM checkpoints WHERE uuid = $1", uuid)
-    return _one(row, api.Checkpoint)
+async def experiment_checkpoints(conn: Any, experiment_id: int, sort: str, state: str | None, limit: int,
+                                 offset: int) -> list[api.Checkpoint]:
+    """An experiment's checkpoints (of one state, or all), sorted and paged."""
+    records = await conn.fetch(
+        f"{_CHECKPOINT_SELECT} WHERE c.experiment_id = $1 AND ($2::text IS NULL OR c.state = $2)"
+        f" ORDER BY {CHECKPOINT_SORTS[sort]}, c.uuid LIMIT $3 OFFSET $4", experiment_id, state, limit, offset)
+    return _typed(records, api.Checkpoint)
+
+
+async def get_checkpoint(conn: Any, uuid: str) -> tuple[api.Checkpoint, str] | None:
+    """One checkpoint's record and who owns its experiment."""
+    row = await conn.fetchrow(f"{_CHECKPOINT_SELECT} WHERE c.uuid = $1", uuid)
+    return (msgspec.convert(dict(row), api.Checkpoint), row["experiment_owner"]) if row is not None else None
 
 
 async def next_experiment_id(conn: Any) -> int:

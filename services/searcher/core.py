@@ -14,6 +14,7 @@ import msgspec
 
 from schemas import events as ev
 from schemas.config import ConfigError, ExperimentConfig, config_from_wire
+from schemas.retention import CheckpointFact, RetentionPolicy, to_collect
 from schemas.trial import INVALID_HP_EXIT_CODE
 from services.searcher.methods import (
     CreateTrial,
@@ -39,6 +40,28 @@ class TrialEntry(msgspec.Struct, kw_only=True):
     validated_steps: int = -1
 
 
+class StoredCheckpoint(msgspec.Struct, kw_only=True):
+    """A checkpoint as retention knows it (from CheckpointStored)."""
+
+    uuid: str
+    trial_id: int
+    steps_completed: int
+    storage: str
+    order: int
+
+
+class Retention(msgspec.Struct, kw_only=True):
+    """An experiment's checkpoints, their validations and its retention policy (services on ``schemas.retention``)."""
+
+    policy: RetentionPolicy | None = None  # None: the config's checkpoint_storage (read when first needed)
+    checkpoints: dict[str, StoredCheckpoint] = {}  # live ones: neither requested for collection nor deleted
+    # trial id -> steps -> the searcher metric of the validation at that step
+    metrics: dict[int, dict[int, float]] = {}
+    next_order: int = 0
+    # Hook for the model registry: checkpoints registered as model versions are never collected.
+    protected: set[str] = set()
+
+
 class ExperimentSearch(msgspec.Struct, kw_only=True):
     """One experiment's search: its method state and its trials."""
 
@@ -52,6 +75,7 @@ class ExperimentSearch(msgspec.Struct, kw_only=True):
     shutdown: bool = False
     canceled: bool = False
     ended: bool = False
+    retention: Retention = msgspec.field(default_factory=Retention)
 
 
 class SearcherState(msgspec.Struct, kw_only=True):
@@ -96,8 +120,19 @@ class SearcherCore:
                 return self._kill(event)
             case ev.ExperimentEnded():
                 exp = self.state.experiments.get(event.experiment_id)
+                if exp is None:
+                    return []
+                exp.ended = True
+                return self._collect(exp, "experiment ended")
+            case ev.CheckpointStored():
+                return self._checkpoint(event)
+            case ev.CheckpointGCPolicyChanged():
+                return self._gc_policy(event)
+            case ev.CheckpointsDeleted():
+                exp = self.state.experiments.get(event.experiment_id)
                 if exp is not None:
-                    exp.ended = True
+                    for uuid in event.uuids:
+                        exp.retention.checkpoints.pop(uuid, None)
                 return []
             case _:
                 return []  # facts the searcher does not decide on
@@ -128,13 +163,17 @@ class SearcherCore:
 
     def _validation(self, event: ev.ValidationReported) -> list[ev.DomainEvent]:
         exp = self.state.experiments.get(event.experiment_id)
-        if exp is None or exp.ended or event.trial_id not in exp.request_of:
+        if exp is None or event.trial_id not in exp.request_of:
             return []
         ctx = self._context(exp)
         searcher = ctx.config.searcher
         value = event.metrics.get(searcher.metric)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             return []  # the trial did not report the searcher metric: nothing to decide on
+        # Retention rates the checkpoint at this step by it (whenever the checkpoint comes).
+        exp.retention.metrics.setdefault(event.trial_id, {})[event.steps_completed] = float(value)
+        if exp.ended:
+            return []
         time_value = _time_value(ctx.config, event)
         request_id = exp.request_of[event.trial_id]
         entry = exp.trials[request_id]
@@ -155,7 +194,7 @@ class SearcherCore:
         decisions: list[Decision] = []
         if not exp.canceled:
             decisions = exp.method.trial_exited(self._context(exp), entry.request_id, _exit_kind(event))
-        return self._apply(exp, decisions)
+        return self._apply(exp, decisions) + self._collect(exp, f"trial {event.trial_id} exited")
 
     def _kill(self, event: ev.ExperimentKillRequested) -> list[ev.DomainEvent]:
         exp = self.state.experiments.get(event.experiment_id)
@@ -164,6 +203,63 @@ class SearcherCore:
         exp.canceled = True
         exp.shutdown = True
         return self._maybe_end(exp)
+
+    def _checkpoint(self, event: ev.CheckpointStored) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or event.trial_id not in exp.request_of:
+            return []
+        r = exp.retention
+        if event.uuid not in r.checkpoints:
+            r.checkpoints[event.uuid] = StoredCheckpoint(uuid=event.uuid, trial_id=event.trial_id,
+                                                         steps_completed=event.steps_completed,
+                                                         storage=event.storage, order=r.next_order)
+            r.next_order += 1
+        entry = exp.trials[exp.request_of[event.trial_id]]
+        # A checkpoint reported after its trial exited (a late outbox flush) is judged now.
+        return self._collect(exp, f"trial {event.trial_id} exited") if entry.exited else []
+
+    def _gc_policy(self, event: ev.CheckpointGCPolicyChanged) -> list[ev.DomainEvent]:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None:
+            return []
+        exp.retention.policy = self._policy(exp).changed(event.save_experiment_best, event.save_trial_best,
+                                                         event.save_trial_latest)
+        return self._collect(exp, "gc policy changed")
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def _policy(self, exp: ExperimentSearch) -> RetentionPolicy:
+        """The experiment's retention policy: as last changed, else its config's ``checkpoint_storage``."""
+        if exp.retention.policy is not None:
+            return exp.retention.policy
+        storage = self._context(exp).config.checkpoint_storage
+        if storage is None:
+            return RetentionPolicy()
+        return RetentionPolicy(save_experiment_best=storage.save_experiment_best,
+                               save_trial_best=storage.save_trial_best, save_trial_latest=storage.save_trial_latest)
+
+    def _collect(self, exp: ExperimentSearch, reason: str) -> list[ev.DomainEvent]:
+        """Ask for the checkpoints retention no longer keeps (of finished trials) to be collected.
+
+        Requested ones leave the live set at once: a decision is made once, and replaying the same events
+        from the same snapshot makes the same request (same dedupe key), which JetStream drops.
+        """
+        r = exp.retention
+        if not r.checkpoints:
+            return []
+        finished = {t.trial_id for t in exp.trials.values() if t.exited or exp.ended}
+        facts = [CheckpointFact(uuid=c.uuid, trial_id=c.trial_id, steps_completed=c.steps_completed, order=c.order,
+                                metric=r.metrics.get(c.trial_id, {}).get(c.steps_completed))
+                 for c in r.checkpoints.values()]
+        uuids = to_collect(facts, self._policy(exp), self._context(exp).config.searcher.smaller_is_better,
+                           finished, r.protected)
+        if not uuids:
+            return []
+        refs = [ev.CheckpointRef(uuid=u, trial_id=r.checkpoints[u].trial_id, storage=r.checkpoints[u].storage)
+                for u in uuids]
+        for u in uuids:
+            del r.checkpoints[u]
+        return [ev.CheckpointGCRequested(experiment_id=exp.experiment_id, checkpoints=refs, reason=reason)]
 
     # -- decisions -> events --------------------------------------------------------------------
 

@@ -143,6 +143,8 @@ class Fold:
         self.progress_of = progress_of or {}
         self.checkpoints: dict[str, Row] = {}
         self.workers_lost: dict[tuple[str, dt.datetime], Row] = {}
+        # Checkpoints whose objects left the store: uuid -> (when, why); written after the inserts.
+        self.checkpoints_deleted: dict[str, tuple[dt.datetime, str]] = {}
         self.changed: dict[str, set[Any]] = {"experiments": set(), "trials": set(), "allocations": set()}
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
@@ -273,6 +275,11 @@ class Fold:
         if (t := self._row("trials", e.trial_id)) is not None:
             t["latest_checkpoint"] = e.uuid
 
+    def _checkpoints_deleted(self, e: ev.CheckpointsDeleted, item: Item) -> None:
+        reason = e.reason + (f" by {e.deleted_by}" if e.deleted_by else "")
+        for uuid in e.uuids:
+            self.checkpoints_deleted.setdefault(uuid, (_ts(item.ts), reason))  # the first deletion is the one
+
     def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
         if (t := self._row("trials", e.trial_id)) is not None:
             t["progress"] = e.progress
@@ -388,6 +395,10 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.ValidationReported: Fold._validation,
     ev.CheckpointStored: Fold._checkpoint,
     ev.TrialProgressReported: Fold._progress,
+    ev.CheckpointsDeleted: Fold._checkpoints_deleted,
+    # The policy and the searcher's decision change no row: the deletion (CheckpointsDeleted) does.
+    ev.CheckpointGCPolicyChanged: lambda f, e, _: None,
+    ev.CheckpointGCRequested: lambda f, e, _: None,
     ev.TrainingMetricsReported: Fold._training,
     ev.LogsShipped: Fold._logs,
     ev.MessageDeadLettered: lambda f, e, _: None,
@@ -525,6 +536,13 @@ async def _write(conn: Any, fold: Fold) -> None:
         await _write_rows(conn, table, [rows[k] for k in sorted(fold.changed[table])])
     await _write_rows(conn, "checkpoints", list(fold.checkpoints.values()))
     await _write_rows(conn, "workers_lost", list(fold.workers_lost.values()))
+    if fold.checkpoints_deleted:
+        uuids = list(fold.checkpoints_deleted)
+        await conn.execute(
+            "UPDATE checkpoints c SET state = 'DELETED', deleted_at = u.at, delete_reason = u.reason"
+            " FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS u(uuid, at, reason)"
+            " WHERE c.uuid = u.uuid AND c.state <> 'DELETED'",
+            uuids, [fold.checkpoints_deleted[u][0] for u in uuids], [fold.checkpoints_deleted[u][1] for u in uuids])
     if fold.metric_rows:
         await _flush_points(conn, list(fold.metric_rows.values()))
     if fold.log_rows:

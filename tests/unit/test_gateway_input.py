@@ -26,7 +26,8 @@ MiB = 1024 * 1024
 CONFIG = ("name: t\nentrypoint: python3 train.py\nhyperparameters: {lr: 0.1}\n"
           "searcher: {name: single, metric: loss, max_length: {batches: 10}}\n")
 CHECKPOINT = {"uuid": "c1", "trial_id": 1, "experiment_id": 1, "steps_completed": 5, "storage": "s3://kiln/ckpt",
-              "resources": {"model.pt": 5}, "metadata": {}, "reported_at": datetime.now(UTC)}
+              "resources": {"model.pt": 5}, "metadata": {}, "reported_at": datetime.now(UTC),
+              "experiment_owner": "admin"}
 
 
 class _Conn:

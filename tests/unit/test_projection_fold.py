@@ -192,3 +192,12 @@ def test_an_assignment_from_an_older_log_without_a_spec_folds_like_one_with_it()
     spec = ev.TrialSpec(config={"entrypoint": "t:T"}, context_digest="d", hparams={"lr": 1}, seed=2)
     with_spec = msgspec.structs.replace(decoded, spec=spec)
     assert fold(submitted(), created(), decoded).allocations == fold(submitted(), created(), with_spec).allocations
+
+
+def test_deleted_checkpoints_are_marked_with_the_first_deletion() -> None:
+    f = Fold()
+    f.apply(Item(seq=1, ts=5.0, event=ev.CheckpointsDeleted(experiment_id=E, uuids=["a", "b"], reason="retention")))
+    f.apply(Item(seq=2, ts=9.0, event=ev.CheckpointsDeleted(experiment_id=E, uuids=["b"], reason="user",
+                                                            deleted_by="ann")))
+    assert {u: (at.timestamp(), why) for u, (at, why) in f.checkpoints_deleted.items()} == \
+        {"a": (5.0, "retention"), "b": (5.0, "retention")}

@@ -69,6 +69,10 @@ SAMPLES: dict[type, Any] = {
         experiment_id=EXP, trial_id=TRIAL, uuid="c0ffee", steps_completed=100, storage="s3://kiln/ckpt"
     ),
     ev.TrialProgressReported: ev.TrialProgressReported(experiment_id=EXP, trial_id=TRIAL, progress=0.25),
+    ev.CheckpointGCPolicyChanged: ev.CheckpointGCPolicyChanged(experiment_id=EXP, save_trial_best=2, change_id="g1"),
+    ev.CheckpointGCRequested: ev.CheckpointGCRequested(
+        experiment_id=EXP, checkpoints=[ev.CheckpointRef(uuid="c0ffee", trial_id=TRIAL, storage="s3://kiln/ckpt")]),
+    ev.CheckpointsDeleted: ev.CheckpointsDeleted(experiment_id=EXP, uuids=["c0ffee"], reason="retention"),
     ev.TrainingMetricsReported: ev.TrainingMetricsReported(
         experiment_id=EXP, trial_id=TRIAL, batch_id="17.1-0",
         points=[ev.MetricPoint(steps_completed=1, metrics={"loss": 1.0})],
@@ -86,7 +90,8 @@ SAMPLES: dict[type, Any] = {
 SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 
 EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
-                     ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged}
+                     ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged,
+                     ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 TRIAL_EVENTS = {
     ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
@@ -103,8 +108,10 @@ def test_samples_cover_every_event() -> None:
 # Who publishes what (README "Bus"): written out here, not derived from subjects.OWNERS, so a change to the
 # table is a deliberate change to this test too.
 GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
-           ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested}
-SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded}
+           ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested,
+           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted}
+SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded,
+            ev.CheckpointGCRequested}
 SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
              ev.AllocationKillRequested, ev.WorkerLost, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited}
 WORKER_FACTS = {ev.TrialStarted, ev.AllocationExited, ev.ValidationReported, ev.CheckpointStored,
@@ -261,6 +268,15 @@ def _r(cls: type, **changes: Any) -> Any:
         (_r(ev.WorkerLost, last_seen=10.0), _r(ev.WorkerLost, last_seen=20.0), False),
         (_r(ev.WorkerLost, worker_id="a"), _r(ev.WorkerLost, worker_id="b"), False),
         (_r(ev.CheckpointStored, uuid="a"), _r(ev.CheckpointStored, uuid="b"), False),
+        # Retention: the same set of checkpoints (in any order) is one decision; another set is another.
+        (_r(ev.CheckpointGCRequested, checkpoints=[ev.CheckpointRef(uuid="a", trial_id=1, storage=""),
+                                                   ev.CheckpointRef(uuid="b", trial_id=1, storage="")]),
+         _r(ev.CheckpointGCRequested, checkpoints=[ev.CheckpointRef(uuid="b", trial_id=1, storage=""),
+                                                   ev.CheckpointRef(uuid="a", trial_id=1, storage="")]), True),
+        (_r(ev.CheckpointGCRequested, checkpoints=[ev.CheckpointRef(uuid="a", trial_id=1, storage="")]),
+         _r(ev.CheckpointGCRequested, checkpoints=[ev.CheckpointRef(uuid="b", trial_id=1, storage="")]), False),
+        (_r(ev.CheckpointsDeleted, uuids=["a"]), _r(ev.CheckpointsDeleted, uuids=["b"]), False),
+        (_r(ev.CheckpointGCPolicyChanged, change_id="1"), _r(ev.CheckpointGCPolicyChanged, change_id="2"), False),
         (_r(ev.TrialProgressReported, progress=0.25), _r(ev.TrialProgressReported, progress=0.5), False),
         (_r(ev.TrainingMetricsReported, batch_id="x"), _r(ev.TrainingMetricsReported, batch_id="y"), False),
         (_r(ev.LogsShipped, lines=[ev.LogLine(line_no=0, stream="stdout", text="", ts=0.0)]),
