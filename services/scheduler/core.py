@@ -145,4 +145,8 @@ _HANDLERS: dict[type, Handler] = {
     ev.ExperimentEnded: _ignored,
     ev.ValidationReported: _ignored,
     ev.TrialProgressReported: _ignored,
+    # Checkpoint retention is the searcher's and the gateway's: no slot changes hands.
+    ev.CheckpointGCPolicyChanged: _ignored,
+    ev.CheckpointGCRequested: _ignored,
+    ev.CheckpointsDeleted: _ignored,
 }
