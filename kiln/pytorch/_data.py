@@ -116,7 +116,12 @@ class DataLoader:
         batches = _ResumableBatches(len(self.dataset), self.batch_size, shuffle=self.shuffle,  # type: ignore[arg-type]
                                     drop_last=self.drop_last, seed=seed, repeat=repeat, skip=skip,
                                     num_replicas=num_replicas, rank=rank, sampler=self.sampler)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, **self._loader_kwargs)
+        kwargs = dict(self._loader_kwargs)
+        if kwargs["generator"] is None:
+            # Starting an iterator draws a base seed for workers; from its own generator it leaves the global
+            # RNG alone, so validations and a resume's fresh iterator do not shift the trial's dropout masks.
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.get_data_loader())
