@@ -14,13 +14,13 @@ import logging
 from typing import Any
 
 import torch
+from model import build_model
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
 import kiln as det
 from kiln import pytorch
-from model import build_model
 
 # Used as is locally; on a cluster the trial's hyperparameters replace them.
 DEFAULT_HPARAMS: dict[str, Any] = {"learning_rate": 0.05, "momentum": 0.9, "width": 16, "global_batch_size": 32}

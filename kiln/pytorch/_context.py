@@ -154,7 +154,7 @@ class PyTorchTrialContext:
 
     def get_per_slot_batch_size(self) -> int:
         """``global_batch_size`` divided by the number of slots."""
-        size = self.distributed.size
+        size = int(self.distributed.size)
         global_batch_size = self.get_global_batch_size()
         if global_batch_size % size:
             log.warning("global_batch_size %d is not divisible by %d slots; each slot takes %d",
@@ -183,7 +183,7 @@ class PyTorchTrialContext:
         """The index of the batch being trained (0-based, counted since the trial started)."""
         if self._current_batch_idx is None:
             raise RuntimeError("current_train_batch() is known only while training")
-        return self._current_batch_idx
+        return int(self._current_batch_idx)
 
     def current_train_epoch(self) -> int:
         """The index of the epoch being trained."""
@@ -219,7 +219,8 @@ class PyTorchTrialContext:
         self.models.append(model)
         return model
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer,
+                       backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
         """Register an optimizer (built over wrapped models' parameters)."""
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
@@ -294,7 +295,8 @@ class PyTorchTrialContext:
         """``loss.backward()``, scaled so aggregated gradients average over the window."""
         if self._aggregation_frequency > 1 and self._average_aggregated_gradients:
             loss = loss / self._aggregation_frequency
-        loss.backward(gradient=gradient, retain_graph=retain_graph, create_graph=create_graph)
+        loss.backward(gradient=gradient, retain_graph=retain_graph,  # type: ignore[no-untyped-call]
+                      create_graph=create_graph)
 
     def step_optimizer(self, optimizer: torch.optim.Optimizer,
                        clip_grads: Callable[[Any], None] | None = None, auto_zero_grads: bool = True,

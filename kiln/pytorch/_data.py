@@ -81,7 +81,7 @@ class DataLoader:
     Iterating it directly (e.g. in ``evaluate_full_dataset``) gives a plain torch DataLoader's batches.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int | None = 1, shuffle: bool = False,
+    def __init__(self, dataset: torch.utils.data.Dataset[Any], batch_size: int | None = 1, shuffle: bool = False,
                  sampler: Any = None, batch_sampler: Any = None, num_workers: int = 0, collate_fn: Any = None,
                  pin_memory: bool = False, drop_last: bool = False, timeout: float = 0,
                  worker_init_fn: Any = None, multiprocessing_context: Any = None, generator: Any = None, *,
@@ -110,7 +110,7 @@ class DataLoader:
             self._loader_kwargs["prefetch_factor"] = prefetch_factor
 
     def get_data_loader(self, repeat: bool = False, skip: int = 0, num_replicas: int = 1, rank: int = 0,
-                        seed: int = 0) -> torch.utils.data.DataLoader:
+                        seed: int = 0) -> torch.utils.data.DataLoader[Any]:
         """The torch DataLoader the Trainer iterates: this slot's shard, ``skip`` batches in, epoch order
         seeded by ``seed``; ``repeat`` runs through epochs without end (its ``len`` is one epoch)."""
         batches = _ResumableBatches(len(self.dataset), self.batch_size, shuffle=self.shuffle,  # type: ignore[arg-type]

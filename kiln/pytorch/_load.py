@@ -72,7 +72,7 @@ def load_trial_from_checkpoint_path(path: str | Path, trial_class: type[PyTorchT
     context = PyTorchTrialContext(core_context=_CheckpointLoadCore(), hparams=load_data.get("hparams") or {},
                                   trial_seed=0, exp_conf=load_data.get("experiment_config") or None,
                                   managed_training=False)
-    trial = trial_class(context, **(trial_kwargs or {}))  # type: ignore[call-arg]
+    trial = trial_class(context, **(trial_kwargs or {}))
     kwargs = {"map_location": "cpu", "weights_only": True, **(torch_load_kwargs or {})}
     state = torch.load(ckpt / STATE_DICT_FILE, **kwargs)
     models = state.get("models_state_dict", [])

@@ -22,11 +22,9 @@ from kiln import core
 from kiln._info import get_cluster_info
 from kiln.pytorch._context import PyTorchTrialContext
 from kiln.pytorch._trial import PyTorchTrial, _TrialLoop
-from kiln.pytorch._units import NEVER, Batch, TrainUnit, from_searcher_unit
+from kiln.pytorch._units import NEVER, Batch, SearcherUnit, TrainUnit, from_searcher_unit
 
 log = logging.getLogger("kiln.pytorch")
-
-_TIME_UNITS = ("batches", "records", "epochs")
 
 
 def _seed_everything(seed: int) -> None:
@@ -121,10 +119,10 @@ def _cluster_length(config: Any, searcher_length: int | None, fit_length: TrainU
     from schemas import config as schema
 
     s = config.searcher
-    unit: str | None = None
+    unit: SearcherUnit | None = None
     if isinstance(s.max_length, schema.Length):
         unit = s.max_length.unit
-    elif s.time_metric in _TIME_UNITS:
+    elif s.time_metric == "batches" or s.time_metric == "records" or s.time_metric == "epochs":
         unit = s.time_metric
     elif isinstance(s.max_length, int):
         unit = "batches"

@@ -27,7 +27,7 @@ import torch.utils.data
 from kiln.pytorch import _data
 from kiln.pytorch._context import LRScheduler, PyTorchTrialContext
 from kiln.pytorch._reducer import Reducer, reduce_batch_metrics, to_python
-from kiln.pytorch._units import Batch, Epoch, TrainUnit
+from kiln.pytorch._units import Epoch, TrainUnit
 
 log = logging.getLogger("kiln.pytorch")
 
@@ -50,11 +50,11 @@ class PyTorchTrial(abc.ABC):
         """Forward, ``context.backward(loss)``, ``context.step_optimizer(opt)``; return the metrics."""
 
     @abc.abstractmethod
-    def build_training_data_loader(self) -> _data.DataLoader | torch.utils.data.DataLoader:
+    def build_training_data_loader(self) -> _data.DataLoader | torch.utils.data.DataLoader[Any]:
         """The training data (a ``kiln.pytorch.DataLoader``, so the order resumes exactly)."""
 
     @abc.abstractmethod
-    def build_validation_data_loader(self) -> _data.DataLoader | torch.utils.data.DataLoader:
+    def build_validation_data_loader(self) -> _data.DataLoader | torch.utils.data.DataLoader[Any]:
         """The validation data."""
 
     def build_callbacks(self) -> dict[str, PyTorchCallback]:
@@ -69,7 +69,7 @@ class PyTorchTrial(abc.ABC):
         """How ``evaluate_batch`` metrics are reduced: one Reducer, or one per metric (default AVG)."""
         return Reducer.AVG
 
-    def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+    def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader[Any]) -> dict[str, Any]:
         """Metrics over the whole validation set, computed on the chief only."""
         raise NotImplementedError
 
@@ -157,7 +157,7 @@ def _rng_state() -> dict[str, Any]:
     except ImportError:
         pass
     else:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
     return state
 
@@ -342,16 +342,14 @@ class _TrialLoop:
         if stepped and self.context._scaler is not None:
             self.context._scaler.update()
         agg = self.context._aggregation_frequency
-        for sched in self.context.lr_schedulers:
-            if not stepped:
-                continue
+        for sched in self.context.lr_schedulers if stepped else ():
             if sched._step_mode == LRScheduler.StepMode.STEP_EVERY_BATCH:
-                for i in range(batch_idx - agg + 1, batch_idx + 1):
-                    if (i + 1) % sched._frequency == 0:
-                        sched.step()
-            elif sched._step_mode == LRScheduler.StepMode.STEP_EVERY_OPTIMIZER_STEP:
-                if ((batch_idx + 1) // agg) % sched._frequency == 0:
+                # Every batch of the aggregation window that ended counts, stepped now.
+                for _ in range(sum((i + 1) % sched._frequency == 0 for i in range(batch_idx - agg + 1, batch_idx + 1))):
                     sched.step()
+            elif sched._step_mode == LRScheduler.StepMode.STEP_EVERY_OPTIMIZER_STEP and \
+                    ((batch_idx + 1) // agg) % sched._frequency == 0:
+                sched.step()
         return _scalar_metrics(metrics)
 
     # --- reports -----------------------------------------------------------------------------------------
@@ -505,8 +503,10 @@ class _TrialLoop:
         for cb in self.callbacks.values():
             cb.on_checkpoint_load_start(checkpoint)
         ctx = self.context
-        for kind, objects in (("models", [_unwrap(m) for m in ctx.models]), ("optimizers", ctx.optimizers),
-                              ("lr_schedulers", ctx.lr_schedulers)):
+        restorable: list[tuple[str, list[Any]]] = [("models", [_unwrap(m) for m in ctx.models]),
+                                                    ("optimizers", list(ctx.optimizers)),
+                                                    ("lr_schedulers", list(ctx.lr_schedulers))]
+        for kind, objects in restorable:
             states = checkpoint.get(f"{kind}_state_dict", [])
             if len(states) != len(objects):
                 raise ValueError(f"the checkpoint holds {len(states)} {kind}, the trial wrapped {len(objects)}")
@@ -561,7 +561,7 @@ class _TrialLoop:
 class _Repeat:
     """A user's plain torch DataLoader, repeated across epochs (no exact resume: the user opted out)."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader[Any]) -> None:
         self._loader = loader
 
     def __len__(self) -> int:

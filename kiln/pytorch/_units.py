@@ -20,7 +20,7 @@ class TrainUnit:
         return f"{type(self).__name__}({self.value!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.value == self.value  # type: ignore[attr-defined]
+        return isinstance(other, TrainUnit) and type(other) is type(self) and other.value == self.value
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, repr(self.value)))
