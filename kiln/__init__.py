@@ -1,8 +1,9 @@
 """Kiln: the client SDK, the Core API for training code, and the ``kiln`` CLI.
 
 Training scripts written for Determined run with one changed line: ``import kiln as det``.
-The Core API's names load on first use (PEP 562), so the CLI and the client SDK, which live in this
-package too, do not pay for ``kiln.core`` and its event schemas when they start.
+The Core API's names and ``kiln.pytorch`` load on first use (PEP 562), so the CLI and the client SDK,
+which live in this package too, do not pay for ``kiln.core`` and its event schemas (or torch) when they
+start.
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln import core
+    from kiln import core, pytorch
     from kiln._info import ClusterInfo, TrialInfo, get_cluster_info
     from kiln.core import InvalidHP
 
 # Determined's log format, so log parsers written for it keep working.
 LOG_FORMAT = "%(levelname)s: [%(process)s] %(name)s: %(message)s"
 
-__all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "get_cluster_info"]
+__all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "get_cluster_info", "pytorch"]
 
-# name -> the module that defines it ("core" is the submodule itself).
+# name -> the module that defines it (a submodule's own name maps to the submodule itself).
+_SUBMODULES = {"core", "pytorch"}
 _LAZY = {
     "core": "kiln.core",
+    "pytorch": "kiln.pytorch",
     "ClusterInfo": "kiln._info",
     "TrialInfo": "kiln._info",
     "get_cluster_info": "kiln._info",
@@ -36,7 +39,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'kiln' has no attribute {name!r}")
     loaded = importlib.import_module(module)
-    value = loaded if name == "core" else getattr(loaded, name)
+    value = loaded if name in _SUBMODULES else getattr(loaded, name)
     globals()[name] = value
     return value
 

@@ -8,7 +8,8 @@ from typing import Any
 
 
 def main(argv: list[str]) -> int:
-    """Import the module from the working directory and call the function (or class) it names."""
+    """Import the module from the working directory and call the function (or class) it names; a
+    PyTorchTrial subclass is trained by ``kiln.pytorch.Trainer`` instead."""
     if len(argv) != 1 or ":" not in argv[0]:
         print("usage: python -m kiln.exec module:function", file=sys.stderr)
         return 2
@@ -17,7 +18,11 @@ def main(argv: list[str]) -> int:
     target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
-    result = target()
+    trial_api = sys.modules.get("kiln.pytorch")  # loaded only if the user's module imported it
+    if trial_api is not None and isinstance(target, type) and issubclass(target, trial_api.PyTorchTrial):
+        # Determined's ``entrypoint: model_def:MyTrial``: the Trainer runs the trial class.
+        return int(trial_api._trainer._train_trial_class(target))
+    result = target()  # type: ignore[operator]
     return result if isinstance(result, int) else 0
 
 

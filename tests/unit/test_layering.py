@@ -8,6 +8,7 @@ timings are in benchmarks/startup).
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -61,6 +62,20 @@ def test_the_lazy_core_api_names_are_the_real_ones() -> None:
     assert set(kiln.__all__) <= set(dir(kiln))
     with pytest.raises(AttributeError):
         kiln.no_such_name  # noqa: B018 - the attribute access is the test
+
+
+@pytest.mark.parametrize("statement", ["import kiln", "import kiln.core", "import kiln as det; det.core.init",
+                                       "import kiln.client", "import kiln.cli"])
+def test_torch_loads_only_with_kiln_pytorch(statement: str) -> None:
+    assert "torch" not in _roots(_loaded_after(statement)), statement
+    assert "torch" in _roots(_loaded_after("from kiln import pytorch"))
+
+
+def test_kiln_pytorch_is_the_lazy_submodule() -> None:
+    import kiln
+
+    assert kiln.pytorch is importlib.import_module("kiln.pytorch")
+    assert "pytorch" in dir(kiln)
 
 
 def _imports(path: Path) -> set[str]:
