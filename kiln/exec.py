@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     if trial_api is not None and isinstance(target, type) and issubclass(target, trial_api.PyTorchTrial):
         # Determined's ``entrypoint: model_def:MyTrial``: the Trainer runs the trial class.
         return int(trial_api._trainer._train_trial_class(target))
-    result = target()  # type: ignore[operator]
+    result = target()
     return result if isinstance(result, int) else 0
 
 
