@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import sys
 import time
@@ -289,42 +290,122 @@ def experiment_create(config: Path, context: Path, follow: bool) -> None:
         sys.exit(_follow(client, int(created["id"])))
 
 
-def _follow(client: Client, experiment_id: int, poll_s: float = 1.0) -> int:
-    """Print trial states and validation metrics as they change; the exit code says how it ended."""
-    seen_states: dict[int, str] = {}
-    seen_steps: dict[int, int] = {}
-    while True:
+class _Follower:
+    """Turns an experiment's live events into lines: every trial state change and validation, training and
+    progress at most once per trial per ``train_every_s``. Validations already printed are never printed twice,
+    so the read model can fill in what the live stream missed (before it connected, during a reconnect)."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None, train_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.echo = echo or click.echo
+        self.train_every_s = train_every_s
+        self.clock = clock
+        self.states: dict[int, str] = {}
+        self.validations: dict[int, set[int]] = {}  # trial -> steps printed
+        self.progress: dict[int, float] = {}
+        self.last_train: dict[int, float] = {}
+
+    def handle(self, event: str, data: dict[str, Any]) -> None:
+        """Print what one live event says."""
+        tid = int(data.get("trial_id", 0))
+        if event == "validation":
+            self.validation(tid, int(data["steps_completed"]), data["metrics"])
+        elif event == "trial":
+            self.state(tid, str(data["state"]), str(data.get("reason") or ""))
+        elif event == "progress":
+            self.progress[tid] = float(data["progress"])
+        elif event == "training":
+            now = self.clock()
+            if now - self.last_train.get(tid, -math.inf) < self.train_every_s:
+                return  # throttled: a terminal is not flooded with training points
+            self.last_train[tid] = now
+            progress = f"  ({self.progress[tid]:.0%})" if tid in self.progress else ""
+            self.echo(f"trial {tid}: step {data['steps_completed']}: {_metrics_text(data['metrics'])}{progress}")
+
+    def state(self, tid: int, state: str, reason: str = "") -> None:
+        """Print a trial's state when it changed."""
+        if self.states.get(tid) != state:
+            self.states[tid] = state
+            self.echo(f"trial {tid}: {state}" + (f" ({reason})" if reason else ""))
+
+    def validation(self, tid: int, step: int, metrics: dict[str, Any]) -> None:
+        """Print a validation unless it was printed."""
+        seen = self.validations.setdefault(tid, set())
+        if step not in seen:
+            seen.add(step)
+            self.echo(f"trial {tid}: validation at step {step}: {_metrics_text(metrics)}")
+
+    def catch_up(self, client: Client, experiment_id: int) -> None:
+        """Print from the read model what the live stream did not show (states, validations in step order)."""
+        for t in client.list_trials(experiment_id):
+            tid = int(t["id"])
+            for m in sorted(client.trial_metrics(tid, kind="validation"), key=lambda m: m["steps_completed"]):
+                self.validation(tid, int(m["steps_completed"]), m["metrics"])
+            self.state(tid, t["state"])
+
+
+def metric_hint(metric: str, reported: set[str]) -> str | None:
+    """Why no best trial: the searcher metric is not among the validation metrics that were reported."""
+    if not reported or metric in reported:
+        return None
+    return f"searcher metric {metric!r} was never reported; validations reported: {', '.join(sorted(reported))}"
+
+
+def _experiment_hint(exp: dict[str, Any], trials: list[dict[str, Any]]) -> str | None:
+    if any(t.get("best_metric") is not None for t in trials):
+        return None
+    reported = {k for t in trials for k in ((t.get("latest_validation") or {}).get("metrics") or {})}
+    return metric_hint(exp["searcher_metric"], reported)
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+
+
+def _follow(client: Client, experiment_id: int, poll_s: float = 0.2) -> int:
+    """Stream the experiment's live events until it ends, then show the best trial; the exit code says how it
+    ended."""
+    follower = _Follower()
+    deadline = time.monotonic() + 120
+    ended = False
+    while not ended:
         try:
-            exp = client.get_experiment(experiment_id)
-            trials = client.list_trials(experiment_id)
+            follower.catch_up(client, experiment_id)  # what happened before the stream (re)connected
+            for event, data in client.stream_experiment(experiment_id):
+                deadline = time.monotonic() + 120  # connected: a later drop gets its own two minutes
+                if event == "end":
+                    ended = True
+                    break
+                follower.handle(event, data)
+            else:
+                ended = True  # the gateway closed the stream: the experiment had ended
         except APIError as exc:
-            if exc.status == 404:  # not projected yet
+            if (exc.status in (0, 404)) and time.monotonic() < deadline:  # not projected yet, or a dropped stream
                 time.sleep(poll_s)
                 continue
             click.echo(f"error: {exc}", err=True)
             return 1
-        for t in trials:
-            tid = t["id"]
-            if seen_states.get(tid) != t["state"]:
-                restarts = f" (restart {t['restarts']})" if t["restarts"] else ""
-                click.echo(f"trial {tid}: {t['state']}{restarts}")
-                seen_states[tid] = t["state"]
-            latest = t.get("latest_validation")
-            if latest and latest["steps_completed"] != seen_steps.get(tid):
-                seen_steps[tid] = latest["steps_completed"]
-                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(latest["metrics"].items()))
-                click.echo(f"trial {tid}: validation at step {latest['steps_completed']}: {shown}")
-        if exp["state"] in TERMINAL_STATES:
-            for t in trials:
-                if t["state"] == "ERROR":
-                    _show_tail(client, t["id"])
-            reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
-            click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
-            best = exp.get("best_trial")
-            if best:
-                click.echo(f"best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
-            return 0 if exp["state"] == "COMPLETED" else 1
-        time.sleep(poll_s)
+    try:
+        exp = client.get_experiment(experiment_id)
+        while exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+            time.sleep(poll_s)
+            exp = client.get_experiment(experiment_id)
+        follower.catch_up(client, experiment_id)
+        trials = client.list_trials(experiment_id)
+    except APIError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    for t in trials:
+        if t["state"] == "ERROR":
+            _show_tail(client, t["id"])
+    reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
+    click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
+    best = exp.get("best_trial")
+    if best:
+        click.echo(f"best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
+    elif hint := _experiment_hint(exp, trials):
+        click.echo(f"warning: {hint}", err=True)
+    return 0 if exp["state"] == "COMPLETED" else 1
 
 
 def _show_tail(client: Client, trial_id: int) -> None:
@@ -370,6 +451,8 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
     click.echo(f"experiment {exp['id']}: {exp['name']}  state={exp['state']}  searcher={exp['searcher_name']}"
                f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}  priority={exp['priority']}"
                f"  weight={exp['weight']:g}  max_slots={exp['max_slots'] or '-'}")
+    if hint := _experiment_hint(exp, trials):
+        click.echo(f"warning: {hint}")
     click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
     for t in trials:
         best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
@@ -543,12 +626,14 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         t = client.get_trial(trial_id)
         metrics = client.trial_metrics(trial_id, kind="validation")
         checkpoints = client.trial_checkpoints(trial_id)
+        searcher_metric = client.get_experiment(t["experiment_id"])["searcher_metric"]
     except APIError as exc:
         _fail(exc)
         return
     if as_json:
         _print_json({"trial": t, "validation_metrics": metrics, "checkpoints": checkpoints})
         return
+    hint = metric_hint(searcher_metric, {k for m in metrics for k in m["metrics"]})
     click.echo(f"trial {t['id']} of experiment {t['experiment_id']}: state={t['state']} restarts={t['restarts']}"
                f" steps={t['steps_completed']} hparams={json.dumps(t['hparams'], sort_keys=True)}")
     for a in t["allocations"]:
@@ -559,6 +644,8 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         click.echo(f"  validation at step {m['steps_completed']}: {shown}")
     for c in checkpoints:
         click.echo(f"  checkpoint {c['uuid']} at step {c['steps_completed']}")
+    if hint:
+        click.echo(f"warning: {hint}")
 
 
 @trial.command("kill")

@@ -292,6 +292,22 @@ class LiveMetrics(msgspec.Struct, kw_only=True):
     metrics: dict[str, ev.MetricValue]
 
 
+class LiveTrial(msgspec.Struct, kw_only=True):
+    """The data of a ``trial`` server-sent event: a trial's new state (``QUEUED``, ``RUNNING``, ``PAUSED`` or
+    its terminal state)."""
+
+    trial_id: int
+    state: str
+    reason: str = ""
+
+
+class LiveProgress(msgspec.Struct, kw_only=True):
+    """The data of a ``progress`` server-sent event: how far (0..1) a trial is through its work."""
+
+    trial_id: int
+    progress: float
+
+
 class LiveEnd(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The data of the ``end`` server-sent event (``state`` absent when it had ended before the stream)."""
 

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, assert_never
 
 import asyncpg
 import msgspec
@@ -406,6 +406,7 @@ async def experiment_events(
 
 
 _SSE_TEXT = ("Server-Sent Events: ``training`` and ``validation`` (data: ``LiveMetrics`` as JSON, one per point),"
+             " ``trial`` (data: ``LiveTrial``) when a trial changes state, ``progress`` (data: ``LiveProgress``),"
              " ``end`` (data: ``LiveEnd``) once the experiment ended, and keep-alive comments")
 
 
@@ -457,6 +458,12 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
                     yield ServerSentEventMessage(event="validation", data=encoder.encode(api.LiveMetrics(
                         trial_id=event.trial_id, steps_completed=event.steps_completed,
                         metrics=event.metrics)).decode())
+                case ev.TrialProgressReported():
+                    yield ServerSentEventMessage(event="progress", data=encoder.encode(api.LiveProgress(
+                        trial_id=event.trial_id, progress=event.progress)).decode())
+                case ev.TrialCreated() | ev.TrialStarted() | ev.TrialRestarting() | ev.TrialPaused() \
+                        | ev.TrialExited():
+                    yield ServerSentEventMessage(event="trial", data=encoder.encode(_live_trial(event)).decode())
                 case ev.ExperimentEnded():
                     end = encoder.encode(api.LiveEnd(state=event.state)).decode()
                     yield ServerSentEventMessage(event="end", data=end)
@@ -467,6 +474,24 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _live_trial(event: ev.TrialCreated | ev.TrialStarted | ev.TrialRestarting | ev.TrialPaused | ev.TrialExited,
+                ) -> api.LiveTrial:
+    """The state a trial fact puts the trial in, as the read model names it."""
+    match event:
+        case ev.TrialCreated():
+            return api.LiveTrial(trial_id=event.trial_id, state="QUEUED")
+        case ev.TrialStarted():
+            return api.LiveTrial(trial_id=event.trial_id, state="RUNNING")
+        case ev.TrialRestarting():
+            return api.LiveTrial(trial_id=event.trial_id, state="QUEUED", reason=f"restart {event.restarts}")
+        case ev.TrialPaused():
+            return api.LiveTrial(trial_id=event.trial_id, state="PAUSED")
+        case ev.TrialExited():
+            return api.LiveTrial(trial_id=event.trial_id, state=event.state, reason=event.reason)
+        case _:
+            assert_never(event)
 
 
 def _may_change(principal: Principal, experiment: api.Experiment) -> None:
