@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -57,13 +57,20 @@ def main() -> None:
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
 def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None) -> None:
-    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised)."""
+    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
+
+    Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
+    changed, restarts the workers whose slot count changed and stops those beyond the new count.
+    """
     from deploy import stack
 
     started = time.monotonic()
+    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker)
+    log_file = _log_to_file(cfg.state_dir)
     try:
-        info = stack.up(stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker))
+        info = stack.up(cfg)
     except stack.StackError as exc:
+        click.echo(f"details: {log_file}", err=True)
         _fail(exc)
         return
     for change in info.changes:
@@ -71,6 +78,33 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
     click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
     click.echo(f"  export KILN_MASTER={info.master_url}")
     _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password)
+
+
+WARNING_LINE_CHARS = 160
+
+
+def _log_to_file(state_dir: Path) -> Path:
+    """Send the stack machinery's log lines (every level, full detail) to ``<state>/logs/kiln-cli.log``; only
+    warnings and errors reach the terminal, one short line each."""
+    import structlog
+
+    path = state_dir / "logs" / "kiln-cli.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render = structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"], sort_keys=True)
+
+    def emit(_: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        event.setdefault("level", method)
+        with path.open("a") as fh:
+            fh.write(render(_, method, dict(event)) + "\n")
+        if method in ("warning", "error", "critical", "exception"):
+            details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "level", "timestamp"))
+            line = f"{method}: {event.get('event', '')}" + (f" ({details})" if details else "")
+            click.echo(line if len(line) <= WARNING_LINE_CHARS else line[:WARNING_LINE_CHARS - 3] + "...", err=True)
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.processors.TimeStamper(fmt="iso", utc=True), emit],
+                        cache_logger_on_first_use=False)
+    return path
 
 
 def _login_after_up(master: str, admin_password: str) -> None:
@@ -100,7 +134,9 @@ def down(state_dir: Path | None) -> None:
     """Stop everything ``kiln up`` started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
-    stopped = stack.down(stack.StackConfig.load(state_dir))
+    cfg = stack.StackConfig.load(state_dir)
+    _log_to_file(cfg.state_dir)
+    stopped = stack.down(cfg)
     click.echo(f"stopped {len(stopped)} processes" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
