@@ -1,4 +1,4 @@
-"""The ``kiln`` command line: the local stack, experiments, trials, checkpoints."""
+"""The kiln command line: the local stack, experiments, trials, checkpoints."""
 
 from __future__ import annotations
 
@@ -25,6 +25,26 @@ def _client() -> Client:
     return Client()
 
 
+def _echo_row(text: str) -> None:
+    """One table row, without the padding its last column leaves at the end."""
+    click.echo(text.rstrip())
+
+
+def _round_floats(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _round_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round_floats(v) for v in value]
+    return value
+
+
+def _hparams_text(hparams: dict[str, Any]) -> str:
+    """Hyperparameters as JSON with floats to 6 significant digits (--json keeps them exact)."""
+    return json.dumps(_round_floats(hparams), sort_keys=True)
+
+
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str, sort_keys=True))
 
@@ -42,7 +62,8 @@ def _call(fn: Callable[[Client], T]) -> T:
         _fail(exc)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kiln", prog_name="kiln", message="%(prog)s %(version)s")
 def main() -> None:
     """Kiln: hyperparameter search, distributed training and fault tolerance for deep learning."""
 
@@ -84,7 +105,7 @@ WARNING_LINE_CHARS = 160
 
 
 def _log_to_file(state_dir: Path) -> Path:
-    """Send the stack machinery's log lines (every level, full detail) to ``<state>/logs/kiln-cli.log``; only
+    """Send the stack machinery's log lines (every level, full detail) to <state>/logs/kiln-cli.log; only
     warnings and errors reach the terminal, one short line each."""
     import structlog
 
@@ -129,9 +150,10 @@ def _login_after_up(master: str, admin_password: str) -> None:
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
 def down(state_dir: Path | None) -> None:
-    """Stop everything ``kiln up`` started: services and workers, their supervisord, then the parts."""
+    """Stop everything kiln up started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
     cfg = stack.StackConfig.load(state_dir)
@@ -141,8 +163,9 @@ def down(state_dir: Path | None) -> None:
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(state_dir: Path | None, as_json: bool) -> None:
     """Show the local stack's processes: pid, state, restarts by the supervisor, uptime."""
     import msgspec
@@ -160,7 +183,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     click.echo(f"{'NAME':12} {'PID':>8}  {'STATE':12} {'RESTARTS':>8}  UPTIME")
     for r in rows:
         uptime = _duration(r.uptime_s) if r.uptime_s is not None else "-"
-        click.echo(f"{r.name:12} {r.pid or '-':>8}  {r.state:12} {r.restarts:>8}  {uptime}")
+        _echo_row(f"{r.name:12} {r.pid or '-':>8}  {r.state:12} {r.restarts:>8}  {uptime}")
     supervisor = stack.supervisor_pid(cfg)
     click.echo(f"supervisord: pid {supervisor}" if supervisor else "supervisord: not running (nothing restarts them)")
 
@@ -172,6 +195,28 @@ def _duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+@main.command("version")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def version(as_json: bool) -> None:
+    """Show the client's version and, when the master answers, the master's."""
+    from importlib import metadata
+
+    try:
+        client_version = metadata.version("kiln")
+    except metadata.PackageNotFoundError:
+        client_version = "unknown"
+    master = kiln_client.master_url()
+    try:
+        server, problem = Client(master).master_info()["version"], ""
+    except APIError as exc:
+        server, problem = None, str(exc)
+    if as_json:
+        _print_json({"client": client_version, "master": server, "master_url": master})
+        return
+    click.echo(f"client: {client_version}")
+    click.echo(f"master: {server} ({master})" if server else f"master: unknown ({problem})")
 
 
 # -- users and tokens ------------------------------------------------------------------------------
@@ -249,7 +294,7 @@ def user_create(username: str, admin: bool, password_stdin: bool) -> None:
 
 
 @user.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def user_list(as_json: bool) -> None:
     """List users."""
     rows = _call(lambda c: c.list_users())
@@ -258,7 +303,7 @@ def user_list(as_json: bool) -> None:
         return
     click.echo(f"{'ID':>4}  {'USERNAME':24} {'ADMIN':5}  CREATED")
     for r in rows:
-        click.echo(f"{r['id']:>4}  {r['username']:24} {'yes' if r['admin'] else 'no':5}  {str(r['created_at'])[:19]}")
+        _echo_row(f"{r['id']:>4}  {r['username']:24} {'yes' if r['admin'] else 'no':5}  {str(r['created_at'])[:19]}")
 
 
 @main.group()
@@ -278,7 +323,7 @@ def token_create(name: str, expires_in_days: float | None) -> None:
 
 @token.command("list")
 @click.option("--all", "all_users", is_flag=True, help="Every user's tokens (admins).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def token_list(all_users: bool, as_json: bool) -> None:
     """List live tokens (never their values)."""
     rows = _call(lambda c: c.list_tokens(all_users))
@@ -287,8 +332,8 @@ def token_list(all_users: bool, as_json: bool) -> None:
         return
     click.echo(f"{'ID':>5}  {'USER':16} {'KIND':8} {'NAME':20} {'CREATED':19}  EXPIRES")
     for r in rows:
-        click.echo(f"{r['id']:>5}  {r['username']:16} {r['kind']:8} {r['name'][:20]:20} {str(r['created_at'])[:19]:19}"
-                   f"  {str(r['expires_at'])[:19] if r['expires_at'] else 'never'}")
+        _echo_row(f"{r['id']:>5}  {r['username']:16} {r['kind']:8} {r['name'][:20]:20} {str(r['created_at'])[:19]:19}"
+                  f"  {str(r['expires_at'])[:19] if r['expires_at'] else 'never'}")
 
 
 @token.command("revoke")
@@ -328,7 +373,7 @@ def experiment_create(config: Path, context: Path, follow: bool) -> None:
 
 class _Follower:
     """Turns an experiment's live events into lines: every trial state change and validation, training and
-    progress at most once per trial per ``train_every_s``. Validations already printed are never printed twice,
+    progress at most once per trial per train_every_s. Validations already printed are never printed twice,
     so the read model can fill in what the live stream missed (before it connected, during a reconnect)."""
 
     def __init__(self, echo: Callable[[str], None] | None = None, train_every_s: float = 1.0,
@@ -456,8 +501,8 @@ def _fmt(value: Any) -> str:
 
 
 @experiment.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", default=100, show_default=True, help="At most this many experiments.")
 def experiment_list(as_json: bool, limit: int) -> None:
     """List experiments, newest first."""
     rows = _call(lambda c: c.list_experiments(limit=limit))
@@ -466,12 +511,12 @@ def experiment_list(as_json: bool, limit: int) -> None:
         return
     click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
     for r in rows:
-        click.echo(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
+        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
 
 
 @experiment.command("describe")
 @click.argument("experiment_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiment_describe(experiment_id: int, as_json: bool) -> None:
     """Show an experiment and its trials."""
     client = _client()
@@ -492,8 +537,8 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
     click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
     for t in trials:
         best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
-        click.echo(f"{t['id']:>6}  {t['state']:18} {t['restarts']:>8} {t['steps_completed']:>8}  {best:>10}  "
-                   f"{json.dumps(t['hparams'], sort_keys=True)}")
+        _echo_row(f"{t['id']:>6}  {t['state']:18} {t['restarts']:>8} {t['steps_completed']:>8}  {best:>10}  "
+                  f"{_hparams_text(t['hparams'])}")
 
 
 @experiment.command("logs")
@@ -519,7 +564,7 @@ def experiment_kill(experiment_id: int) -> None:
 
 @experiment.command("events")
 @click.argument("experiment_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiment_events(experiment_id: int, as_json: bool) -> None:
     """The audit trail: every event about the experiment, with stream sequence numbers."""
     client = _client()
@@ -541,7 +586,7 @@ def experiment_events(experiment_id: int, as_json: bool) -> None:
     for r in rows:
         detail = {k: v for k, v in r["event"].items() if k not in ("type", "experiment_id", "config", "config_yaml")}
         shown = json.dumps(detail, sort_keys=True)[:150]
-        click.echo(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {shown}")
+        _echo_row(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {shown}")
 
 
 @experiment.command("pause")
@@ -654,7 +699,7 @@ def trial() -> None:
 
 @trial.command("describe")
 @click.argument("trial_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def trial_describe(trial_id: int, as_json: bool) -> None:
     """Show a trial, its allocations, metrics and checkpoints."""
     client = _client()
@@ -671,7 +716,7 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         return
     hint = metric_hint(searcher_metric, {k for m in metrics for k in m["metrics"]})
     click.echo(f"trial {t['id']} of experiment {t['experiment_id']}: state={t['state']} restarts={t['restarts']}"
-               f" steps={t['steps_completed']} hparams={json.dumps(t['hparams'], sort_keys=True)}")
+               f" steps={t['steps_completed']} hparams={_hparams_text(t['hparams'])}")
     for a in t["allocations"]:
         hosts = ", ".join(n["worker_id"] for n in a.get("nodes") or []) or a["worker_id"]  # several: it spans
         click.echo(f"  allocation {a['id']} on {hosts}: exit={a['exit_code']} {a['end_reason']}")
@@ -710,7 +755,7 @@ def agent() -> None:
 
 
 @agent.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agent_list(as_json: bool) -> None:
     """List worker agents and how many of their slots are busy."""
     agents = _call(lambda c: c.list_agents())
@@ -720,8 +765,8 @@ def agent_list(as_json: bool) -> None:
     click.echo(f"{'AGENT':16} {'POOL':10} {'SLOTS':>5} {'BUSY':>5}  STATE")
     for a in agents:
         busy = sum(1 for s in a["slots"] if s["allocation_id"])
-        click.echo(f"{a['worker_id']:16} {a['resource_pool']:10} {len(a['slots']):>5} {busy:>5}  "
-                   f"{'lost' if a['lost'] else 'alive'}")
+        _echo_row(f"{a['worker_id']:16} {a['resource_pool']:10} {len(a['slots']):>5} {busy:>5}  "
+                  f"{'lost' if a['lost'] else 'alive'}")
 
 
 @main.group()
@@ -730,7 +775,7 @@ def slot() -> None:
 
 
 @slot.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def slot_list(as_json: bool) -> None:
     """List every slot and the allocation on it."""
     agents = _call(lambda c: c.list_agents())
@@ -740,8 +785,8 @@ def slot_list(as_json: bool) -> None:
         return
     click.echo(f"{'AGENT':16} {'SLOT':8} {'KIND':5} {'NAME':24} ALLOCATION")
     for r in rows:
-        click.echo(f"{r['agent']:16} {r['slot']['slot_id']:8} {r['slot']['kind']:5} {r['slot']['name'][:24]:24} "
-                   f"{r['allocation_id'] or '-'}")
+        _echo_row(f"{r['agent']:16} {r['slot']['slot_id']:8} {r['slot']['kind']:5} {r['slot']['name'][:24]:24} "
+                  f"{r['allocation_id'] or '-'}")
 
 
 @main.group()
@@ -750,7 +795,7 @@ def job() -> None:
 
 
 @job.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def job_list(as_json: bool) -> None:
     """List trials holding or waiting for slots, in scheduling order."""
     jobs = _call(lambda c: c.list_jobs())
@@ -762,8 +807,8 @@ def job_list(as_json: bool) -> None:
     for j in jobs:
         pos = j["position"] if j["position"] is not None else "-"
         state = "PREEMPT" if j["preempting"] else j["state"]
-        click.echo(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
-                   f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-':12} {j.get('reason', '')}".rstrip())
+        _echo_row(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
+                  f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-':12} {j.get('reason', '')}")
 
 
 # -- events ------------------------------------------------------------------------------------------------
@@ -799,7 +844,7 @@ def events_replay(verify: bool, swap: bool, schema: str, state_dir: Path | None)
 
 @main.command("preview-search")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--simulate", type=click.Choice(["improving", "worsening", "random"]), default=None,
               help="Also play the search with the real searcher against synthetic learning curves.")
 @click.option("--period", type=int, default=1, show_default=True,
@@ -847,8 +892,8 @@ def preview_search(config: Path, as_json: bool, simulate: str | None, period: in
         click.echo(f"simulation ({simulate}, validating every {period} {shown.unit}):")
         click.echo(f"{'TRIAL':>5} {'STOPPED AT':>10}  {'EARLY':5}  LENGTHS ASKED")
         for r in records:
-            click.echo(f"{r.request_id:>5} {r.stop_length:>10}  {'yes' if r.stopped_early else 'no':5}  "
-                       f"{' -> '.join(str(x) for x in r.lengths_trained)}")
+            _echo_row(f"{r.request_id:>5} {r.stop_length:>10}  {'yes' if r.stopped_early else 'no':5}  "
+                      f"{' -> '.join(str(x) for x in r.lengths_trained)}")
         click.echo(f"simulated training length: {sum(r.stop_length for r in records)} {shown.unit}")
 
 
@@ -884,7 +929,7 @@ def checkpoint_list(experiment_id: int | None, trial_id: int | None, as_json: bo
         return
     click.echo(_CHECKPOINT_HEADER)
     for c in rows:
-        click.echo(_checkpoint_line(c))
+        _echo_row(_checkpoint_line(c))
 
 
 @checkpoint.command("describe")

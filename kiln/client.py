@@ -198,6 +198,10 @@ class Client:
         """The gateway's health answer."""
         return self._get("/health")  # type: ignore[no-any-return]
 
+    def master_info(self) -> dict[str, Any]:
+        """What the master is: ``{version}`` (public)."""
+        return self._get("/api/v1/info")  # type: ignore[no-any-return]
+
     def create_experiment(self, config_yaml: str, context_dir: Path) -> dict[str, Any]:
         """Pack ``context_dir`` and submit it with the config; returns ``{id, warnings}``."""
         blob = code_context.pack(context_dir)

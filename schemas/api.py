@@ -62,6 +62,12 @@ class Health(msgspec.Struct, kw_only=True):
     status: Literal["ok"] = "ok"
 
 
+class MasterInfo(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/info``: what the master is."""
+
+    version: str  # the Kiln release the gateway runs
+
+
 class Submitted(msgspec.Struct, kw_only=True):
     """An accepted experiment submission."""
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import importlib.metadata
 import io
 import secrets
 import tarfile
@@ -271,6 +273,22 @@ async def health(state: State) -> api.Health:
     if down:
         raise Unavailable(down) from cause
     return api.Health()
+
+
+@get("/api/v1/info", operation_id="getMasterInfo", opt={auth.PUBLIC: True}, security=[{}],
+     responses=_errors(public=True))
+async def master_info() -> api.MasterInfo:
+    """The master's version (public, as Determined's ``/info``: clients check it before signing in)."""
+    return api.MasterInfo(version=_version())
+
+
+@functools.cache
+def _version() -> str:
+    """The installed ``kiln`` distribution's version (read once, on the first ask: no I/O at import)."""
+    try:
+        return importlib.metadata.version("kiln")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED,
@@ -971,7 +989,7 @@ async def revoke_token(state: State, request: Request[Principal, int, Any], toke
 
 
 ROUTES = [
-    health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
+    health, master_info, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
