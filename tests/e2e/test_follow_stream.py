@@ -61,6 +61,7 @@ def test_follow_prints_every_validation_and_progress_never_goes_backwards(kiln_s
         done.set()
         sampler.join()
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "\r" not in out.stdout and all(line == line.rstrip() for line in out.stdout.splitlines())  # no padding
     exp_id = int(out.stdout.split("Created experiment ", 1)[1].split()[0])
     printed = re.findall(r"trial (\d+): validation at step (\d+): acc=(\S+)", out.stdout)
     trials = kiln_stack.http.get(f"/api/v1/experiments/{exp_id}/trials").json()
