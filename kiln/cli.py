@@ -1,13 +1,14 @@
-"""The ``kiln`` command line: the local stack, experiments, trials, checkpoints."""
+"""The kiln command line: the local stack, experiments, trials, checkpoints."""
 
 from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -22,6 +23,26 @@ T = TypeVar("T")
 
 def _client() -> Client:
     return Client()
+
+
+def _echo_row(text: str) -> None:
+    """One table row, without the padding its last column leaves at the end."""
+    click.echo(text.rstrip())
+
+
+def _round_floats(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _round_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round_floats(v) for v in value]
+    return value
+
+
+def _hparams_text(hparams: dict[str, Any]) -> str:
+    """Hyperparameters as JSON with floats to 6 significant digits (--json keeps them exact)."""
+    return json.dumps(_round_floats(hparams), sort_keys=True)
 
 
 def _print_json(value: Any) -> None:
@@ -41,7 +62,8 @@ def _call(fn: Callable[[Client], T]) -> T:
         _fail(exc)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kiln", prog_name="kiln", message="%(prog)s %(version)s")
 def main() -> None:
     """Kiln: hyperparameter search, distributed training and fault tolerance for deep learning."""
 
@@ -56,13 +78,20 @@ def main() -> None:
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
 def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None) -> None:
-    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised)."""
+    """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
+
+    Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
+    changed, restarts the workers whose slot count changed and stops those beyond the new count.
+    """
     from deploy import stack
 
     started = time.monotonic()
+    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker)
+    log_file = _log_to_file(cfg.state_dir)
     try:
-        info = stack.up(stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker))
+        info = stack.up(cfg)
     except stack.StackError as exc:
+        click.echo(f"details: {log_file}", err=True)
         _fail(exc)
         return
     for change in info.changes:
@@ -70,6 +99,33 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
     click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
     click.echo(f"  export KILN_MASTER={info.master_url}")
     _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password)
+
+
+WARNING_LINE_CHARS = 160
+
+
+def _log_to_file(state_dir: Path) -> Path:
+    """Send the stack machinery's log lines (every level, full detail) to <state>/logs/kiln-cli.log; only
+    warnings and errors reach the terminal, one short line each."""
+    import structlog
+
+    path = state_dir / "logs" / "kiln-cli.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render = structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"], sort_keys=True)
+
+    def emit(_: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        event.setdefault("level", method)
+        with path.open("a") as fh:
+            fh.write(render(_, method, dict(event)) + "\n")
+        if method in ("warning", "error", "critical", "exception"):
+            details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "level", "timestamp"))
+            line = f"{method}: {event.get('event', '')}" + (f" ({details})" if details else "")
+            click.echo(line if len(line) <= WARNING_LINE_CHARS else line[:WARNING_LINE_CHARS - 3] + "...", err=True)
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.processors.TimeStamper(fmt="iso", utc=True), emit],
+                        cache_logger_on_first_use=False)
+    return path
 
 
 def _login_after_up(master: str, admin_password: str) -> None:
@@ -94,18 +150,22 @@ def _login_after_up(master: str, admin_password: str) -> None:
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
 def down(state_dir: Path | None) -> None:
-    """Stop everything ``kiln up`` started: services and workers, their supervisord, then the parts."""
+    """Stop everything kiln up started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
-    stopped = stack.down(stack.StackConfig.load(state_dir))
+    cfg = stack.StackConfig.load(state_dir)
+    _log_to_file(cfg.state_dir)
+    stopped = stack.down(cfg)
     click.echo(f"stopped {len(stopped)} processes" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(state_dir: Path | None, as_json: bool) -> None:
     """Show the local stack's processes: pid, state, restarts by the supervisor, uptime."""
     import msgspec
@@ -123,7 +183,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     click.echo(f"{'NAME':12} {'PID':>8}  {'STATE':12} {'RESTARTS':>8}  UPTIME")
     for r in rows:
         uptime = _duration(r.uptime_s) if r.uptime_s is not None else "-"
-        click.echo(f"{r.name:12} {r.pid or '-':>8}  {r.state:12} {r.restarts:>8}  {uptime}")
+        _echo_row(f"{r.name:12} {r.pid or '-':>8}  {r.state:12} {r.restarts:>8}  {uptime}")
     supervisor = stack.supervisor_pid(cfg)
     click.echo(f"supervisord: pid {supervisor}" if supervisor else "supervisord: not running (nothing restarts them)")
 
@@ -135,6 +195,28 @@ def _duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+@main.command("version")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def version(as_json: bool) -> None:
+    """Show the client's version and, when the master answers, the master's."""
+    from importlib import metadata
+
+    try:
+        client_version = metadata.version("kiln")
+    except metadata.PackageNotFoundError:
+        client_version = "unknown"
+    master = kiln_client.master_url()
+    try:
+        server, problem = Client(master).master_info()["version"], ""
+    except APIError as exc:
+        server, problem = None, str(exc)
+    if as_json:
+        _print_json({"client": client_version, "master": server, "master_url": master})
+        return
+    click.echo(f"client: {client_version}")
+    click.echo(f"master: {server} ({master})" if server else f"master: unknown ({problem})")
 
 
 # -- users and tokens ------------------------------------------------------------------------------
@@ -212,7 +294,7 @@ def user_create(username: str, admin: bool, password_stdin: bool) -> None:
 
 
 @user.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def user_list(as_json: bool) -> None:
     """List users."""
     rows = _call(lambda c: c.list_users())
@@ -221,7 +303,7 @@ def user_list(as_json: bool) -> None:
         return
     click.echo(f"{'ID':>4}  {'USERNAME':24} {'ADMIN':5}  CREATED")
     for r in rows:
-        click.echo(f"{r['id']:>4}  {r['username']:24} {'yes' if r['admin'] else 'no':5}  {str(r['created_at'])[:19]}")
+        _echo_row(f"{r['id']:>4}  {r['username']:24} {'yes' if r['admin'] else 'no':5}  {str(r['created_at'])[:19]}")
 
 
 @main.group()
@@ -241,7 +323,7 @@ def token_create(name: str, expires_in_days: float | None) -> None:
 
 @token.command("list")
 @click.option("--all", "all_users", is_flag=True, help="Every user's tokens (admins).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def token_list(all_users: bool, as_json: bool) -> None:
     """List live tokens (never their values)."""
     rows = _call(lambda c: c.list_tokens(all_users))
@@ -250,8 +332,8 @@ def token_list(all_users: bool, as_json: bool) -> None:
         return
     click.echo(f"{'ID':>5}  {'USER':16} {'KIND':8} {'NAME':20} {'CREATED':19}  EXPIRES")
     for r in rows:
-        click.echo(f"{r['id']:>5}  {r['username']:16} {r['kind']:8} {r['name'][:20]:20} {str(r['created_at'])[:19]:19}"
-                   f"  {str(r['expires_at'])[:19] if r['expires_at'] else 'never'}")
+        _echo_row(f"{r['id']:>5}  {r['username']:16} {r['kind']:8} {r['name'][:20]:20} {str(r['created_at'])[:19]:19}"
+                  f"  {str(r['expires_at'])[:19] if r['expires_at'] else 'never'}")
 
 
 @token.command("revoke")
@@ -289,42 +371,122 @@ def experiment_create(config: Path, context: Path, follow: bool) -> None:
         sys.exit(_follow(client, int(created["id"])))
 
 
-def _follow(client: Client, experiment_id: int, poll_s: float = 1.0) -> int:
-    """Print trial states and validation metrics as they change; the exit code says how it ended."""
-    seen_states: dict[int, str] = {}
-    seen_steps: dict[int, int] = {}
-    while True:
+class _Follower:
+    """Turns an experiment's live events into lines: every trial state change and validation, training and
+    progress at most once per trial per train_every_s. Validations already printed are never printed twice,
+    so the read model can fill in what the live stream missed (before it connected, during a reconnect)."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None, train_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.echo = echo or click.echo
+        self.train_every_s = train_every_s
+        self.clock = clock
+        self.states: dict[int, str] = {}
+        self.validations: dict[int, set[int]] = {}  # trial -> steps printed
+        self.progress: dict[int, float] = {}
+        self.last_train: dict[int, float] = {}
+
+    def handle(self, event: str, data: dict[str, Any]) -> None:
+        """Print what one live event says."""
+        tid = int(data.get("trial_id", 0))
+        if event == "validation":
+            self.validation(tid, int(data["steps_completed"]), data["metrics"])
+        elif event == "trial":
+            self.state(tid, str(data["state"]), str(data.get("reason") or ""))
+        elif event == "progress":
+            self.progress[tid] = float(data["progress"])
+        elif event == "training":
+            now = self.clock()
+            if now - self.last_train.get(tid, -math.inf) < self.train_every_s:
+                return  # throttled: a terminal is not flooded with training points
+            self.last_train[tid] = now
+            progress = f"  ({self.progress[tid]:.0%})" if tid in self.progress else ""
+            self.echo(f"trial {tid}: step {data['steps_completed']}: {_metrics_text(data['metrics'])}{progress}")
+
+    def state(self, tid: int, state: str, reason: str = "") -> None:
+        """Print a trial's state when it changed."""
+        if self.states.get(tid) != state:
+            self.states[tid] = state
+            self.echo(f"trial {tid}: {state}" + (f" ({reason})" if reason else ""))
+
+    def validation(self, tid: int, step: int, metrics: dict[str, Any]) -> None:
+        """Print a validation unless it was printed."""
+        seen = self.validations.setdefault(tid, set())
+        if step not in seen:
+            seen.add(step)
+            self.echo(f"trial {tid}: validation at step {step}: {_metrics_text(metrics)}")
+
+    def catch_up(self, client: Client, experiment_id: int) -> None:
+        """Print from the read model what the live stream did not show (states, validations in step order)."""
+        for t in client.list_trials(experiment_id):
+            tid = int(t["id"])
+            for m in sorted(client.trial_metrics(tid, kind="validation"), key=lambda m: m["steps_completed"]):
+                self.validation(tid, int(m["steps_completed"]), m["metrics"])
+            self.state(tid, t["state"])
+
+
+def metric_hint(metric: str, reported: set[str]) -> str | None:
+    """Why no best trial: the searcher metric is not among the validation metrics that were reported."""
+    if not reported or metric in reported:
+        return None
+    return f"searcher metric {metric!r} was never reported; validations reported: {', '.join(sorted(reported))}"
+
+
+def _experiment_hint(exp: dict[str, Any], trials: list[dict[str, Any]]) -> str | None:
+    if any(t.get("best_metric") is not None for t in trials):
+        return None
+    reported = {k for t in trials for k in ((t.get("latest_validation") or {}).get("metrics") or {})}
+    return metric_hint(exp["searcher_metric"], reported)
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+
+
+def _follow(client: Client, experiment_id: int, poll_s: float = 0.2) -> int:
+    """Stream the experiment's live events until it ends, then show the best trial; the exit code says how it
+    ended."""
+    follower = _Follower()
+    deadline = time.monotonic() + 120
+    ended = False
+    while not ended:
         try:
-            exp = client.get_experiment(experiment_id)
-            trials = client.list_trials(experiment_id)
+            follower.catch_up(client, experiment_id)  # what happened before the stream (re)connected
+            for event, data in client.stream_experiment(experiment_id):
+                deadline = time.monotonic() + 120  # connected: a later drop gets its own two minutes
+                if event == "end":
+                    ended = True
+                    break
+                follower.handle(event, data)
+            else:
+                ended = True  # the gateway closed the stream: the experiment had ended
         except APIError as exc:
-            if exc.status == 404:  # not projected yet
+            if (exc.status in (0, 404)) and time.monotonic() < deadline:  # not projected yet, or a dropped stream
                 time.sleep(poll_s)
                 continue
             click.echo(f"error: {exc}", err=True)
             return 1
-        for t in trials:
-            tid = t["id"]
-            if seen_states.get(tid) != t["state"]:
-                restarts = f" (restart {t['restarts']})" if t["restarts"] else ""
-                click.echo(f"trial {tid}: {t['state']}{restarts}")
-                seen_states[tid] = t["state"]
-            latest = t.get("latest_validation")
-            if latest and latest["steps_completed"] != seen_steps.get(tid):
-                seen_steps[tid] = latest["steps_completed"]
-                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(latest["metrics"].items()))
-                click.echo(f"trial {tid}: validation at step {latest['steps_completed']}: {shown}")
-        if exp["state"] in TERMINAL_STATES:
-            for t in trials:
-                if t["state"] == "ERROR":
-                    _show_tail(client, t["id"])
-            reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
-            click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
-            best = exp.get("best_trial")
-            if best:
-                click.echo(f"best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
-            return 0 if exp["state"] == "COMPLETED" else 1
-        time.sleep(poll_s)
+    try:
+        exp = client.get_experiment(experiment_id)
+        while exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+            time.sleep(poll_s)
+            exp = client.get_experiment(experiment_id)
+        follower.catch_up(client, experiment_id)
+        trials = client.list_trials(experiment_id)
+    except APIError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    for t in trials:
+        if t["state"] == "ERROR":
+            _show_tail(client, t["id"])
+    reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
+    click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
+    best = exp.get("best_trial")
+    if best:
+        click.echo(f"best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
+    elif hint := _experiment_hint(exp, trials):
+        click.echo(f"warning: {hint}", err=True)
+    return 0 if exp["state"] == "COMPLETED" else 1
 
 
 def _show_tail(client: Client, trial_id: int) -> None:
@@ -339,8 +501,8 @@ def _fmt(value: Any) -> str:
 
 
 @experiment.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", default=100, show_default=True, help="At most this many experiments.")
 def experiment_list(as_json: bool, limit: int) -> None:
     """List experiments, newest first."""
     rows = _call(lambda c: c.list_experiments(limit=limit))
@@ -349,12 +511,12 @@ def experiment_list(as_json: bool, limit: int) -> None:
         return
     click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
     for r in rows:
-        click.echo(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
+        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
 
 
 @experiment.command("describe")
 @click.argument("experiment_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiment_describe(experiment_id: int, as_json: bool) -> None:
     """Show an experiment and its trials."""
     client = _client()
@@ -370,11 +532,13 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
     click.echo(f"experiment {exp['id']}: {exp['name']}  state={exp['state']}  searcher={exp['searcher_name']}"
                f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}  priority={exp['priority']}"
                f"  weight={exp['weight']:g}  max_slots={exp['max_slots'] or '-'}")
+    if hint := _experiment_hint(exp, trials):
+        click.echo(f"warning: {hint}")
     click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
     for t in trials:
         best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
-        click.echo(f"{t['id']:>6}  {t['state']:18} {t['restarts']:>8} {t['steps_completed']:>8}  {best:>10}  "
-                   f"{json.dumps(t['hparams'], sort_keys=True)}")
+        _echo_row(f"{t['id']:>6}  {t['state']:18} {t['restarts']:>8} {t['steps_completed']:>8}  {best:>10}  "
+                  f"{_hparams_text(t['hparams'])}")
 
 
 @experiment.command("logs")
@@ -400,7 +564,7 @@ def experiment_kill(experiment_id: int) -> None:
 
 @experiment.command("events")
 @click.argument("experiment_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiment_events(experiment_id: int, as_json: bool) -> None:
     """The audit trail: every event about the experiment, with stream sequence numbers."""
     client = _client()
@@ -422,7 +586,7 @@ def experiment_events(experiment_id: int, as_json: bool) -> None:
     for r in rows:
         detail = {k: v for k, v in r["event"].items() if k not in ("type", "experiment_id", "config", "config_yaml")}
         shown = json.dumps(detail, sort_keys=True)[:150]
-        click.echo(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {shown}")
+        _echo_row(f"{r['seq']:>8}  {str(r['time'])[:23]:23}  {r['type']:26} {shown}")
 
 
 @experiment.command("pause")
@@ -535,7 +699,7 @@ def trial() -> None:
 
 @trial.command("describe")
 @click.argument("trial_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def trial_describe(trial_id: int, as_json: bool) -> None:
     """Show a trial, its allocations, metrics and checkpoints."""
     client = _client()
@@ -543,14 +707,16 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         t = client.get_trial(trial_id)
         metrics = client.trial_metrics(trial_id, kind="validation")
         checkpoints = client.trial_checkpoints(trial_id)
+        searcher_metric = client.get_experiment(t["experiment_id"])["searcher_metric"]
     except APIError as exc:
         _fail(exc)
         return
     if as_json:
         _print_json({"trial": t, "validation_metrics": metrics, "checkpoints": checkpoints})
         return
+    hint = metric_hint(searcher_metric, {k for m in metrics for k in m["metrics"]})
     click.echo(f"trial {t['id']} of experiment {t['experiment_id']}: state={t['state']} restarts={t['restarts']}"
-               f" steps={t['steps_completed']} hparams={json.dumps(t['hparams'], sort_keys=True)}")
+               f" steps={t['steps_completed']} hparams={_hparams_text(t['hparams'])}")
     for a in t["allocations"]:
         hosts = ", ".join(n["worker_id"] for n in a.get("nodes") or []) or a["worker_id"]  # several: it spans
         click.echo(f"  allocation {a['id']} on {hosts}: exit={a['exit_code']} {a['end_reason']}")
@@ -559,6 +725,8 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
         click.echo(f"  validation at step {m['steps_completed']}: {shown}")
     for c in checkpoints:
         click.echo(f"  checkpoint {c['uuid']} at step {c['steps_completed']}")
+    if hint:
+        click.echo(f"warning: {hint}")
 
 
 @trial.command("kill")
@@ -587,7 +755,7 @@ def agent() -> None:
 
 
 @agent.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agent_list(as_json: bool) -> None:
     """List worker agents and how many of their slots are busy."""
     agents = _call(lambda c: c.list_agents())
@@ -597,8 +765,8 @@ def agent_list(as_json: bool) -> None:
     click.echo(f"{'AGENT':16} {'POOL':10} {'SLOTS':>5} {'BUSY':>5}  STATE")
     for a in agents:
         busy = sum(1 for s in a["slots"] if s["allocation_id"])
-        click.echo(f"{a['worker_id']:16} {a['resource_pool']:10} {len(a['slots']):>5} {busy:>5}  "
-                   f"{'lost' if a['lost'] else 'alive'}")
+        _echo_row(f"{a['worker_id']:16} {a['resource_pool']:10} {len(a['slots']):>5} {busy:>5}  "
+                  f"{'lost' if a['lost'] else 'alive'}")
 
 
 @main.group()
@@ -607,7 +775,7 @@ def slot() -> None:
 
 
 @slot.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def slot_list(as_json: bool) -> None:
     """List every slot and the allocation on it."""
     agents = _call(lambda c: c.list_agents())
@@ -617,8 +785,8 @@ def slot_list(as_json: bool) -> None:
         return
     click.echo(f"{'AGENT':16} {'SLOT':8} {'KIND':5} {'NAME':24} ALLOCATION")
     for r in rows:
-        click.echo(f"{r['agent']:16} {r['slot']['slot_id']:8} {r['slot']['kind']:5} {r['slot']['name'][:24]:24} "
-                   f"{r['allocation_id'] or '-'}")
+        _echo_row(f"{r['agent']:16} {r['slot']['slot_id']:8} {r['slot']['kind']:5} {r['slot']['name'][:24]:24} "
+                  f"{r['allocation_id'] or '-'}")
 
 
 @main.group()
@@ -627,7 +795,7 @@ def job() -> None:
 
 
 @job.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def job_list(as_json: bool) -> None:
     """List trials holding or waiting for slots, in scheduling order."""
     jobs = _call(lambda c: c.list_jobs())
@@ -639,8 +807,8 @@ def job_list(as_json: bool) -> None:
     for j in jobs:
         pos = j["position"] if j["position"] is not None else "-"
         state = "PREEMPT" if j["preempting"] else j["state"]
-        click.echo(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
-                   f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-':12} {j.get('reason', '')}".rstrip())
+        _echo_row(f"{pos:>4} {j['experiment_id']:>5} {j['trial_id']:>6} {state:9} {j['priority']:>4} "
+                  f"{j['weight']:>6.3g} {j['slots']:>5}  {j['worker_id'] or '-':12} {j.get('reason', '')}")
 
 
 # -- events ------------------------------------------------------------------------------------------------
@@ -676,7 +844,7 @@ def events_replay(verify: bool, swap: bool, schema: str, state_dir: Path | None)
 
 @main.command("preview-search")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--simulate", type=click.Choice(["improving", "worsening", "random"]), default=None,
               help="Also play the search with the real searcher against synthetic learning curves.")
 @click.option("--period", type=int, default=1, show_default=True,
@@ -724,8 +892,8 @@ def preview_search(config: Path, as_json: bool, simulate: str | None, period: in
         click.echo(f"simulation ({simulate}, validating every {period} {shown.unit}):")
         click.echo(f"{'TRIAL':>5} {'STOPPED AT':>10}  {'EARLY':5}  LENGTHS ASKED")
         for r in records:
-            click.echo(f"{r.request_id:>5} {r.stop_length:>10}  {'yes' if r.stopped_early else 'no':5}  "
-                       f"{' -> '.join(str(x) for x in r.lengths_trained)}")
+            _echo_row(f"{r.request_id:>5} {r.stop_length:>10}  {'yes' if r.stopped_early else 'no':5}  "
+                      f"{' -> '.join(str(x) for x in r.lengths_trained)}")
         click.echo(f"simulated training length: {sum(r.stop_length for r in records)} {shown.unit}")
 
 
@@ -761,7 +929,7 @@ def checkpoint_list(experiment_id: int | None, trial_id: int | None, as_json: bo
         return
     click.echo(_CHECKPOINT_HEADER)
     for c in rows:
-        click.echo(_checkpoint_line(c))
+        _echo_row(_checkpoint_line(c))
 
 
 @checkpoint.command("describe")

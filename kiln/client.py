@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,26 @@ class NotLoggedIn(APIError):
 
     def __str__(self) -> str:
         return "not logged in: run kiln user login"
+
+
+class Unreachable(APIError):
+    """No answer at all: the master refused the connection, timed out, or its name did not resolve."""
+
+    def __init__(self, master: str, exc: Exception) -> None:
+        super().__init__(0, f"cannot reach the Kiln master at {master}: {_transport_reason(exc)}")
+
+    def __str__(self) -> str:
+        return f"{self.detail} (is the stack up? `kiln up`)"
+
+
+def _transport_reason(exc: Exception) -> str:
+    """``connection refused``, ``timed out`` or the library's own words, without errno noise."""
+    text = str(exc) or type(exc).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return text.split("] ", 1)[-1]
 
 
 def auth_file() -> Path:
@@ -170,12 +191,16 @@ class Client:
         try:
             resp = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+            raise Unreachable(self.master, exc) from exc
         return self._check(resp)
 
     def health(self) -> dict[str, Any]:
         """The gateway's health answer."""
         return self._get("/health")  # type: ignore[no-any-return]
+
+    def master_info(self) -> dict[str, Any]:
+        """What the master is: ``{version}`` (public)."""
+        return self._get("/api/v1/info")  # type: ignore[no-any-return]
 
     def create_experiment(self, config_yaml: str, context_dir: Path) -> dict[str, Any]:
         """Pack ``context_dir`` and submit it with the config; returns ``{id, warnings}``."""
@@ -185,7 +210,7 @@ class Client:
         try:
             resp = self._http.post("/api/v1/experiments", data=data, files=files)
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+            raise Unreachable(self.master, exc) from exc
         return self._check(resp)  # type: ignore[no-any-return]
 
     def list_experiments(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
@@ -200,18 +225,40 @@ class Client:
         """An experiment's trials."""
         return self._get(f"/api/v1/experiments/{experiment_id}/trials")  # type: ignore[no-any-return]
 
+    def stream_experiment(self, experiment_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The experiment's live Server-Sent Events as ``(event, data)``: ``training``, ``validation``, ``trial``,
+        ``progress`` and, last, ``end`` (``schemas.api.Live*``). Keep-alive comments are skipped."""
+        path = f"/api/v1/experiments/{experiment_id}/metrics/stream"
+        try:
+            with self._http.stream("GET", path, timeout=httpx.Timeout(60.0)) as resp:  # keep-alive every 15 s
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise api_error(resp)
+                event, data = "message", list[str]()
+                for line in resp.iter_lines():
+                    if not line:  # a blank line ends a message
+                        if data:
+                            yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+                    elif line.startswith("event:"):
+                        event = line[len("event:"):].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[len("data:"):].removeprefix(" "))
+        except httpx.TransportError as exc:
+            raise Unreachable(self.master, exc) from exc
+
     def _post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             resp = self._http.post(path, json=body) if body is not None else self._http.post(path)
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+            raise Unreachable(self.master, exc) from exc
         return self._check(resp)
 
     def _delete(self, path: str) -> Any:
         try:
             resp = self._http.delete(path)
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+            raise Unreachable(self.master, exc) from exc
         return self._check(resp)
 
     def login(self, username: str, password: str) -> dict[str, Any]:
@@ -219,7 +266,7 @@ class Client:
         try:
             resp = self._http.post("/api/v1/auth/login", json={"username": username, "password": password})
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc} (is it up? `kiln up`)") from exc
+            raise Unreachable(self.master, exc) from exc
         if resp.status_code == 401:
             raise APIError(401, "wrong username or password")
         return self._check(resp)  # type: ignore[no-any-return]
@@ -332,7 +379,7 @@ class Client:
         try:
             resp = self._http.get(path)
         except httpx.TransportError as exc:
-            raise APIError(0, f"cannot reach Kiln at {self.master}: {exc}") from exc
+            raise Unreachable(self.master, exc) from exc
         if resp.status_code >= 400:
             self._check(resp)
         return resp.content

@@ -62,6 +62,12 @@ class Health(msgspec.Struct, kw_only=True):
     status: Literal["ok"] = "ok"
 
 
+class MasterInfo(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/info``: what the master is."""
+
+    version: str  # the Kiln release the gateway runs
+
+
 class Submitted(msgspec.Struct, kw_only=True):
     """An accepted experiment submission."""
 
@@ -290,6 +296,22 @@ class LiveMetrics(msgspec.Struct, kw_only=True):
     trial_id: int
     steps_completed: int
     metrics: dict[str, ev.MetricValue]
+
+
+class LiveTrial(msgspec.Struct, kw_only=True):
+    """The data of a ``trial`` server-sent event: a trial's new state (``QUEUED``, ``RUNNING``, ``PAUSED`` or
+    its terminal state)."""
+
+    trial_id: int
+    state: str
+    reason: str = ""
+
+
+class LiveProgress(msgspec.Struct, kw_only=True):
+    """The data of a ``progress`` server-sent event: how far (0..1) a trial is through its work."""
+
+    trial_id: int
+    progress: float
 
 
 class LiveEnd(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -110,6 +110,8 @@ class TrialCreated(Event, frozen=True, kw_only=True):
     hparams: dict[str, Any]
     seed: int
     max_length: int | None = None  # units of the searcher's time metric the trial should train
+    # How many trials the search plans in all (its preview's count); 0 in logs from before it was recorded.
+    planned_trials: int = 0
 
 
 class TrialResumeRequested(Event, frozen=True, kw_only=True):

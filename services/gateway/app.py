@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import importlib.metadata
 import io
 import secrets
 import tarfile
@@ -31,7 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, assert_never
 
 import asyncpg
 import msgspec
@@ -273,6 +275,22 @@ async def health(state: State) -> api.Health:
     return api.Health()
 
 
+@get("/api/v1/info", operation_id="getMasterInfo", opt={auth.PUBLIC: True}, security=[{}],
+     responses=_errors(public=True))
+async def master_info() -> api.MasterInfo:
+    """The master's version (public, as Determined's ``/info``: clients check it before signing in)."""
+    return api.MasterInfo(version=_version())
+
+
+@functools.cache
+def _version() -> str:
+    """The installed ``kiln`` distribution's version (read once, on the first ask: no I/O at import)."""
+    try:
+        return importlib.metadata.version("kiln")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 @post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED,
       responses=_errors(409, 413))
 async def create_experiment(
@@ -406,6 +424,7 @@ async def experiment_events(
 
 
 _SSE_TEXT = ("Server-Sent Events: ``training`` and ``validation`` (data: ``LiveMetrics`` as JSON, one per point),"
+             " ``trial`` (data: ``LiveTrial``) when a trial changes state, ``progress`` (data: ``LiveProgress``),"
              " ``end`` (data: ``LiveEnd``) once the experiment ended, and keep-alive comments")
 
 
@@ -457,6 +476,12 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
                     yield ServerSentEventMessage(event="validation", data=encoder.encode(api.LiveMetrics(
                         trial_id=event.trial_id, steps_completed=event.steps_completed,
                         metrics=event.metrics)).decode())
+                case ev.TrialProgressReported():
+                    yield ServerSentEventMessage(event="progress", data=encoder.encode(api.LiveProgress(
+                        trial_id=event.trial_id, progress=event.progress)).decode())
+                case ev.TrialCreated() | ev.TrialStarted() | ev.TrialRestarting() | ev.TrialPaused() \
+                        | ev.TrialExited():
+                    yield ServerSentEventMessage(event="trial", data=encoder.encode(_live_trial(event)).decode())
                 case ev.ExperimentEnded():
                     end = encoder.encode(api.LiveEnd(state=event.state)).decode()
                     yield ServerSentEventMessage(event="end", data=end)
@@ -467,6 +492,24 @@ async def _metric_events(deps: GatewayDeps, experiment_id: int, ended: bool) -> 
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _live_trial(event: ev.TrialCreated | ev.TrialStarted | ev.TrialRestarting | ev.TrialPaused | ev.TrialExited,
+                ) -> api.LiveTrial:
+    """The state a trial fact puts the trial in, as the read model names it."""
+    match event:
+        case ev.TrialCreated():
+            return api.LiveTrial(trial_id=event.trial_id, state="QUEUED")
+        case ev.TrialStarted():
+            return api.LiveTrial(trial_id=event.trial_id, state="RUNNING")
+        case ev.TrialRestarting():
+            return api.LiveTrial(trial_id=event.trial_id, state="QUEUED", reason=f"restart {event.restarts}")
+        case ev.TrialPaused():
+            return api.LiveTrial(trial_id=event.trial_id, state="PAUSED")
+        case ev.TrialExited():
+            return api.LiveTrial(trial_id=event.trial_id, state=event.state, reason=event.reason)
+        case _:
+            assert_never(event)
 
 
 def _may_change(principal: Principal, experiment: api.Experiment) -> None:
@@ -946,7 +989,7 @@ async def revoke_token(state: State, request: Request[Principal, int, Any], toke
 
 
 ROUTES = [
-    health, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
+    health, master_info, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,

@@ -27,6 +27,7 @@ from services.searcher.methods import (
     StopTrial,
     new_method,
 )
+from services.searcher.preview import preview
 
 
 class TrialEntry(msgspec.Struct, kw_only=True):
@@ -87,6 +88,14 @@ class SearcherState(msgspec.Struct, kw_only=True):
 
 _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
 _SNAPSHOT_DECODER = msgspec.msgpack.Decoder(SearcherState)
+
+
+def _planned_trials(config: dict[str, Any]) -> int:
+    """How many trials the search plans in all: what experiment progress is measured against."""
+    try:
+        return preview(config_from_wire(config)).trials
+    except (ConfigError, ValueError):
+        return 0
 
 
 class SearcherCore:
@@ -281,6 +290,7 @@ class SearcherCore:
                             hparams=d.hparams,
                             seed=d.seed,
                             max_length=d.max_length,
+                            planned_trials=_planned_trials(exp.config),
                         )
                     )
                 case StopTrial():

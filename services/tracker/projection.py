@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -100,7 +100,7 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("searcher_metric", "text"), ("smaller_is_better", "boolean"), ("seed", "bigint"),
         ("submitted_by", "text"), ("submitted_at", "timestamptz"), ("ended_at", "timestamptz"),
         ("end_reason", "text"), ("progress", "float8"), ("priority", "integer"), ("weight", "float8"),
-        ("max_slots", "integer"),
+        ("max_slots", "integer"), ("planned_trials", "integer"),
     ],
     "trials": [
         ("id", "bigint"), ("experiment_id", "bigint"), ("request_id", "integer"), ("hparams", "jsonb"),
@@ -149,7 +149,7 @@ class Fold:
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
         self.log_rows: list[tuple[Any, ...]] = []
-        # Experiments whose progress (the mean of their trials') is owed since their last progress event.
+        # Experiments whose progress (``search_progress``) is owed since their last progress event.
         self._progress_owed: set[int] = set()
 
     # -- row access ------------------------------------------------------------------------------
@@ -180,6 +180,7 @@ class Fold:
             "id": e.experiment_id, "state": "ACTIVE", "config": _j(e.config), "config_yaml": e.config_yaml,
             "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
             "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
+            "planned_trials": 0,
             **_config_columns(e.config),
         }
         self.changed["experiments"].add(e.experiment_id)
@@ -208,7 +209,11 @@ class Fold:
     # -- trials -----------------------------------------------------------------------------------
 
     def _created(self, e: ev.TrialCreated, item: Item) -> None:
-        self._settle_progress(e.experiment_id)  # the mean so far did not count this trial
+        self._settle_progress(e.experiment_id)  # the share so far did not count this trial
+        x = self.experiments.get(e.experiment_id)
+        if x is not None and e.planned_trials > (x.get("planned_trials") or 0):  # the searcher's plan
+            self._row("experiments", e.experiment_id)
+            x["planned_trials"] = e.planned_trials
         if e.trial_id in self.trials:
             return
         self.trials[e.trial_id] = _new_trial(e, item)
@@ -249,6 +254,9 @@ class Fold:
         if (t := self._row("trials", e.trial_id)) is not None:
             t.update(state=e.state, exit_code=e.exit_code, restarts=e.restarts, end_reason=e.reason,
                      ended_at=_ts(item.ts))
+        if (progress := self.progress_of.get(e.experiment_id)) is not None:
+            progress[e.trial_id] = 1.0  # its share of the search is done, stopped early or not
+            self._progress_owed.add(e.experiment_id)
 
     def _validation(self, e: ev.ValidationReported, item: Item) -> None:
         self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
@@ -282,9 +290,10 @@ class Fold:
 
     def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
         if (t := self._row("trials", e.trial_id)) is not None:
-            t["progress"] = e.progress
-            if (progress := self.progress_of.get(t["experiment_id"])) is not None:
-                progress[e.trial_id] = e.progress
+            # Never backwards: a trial resumed from an older checkpoint reports less than it had already done.
+            t["progress"] = max(t["progress"] or 0.0, e.progress)
+            if (progress := self.progress_of.get(t["experiment_id"])) is not None and t["ended_at"] is None:
+                progress[e.trial_id] = t["progress"]
         x = self.experiments.get(e.experiment_id)
         if x is not None and x["ended_at"] is None:
             self._progress_owed.add(e.experiment_id)
@@ -357,7 +366,11 @@ class Fold:
         self._progress_owed.discard(experiment_id)
         values = (self.progress_of.get(experiment_id) or {}).values()
         if values and (x := self._row("experiments", experiment_id, running=True)) is not None:
-            x["progress"] = math.fsum(values) / len(values)  # exactly rounded: no dependence on row order
+            planned = x.get("planned_trials") or 0
+            # Never backwards. Replays stay deterministic: between two TrialCreated the value only grows (trial
+            # shares only grow, the denominator is fixed), and every batching settles at each TrialCreated and
+            # at the end, so the running maximum is the same whatever the batch boundaries.
+            x["progress"] = max(x["progress"] or 0.0, search_progress(values, planned))
 
     def _points(self, trial_id: int, kind: str, step: int, metrics: dict[str, Any], ts: float) -> None:
         at = _FROM_TS(ts, _UTC)
@@ -403,6 +416,14 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.LogsShipped: Fold._logs,
     ev.MessageDeadLettered: lambda f, e, _: None,
 }
+
+
+def search_progress(shares: Iterable[float], planned: int) -> float:
+    """How far the search is: the trials' shares of work done (an ended trial's is 1) over the trials it plans
+    (Determined's "work done / work planned", in trials); more trials than planned (a grid without its count
+    here, replaced trials) widen the denominator."""
+    values = list(shares)
+    return math.fsum(values) / max(planned, len(values), 1)  # exactly rounded: no dependence on row order
 
 
 def _config_columns(data: dict[str, Any]) -> Row:
@@ -460,7 +481,7 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
             trial_ids.add(trial_id)
         if (allocation_id := getattr(e, "allocation_id", None)) is not None:
             allocation_ids.add(allocation_id)
-        if kind is ev.TrialProgressReported:
+        if kind is ev.TrialProgressReported or kind is ev.TrialExited:
             progress_of.add(e.experiment_id)
     if not experiment_ids:
         return {}
@@ -470,7 +491,8 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
         if allocation_ids else []
     progress: dict[int, dict[int, float]] = {e: {} for e in progress_of}
     if progress_of:
-        for r in await conn.fetch("SELECT experiment_id, array_agg(id) AS ids, array_agg(progress) AS values"
+        for r in await conn.fetch("SELECT experiment_id, array_agg(id) AS ids,"
+                                  " array_agg(CASE WHEN ended_at IS NULL THEN progress ELSE 1.0 END) AS values"
                                   " FROM trials WHERE experiment_id = ANY($1::bigint[]) GROUP BY experiment_id",
                                   list(progress_of)):
             progress[r["experiment_id"]] = dict(zip(r["ids"], r["values"], strict=True))

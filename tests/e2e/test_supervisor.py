@@ -141,6 +141,19 @@ def test_up_applies_new_sizes_and_says_so(small_stack: Stack) -> None:
     assert (saved["workers"], saved["slots_per_worker"]) == (1, 2)
 
 
+def test_up_prints_short_lines_and_keeps_the_details_in_its_log_file(small_stack: Stack) -> None:
+    """A rerun of `kiln up` prints a few short lines; the machinery's log lines (parts reused, commands) go to
+    logs/kiln-cli.log, not to the terminal."""
+    again = small_stack.kiln("up")
+    assert again.returncode == 0, again.stderr
+    printed = (again.stdout + again.stderr).splitlines()
+    assert printed and all(len(line) <= 120 for line in printed), printed
+    assert not any("part already running" in line or "debug" in line or "argv" in line for line in printed), printed
+    assert "kiln is up in" in again.stdout
+    logged = (small_stack.cfg.state_dir / "logs" / "kiln-cli.log").read_text()
+    assert "part already running" in logged
+
+
 def test_up_names_a_process_that_cannot_start(small_stack: Stack) -> None:
     """With the gateway's port taken, `up` fails naming the gateway and its log, and leaves it stopped
     (not crash-looping); once the port is free, `up` starts it again."""
