@@ -114,7 +114,7 @@ class DistributedContext:
                 import horovod.torch as hvd
             except ImportError as exc:
                 raise ImportError("DistributedContext.from_horovod() needs Horovod, which is not installed here; "
-                                  "see deploy/horovod/ for how to build it") from exc
+                                  "install it, or build the layout with DistributedContext(rank=..., ...)") from exc
             hvd.init()
         return cls(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                    cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(), chief_ip=_chief_ip(chief_ip),
