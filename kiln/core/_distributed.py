@@ -48,13 +48,14 @@ class DistributedContext:
 
     Give all six of rank, size, local_rank, local_size, cross_rank and cross_size, or none (one process:
     rank 0 of 1, whose collectives return their input). ``chief_ip`` is required when the ranks span hosts
-    (``cross_size > 1``). ``port_offset`` shifts both ports (Determined's ``DET_UNIQUE_PORT_OFFSET``).
+    (``cross_size > 1``). ``port_offset`` shifts both ports (default: ``DET_UNIQUE_PORT_OFFSET``, which the
+    worker sets per allocation).
     """
 
     def __init__(self, *, rank: int | None = None, size: int | None = None, local_rank: int | None = None,
                  local_size: int | None = None, cross_rank: int | None = None, cross_size: int | None = None,
                  chief_ip: str | None = None, pub_port: int = DEFAULT_PUB_PORT, pull_port: int = DEFAULT_PULL_PORT,
-                 port_offset: int = 0, force_tcp: bool = False) -> None:
+                 port_offset: int | None = None, force_tcp: bool = False) -> None:
         layout = (rank, size, local_rank, local_size, cross_rank, cross_size)
         if sum(x is not None for x in layout) not in (0, 6):
             raise ValueError("rank, size, local_rank, local_size, cross_rank and cross_size must all be given, "
@@ -74,6 +75,10 @@ class DistributedContext:
                              "DET_CHIEF_IP")
         # On one host every rank reaches the chief on loopback, as in Determined.
         self.chief_ip = chief_ip if self.cross_size > 1 else (chief_ip or "127.0.0.1")
+        # Trials share a host's network here (no containers), so the worker gives each allocation its own
+        # offset (DET_UNIQUE_PORT_OFFSET, as Determined does) and a hand-built context uses it by default.
+        if port_offset is None:
+            port_offset = _env_int("DET_UNIQUE_PORT_OFFSET", default=0)
         self.pub_port = pub_port + port_offset
         self.pull_port = pull_port + port_offset
         self.force_tcp = force_tcp
@@ -103,8 +108,7 @@ class DistributedContext:
         cross_rank = _env_int("GROUP_RANK", default=rank // max(local_size, 1))
         cross_size = _env_int("GROUP_WORLD_SIZE", default=max(size // max(local_size, 1), 1))
         return cls(rank=rank, size=size, local_rank=_env_int("LOCAL_RANK", default=0), local_size=local_size,
-                   cross_rank=cross_rank, cross_size=cross_size, chief_ip=_chief_ip(chief_ip),
-                   port_offset=_env_int("DET_UNIQUE_PORT_OFFSET", default=0))
+                   cross_rank=cross_rank, cross_size=cross_size, chief_ip=_chief_ip(chief_ip))
 
     @classmethod
     def from_horovod(cls, hvd: Any = None, chief_ip: str | None = None) -> DistributedContext:
@@ -117,8 +121,7 @@ class DistributedContext:
                                   "install it, or build the layout with DistributedContext(rank=..., ...)") from exc
             hvd.init()
         return cls(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-                   cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(), chief_ip=_chief_ip(chief_ip),
-                   port_offset=_env_int("DET_UNIQUE_PORT_OFFSET", default=0))
+                   cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(), chief_ip=_chief_ip(chief_ip))
 
     @classmethod
     def _from_horovod_env(cls) -> DistributedContext:
@@ -129,7 +132,7 @@ class DistributedContext:
         return cls(rank=rank, size=size, local_rank=_env_int("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
                    local_size=local_size, cross_rank=_env_int("HOROVOD_CROSS_RANK", default=rank // local_size),
                    cross_size=_env_int("HOROVOD_CROSS_SIZE", default=max(size // local_size, 1)),
-                   chief_ip=_chief_ip(None), port_offset=_env_int("DET_UNIQUE_PORT_OFFSET", default=0))
+                   chief_ip=_chief_ip(None))
 
     @classmethod
     def from_deepspeed(cls, chief_ip: str | None = None) -> DistributedContext:
@@ -140,7 +143,7 @@ class DistributedContext:
         return cls(rank=rank, size=size, local_rank=_env_int("LOCAL_RANK"), local_size=local_size,
                    cross_rank=_env_int("CROSS_RANK", "GROUP_RANK", default=rank // local_size),
                    cross_size=_env_int("CROSS_SIZE", "GROUP_WORLD_SIZE", default=max(size // local_size, 1)),
-                   chief_ip=_chief_ip(chief_ip), port_offset=_env_int("DET_UNIQUE_PORT_OFFSET", default=0))
+                   chief_ip=_chief_ip(chief_ip))
 
     # -- Determined's getters ----------------------------------------------------------------------------------
 

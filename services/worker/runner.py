@@ -70,7 +70,7 @@ class Rendezvous(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, processes: int = 1,
-                    rendezvous: Rendezvous | None = None) -> list[str]:
+                    rendezvous: Rendezvous | None = None, launches_own_ranks: bool = False) -> list[str]:
     """The command line for a Determined-style entrypoint.
 
     ``module:function`` runs that function through ``kiln.exec``; a command line runs as is, with a
@@ -79,7 +79,8 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
     one process per slot); on several hosts, each host's torchrun joins node 0's rendezvous and ranks
     are numbered across hosts. An entrypoint that names its own launcher (torchrun, horovodrun...) is
     left to it, and so is one that runs a launcher module (``python3 -m kiln.launch.torch_distributed ...``
-    or Determined's ``determined.launch.*``), which starts the ranks on the trial's slots itself.
+    or Determined's ``determined.launch.*``), which starts the ranks on the trial's slots itself, and a
+    script that does (``launches_own_ranks``, see ``script_launches_own_ranks``).
     """
     if isinstance(entrypoint, str):
         text = entrypoint.strip()
@@ -91,7 +92,7 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
         argv[0] = python
     if not argv or argv[0] != python:
         return argv
-    if len(argv) > 2 and argv[1] == "-m" and argv[2] in _LAUNCHER_MODULES:
+    if launches_own_ranks or (len(argv) > 2 and argv[1] == "-m" and argv[2] in _LAUNCHER_MODULES):
         return argv
     if rendezvous is not None and rendezvous.nnodes > 1:
         r = rendezvous
@@ -101,6 +102,30 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
     if processes > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv[1:]]
     return argv
+
+
+# Bigger scripts are not read for the marker below (a training script is far smaller).
+_SCRIPT_SCAN_BYTES = 1 << 20
+
+
+def script_launches_own_ranks(entrypoint: str | list[str], work_dir: Path) -> bool:
+    """Whether a ``python3 script.py ...`` entrypoint starts its own ranks: its code runs ``wrap_rank``.
+
+    Determined asks a custom launcher to start each rank under ``python3 -m determined.launch.wrap_rank``
+    (its Core API tutorial 4 does, in "launcher" mode); such a script must run once per host, not once per
+    slot, or every slot would start all the ranks again.
+    """
+    argv = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
+    if len(argv) < 2 or not argv[0].startswith("python") or not argv[1].endswith(".py"):
+        return False
+    script = work_dir / argv[1]
+    try:
+        if not script.resolve().is_relative_to(work_dir.resolve()) or script.stat().st_size > _SCRIPT_SCAN_BYTES:
+            return False
+        text = script.read_text(errors="replace")
+    except OSError:
+        return False
+    return "launch.wrap_rank" in text
 
 
 def _rendezvous(a: ev.AllocationAssigned) -> Rendezvous | None:
@@ -236,7 +261,8 @@ class Allocation:
                                   grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
-                                   processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a))
+                                   processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
+                                   launches_own_ranks=script_launches_own_ranks(config.entrypoint, self.dir))
             user = self.runtime.user
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -351,6 +377,10 @@ class Allocation:
             env[k] = v + (os.pathsep + env[k] if env.get(k) and k.endswith("PATH") else "")
         env.update(config.environment_variables)
         env[CLUSTER_INFO_ENV] = msgspec.json.encode(info).decode()
+        # Ports a trial's ranks may listen on (Determined's DistributedContext adds this offset to its own):
+        # slots are never shared, so the lowest slot index keeps concurrent allocations on a host apart.
+        env["DET_UNIQUE_PORT_OFFSET"] = str(min((int(d) for s in a.slot_ids if (d := s.lstrip("cpuda")).isdigit()),
+                                                default=0))
         env["PYTHONUNBUFFERED"] = "1"
         if all(s.startswith("cpu") for s in a.slot_ids):
             env["CUDA_VISIBLE_DEVICES"] = ""

@@ -64,7 +64,13 @@ def _run(stack: Stack, tmp_path: Path, entrypoint: str, max_restarts: int = 0) -
 
 
 def _logs(stack: Stack, trial_id: int) -> list[str]:
-    return [line["text"] for line in stack.http.get(f"/api/v1/trials/{trial_id}/logs").json()]
+    """The trial's log lines, once the last one (the worker's exit line) is in: logs are their own stream and
+    may be projected a moment after the trial's end."""
+    def complete() -> list[str] | None:
+        lines = [line["text"] for line in stack.http.get(f"/api/v1/trials/{trial_id}/logs").json()]
+        return lines if lines and lines[-1].startswith("trial process exited with code") else None
+
+    return wait_for(complete, timeout=30, what="the trial's last log line")
 
 
 def test_a_launcher_entrypoint_on_two_slots_runs_two_ranks_with_one_checkpoint_per_store(
@@ -100,3 +106,59 @@ def test_determineds_launcher_name_runs_and_the_failing_ranks_own_error_is_what_
         any("ValueError: rank one is broken" in line for line in follow.stderr.splitlines()[-6:]), follow.stderr
     cli = two_slot_stack.kiln("trial", "logs", str(trial_id))
     assert "ValueError: rank one is broken" in "\n".join(cli.stdout.splitlines()[-6:])
+
+
+# Determined's Core API tutorial 4 shape: the script is its own launcher ("launcher" mode starts one worker per
+# slot under wrap_rank), and the workers build their DistributedContext by hand from rank, size and chief_ip.
+OWN_LAUNCHER = textwrap.dedent("""\
+    import os, subprocess, sys
+    import kiln as det
+
+    def launcher():
+        info = det.get_cluster_info()
+        slots = len(info.slot_ids)
+        procs = []
+        for rank in range(slots):
+            env = dict(os.environ, RANK=str(rank), SIZE=str(slots), CHIEF_IP=info.container_addrs[0])
+            cmd = [sys.executable, "-m", "determined.launch.wrap_rank", str(rank), "--", "python3", __file__, "worker"]
+            procs.append(subprocess.Popen(cmd, env=env))
+        return max(p.wait() for p in procs)
+
+    def worker():
+        rank, size = int(os.environ["RANK"]), int(os.environ["SIZE"])
+        distributed = det.core.DistributedContext(rank=rank, size=size, local_rank=rank, local_size=size,
+                                                  cross_rank=0, cross_size=1, chief_ip=os.environ["CHIEF_IP"])
+        with det.core.init(distributed=distributed) as ctx:
+            print(f"worker {rank} of {size} started", flush=True)
+            for step in (1, 2):
+                if rank == 0:
+                    ctx.train.report_validation_metrics(steps_completed=step, metrics={"accuracy": step / 2})
+                    with ctx.checkpoint.store_path({"steps_completed": step}) as (path, _):
+                        (path / "x").write_text(str(step))
+                if ctx.preempt.should_preempt():
+                    return
+
+    if __name__ == "__main__":
+        sys.exit(launcher() if sys.argv[1] == "launcher" else worker())
+""")
+
+
+def test_a_script_that_launches_its_own_ranks_runs_once_per_host(two_slot_stack: Stack, tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text(OWN_LAUNCHER)
+    (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""\
+        name: own-launcher
+        entrypoint: python3 train.py launcher
+        searcher: {name: single, metric: accuracy, smaller_is_better: false, max_length: {batches: 2}}
+        resources: {slots_per_trial: 2}
+        max_restarts: 0
+    """))
+    run = two_slot_stack.kiln("experiment", "create", str(tmp_path / "cfg.yaml"), str(tmp_path), "--follow",
+                              timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
+    trial_id = two_slot_stack.http.get(f"/api/v1/experiments/{exp_id}/trials").json()[0]["id"]
+    started = sorted(line for line in _logs(two_slot_stack, trial_id) if " started" in line)
+    assert started == ["[rank=0] worker 0 of 2 started", "[rank=1] worker 1 of 2 started"]  # 2, not 4
+    ckpts = wait_for(lambda: two_slot_stack.http.get(f"/api/v1/trials/{trial_id}/checkpoints").json(), timeout=30,
+                     what="checkpoints")
+    assert [c["steps_completed"] for c in ckpts] == [1, 2]

@@ -51,3 +51,16 @@ def test_an_entrypoint_running_a_launcher_module_is_run_once_per_host_not_wrappe
     # wrap_rank starts no ranks: a script under it is still started once per slot.
     assert entrypoint_argv("python3 -m kiln.launch.wrap_rank RANK -- python3 train.py", PY, 2)[:3] == \
         [PY, "-m", "torch.distributed.run"]
+
+
+def test_a_script_that_starts_its_ranks_under_wrap_rank_is_its_own_launcher(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from services.worker.runner import script_launches_own_ranks
+
+    (tmp_path / "launcher.py").write_text('cmd = ["python3", "-m", "determined.launch.wrap_rank", str(rank), "--"]\n')
+    (tmp_path / "train.py").write_text("import kiln as det\n")
+    assert script_launches_own_ranks("python3 launcher.py launcher", tmp_path)
+    assert not script_launches_own_ranks("python3 train.py", tmp_path)
+    assert not script_launches_own_ranks("python3 missing.py", tmp_path)
+    assert not script_launches_own_ranks("python3 ../launcher.py", tmp_path / "sub")
+    assert entrypoint_argv("python3 launcher.py launcher", PY, 2, launches_own_ranks=True) == \
+        [PY, "launcher.py", "launcher"]
