@@ -162,3 +162,20 @@ def test_a_script_that_launches_its_own_ranks_runs_once_per_host(two_slot_stack:
     ckpts = wait_for(lambda: two_slot_stack.http.get(f"/api/v1/trials/{trial_id}/checkpoints").json(), timeout=30,
                      what="checkpoints")
     assert [c["steps_completed"] for c in ckpts] == [1, 2]
+
+
+def test_the_digits_example_trains_data_parallel_on_two_slots(two_slot_stack: Stack) -> None:
+    """`kiln experiment create examples/digits/distributed.yaml examples/digits` completes, as README says."""
+    repo = Path(__file__).resolve().parents[2]
+    run = two_slot_stack.kiln("experiment", "create", str(repo / "examples/digits/distributed.yaml"),
+                              str(repo / "examples/digits"), "--follow", timeout=280)
+    assert run.returncode == 0, run.stdout + run.stderr
+    exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
+    trial = two_slot_stack.http.get(f"/api/v1/experiments/{exp_id}/trials").json()[0]
+    logs = _logs(two_slot_stack, trial["id"])
+    assert any(line.startswith("[rank=1] ") for line in logs) and any(line.startswith("[rank=0] ") for line in logs)
+    final = [line for line in logs if "final validation_accuracy" in line]
+    assert len(final) == 1 and final[0].startswith("[rank=0] ")  # the chief's, once
+    assert float(final[0].rsplit(" ", 1)[1]) > 0.8
+    ckpts = two_slot_stack.http.get(f"/api/v1/trials/{trial['id']}/checkpoints").json()
+    assert len(ckpts) == 5  # one per epoch, stored by the chief alone
