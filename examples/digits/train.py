@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from model import build_model
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kiln as det
-from model import build_model
 
 log = logging.getLogger("digits")
 

@@ -299,11 +299,11 @@ def init(*, distributed: DistributedContext | None = None,
     ``preempt_mode`` and ``tensorboard_mode``. Any other argument is a TypeError.
     """
     dist = distributed or DistributedContext.from_env()
-    preempt_mode = _mode(preempt_mode, PreemptMode, "preempt_mode")
+    mode: PreemptMode = _mode(preempt_mode, PreemptMode, "preempt_mode")
     if _mode(tensorboard_mode, TensorboardMode, "tensorboard_mode") is TensorboardMode.AUTO:
         log.debug("tensorboard_mode AUTO: Kiln does not upload TensorBoard files yet")
     wire = wire_cluster_info()
-    preempt = PreemptContext(dist, preempt_mode)
+    preempt = PreemptContext(dist, mode)
     if wire is None:
         reporter: Any = _Reporter()
         storage: Storage = _storage_arg(checkpoint_storage if checkpoint_storage is not None else "checkpoints")

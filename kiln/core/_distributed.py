@@ -13,6 +13,7 @@ Every collective must be called by every rank, in the same order. Nothing else i
 
 from __future__ import annotations
 
+import importlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -30,7 +31,7 @@ def _env_int(*names: str, default: int | None = None) -> int:
     for name in names:
         value = os.environ.get(name)
         if value not in (None, ""):
-            return int(value)  # type: ignore[arg-type]
+            return int(value)
     if default is None:
         raise RuntimeError(f"none of {', '.join(names)} is set: was this process started by the launcher "
                            "this constructor is for?")
@@ -115,7 +116,7 @@ class DistributedContext:
         """The layout from an initialised Horovod module (``import horovod.torch as hvd; hvd.init()``)."""
         if hvd is None:
             try:
-                import horovod.torch as hvd
+                hvd = importlib.import_module("horovod.torch")
             except ImportError as exc:
                 raise ImportError("DistributedContext.from_horovod() needs Horovod, which is not installed here; "
                                   "install it, or build the layout with DistributedContext(rank=..., ...)") from exc

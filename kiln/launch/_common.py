@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,7 +76,7 @@ def run_collecting_errors(argv: list[str], env: dict[str, str] | None = None) ->
 
 def report_first_failure(errors: Path) -> dict[str, Any] | None:
     """Print the error of the rank that failed first (to stderr); return its record."""
-    records = []
+    records: list[dict[str, Any]] = []
     for path in errors.glob("rank-*.json"):
         try:
             records.append(json.loads(path.read_text()))
@@ -83,7 +84,7 @@ def report_first_failure(errors: Path) -> dict[str, Any] | None:
             continue
     if not records:
         return None
-    first = min(records, key=lambda r: r["failed_at"])
+    first: dict[str, Any] = min(records, key=lambda r: float(r["failed_at"]))
     out = sys.stderr
     print(f"[kiln] rank {first['rank']} failed first (exit code {first['exit_code']}); its error:", file=out)
     for line in first["lines"]:
@@ -111,10 +112,8 @@ def first_traceback(lines: list[str]) -> list[str]:
 def _forward_signals(proc: subprocess.Popen[Any]) -> None:
     """The worker's SIGTERM (a polite stop) reaches the launcher, which passes it on to the ranks."""
     def forward(signum: int, frame: Any) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
