@@ -489,8 +489,15 @@ def _follow(client: Client, experiment_id: int, poll_s: float = 0.2) -> int:
     return 0 if exp["state"] == "COMPLETED" else 1
 
 
-def _show_tail(client: Client, trial_id: int) -> None:
-    lines = client.trial_logs(trial_id, limit=LOG_TAIL_ON_ERROR, tail=True)
+def _show_tail(client: Client, trial_id: int, wait_s: float = 5.0) -> None:
+    # Logs are their own stream, projected beside the trial's state: wait briefly for the worker's exit line,
+    # so the tail shown holds the trial's own last words (its first error), not lines from before them.
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = client.trial_logs(trial_id, limit=LOG_TAIL_ON_ERROR, tail=True)
+        if (lines and lines[-1]["text"].startswith("trial process exited")) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     click.echo(f"trial {trial_id} errored; its last {len(lines)} log lines:", err=True)
     for line in lines:
         click.echo(f"  | {line['text']}", err=True)

@@ -42,6 +42,9 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     slot_ids: list[str] = []
     container_addrs: list[str] = []
     container_rank: int = 0
+    # Where node 0 hosts the rendezvous of a trial spanning hosts (0 on one host): what a launcher
+    # (kiln.launch.torch_distributed) passes to torchrun.
+    master_port: int = 0
     # The worker's Unix socket for this allocation (LinkFrame below): the trial reports through it and
     # hears stop requests on it; it gets no bus credential.
     link_path: str = ""

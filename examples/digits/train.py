@@ -6,6 +6,10 @@ On a cluster the hyperparameters come from the trial, the length (in epochs) fro
 restarted trial resumes from its latest checkpoint. Run locally (``python train.py``) it uses the defaults
 below, trains ``--epochs`` epochs and writes checkpoints under ./checkpoints; ``--latest-checkpoint UUID``
 resumes from one of them, the way a restarted trial would.
+
+With several processes (``distributed.yaml``: 2 slots through ``kiln.launch.torch_distributed``, or
+``torchrun --nproc_per_node=2 train.py`` locally) it trains data-parallel (DDP over gloo): each rank takes its
+share of every batch, and only the chief reports metrics and stores checkpoints (Determined's contract).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from model import build_model
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import kiln as det
 
@@ -109,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=float(hparams["learning_rate"]),
                                 momentum=float(hparams["momentum"]))
 
-    with det.core.init() as core_context:
+    distributed = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started once per slot by torchrun
+        torch.distributed.init_process_group("gloo")
+        distributed = det.core.DistributedContext.from_torch_distributed()
+    rank, size = (distributed.rank, distributed.size) if distributed is not None else (0, 1)
+    # The same starting weights on every rank (DDP also broadcasts them from rank 0).
+    trained = DistributedDataParallel(model) if size > 1 else model
+
+    with det.core.init(distributed=distributed) as core_context:
         # The config's ``max_length: {epochs: N}`` arrives as N; the unit is this script's to interpret.
         total_epochs = core_context.searcher.max_length if info is not None else args.epochs
         if not total_epochs:
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         while epoch < total_epochs:
             running_loss, running_batches = 0.0, 0
             for idx in epoch_order(len(x_train), seed, epoch).split(batch_size):
-                loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                mine = idx[rank::size]  # this rank's share of the batch (all of it in one process)
+                loss = nn.functional.cross_entropy(trained(x_train[mine]), y_train[mine])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -144,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("epoch %d/%d: validation accuracy %.4f, loss %.4f", epoch, total_epochs,
                      metrics["validation_accuracy"], metrics["validation_loss"])
 
-            with core_context.checkpoint.store_path({"steps_completed": steps, "epoch": epoch}) as (path, _):
-                save_checkpoint(path, model, optimizer, epoch, steps)
+            if rank == 0:  # the other ranks hold the same weights; only the chief stores them
+                with core_context.checkpoint.store_path({"steps_completed": steps, "epoch": epoch}) as (path, _):
+                    save_checkpoint(path, model, optimizer, epoch, steps)
             core_context.train.report_progress(min(1.0, epoch / total_epochs))
             if core_context.preempt.should_preempt():
                 # The checkpoint just taken holds everything; a resumed trial continues from it.
@@ -154,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if metrics is None:  # resumed from a checkpoint already at the full length
             metrics = validate(model, x_val, y_val)
-        print(f"final validation_accuracy: {metrics['validation_accuracy']:.4f}", flush=True)
+        if rank == 0:
+            print(f"final validation_accuracy: {metrics['validation_accuracy']:.4f}", flush=True)
+    if size > 1:
+        del trained  # DDP's reducer first: destroyed after its process group, it waits for ever
+        torch.distributed.destroy_process_group()
     return 0
 
 

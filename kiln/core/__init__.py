@@ -8,6 +8,7 @@ script runs on a laptop.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -32,7 +33,9 @@ __all__ = [
     "DistributedContext",
     "InvalidHP",
     "PreemptContext",
+    "PreemptMode",
     "SearcherContext",
+    "TensorboardMode",
     "TrainContext",
     "init",
 ]
@@ -40,6 +43,24 @@ __all__ = [
 
 class InvalidHP(Exception):
     """Raise from training code to say these hyperparameters cannot work; the searcher replaces the trial."""
+
+
+class PreemptMode(enum.Enum):
+    """How ranks learn of a stop request (Determined's names).
+
+    ``WorkersAskChief``: every rank calls ``should_preempt()`` at the same points and gets the chief's answer
+    (a collective). ``ChiefOnly``: only the chief asks (no collective); the other ranks always hear False.
+    """
+
+    WorkersAskChief = "WORKERS_ASK_CHIEF"
+    ChiefOnly = "CHIEF_ONLY"
+
+
+class TensorboardMode(enum.Enum):
+    """Determined's TensorBoard upload modes. Kiln has no TensorBoard upload yet: both are accepted."""
+
+    AUTO = "AUTO"
+    MANUAL = "MANUAL"
 
 
 def _json_metric(value: Any) -> ev.MetricValue:
@@ -143,9 +164,11 @@ class PreemptContext:
     so all ranks stop together.
     """
 
-    def __init__(self, distributed: DistributedContext | None = None) -> None:
+    def __init__(self, distributed: DistributedContext | None = None,
+                 mode: PreemptMode = PreemptMode.WorkersAskChief) -> None:
         self._flag = threading.Event()
         self._dist = distributed
+        self.mode = mode
         self.reason = ""
 
     def _request(self, reason: str) -> None:
@@ -155,6 +178,8 @@ class PreemptContext:
     def should_preempt(self, auto_ack: bool = True) -> bool:
         """True once the searcher stopped the trial or the platform wants its slots back."""
         if self._dist is not None and self._dist.size > 1:
+            if self.mode is PreemptMode.ChiefOnly:
+                return self._dist.rank == 0 and self._flag.is_set()
             return bool(self._dist.broadcast(self._flag.is_set()))
         return self._flag.is_set()
 
@@ -237,15 +262,51 @@ def _storage_for(config: dict[str, Any], wire: Any, presigner: Any) -> Storage:
     return LinkedS3Storage(presigner, wire.s3_bucket, checkpoint_prefix(wire.trial.experiment_id))
 
 
-def init(*, distributed: DistributedContext | None = None, checkpoint_storage: str | None = None,
-         **_compat: Any) -> Context:
-    """The Core API context: on a cluster it reports to Kiln, elsewhere it runs locally."""
+def _storage_arg(arg: str | os.PathLike[str] | dict[str, Any]) -> Storage:
+    """``init(checkpoint_storage=)``: a directory, or a storage config as in the experiment YAML."""
+    if not isinstance(arg, dict):
+        return SharedFSStorage(Path(arg).resolve())
+    kind = arg.get("type")
+    if kind == "shared_fs" and arg.get("host_path"):
+        return SharedFSStorage((Path(arg["host_path"]) / (arg.get("storage_path") or "")).resolve())
+    if kind == "s3" and arg.get("bucket"):
+        endpoint = str(arg.get("endpoint_url") or "")
+        return S3Storage(endpoint.removeprefix("http://").removeprefix("https://"), arg.get("access_key") or "",
+                         arg.get("secret_key") or "", arg["bucket"], arg.get("prefix") or "",
+                         secure=endpoint.startswith("https://"))
+    raise ValueError(f"checkpoint_storage {arg!r}: expected a directory, {{type: shared_fs, host_path: ...}} or "
+                     "{type: s3, bucket: ..., endpoint_url: ...}")
+
+
+def _mode(value: Any, kind: type[enum.Enum], name: str) -> Any:
+    """An enum member from a member, its value or its name (Determined's scripts pass either)."""
+    if isinstance(value, kind):
+        return value
+    for member in kind:
+        if value in (member.value, member.name):
+            return member
+    raise ValueError(f"{name}={value!r}: expected one of {', '.join(m.name for m in kind)}")
+
+
+def init(*, distributed: DistributedContext | None = None,
+         checkpoint_storage: str | os.PathLike[str] | dict[str, Any] | None = None,
+         preempt_mode: PreemptMode | str = PreemptMode.WorkersAskChief,
+         tensorboard_mode: TensorboardMode | str = TensorboardMode.AUTO) -> Context:
+    """The Core API context: on a cluster it reports to Kiln, elsewhere it runs locally.
+
+    Determined's arguments: ``distributed`` (default: the layout the launcher put in the environment),
+    ``checkpoint_storage`` (a directory or a storage config; on a cluster it replaces the experiment's),
+    ``preempt_mode`` and ``tensorboard_mode``. Any other argument is a TypeError.
+    """
     dist = distributed or DistributedContext.from_env()
+    mode: PreemptMode = _mode(preempt_mode, PreemptMode, "preempt_mode")
+    if _mode(tensorboard_mode, TensorboardMode, "tensorboard_mode") is TensorboardMode.AUTO:
+        log.debug("tensorboard_mode AUTO: Kiln does not upload TensorBoard files yet")
     wire = wire_cluster_info()
-    preempt = PreemptContext(dist)
+    preempt = PreemptContext(dist, mode)
     if wire is None:
         reporter: Any = _Reporter()
-        storage: Storage = SharedFSStorage(Path(checkpoint_storage or "checkpoints").resolve())
+        storage: Storage = _storage_arg(checkpoint_storage if checkpoint_storage is not None else "checkpoints")
         train = TrainContext(reporter, 0, 0, dist.rank == 0)
         ckpt = CheckpointContext(storage, lambda *a: log.info("checkpoint stored: %s", a[0]), dist.rank == 0, dist)
         return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
@@ -266,7 +327,8 @@ def init(*, distributed: DistributedContext | None = None, checkpoint_storage: s
             links.append(TrialBus(wire.link_path, trial.experiment_id, trial.trial_id, wire.allocation_id))
         return links[0]
 
-    storage = _storage_for(trial.config, wire, presigner)
+    storage = _storage_for(trial.config, wire, presigner) if checkpoint_storage is None \
+        else _storage_arg(checkpoint_storage)
     if dist.rank == 0:
         reporter.watch_stop(preempt._request)
     _stop_on_sigterm(preempt)

@@ -7,6 +7,7 @@ object and moves the bytes with plain HTTP, streaming (no file is held in memory
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ import msgspec
 METADATA_FILE = "metadata.json"
 # Bytes per read while streaming a file up or down.
 CHUNK_BYTES = 1 << 20
+
+log = logging.getLogger("kiln.core")
 
 
 class Storage(Protocol):
@@ -182,7 +185,13 @@ class SharedFSStorage:
 
 
 class CheckpointContext:
-    """Determined's ``core_context.checkpoint``: store, upload, download, restore."""
+    """Determined's ``core_context.checkpoint``: store, upload, download, restore.
+
+    Determined's contract on several ranks: an unsharded checkpoint (``shard=False``, the default) is stored
+    by the chief alone and the other ranks need not call ``store_path``/``upload`` (there is no collective in
+    it). A sharded one (``shard=True``) is a collective: every rank calls it, gets the same storage id, and
+    writes its own part; file names must not collide across ranks.
+    """
 
     def __init__(self, storage: Storage, on_stored: Callable[[str, int, dict[str, int], dict[str, Any]], None],
                  is_chief: bool = True, distributed: Any = None) -> None:
@@ -190,37 +199,77 @@ class CheckpointContext:
         self._on_stored = on_stored
         self._is_chief = is_chief
         self._dist = distributed
+        self._warned = False
 
-    def _new_id(self) -> str:
-        """A fresh storage id, the chief's on every rank (all ranks name the same checkpoint)."""
-        storage_id = str(uuidlib.uuid4())
-        if self._dist is not None and self._dist.size > 1:
-            storage_id = str(self._dist.broadcast(storage_id))
-        return storage_id
+    def _several(self) -> bool:
+        return self._dist is not None and self._dist.size > 1
+
+    def _discarding(self, what: str) -> None:
+        """A non-chief rank called an unsharded store: nothing of it is kept (said once per process)."""
+        if not self._warned:
+            self._warned = True
+            log.warning("%s(shard=False) on rank %d: only the chief stores an unsharded checkpoint, so what this "
+                        "rank writes is discarded and it gets no storage id (use shard=True to store every "
+                        "rank's part)", what, self._dist.rank)
 
     @contextlib.contextmanager
     def store_path(self, metadata: dict[str, Any], *, shard: bool = False) -> Iterator[tuple[Path, str]]:
         """Yield ``(path, storage_id)``; what is written under path is uploaded when the block exits."""
         steps = _steps_completed(metadata)
-        storage_id = self._new_id()
+        if not shard and not self._is_chief:
+            self._discarding("store_path")
+            with tempfile.TemporaryDirectory(prefix="kiln-ckpt-discarded-") as tmp:
+                yield Path(tmp), None  # type: ignore[misc]
+            return
+        storage_id = self._new_id(shard)
         with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
             path = Path(tmp)
             yield path, storage_id
-            self._finish(path, storage_id, steps, metadata)
+            self._finish(path, storage_id, steps, metadata, shard)
 
     def upload(self, ckpt_dir: str | os.PathLike[str], metadata: dict[str, Any], *, shard: bool = False) -> str:
         """Upload an existing directory as a new checkpoint; return its storage id."""
         steps = _steps_completed(metadata)
-        storage_id = self._new_id()
-        self._finish(Path(ckpt_dir), storage_id, steps, metadata)
+        if not shard and not self._is_chief:
+            self._discarding("upload")
+            return None  # type: ignore[return-value]
+        storage_id = self._new_id(shard)
+        self._finish(Path(ckpt_dir), storage_id, steps, metadata, shard)
         return storage_id
 
-    def _finish(self, path: Path, storage_id: str, steps: int, metadata: dict[str, Any]) -> None:
-        if not self._is_chief:
+    def _new_id(self, shard: bool) -> str:
+        """A fresh storage id; a sharded checkpoint's is the chief's, on every rank (a collective)."""
+        storage_id = str(uuidlib.uuid4())
+        if shard and self._several():
+            storage_id = str(self._dist.broadcast(storage_id))
+        return storage_id
+
+    def _finish(self, path: Path, storage_id: str, steps: int, metadata: dict[str, Any], shard: bool) -> None:
+        if not shard or not self._several():
+            (path / METADATA_FILE).write_bytes(msgspec.json.encode(metadata))
+            self._on_stored(storage_id, steps, self._storage.upload(path, storage_id), metadata)
             return
-        (path / METADATA_FILE).write_bytes(msgspec.json.encode(metadata))
-        resources = self._storage.upload(path, storage_id)
-        self._on_stored(storage_id, steps, resources, metadata)
+        # Sharded: agree that no two ranks write the same file before anyone uploads, then every rank uploads
+        # its part, and the chief records the checkpoint once all parts are in (the gather waits for them).
+        (path / METADATA_FILE).unlink(missing_ok=True)
+        mine = sorted(_files(path))
+        owners: dict[str, list[int]] = {}
+        for rank, names in enumerate(self._dist.allgather(mine)):
+            for name in names:
+                owners.setdefault(name, []).append(rank)
+        clashes = {name: ranks for name, ranks in owners.items() if len(ranks) > 1}
+        if clashes:
+            shown = ", ".join(f"{name} (ranks {ranks})" for name, ranks in sorted(clashes.items())[:5])
+            raise RuntimeError(f"sharded checkpoint {storage_id}: several ranks wrote the same file: {shown}")
+        if self._is_chief:
+            (path / METADATA_FILE).write_bytes(msgspec.json.encode(metadata))
+        uploaded = self._storage.upload(path, storage_id) if any(path.iterdir()) else {}
+        parts = self._dist.gather(uploaded)
+        if self._is_chief:
+            resources: dict[str, int] = {}
+            for part in parts:
+                resources.update(part)
+            self._on_stored(storage_id, steps, resources, metadata)
 
     def download(self, storage_id: str, ckpt_dir: str | os.PathLike[str]) -> None:
         """Download a checkpoint into ``ckpt_dir``."""

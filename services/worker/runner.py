@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -49,7 +50,14 @@ HOME_DIR = ".home"
 NODE_LINE_STRIDE = 100_000_000
 
 
-_LAUNCHERS = ("torchrun", "horovodrun", "deepspeed", "accelerate", "mpirun")
+# Launcher modules that start one process per slot themselves (Kiln's, and Determined's names for them,
+# which the ``determined`` package Kiln ships answers): the worker runs such an entrypoint once per host.
+_LAUNCHER_MODULES = tuple(f"{pkg}.launch.{name}" for pkg in ("kiln", "determined")
+                          for name in ("torch_distributed", "horovod", "deepspeed"))
+# A failed trial's first traceback: at most this many lines are repeated at the end of its log, and this much
+# of its last line goes into the exit reason.
+FIRST_ERROR_LINES = 60
+FIRST_ERROR_REASON_CHARS = 400
 
 
 class Rendezvous(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,7 +70,7 @@ class Rendezvous(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, processes: int = 1,
-                    rendezvous: Rendezvous | None = None) -> list[str]:
+                    rendezvous: Rendezvous | None = None, launches_own_ranks: bool = False) -> list[str]:
     """The command line for a Determined-style entrypoint.
 
     ``module:function`` runs that function through ``kiln.exec``; a command line runs as is, with a
@@ -70,7 +78,9 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
     With several slots, a Python entrypoint is started once per slot by torchrun (``--standalone``,
     one process per slot); on several hosts, each host's torchrun joins node 0's rendezvous and ranks
     are numbered across hosts. An entrypoint that names its own launcher (torchrun, horovodrun...) is
-    left to it.
+    left to it, and so is one that runs a launcher module (``python3 -m kiln.launch.torch_distributed ...``
+    or Determined's ``determined.launch.*``), which starts the ranks on the trial's slots itself, and a
+    script that does (``launches_own_ranks``, see ``script_launches_own_ranks``).
     """
     if isinstance(entrypoint, str):
         text = entrypoint.strip()
@@ -82,6 +92,8 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
         argv[0] = python
     if not argv or argv[0] != python:
         return argv
+    if launches_own_ranks or (len(argv) > 2 and argv[1] == "-m" and argv[2] in _LAUNCHER_MODULES):
+        return argv
     if rendezvous is not None and rendezvous.nnodes > 1:
         r = rendezvous
         return [python, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}", f"--node_rank={r.node_rank}",
@@ -92,12 +104,81 @@ def entrypoint_argv(entrypoint: str | list[str], python: str = sys.executable, p
     return argv
 
 
+# Bigger scripts are not read for the marker below (a training script is far smaller).
+_SCRIPT_SCAN_BYTES = 1 << 20
+
+
+def script_launches_own_ranks(entrypoint: str | list[str], work_dir: Path) -> bool:
+    """Whether a ``python3 script.py ...`` entrypoint starts its own ranks: its code runs ``wrap_rank``.
+
+    Determined asks a custom launcher to start each rank under ``python3 -m determined.launch.wrap_rank``
+    (its Core API tutorial 4 does, in "launcher" mode); such a script must run once per host, not once per
+    slot, or every slot would start all the ranks again.
+    """
+    argv = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
+    if len(argv) < 2 or not argv[0].startswith("python") or not argv[1].endswith(".py"):
+        return False
+    script = work_dir / argv[1]
+    try:
+        if not script.resolve().is_relative_to(work_dir.resolve()) or script.stat().st_size > _SCRIPT_SCAN_BYTES:
+            return False
+        text = script.read_text(errors="replace")
+    except OSError:
+        return False
+    return "launch.wrap_rank" in text
+
+
 def _rendezvous(a: ev.AllocationAssigned) -> Rendezvous | None:
     """The rendezvous of a multi-host allocation; None on a single host."""
     if len(a.nodes) < 2:
         return None
     return Rendezvous(nnodes=len(a.nodes), node_rank=a.node_rank, master_addr=a.nodes[0].address,
                       master_port=a.master_port)
+
+
+_RANK_PREFIX = re.compile(r"^(\[rank=\d+\] |\[(?:rank|default)\d+\]:\s?)+")
+
+
+class FirstTraceback:
+    """Finds the first complete Python traceback in a trial's stderr, as it streams by.
+
+    With several ranks their lines interleave, so each rank's lines (told apart by the ``[rank=N] `` that
+    wrap_rank puts before them, or torch's ``[rankN]:``) are followed on their own; the first traceback to
+    end, on any rank, is the one kept: the failing rank's own error, printed before the launcher's summary.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, list[str]] = {}
+        self.lines: list[str] = []  # the first complete traceback, prefixes kept
+
+    def feed(self, text: str) -> None:
+        """One line of stderr."""
+        if self.lines:
+            return
+        match = _RANK_PREFIX.match(text)
+        key = match.group(0) if match else ""
+        body = text[match.end():] if match else text
+        if body.startswith("Traceback (most recent call last):"):
+            self._open[key] = [text]
+            return
+        lines = self._open.get(key)
+        if lines is None:
+            return
+        lines.append(text)
+        if body and not body[0].isspace():  # the exception line ends the traceback
+            self.lines = lines[:FIRST_ERROR_LINES - 1] + ([lines[-1]] if len(lines) >= FIRST_ERROR_LINES else [])
+            self._open.clear()
+
+    def summary(self) -> str:
+        """The exception line of the first traceback, with its rank (empty when there was none)."""
+        if not self.lines:
+            return ""
+        last = self.lines[-1]
+        match = _RANK_PREFIX.match(last)
+        rank = re.search(r"\d+", match.group(0)) if match else None
+        text = last[match.end():] if match else last
+        where = f" (rank {rank.group(0)})" if rank else ""
+        return (text[:FIRST_ERROR_REASON_CHARS] + where).strip()
 
 
 def _die_with_parent() -> None:
@@ -148,6 +229,7 @@ class Allocation:
         self._pending: list[ev.LogLine] = []
         self._pending_chars = 0
         self._flush_lock = asyncio.Lock()
+        self.first_error = FirstTraceback()
 
     @property
     def allocation_id(self) -> str:
@@ -179,7 +261,8 @@ class Allocation:
                                   grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
-                                   processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a))
+                                   processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
+                                   launches_own_ranks=script_launches_own_ranks(config.entrypoint, self.dir))
             user = self.runtime.user
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -232,6 +315,14 @@ class Allocation:
             await self.link.close()
         with contextlib.suppress(OSError):
             os.utime(self.dir)  # ended now: the newest of the work dirs the worker keeps for debugging
+        reason = "killed" if self.killed else ""
+        if code != 0 and not self.killed and self.first_error.lines:
+            # The last lines a reader sees (trial logs, --follow) are the failing rank's own error, not the
+            # launcher's summary printed after it; the trial's exit reason names it too.
+            await self._system_line("the trial's first error (the earliest traceback it printed):")
+            for line in self.first_error.lines:
+                await self._system_line(line)
+            reason = f"exit code {code}: {self.first_error.summary()}"
         await self._system_line(f"trial process exited with code {code}")
         await self._flush()
         a = self.assigned
@@ -239,7 +330,7 @@ class Allocation:
             ev.AllocationExited(
                 experiment_id=a.experiment_id, trial_id=a.trial_id, allocation_id=a.allocation_id,
                 worker_id=a.worker_id, exit_code=code, killed=self.killed,
-                reason="killed" if self.killed else "", exited_at=time.time(), node_rank=a.node_rank,
+                reason=reason, exited_at=time.time(), node_rank=a.node_rank,
             )
         )
         log.info("allocation.exited", allocation=a.allocation_id, code=code, killed=self.killed)
@@ -269,6 +360,7 @@ class Allocation:
             slot_ids=list(a.slot_ids),
             container_rank=a.node_rank,
             container_addrs=[n.address for n in a.nodes] or self.info_base.container_addrs,
+            master_port=a.master_port,
             link_path=str(self.link.path) if self.link is not None else "",
             trial=TrialInfo(
                 trial_id=a.trial_id,
@@ -285,6 +377,10 @@ class Allocation:
             env[k] = v + (os.pathsep + env[k] if env.get(k) and k.endswith("PATH") else "")
         env.update(config.environment_variables)
         env[CLUSTER_INFO_ENV] = msgspec.json.encode(info).decode()
+        # Ports a trial's ranks may listen on (Determined's DistributedContext adds this offset to its own):
+        # slots are never shared, so the lowest slot index keeps concurrent allocations on a host apart.
+        env["DET_UNIQUE_PORT_OFFSET"] = str(min((int(d) for s in a.slot_ids if (d := s.lstrip("cpuda")).isdigit()),
+                                                default=0))
         env["PYTHONUNBUFFERED"] = "1"
         if all(s.startswith("cpu") for s in a.slot_ids):
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -300,7 +396,10 @@ class Allocation:
                 raw = await stream.read(65536)
             if not raw:
                 return
-            await self._add_line(name, raw.decode("utf-8", errors="replace").rstrip("\n"))
+            text = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if name == "stderr":
+                self.first_error.feed(text)
+            await self._add_line(name, text)
 
     async def _add_line(self, stream: str, text: str) -> None:
         self._pending.append(ev.LogLine(line_no=self._line_no, stream=stream, text=text, ts=time.time()))  # type: ignore[arg-type]

@@ -45,6 +45,8 @@ def _running_with_steps(stack: Stack, exp_id: int, steps: int) -> dict[str, Any]
 
 def _ended(stack: Stack, exp_id: int) -> dict[str, Any] | None:
     exp = _get(stack, f"/api/v1/experiments/{exp_id}")
+    if "state" not in exp:  # an error body: not projected yet (404) right after submission
+        return None
     return exp if exp["state"] in ("COMPLETED", "ERROR", "CANCELED") else None
 
 

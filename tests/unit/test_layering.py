@@ -114,3 +114,11 @@ def test_services_import_no_sdk_and_no_other_service() -> None:
             assert root not in ("kiln", "deploy"), (path, module)
             if root == "services":
                 assert ".".join(module.split(".")[:2]) in allowed, (path, module)
+
+
+def test_the_launchers_and_the_determined_shim_load_only_when_run() -> None:
+    for statement in ("import kiln", "import kiln.core", "import determined", "import kiln.launch"):
+        loaded = _loaded_after(statement)
+        assert not {m for m in loaded if m.startswith("kiln.launch.")}, statement
+        assert "torch" not in _roots(loaded), statement
+    assert "kiln.launch" not in _loaded_after("import kiln; import kiln.core")
