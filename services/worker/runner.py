@@ -37,6 +37,18 @@ Publish = Callable[[Any], Awaitable[int]]
 
 # Environment a trial inherits from the worker; everything else (the worker's own credentials
 # above all) stays out of the trial.
+def interpreter_env(path: str, executable: str = sys.executable, prefix: str = sys.prefix,
+                    base_prefix: str = sys.base_prefix) -> dict[str, str]:
+    """PATH (and VIRTUAL_ENV) so that ``python3`` in a trial is the worker's interpreter, the one with Kiln,
+    whatever the shell that started the stack had first on its PATH."""
+    bin_dir = os.path.dirname(executable)
+    rest = [p for p in path.split(os.pathsep) if p and p != bin_dir]
+    env = {"PATH": os.pathsep.join([bin_dir, *rest])}
+    if prefix != base_prefix:  # a virtual environment
+        env["VIRTUAL_ENV"] = prefix
+    return env
+
+
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "CUDA_HOME", "LD_LIBRARY_PATH")
 LOG_FLUSH_S = 0.25
 LOG_BATCH_LINES = 500
@@ -372,6 +384,7 @@ class Allocation:
             ),
         )
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+        env.update(interpreter_env(env.get("PATH", "")))
         env["HOME"] = str(self.dir / HOME_DIR)  # the trial user's caches (torch, pip...) stay in its work dir
         for k, v in self.runtime.env.items():
             env[k] = v + (os.pathsep + env[k] if env.get(k) and k.endswith("PATH") else "")

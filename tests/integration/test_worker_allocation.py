@@ -20,7 +20,10 @@ from services.runtime import Delivery, S3Settings
 from services.worker.main import Worker, WorkerSettings
 
 TRAIN = """\
-import json, os
+import json, os, subprocess
+# A script that starts Python itself gets the worker's interpreter (with Kiln), not whatever PATH had first.
+sub = subprocess.run(["python3", "-c", "import kiln"], capture_output=True, text=True)
+print("SUBPYTHON", "ok" if sub.returncode == 0 else sub.stderr.strip().splitlines()[-1])
 info = json.loads(os.environ["KILN_CLUSTER_INFO"])
 trial = info["trial"]
 print("TRIAL", json.dumps([trial["trial_id"], trial["hparams"], trial["trial_seed"], trial["max_length"],
@@ -102,6 +105,7 @@ async def test_a_worker_with_no_stream_history_starts_the_run_from_its_assignmen
     lines = [line.text for e in events if isinstance(e, ev.LogsShipped) for line in e.lines]
     (trial,) = [json.loads(text.removeprefix("TRIAL ")) for text in lines if text.startswith("TRIAL ")]
     assert trial == [30, {"lr": 0.5}, 99, 10, "loss", "hello"]
+    assert "SUBPYTHON ok" in lines
 
 
 async def test_an_assignment_without_a_spec_is_reported_as_not_started_not_retried(
