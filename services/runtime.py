@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -375,6 +376,7 @@ class Bus:
         fetch_timeout_s: float = 1.0,
         position: Callable[[], Awaitable[int]] | None = None,
         transient: Callable[[BaseException], bool] | None = None,
+        prefetch: Callable[[list[Delivery[T]]], None] | None = None,
     ) -> None:
         """Pull, decode and hand batches to ``handler``, in stream order, until ``stop`` is set.
 
@@ -388,7 +390,18 @@ class Bus:
         With ``position`` (the seq the consumer's own store says it applied last), the durable consumer
         is recreated to start right after it whenever the process starts or a delivery goes missing (a
         gap in the consumer sequence), so a position can never pass a message that was not applied.
+
+        With ``prefetch``, the next batch is fetched and decoded while the handler applies this one, and
+        ``prefetch(next_deliveries)`` is called with it then (the tracker folds it while Postgres writes the
+        current one). It is only a head start: the next batch still goes through the sequence check and the
+        handler after this one is acked; if this one took longer than half the ack wait, the head start is
+        dropped and the consumer rebinds at its position, so nothing waits out an expired lease.
         """
+        if prefetch is not None:
+            await self._consume_ahead(spec, decoder, handler, stop, batch=batch, idle=idle,
+                                      fetch_timeout_s=fetch_timeout_s, position=position,
+                                      classify=transient or is_transient, prefetch=prefetch)
+            return
         puller = _Puller(self, spec, position)
         classify = transient or is_transient
         await self._until_done(lambda: puller.bind(), stop, classify, f"bind {spec.durable}")
@@ -414,6 +427,80 @@ class Bus:
             await puller.close()
             log.info("consumer.stopped", durable=spec.durable)
 
+    async def _consume_ahead(
+        self,
+        spec: ConsumerSpec,
+        decoder: msgspec.json.Decoder[T],
+        handler: Handler[T],
+        stop: asyncio.Event,
+        *,
+        batch: int,
+        idle: Callable[[], Awaitable[None]] | None,
+        fetch_timeout_s: float,
+        position: Callable[[], Awaitable[int]] | None,
+        classify: Callable[[BaseException], bool],
+        prefetch: Callable[[list[Delivery[T]]], None],
+    ) -> None:
+        """``consume`` with the next batch fetched, decoded and handed to ``prefetch`` during this one."""
+        puller = _Puller(self, spec, position)
+
+        async def fetch() -> tuple[list[Msg], tuple[list[Delivery[T]], list[tuple[Msg, str]]]] | None:
+            msgs = await puller.fetch(batch, fetch_timeout_s)
+            if msgs is None:
+                return None
+            decoded = _decoded(spec, decoder, msgs)
+            prefetch(decoded[0])
+            return msgs, decoded
+
+        async def rebind(why: str) -> None:
+            log.warning("consumer.gap", durable=spec.durable, action="rebinding at the applied position", why=why)
+            await self._until_done(lambda: puller.bind(), stop, classify, f"rebind {spec.durable}")
+
+        ahead: asyncio.Task[Any] | None = None
+
+        async def drop_ahead() -> None:
+            nonlocal ahead
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
+                ahead = None
+
+        await self._until_done(lambda: puller.bind(), stop, classify, f"bind {spec.durable}")
+        log.info("consumer.started", durable=spec.durable, stream=spec.stream.name, prefetch=True)
+        try:
+            while not stop.is_set():
+                if puller.lost:
+                    await drop_ahead()
+                    await self._until_done(lambda: puller.bind(), stop, classify, f"rebind {spec.durable}")
+                try:
+                    if ahead is not None:
+                        got, ahead = await ahead, None
+                    else:
+                        got = await fetch()
+                except nats.errors.ConnectionClosedError:
+                    break
+                if got is None:
+                    if idle is not None:
+                        await idle()
+                    continue
+                msgs, decoded = got
+                if not puller.in_order(msgs):
+                    await rebind("a delivery went missing")
+                    continue
+                # The next batch is fetched and decoded while this one is applied.
+                ahead = asyncio.create_task(fetch(), name=f"prefetch-{spec.durable}")
+                started = time.monotonic()
+                await self._apply(spec, handler, stop, decoded, classify)
+                if time.monotonic() - started > spec.ack_wait_s / 2:
+                    # Its leases may have run out meanwhile: start again from what is applied.
+                    await drop_ahead()
+                    await rebind("the batch took longer than half the ack wait")
+        finally:
+            await drop_ahead()
+            await puller.close()
+            log.info("consumer.stopped", durable=spec.durable)
+
     async def _deliver(
         self,
         spec: ConsumerSpec,
@@ -423,23 +510,19 @@ class Bus:
         msgs: list[Msg],
         classify: Callable[[BaseException], bool],
     ) -> None:
-        deliveries: list[Delivery[T]] = []
-        for msg in msgs:
-            try:
-                event = decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
-                await self._until_done(functools.partial(self._give_up, spec, msg, f"undecodable: {exc}"),
-                                       stop, classify, "dead-letter")
-                continue
-            # Defense in depth behind the NATS permissions: an event type its subject's publisher does not
-            # own (schemas.subjects.OWNERS) is never applied.
-            why = forged(msg.subject, event)
-            if why is not None:
-                log.warning("consumer.forged", durable=spec.durable, subject=msg.subject, error=why)
-                await self._until_done(functools.partial(self._give_up, spec, msg, why), stop, classify, "dead-letter")
-                continue
-            deliveries.append(Delivery.of(event, msg))
+        await self._apply(spec, handler, stop, _decoded(spec, decoder, msgs), classify)
+
+    async def _apply(
+        self,
+        spec: ConsumerSpec,
+        handler: Handler[T],
+        stop: asyncio.Event,
+        decoded: tuple[list[Delivery[T]], list[tuple[Msg, str]]],
+        classify: Callable[[BaseException], bool],
+    ) -> None:
+        deliveries, refused = decoded
+        for msg, why in refused:  # undecodable or forged: dead-lettered before the rest is applied
+            await self._until_done(functools.partial(self._give_up, spec, msg, why), stop, classify, "dead-letter")
         if not deliveries:
             return
         error = await self._attempt(spec, handler, deliveries, stop, classify)
@@ -683,6 +766,28 @@ async def _ack_all(deliveries: Sequence[Delivery[Any]]) -> None:
             await d.msg.ack()
         except Exception as exc:  # noqa: BLE001
             log.debug("consumer.ack_failed", seq=d.seq, error=repr(exc))
+
+
+def _decoded(spec: ConsumerSpec, decoder: msgspec.json.Decoder[T],
+             msgs: list[Msg]) -> tuple[list[Delivery[T]], list[tuple[Msg, str]]]:
+    """The messages decoded, and those refused with why: undecodable, or of a type their subject's publisher
+    does not own (schemas.subjects.OWNERS: defense in depth behind the NATS permissions; never applied)."""
+    deliveries: list[Delivery[T]] = []
+    refused: list[tuple[Msg, str]] = []
+    for msg in msgs:
+        try:
+            event = decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("consumer.undecodable", durable=spec.durable, subject=msg.subject, error=str(exc))
+            refused.append((msg, f"undecodable: {exc}"))
+            continue
+        why = forged(msg.subject, event)
+        if why is not None:
+            log.warning("consumer.forged", durable=spec.durable, subject=msg.subject, error=why)
+            refused.append((msg, why))
+            continue
+        deliveries.append(Delivery.of(event, msg))
+    return deliveries, refused
 
 
 class _Puller:

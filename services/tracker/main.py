@@ -13,6 +13,7 @@ import structlog
 from schemas import events as ev
 from schemas import ports, readmodel, subjects
 from services.runtime import (
+    Bus,
     BusSettings,
     ConsumerSpec,
     Delivery,
@@ -23,7 +24,7 @@ from services.runtime import (
     read_settings,
     stop_on_signals,
 )
-from services.tracker.projection import Item, project_batch
+from services.tracker.projection import Item, Prepared, prepare, project_batch
 
 log = structlog.get_logger(__name__)
 
@@ -47,14 +48,42 @@ CONSUMERS: list[tuple[ConsumerSpec, Any]] = [  # (spec, the union its decoder re
 ]
 
 
-def handler_for(pool: asyncpg.Pool, consumer: str) -> Callable[[list[Delivery[Any]]], Coroutine[Any, Any, None]]:
+AHEAD_STREAMS = frozenset({subjects.METRICS.name, subjects.LOGS.name})
+
+
+class Ahead:
+    """Batches folded ahead (``Bus.consume(prefetch=...)``) while the one before is written, by their seqs."""
+
+    KEEP = 4  # one is ahead at a time; a few more only when a head start was dropped (a rebind)
+
+    def __init__(self) -> None:
+        self.folded: dict[tuple[int, ...], Prepared] = {}
+        self.used = 0  # batches applied from their head start
+
+    def prefetch(self, batch: list[Delivery[Any]]) -> None:
+        prepared = prepare([Item(d.seq, d.timestamp, d.event) for d in batch])
+        if prepared is None:
+            return
+        while len(self.folded) >= self.KEEP:
+            self.folded.pop(next(iter(self.folded)))
+        self.folded[prepared.seqs] = prepared
+
+    def take(self, items: list[Item]) -> Prepared | None:
+        prepared = self.folded.pop(tuple(i.seq for i in items), None)
+        self.used += prepared is not None
+        return prepared
+
+
+def handler_for(pool: asyncpg.Pool, consumer: str,
+                ahead: Ahead | None = None) -> Callable[[list[Delivery[Any]]], Coroutine[Any, Any, None]]:
     """A batch handler that projects and commits before the runtime acks."""
 
     async def handle(batch: list[Delivery[Any]]) -> None:
         items = [Item(d.seq, d.timestamp, d.event) for d in batch]
+        prepared = ahead.take(items) if ahead is not None else None  # before any await: it is this batch's
         try:
             async with pool.acquire() as conn:
-                await project_batch(conn, consumer, items)
+                await project_batch(conn, consumer, items, prepared)
         except Exception as exc:
             if postgres_unavailable(exc):
                 raise Transient(f"postgres unavailable: {exc!r}") from exc
@@ -90,11 +119,17 @@ async def main() -> None:
             applied = await readmodel.migrate(conn)
         log.info("tracker.migrated", applied=applied)
         async with connect_bus(bus_settings, "tracker", ensure=False) as bus:
-            await asyncio.gather(*(
-                bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable), stop,
-                            batch=settings.batch, position=position_of(pool, spec.durable))
-                for spec, kind in CONSUMERS
-            ))
+            await asyncio.gather(*(consume(bus, pool, spec, kind, settings, stop) for spec, kind in CONSUMERS))
+
+
+async def consume(bus: Bus, pool: asyncpg.Pool, spec: ConsumerSpec, kind: Any, settings: TrackerSettings,
+                  stop: asyncio.Event) -> None:
+    """One projection. Metrics and logs touch no rows of the read model: the next batch is decoded and folded
+    while Postgres writes this one (``prefetch``); domain events need the rows the batch before wrote."""
+    ahead = Ahead() if spec.stream.name in AHEAD_STREAMS else None
+    await bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable, ahead), stop,
+                      batch=settings.batch, position=position_of(pool, spec.durable),
+                      prefetch=ahead.prefetch if ahead is not None else None)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
@@ -51,8 +51,34 @@ def _j(value: Any) -> str:
     return _json.encode(value).decode()
 
 
-async def project_batch(conn: Any, consumer: str, items: Sequence[Item]) -> int:
-    """Apply the items above the consumer's position in one transaction; return how many applied."""
+class Prepared(NamedTuple):
+    """A batch of metric or log events folded ahead of its transaction: they touch no row of the read model,
+    so their rows (and the metric summaries) can be built while Postgres still writes the batch before."""
+
+    seqs: tuple[int, ...]
+    fold: Fold
+    summaries: list[tuple[Any, ...]]
+
+
+_PREPARABLE = frozenset({ev.TrainingMetricsReported, ev.LogsShipped})
+
+
+def prepare(items: Sequence[Item]) -> Prepared | None:
+    """The batch folded ahead, or None when it holds an event that needs rows from Postgres."""
+    if not items or any(type(i.event) not in _PREPARABLE for i in items):
+        return None
+    fold = Fold()
+    for item in items:
+        fold.apply(item)
+    return Prepared(tuple(i.seq for i in items), fold, _summaries(list(fold.metric_rows.values())))
+
+
+async def project_batch(conn: Any, consumer: str, items: Sequence[Item], prepared: Prepared | None = None) -> int:
+    """Apply the items above the consumer's position in one transaction; return how many applied.
+
+    ``prepared`` (``prepare(items)``, built ahead) is used when every item is above the position; otherwise
+    the fresh items are folded here, as always.
+    """
     async with conn.transaction():
         row = await conn.fetchrow(
             "SELECT last_seq FROM projection_positions WHERE consumer = $1 FOR UPDATE", consumer
@@ -61,10 +87,13 @@ async def project_batch(conn: Any, consumer: str, items: Sequence[Item]) -> int:
         fresh = [i for i in items if i.seq > last]
         if not fresh:
             return 0
-        fold = Fold(**await _load(conn, fresh))
-        for item in fresh:
-            fold.apply(item)
-        await _write(conn, fold)
+        if prepared is not None and len(fresh) == len(items) and prepared.seqs == tuple(i.seq for i in items):
+            fold, summaries = prepared.fold, prepared.summaries
+        else:
+            fold, summaries = Fold(**await _load(conn, fresh)), None
+            for item in fresh:
+                fold.apply(item)
+        await _write(conn, fold, summaries)
         await conn.execute(
             "INSERT INTO projection_positions (consumer, last_seq) VALUES ($1, $2)"
             " ON CONFLICT (consumer) DO UPDATE SET last_seq = EXCLUDED.last_seq",
@@ -551,7 +580,7 @@ async def _write_rows(conn: Any, table: str, rows: Sequence[Row]) -> None:
     await conn.execute(_UPSERT_STAGED[table])
 
 
-async def _write(conn: Any, fold: Fold) -> None:
+async def _write(conn: Any, fold: Fold, summaries: list[tuple[Any, ...]] | None = None) -> None:
     """Write what the fold changed, parents before children, then metric points and log lines."""
     fold.finish()
     for table, rows in (("experiments", fold.experiments), ("trials", fold.trials), ("allocations", fold.allocations)):
@@ -566,7 +595,7 @@ async def _write(conn: Any, fold: Fold) -> None:
             " WHERE c.uuid = u.uuid AND c.state <> 'DELETED'",
             uuids, [fold.checkpoints_deleted[u][0] for u in uuids], [fold.checkpoints_deleted[u][1] for u in uuids])
     if fold.metric_rows:
-        await _flush_points(conn, list(fold.metric_rows.values()))
+        await _flush_points(conn, list(fold.metric_rows.values()), summaries)
     if fold.log_rows:
         await conn.executemany(
             "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"
@@ -575,7 +604,8 @@ async def _write(conn: Any, fold: Fold) -> None:
         )
 
 
-async def _flush_points(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+async def _flush_points(conn: Any, rows: list[tuple[Any, ...]],
+                        summaries: list[tuple[Any, ...]] | None = None) -> None:
     """COPY the batch straight into ``metric_points`` and fold the per-trial summaries.
 
     The fast path is a plain COPY inside a savepoint. Only when a step is already there (a
@@ -596,7 +626,8 @@ async def _flush_points(conn: Any, rows: list[tuple[Any, ...]]) -> None:
             " ON CONFLICT (trial_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value,"
             " text_value = EXCLUDED.text_value, reported_at = EXCLUDED.reported_at"
         )
-    summaries = _summaries(rows)
+    if summaries is None:
+        summaries = _summaries(rows)
     if len(summaries) <= _COPY_ABOVE:
         await conn.execute(_SUMMARY_UPSERT.format(source=_SUMMARY_ARRAYS), *map(list, zip(*summaries, strict=True)))
         return
