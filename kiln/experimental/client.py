@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.client import Client, master_url, stored_token
+from kiln.client import APIError, Client, master_url, stored_token
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,16 @@ def create_experiment(config: str | Path | dict[str, Any], model_dir: str | Path
             answer = session.create_experiment(text, context)
     for warning in answer.get("warnings", []):
         log.warning("experiment %s: %s", answer["id"], warning)
-    return get_experiment(int(answer["id"]))
+    # The read model shows a submission a moment after the gateway accepted it (the tracker folds the event):
+    # wait for it rather than hand back an id that answers 404.
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            return Experiment(session, session.get_experiment(int(answer["id"])))
+        except APIError as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def _config_text(config: str | Path | dict[str, Any]) -> str:

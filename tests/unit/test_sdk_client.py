@@ -105,7 +105,7 @@ class FakeGateway:
                 "steps_completed": 20, "restarts": 0, "best_metric": 0.2, "latest_validation": None}
 
 
-def _fake_session(gateway: FakeGateway, token: str | None = None) -> Client:
+def _fake_session(gateway: Any, token: str | None = None) -> Client:
     session = Client("http://gateway.test", token="")
     session._http = httpx.Client(base_url="http://gateway.test", transport=httpx.MockTransport(gateway),
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -133,6 +133,21 @@ def test_create_wait_and_download_the_top_checkpoint(gateway: FakeGateway, tmp_p
     assert best.uuid == "b" and best.steps_completed == 20 and best.metadata == {"steps_completed": 20}
     path = best.download(tmp_path / "out")
     assert Path(path, "model.pt").read_bytes() == b"abc"
+
+
+def test_create_waits_for_the_read_model_to_show_the_experiment(gateway: FakeGateway, tmp_path: Path) -> None:
+    unseen = [2]
+    handler = gateway.__call__
+
+    def lagging(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/experiments/7" and unseen[0] > 0:
+            unseen[0] -= 1
+            return httpx.Response(404, json={"status_code": 404, "detail": "experiment 7 not found"})
+        return handler(request)
+
+    client._use(_fake_session(lagging))
+    assert client.create_experiment("name: x\nentrypoint: y\n", tmp_path).id == 7
+    assert unseen == [0]
 
 
 def test_config_from_a_path_or_yaml_text(gateway: FakeGateway, tmp_path: Path) -> None:
