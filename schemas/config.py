@@ -24,6 +24,9 @@ DEFAULT_EXPERIMENT_NAME = "Experiment"
 DEFAULT_PRIORITY = 42  # 1..99, lower runs first
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESOURCE_POOL = "default"
+# The stack's own checkpoint store, which a ``checkpoint_storage`` without ``type`` is merged into (the gateway
+# passes its bucket; a local check without a gateway assumes the stack's default one).
+DEFAULT_STORAGE: dict[str, Any] = {"type": "s3", "bucket": "kiln"}
 _INT64 = (-(2**63), 2**63 - 1)
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -301,9 +304,14 @@ class YamlLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_depth: int = 64
 
 
-def parse_config(source: str | bytes | dict[str, Any],
-                 limits: YamlLimits | None = None) -> tuple[ExperimentConfig, list[str]]:
-    """Validate a YAML document (or its already-loaded data) into a config and its warnings."""
+def parse_config(source: str | bytes | dict[str, Any], limits: YamlLimits | None = None,
+                 default_storage: dict[str, Any] | None = None) -> tuple[ExperimentConfig, list[str]]:
+    """Validate a YAML document (or its already-loaded data) into a config and its warnings.
+
+    ``default_storage``: the stack's checkpoint store (``{type: s3, bucket: ...}``), which a
+    ``checkpoint_storage`` without ``type`` is merged into, as Determined merges it into the cluster's;
+    default ``DEFAULT_STORAGE``.
+    """
     if isinstance(source, (str, bytes)):
         raw = _load_yaml(source, limits or YamlLimits())
         _check_scalars(raw)
@@ -312,6 +320,11 @@ def parse_config(source: str | bytes | dict[str, Any],
     if not isinstance(raw, dict):
         got = "an empty document" if raw is None else type(raw).__name__
         raise ConfigError([FieldError("<config>", f"expected a mapping at the top level, got {got}")])
+    _refuse_task_config(raw)
+    storage = raw.get("checkpoint_storage")
+    if isinstance(storage, dict) and "type" not in storage:
+        # Determined fills a type-less checkpoint_storage from the master's; the given fields win.
+        raw = {**raw, "checkpoint_storage": {**(default_storage or DEFAULT_STORAGE), **storage}}
     report = _Report()
     config = _convert(raw, ExperimentConfig, "", report)
     if report.errors:
@@ -343,6 +356,25 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     data = msgspec.to_builtins(cfg)
     assert isinstance(data, dict)
     return data
+
+
+# Fields of Determined's task configs (notebook, command, shell, TensorBoard) that no experiment config has.
+_TASK_ONLY_FIELDS = ("notebook_idle_type", "idle_timeout", "work_dir", "tensorboard_args")
+# Fields a task config shares with an experiment config; a document of these alone, without ``searcher`` or
+# ``entrypoint``, is a notebook or shell config.
+_TASK_COMMON_FIELDS = frozenset({"description", "environment", "resources", "bind_mounts", "debug", "pbs", "slurm"})
+_TASK_CONFIG = "this is a task config (notebook/command/shell), not an experiment config: Kiln runs experiments"
+
+
+def _refuse_task_config(raw: dict[Any, Any]) -> None:
+    """A Determined notebook/command/shell config is not a broken experiment config: say what it is."""
+    giveaway = next((field for field in _TASK_ONLY_FIELDS if field in raw), None)
+    if giveaway is not None:
+        raise ConfigError([FieldError(giveaway, f"{_TASK_CONFIG} ({giveaway!r} is a task field)")])
+    if raw and "searcher" not in raw and "entrypoint" not in raw and set(raw) <= _TASK_COMMON_FIELDS:
+        fields = ", ".join(sorted(str(key) for key in raw))
+        message = f"{_TASK_CONFIG} (no searcher and no entrypoint; only {fields})"
+        raise ConfigError([FieldError("searcher", message)])
 
 
 def leaf_hyperparameters(space: HyperparameterSpace, prefix: str = "") -> Iterator[tuple[str, HPSpec]]:
@@ -836,8 +868,21 @@ def _env_entry(key: Any, val: Any, path: str, report: _Report) -> tuple[str, str
     return key, str(val)
 
 
+def _period(raw: Any, path: str, report: _Report) -> Length | None | _Invalid:
+    """``min_validation_period`` / ``min_checkpoint_period``: a length, where 0 units means never (Determined's
+    examples write ``{batches: 0}``), which is what no period means."""
+    if isinstance(raw, dict) and len(raw) == 1:
+        ((unit, units),) = raw.items()
+        if unit in ("batches", "records", "epochs") and units == 0 and not isinstance(units, bool):
+            return None
+    period: Length | None | _Invalid = _convert(raw, Length | None, path, report)
+    return period
+
+
 _CUSTOM_FIELDS: dict[tuple[type[msgspec.Struct], str], Callable[[Any, str, _Report], Any]] = {
     (ExperimentConfig, "hyperparameters"): _hyperparameters,
+    (ExperimentConfig, "min_validation_period"): _period,
+    (ExperimentConfig, "min_checkpoint_period"): _period,
     (EnvironmentConfig, "environment_variables"): _environment_variables,
 }
 

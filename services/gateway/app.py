@@ -301,8 +301,10 @@ async def create_experiment(
     deps = _deps(state)
     try:
         # Off the event loop: a big (if allowed) document must not hold up other requests while it parses.
+        # A checkpoint_storage without type is merged into the stack's own store, as Determined merges it.
         config, warnings = await asyncio.to_thread(parse_config, data.config,
-                                                   YamlLimits(max_bytes=deps.max_config_bytes))
+                                                   YamlLimits(max_bytes=deps.max_config_bytes),
+                                                   {"type": "s3", "bucket": deps.bucket})
     except ConfigError as exc:
         raise _bad_request("invalid experiment config",
                            errors=[api.ConfigProblem(path=e.path, message=e.message) for e in exc.errors]) from exc

@@ -122,3 +122,8 @@ def test_the_launchers_and_the_determined_shim_load_only_when_run() -> None:
         assert not {m for m in loaded if m.startswith("kiln.launch.")}, statement
         assert "torch" not in _roots(loaded), statement
     assert "kiln.launch" not in _loaded_after("import kiln; import kiln.core")
+
+
+def test_the_sdk_loads_only_when_named() -> None:
+    assert "kiln.experimental.client" not in _loaded_after("import kiln")
+    assert "kiln.experimental.client" in _loaded_after("from kiln.experimental import client")
