@@ -138,6 +138,15 @@ class ResourcesAnswer(msgspec.Struct, kw_only=True):
     max_slots: int | None
 
 
+class ExperimentMetadata(msgspec.Struct, kw_only=True):
+    """An experiment's name, description and labels as a change leaves them."""
+
+    id: int
+    name: str
+    description: str
+    labels: list[str]
+
+
 class AuditEvent(msgspec.Struct, kw_only=True):
     """One event of an experiment's audit trail, where it sits in the stream."""
 

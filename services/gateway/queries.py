@@ -7,6 +7,7 @@ whose type drifts from the documented answer fails in the query, not in a client
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -146,13 +147,16 @@ async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int,
     return _typed(records, api.MetricsAtStep)
 
 
-async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool) -> list[api.LogLine]:
-    """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``)."""
+async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool,
+                     since: datetime | None = None) -> list[api.LogLine]:
+    """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``; ``since``: those
+    written at or after it)."""
     order = "DESC" if tail else "ASC"
     records = await conn.fetch(
         "SELECT allocation_id, line_no, stream, ts, text FROM trial_logs WHERE trial_id = $1"
+        " AND ($4::timestamptz IS NULL OR ts >= $4)"
         f" ORDER BY ts {order}, allocation_id {order}, line_no {order} LIMIT $2 OFFSET $3",
-        trial_id, limit, offset,
+        trial_id, limit, offset, since,
     )
     rows = _typed(records, api.LogLine)
     return rows[::-1] if tail else rows

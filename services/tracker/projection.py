@@ -177,7 +177,8 @@ class Fold:
         if e.experiment_id in self.experiments:
             return
         self.experiments[e.experiment_id] = {
-            "id": e.experiment_id, "state": "ACTIVE", "config": _j(e.config), "config_yaml": e.config_yaml,
+            "id": e.experiment_id, "state": "PAUSED" if e.paused else "ACTIVE", "config": _j(e.config),
+            "config_yaml": e.config_yaml,
             "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
             "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
             "planned_trials": 0,
@@ -198,6 +199,18 @@ class Fold:
                 x["weight"] = float(e.weight)
             if e.max_slots is not None:
                 x["max_slots"] = e.max_slots if e.max_slots > 0 else None
+
+    def _metadata_changed(self, e: ev.ExperimentMetadataChanged, item: Item) -> None:
+        if (x := self._row("experiments", e.experiment_id)) is not None:
+            if e.name is not None:
+                x["name"] = e.name
+            if e.description is not None:
+                x["description"] = e.description
+            if e.labels_added or e.labels_removed:
+                labels = msgspec.json.decode(x["labels"]) if isinstance(x["labels"], (str, bytes)) else x["labels"]
+                labels = [la for la in labels + [a for a in e.labels_added if a not in labels]
+                          if la not in e.labels_removed]
+                x["labels"] = _j(labels)
 
     def _experiment_ended(self, e: ev.ExperimentEnded, item: Item) -> None:
         self._settle_progress(e.experiment_id)
@@ -388,6 +401,7 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.ExperimentPauseRequested: lambda f, e, _: f._experiment_state(e, "PAUSED"),
     ev.ExperimentActivateRequested: lambda f, e, _: f._experiment_state(e, "ACTIVE"),
     ev.ExperimentResourcesChanged: Fold._resources_changed,
+    ev.ExperimentMetadataChanged: Fold._metadata_changed,
     ev.ExperimentKillRequested: lambda f, e, _: f._experiment_state(e, "STOPPING_CANCELED"),
     ev.ExperimentEnded: Fold._experiment_ended,
     ev.TrialCreated: Fold._created,
