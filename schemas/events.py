@@ -92,6 +92,16 @@ class ExperimentMetadataChanged(Event, frozen=True, kw_only=True):
     change_id: str = ""  # unique per request: the same change made twice is two facts
 
 
+def relabelled(labels: list[str], added: list[str], removed: list[str]) -> list[str]:
+    """Labels after an ``ExperimentMetadataChanged``: the added ones appended (each once, in order), then the
+    removed ones dropped; the one rule the tracker folds by and the gateway answers with."""
+    out: list[str] = []
+    for label in [*labels, *added]:
+        if label not in out and label not in removed:
+            out.append(label)
+    return out
+
+
 class TrialKillRequested(Event, frozen=True, kw_only=True):
     """A user asked to kill one trial."""
 

@@ -575,14 +575,14 @@ async def set_resources(state: State, request: Request[Principal, int, Any], exp
     return api.ResourcesAnswer(id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots)
 
 
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 
 
 class MetadataPatch(msgspec.Struct, forbid_unknown_fields=True):
     """Name, description and labels to change (Determined's ``set name|description``, ``label add|remove``)."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
-    description: Annotated[str, msgspec.Meta(max_length=10_000)] | None = None
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] | None = None
     add_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
     remove_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
 
@@ -600,12 +600,11 @@ async def set_metadata(state: State, request: Request[Principal, int, Any], expe
     await deps.publish(ev.ExperimentMetadataChanged(
         experiment_id=experiment_id, name=data.name, description=data.description, labels_added=data.add_labels,
         labels_removed=data.remove_labels, requested_by=request.user.username, change_id=uuid.uuid4().hex))
-    # What the tracker will show once it folds the event (the same rule as ``Fold._metadata_changed``).
-    labels = experiment.labels + [a for a in data.add_labels if a not in experiment.labels]
+    # What the tracker will show once it folds the event (the one rule, ``ev.relabelled``).
     return api.ExperimentMetadata(
         id=experiment_id, name=experiment.name if data.name is None else data.name,
         description=experiment.description if data.description is None else data.description,
-        labels=[la for la in labels if la not in data.remove_labels])
+        labels=ev.relabelled(experiment.labels, data.add_labels, data.remove_labels))
 
 
 @post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED,

@@ -208,9 +208,7 @@ class Fold:
                 x["description"] = e.description
             if e.labels_added or e.labels_removed:
                 labels = msgspec.json.decode(x["labels"]) if isinstance(x["labels"], (str, bytes)) else x["labels"]
-                labels = [la for la in labels + [a for a in e.labels_added if a not in labels]
-                          if la not in e.labels_removed]
-                x["labels"] = _j(labels)
+                x["labels"] = _j(ev.relabelled(labels, e.labels_added, e.labels_removed))
 
     def _experiment_ended(self, e: ev.ExperimentEnded, item: Item) -> None:
         self._settle_progress(e.experiment_id)

@@ -205,7 +205,7 @@ def test_deleted_checkpoints_are_marked_with_the_first_deletion() -> None:
 
 def test_metadata_changes_rename_redescribe_and_relabel() -> None:
     f = fold(submitted(),
-             ev.ExperimentMetadataChanged(experiment_id=E, name="renamed", labels_added=["a", "b"], change_id="1"),
+             ev.ExperimentMetadataChanged(experiment_id=E, name="renamed", labels_added=["a", "b", "a"], change_id="1"),
              ev.ExperimentMetadataChanged(experiment_id=E, description="why", labels_added=["b", "c"],
                                           labels_removed=["a"], change_id="2"))
     x = f.experiments[E]
