@@ -81,7 +81,8 @@ def main() -> None:
               help="Number of local worker agents.  [default: the stack's current number, else 1]")
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
-def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the sign-in lines go to stderr).")
+def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, as_json: bool) -> None:
     """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
 
     Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
@@ -98,11 +99,16 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
         click.echo(f"details: {log_file}", err=True)
         _fail(exc)
         return
-    for change in info.changes:
-        click.echo(f"changed: {change}")
-    click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
-    click.echo(f"  export KILN_MASTER={info.master_url}")
-    _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password)
+    if as_json:
+        _print_json({"master_url": info.master_url, "state_dir": str(info.state_dir), "changes": list(info.changes),
+                     "elapsed_s": round(time.monotonic() - started, 1)})
+    else:
+        for change in info.changes:
+            click.echo(f"changed: {change}")
+        click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
+        click.echo(f"  export KILN_MASTER={info.master_url}")
+    _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password,
+                    err=as_json)
 
 
 WARNING_LINE_CHARS = 160
@@ -132,7 +138,7 @@ def _log_to_file(state_dir: Path) -> Path:
     return path
 
 
-def _login_after_up(master: str, admin_password: str) -> None:
+def _login_after_up(master: str, admin_password: str, err: bool = False) -> None:
     """Keep a stored login that still works on this stack; else sign the CLI in as its admin."""
     if os.environ.get("KILN_TOKEN"):
         return
@@ -140,7 +146,7 @@ def _login_after_up(master: str, admin_password: str) -> None:
     if stored is not None:
         try:
             Client(master, token=stored[1]).me()
-            click.echo(f"  logged in as {stored[0]}")
+            click.echo(f"  logged in as {stored[0]}", err=err)
             return
         except APIError:
             pass  # revoked, expired, or another stack's: sign in afresh
@@ -150,19 +156,23 @@ def _login_after_up(master: str, admin_password: str) -> None:
         click.echo(f"warning: could not log in as admin: {exc} (run kiln user login)", err=True)
         return
     kiln_client.store_token(master, out["username"], out["token"])
-    click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})")
+    click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})", err=err)
 
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
-def down(state_dir: Path | None) -> None:
+@_JSON
+def down(state_dir: Path | None, as_json: bool) -> None:
     """Stop everything kiln up started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
     cfg = stack.StackConfig.load(state_dir)
     _log_to_file(cfg.state_dir)
     stopped = stack.down(cfg)
+    if as_json:
+        _print_json({"stopped": list(stopped)})
+        return
     click.echo(f"stopped {len(stopped)} processes" + (f": {', '.join(stopped)}" if stopped else ""))
 
 

@@ -183,3 +183,18 @@ def test_trial_describe_shows_the_last_ten_unless_all(fake: FakeClient) -> None:
     assert "(15 earlier validations not shown: --all shows every one)" in out.output
     assert out.output.count("validation at step") == 10 and "step 24:" in out.output
     assert run("trial", "describe", "7", "--all").output.count("validation at step") == 25
+
+
+def test_every_command_that_prints_data_has_json() -> None:
+    import click
+
+    def walk(group: click.Group, path: tuple[str, ...] = ()) -> Any:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from walk(command, (*path, name))
+            else:
+                yield " ".join((*path, name)), command
+
+    # Sign-in prompts and the replay tool's progress report are interactive, not data.
+    without = {name for name, command in walk(cli.main) if not any(p.name == "as_json" for p in command.params)}
+    assert without == {"user login", "user logout", "events replay"}
