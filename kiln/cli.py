@@ -624,15 +624,17 @@ def _fmt(value: Any) -> str:
 @experiment.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--limit", default=100, show_default=True, help="At most this many experiments.")
-def experiment_list(as_json: bool, limit: int) -> None:
-    """List experiments, newest first."""
-    rows = _call(lambda c: c.list_experiments(limit=limit))
+@click.option("--all", "show_all", is_flag=True, help="Archived experiments too.")
+def experiment_list(as_json: bool, limit: int, show_all: bool) -> None:
+    """List experiments, newest first (without the archived ones unless --all)."""
+    rows = _call(lambda c: c.list_experiments(limit=limit, archived=None if show_all else False))
     if as_json:
         _print_json(rows)
         return
     click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
     for r in rows:
         labels = f"  [{', '.join(r['labels'])}]" if r.get("labels") else ""
+        labels += "  (archived)" if r.get("archived") else ""
         _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}{labels}")
 
 
@@ -659,6 +661,8 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
         click.echo(f"  description: {exp['description']}")
     if exp.get("labels"):
         click.echo(f"  labels: {', '.join(exp['labels'])}")
+    if exp.get("archived"):
+        click.echo("  archived (kiln experiment unarchive shows it in the list again)")
     best = exp.get("best_trial")
     if best:
         click.echo(f"  best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
@@ -880,6 +884,22 @@ def experiment_set_gc_policy(experiment_id: int, save_experiment_best: int | Non
     shown = ", ".join(f"{k} = {out[k]}" for k in ("save_experiment_best", "save_trial_best", "save_trial_latest")
                       if out.get(k) is not None)
     click.echo(f"experiment {experiment_id}: {shown}")
+
+
+def _archive_command(name: str, archived: bool, help_text: str) -> None:
+    @experiment.command(name, help=help_text)
+    @click.argument("experiment_id", type=int)
+    @_JSON
+    def command(experiment_id: int, as_json: bool) -> None:
+        out = _call(lambda c: c.set_experiment_metadata(experiment_id, archived=archived))
+        if as_json:
+            _print_json(out)
+            return
+        click.echo(f"experiment {experiment_id}: {'archived' if out['archived'] else 'not archived'}")
+
+
+_archive_command("archive", True, "Archive an ended experiment: `experiment list` leaves it out (--all shows it).")
+_archive_command("unarchive", False, "Unarchive an experiment: `experiment list` shows it again.")
 
 
 @experiment.group("label")

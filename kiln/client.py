@@ -216,9 +216,11 @@ class Client:
             raise Unreachable(self.master, exc) from exc
         return self._check(resp)  # type: ignore[no-any-return]
 
-    def list_experiments(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
-        """Experiments, newest first."""
-        return self._get("/api/v1/experiments", limit=limit, state=state)  # type: ignore[no-any-return]
+    def list_experiments(self, limit: int = 100, state: str | None = None,
+                         archived: bool | None = None) -> list[dict[str, Any]]:
+        """Experiments, newest first (``archived=False``: without the archived ones)."""
+        return self._get("/api/v1/experiments", limit=limit, state=state,  # type: ignore[no-any-return]
+                         archived=None if archived is None else str(archived).lower())
 
     def get_experiment(self, experiment_id: int) -> dict[str, Any]:
         """One experiment."""
@@ -324,13 +326,16 @@ class Client:
 
     def set_experiment_metadata(self, experiment_id: int, name: str | None = None, description: str | None = None,
                                 add_labels: list[str] | None = None,
-                                remove_labels: list[str] | None = None) -> dict[str, Any]:
+                                remove_labels: list[str] | None = None,
+                                archived: bool | None = None) -> dict[str, Any]:
         """Rename, redescribe or relabel an experiment; returns ``{id, name, description, labels}`` as they are now."""
         body: dict[str, Any] = {"add_labels": add_labels or [], "remove_labels": remove_labels or []}
         if name is not None:
             body["name"] = name
         if description is not None:
             body["description"] = description
+        if archived is not None:
+            body["archived"] = archived
         return self._post(f"/api/v1/experiments/{experiment_id}/metadata", body)  # type: ignore[no-any-return]
 
     def wait_experiment(self, experiment_id: int, poll_s: float = 1.0, timeout_s: float | None = None,

@@ -97,6 +97,7 @@ class _ExperimentFields(msgspec.Struct, kw_only=True):
     priority: int
     weight: float
     max_slots: int | None
+    archived: bool = False  # hidden from the list unless asked for (``archived=true`` or unfiltered)
 
 
 class ExperimentSummary(_ExperimentFields, kw_only=True):
@@ -145,6 +146,7 @@ class ExperimentMetadata(msgspec.Struct, kw_only=True):
     name: str
     description: str
     labels: list[str]
+    archived: bool
 
 
 class AuditEvent(msgspec.Struct, kw_only=True):

@@ -80,14 +80,16 @@ class ExperimentResourcesChanged(Event, frozen=True, kw_only=True):
 
 
 class ExperimentMetadataChanged(Event, frozen=True, kw_only=True):
-    """A user renamed, redescribed or relabelled an experiment (Determined's ``set name|description``,
-    ``label add|remove``); None and empty lists leave a field as it was. Labels are added, then removed."""
+    """A user renamed, redescribed, relabelled, archived or unarchived an experiment (Determined's
+    ``set name|description``, ``label add|remove``, ``archive``); None and empty lists leave a field as it was.
+    Labels are added, then removed."""
 
     experiment_id: int
     name: str | None = None
     description: str | None = None
     labels_added: list[str] = []
     labels_removed: list[str] = []
+    archived: bool | None = None  # archive (True) or unarchive (False): hidden from the list or shown again
     requested_by: str = "anonymous"
     change_id: str = ""  # unique per request: the same change made twice is two facts
 

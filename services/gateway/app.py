@@ -360,10 +360,11 @@ async def list_experiments(
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     offset: Offset = 0,
     experiment_state: Annotated[str | None, Parameter(query="state")] = None,
+    archived: bool | None = None,
 ) -> list[api.ExperimentSummary]:
-    """Experiments, newest first."""
+    """Experiments, newest first (``archived=false``: without the archived ones, as ``kiln experiment list``)."""
     async with _deps(state).db() as conn:
-        return await queries.list_experiments(conn, limit, offset, experiment_state)
+        return await queries.list_experiments(conn, limit, offset, experiment_state, archived)
 
 
 @get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment", responses=_errors(404))
@@ -585,26 +586,33 @@ class MetadataPatch(msgspec.Struct, forbid_unknown_fields=True):
     description: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] | None = None
     add_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
     remove_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    archived: bool | None = None  # archive (only an ended experiment) or unarchive
 
 
 @post("/api/v1/experiments/{experiment_id:int}/metadata", operation_id="setExperimentMetadata",
-      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404))
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
 async def set_metadata(state: State, request: Request[Principal, int, Any], experiment_id: Id,
                        data: MetadataPatch) -> api.ExperimentMetadata:
-    """Rename, redescribe or relabel an experiment (owner or admin; also after it ended)."""
+    """Rename, redescribe, relabel, archive or unarchive an experiment (owner or admin; also after it ended)."""
     deps = _deps(state)
     experiment = await _experiment(deps, experiment_id)
     _may_change(request.user, experiment)
-    if data.name is None and data.description is None and not data.add_labels and not data.remove_labels:
-        raise _bad_request("nothing to change: give name, description, add_labels or remove_labels")
+    if (data.name is None and data.description is None and not data.add_labels and not data.remove_labels
+            and data.archived is None):
+        raise _bad_request("nothing to change: give name, description, add_labels, remove_labels or archived")
+    if data.archived and experiment.ended_at is None:  # as Determined: only what has ended leaves the list
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} is {experiment.state}: only an"
+                              " ended experiment can be archived (kill it first)")
     await deps.publish(ev.ExperimentMetadataChanged(
         experiment_id=experiment_id, name=data.name, description=data.description, labels_added=data.add_labels,
-        labels_removed=data.remove_labels, requested_by=request.user.username, change_id=uuid.uuid4().hex))
+        labels_removed=data.remove_labels, archived=data.archived, requested_by=request.user.username,
+        change_id=uuid.uuid4().hex))
     # What the tracker will show once it folds the event (the one rule, ``ev.relabelled``).
     return api.ExperimentMetadata(
         id=experiment_id, name=experiment.name if data.name is None else data.name,
         description=experiment.description if data.description is None else data.description,
-        labels=ev.relabelled(experiment.labels, data.add_labels, data.remove_labels))
+        labels=ev.relabelled(experiment.labels, data.add_labels, data.remove_labels),
+        archived=experiment.archived if data.archived is None else data.archived)
 
 
 @post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED,

@@ -100,7 +100,7 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("searcher_metric", "text"), ("smaller_is_better", "boolean"), ("seed", "bigint"),
         ("submitted_by", "text"), ("submitted_at", "timestamptz"), ("ended_at", "timestamptz"),
         ("end_reason", "text"), ("progress", "float8"), ("priority", "integer"), ("weight", "float8"),
-        ("max_slots", "integer"), ("planned_trials", "integer"),
+        ("max_slots", "integer"), ("planned_trials", "integer"), ("archived", "boolean"),
     ],
     "trials": [
         ("id", "bigint"), ("experiment_id", "bigint"), ("request_id", "integer"), ("hparams", "jsonb"),
@@ -181,7 +181,7 @@ class Fold:
             "config_yaml": e.config_yaml,
             "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
             "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
-            "planned_trials": 0,
+            "planned_trials": 0, "archived": False,
             **_config_columns(e.config),
         }
         self.changed["experiments"].add(e.experiment_id)
@@ -206,6 +206,8 @@ class Fold:
                 x["name"] = e.name
             if e.description is not None:
                 x["description"] = e.description
+            if e.archived is not None:
+                x["archived"] = e.archived
             if e.labels_added or e.labels_removed:
                 labels = msgspec.json.decode(x["labels"]) if isinstance(x["labels"], (str, bytes)) else x["labels"]
                 x["labels"] = _j(ev.relabelled(labels, e.labels_added, e.labels_removed))

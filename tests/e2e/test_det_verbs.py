@@ -71,6 +71,8 @@ def test_a_paused_overridden_experiment_renamed_labelled_followed_and_waited_for
              and (e["name"], e["description"]) == ("renamed", "a test run"), what="the new name and labels")
     assert "[keep]" in kiln_stack.kiln("experiment", "list").stdout
     assert _json(kiln_stack, "trial", "describe", str(trial_id))["trial"]["steps_completed"] == 0  # nothing ran
+    refused = kiln_stack.kiln("experiment", "archive", str(exp_id))
+    assert refused.returncode == 1 and "only an ended experiment can be archived" in refused.stderr
 
     assert kiln_stack.kiln("experiment", "activate", str(exp_id)).returncode == 0
     followed = kiln_stack.kiln("trial", "logs", str(trial_id), "-f", "--json", timeout=180)
@@ -88,6 +90,13 @@ def test_a_paused_overridden_experiment_renamed_labelled_followed_and_waited_for
     described = kiln_stack.kiln("experiment", "describe", str(exp_id)).stdout
     assert f"best trial {trial_id}: accuracy=1" in described
     assert "best checkpoint " in described and "step 3" in described
+
+    # Archived: left out of the list, shown with --all; unarchived: back. A running one cannot be archived.
+    assert _json(kiln_stack, "experiment", "archive", str(exp_id))["archived"] is True
+    wait_for(lambda: exp_id not in {e["id"] for e in _json(kiln_stack, "experiment", "list")}, what="archived")
+    assert exp_id in {e["id"] for e in _json(kiln_stack, "experiment", "list", "--all")}
+    kiln_stack.kiln("experiment", "unarchive", str(exp_id))
+    wait_for(lambda: exp_id in {e["id"] for e in _json(kiln_stack, "experiment", "list")}, what="unarchived")
 
 
 def test_wait_exits_non_zero_for_a_killed_experiment(kiln_stack: Stack, tmp_path: Path) -> None:

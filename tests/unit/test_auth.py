@@ -218,8 +218,12 @@ def test_metadata_changes_are_one_event_and_the_answer_shows_the_result(app: tup
     resp = http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE),
                      json={"description": "why", "add_labels": ["a", "b", "a"], "remove_labels": ["b"]})
     assert resp.status_code == 202, resp.text
-    assert resp.json() == {"id": 37, "name": "e", "description": "why", "labels": ["a"]}
+    assert resp.json() == {"id": 37, "name": "e", "description": "why", "labels": ["a"], "archived": False}
     (event,) = published
     assert (event.name, event.description, event.labels_added, event.labels_removed, event.requested_by) == \
         (None, "why", ["a", "b", "a"], ["b"], "alice")
     assert http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={}).status_code == 400
+    # Only an ended experiment is archived (this one is ACTIVE); unarchiving one is always fine.
+    refused = http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={"archived": True})
+    assert refused.status_code == 409 and "only an ended experiment" in refused.json()["detail"]
+    assert http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={"archived": False}).status_code == 202

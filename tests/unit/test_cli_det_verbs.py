@@ -54,7 +54,7 @@ class FakeClient:
         removed = change.get("remove_labels") or []
         labels = [la for la in ["a", *(change.get("add_labels") or [])] if la not in removed]
         return {"id": experiment_id, "name": change.get("name") or "x", "description": change.get("description") or "",
-                "labels": labels}
+                "labels": labels, "archived": bool(change.get("archived"))}
 
     # trials
     def get_trial(self, trial_id: int) -> dict[str, Any]:
@@ -198,3 +198,9 @@ def test_every_command_that_prints_data_has_json() -> None:
     # Sign-in prompts and the replay tool's progress report are interactive, not data.
     without = {name for name, command in walk(cli.main) if not any(p.name == "as_json" for p in command.params)}
     assert without == {"user login", "user logout", "events replay"}
+
+
+def test_archive_and_unarchive(fake: FakeClient) -> None:
+    assert run("experiment", "archive", "5").output == "experiment 5: archived\n"
+    assert json.loads(run("experiment", "unarchive", "5", "--json").output)["archived"] is False
+    assert fake.sent[-2:] == [("metadata", {"archived": True}), ("metadata", {"archived": False})]

@@ -216,3 +216,11 @@ def test_an_experiment_submitted_paused_starts_paused() -> None:
     paused = msgspec.structs.replace(submitted(), paused=True)
     assert fold(paused).experiments[E]["state"] == "PAUSED"
     assert fold(submitted()).experiments[E]["state"] == "ACTIVE"
+
+
+def test_archive_and_unarchive_fold_into_the_archived_column() -> None:
+    archived = ev.ExperimentMetadataChanged(experiment_id=E, archived=True, change_id="1")
+    assert fold(submitted()).experiments[E]["archived"] is False
+    assert fold(submitted(), archived).experiments[E]["archived"] is True
+    unarchived = ev.ExperimentMetadataChanged(experiment_id=E, archived=False, change_id="2")
+    assert fold(submitted(), archived, unarchived).experiments[E]["archived"] is False
