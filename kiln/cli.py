@@ -251,6 +251,17 @@ def master_info(as_json: bool) -> None:
     click.echo(f"version: {info['version']}")
 
 
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(kiln completion bash)" (in ~/.bashrc; zsh, fish alike)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the three choices are click's own
+    click.echo(cls(main, {}, "kiln", "_KILN_COMPLETE").source())
+
+
 # -- users and tokens ------------------------------------------------------------------------------
 
 

@@ -197,10 +197,11 @@ def test_every_command_that_prints_data_has_json() -> None:
 
     # Sign-in prompts and the replay tool's progress report are interactive, not data.
     without = {name for name, command in walk(cli.main) if not any(p.name == "as_json" for p in command.params)}
-    assert without == {"user login", "user logout", "events replay"}
+    assert without == {"user login", "user logout", "events replay", "completion"}
 
 
-def test_archive_and_unarchive(fake: FakeClient) -> None:
-    assert run("experiment", "archive", "5").output == "experiment 5: archived\n"
-    assert json.loads(run("experiment", "unarchive", "5", "--json").output)["archived"] is False
-    assert fake.sent[-2:] == [("metadata", {"archived": True}), ("metadata", {"archived": False})]
+def test_completion_scripts_complete_subcommands() -> None:
+    assert "_KILN_COMPLETE=bash_complete" in run("completion", "bash").output
+    env = {"_KILN_COMPLETE": "bash_complete", "COMP_WORDS": "kiln experiment li", "COMP_CWORD": "2"}
+    out = CliRunner().invoke(cli.main, [], prog_name="kiln", env=env)
+    assert "plain,list" in out.output and "plain,list-trials" in out.output
