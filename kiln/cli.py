@@ -425,6 +425,8 @@ def experiment_create(config: Path, context: Path, follow: bool, overrides: tupl
     """Submit CONFIG (Determined-style YAML) with the code in CONTEXT."""
     if as_json and follow:
         _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    if paused and follow:
+        _fail(click.UsageError("--paused and --follow do not go together: nothing runs until it is activated"))
     try:
         config_yaml = apply_overrides(config.read_text(), overrides)
     except ValueError as exc:

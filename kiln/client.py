@@ -339,13 +339,21 @@ class Client:
         return self._post(f"/api/v1/experiments/{experiment_id}/metadata", body)  # type: ignore[no-any-return]
 
     def wait_experiment(self, experiment_id: int, poll_s: float = 1.0, timeout_s: float | None = None,
-                        ) -> dict[str, Any]:
-        """Poll until the experiment reaches a terminal state; return it. ``TimeoutError`` after ``timeout_s``."""
+                        not_found_s: float = 30.0) -> dict[str, Any]:
+        """Poll until the experiment reaches a terminal state; return it. ``TimeoutError`` after ``timeout_s``.
+        A 404 in the first ``not_found_s`` is waited out: a submission reaches the read model a moment later."""
         import time
 
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
         while True:
-            exp = self.get_experiment(experiment_id)
+            try:
+                exp = self.get_experiment(experiment_id)
+            except APIError as exc:
+                if exc.status != 404 or time.monotonic() - started > not_found_s:
+                    raise
+                time.sleep(poll_s)
+                continue
             if exp["state"] in TERMINAL_STATES:
                 return exp
             if deadline is not None and time.monotonic() > deadline:

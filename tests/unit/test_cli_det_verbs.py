@@ -205,3 +205,24 @@ def test_completion_scripts_complete_subcommands() -> None:
     env = {"_KILN_COMPLETE": "bash_complete", "COMP_WORDS": "kiln experiment li", "COMP_CWORD": "2"}
     out = CliRunner().invoke(cli.main, [], prog_name="kiln", env=env)
     assert "plain,list" in out.output and "plain,list-trials" in out.output
+
+
+def test_wait_waits_out_an_experiment_not_yet_in_the_read_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.client import APIError, Client
+
+    answers: list[Any] = [APIError(404, "experiment 9 not found"), {"id": 9, "state": "ACTIVE"},
+                          {"id": 9, "state": "COMPLETED"}]
+
+    def get_experiment(self: Client, experiment_id: int) -> dict[str, Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Client, "get_experiment", get_experiment)
+    client = Client("http://127.0.0.1:1", token="")
+    assert client.wait_experiment(9, poll_s=0.0)["state"] == "COMPLETED"
+    answers[:] = [APIError(404, "experiment 9 not found")]
+    with pytest.raises(APIError):
+        client.wait_experiment(9, poll_s=0.0, not_found_s=0.0)
+    assert run("experiment", "create", __file__, ".", "--paused", "--follow").exit_code == 1
