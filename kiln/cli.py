@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import json
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -19,6 +21,8 @@ from kiln.client import TERMINAL_STATES, APIError, Client
 
 LOG_TAIL_ON_ERROR = 20
 T = TypeVar("T")
+# ``--json`` on every command that prints data: one JSON document a script can parse (logs --follow: JSON Lines).
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 def _client() -> Client:
@@ -77,7 +81,8 @@ def main() -> None:
               help="Number of local worker agents.  [default: the stack's current number, else 1]")
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
-def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the sign-in lines go to stderr).")
+def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, as_json: bool) -> None:
     """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
 
     Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
@@ -94,11 +99,16 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
         click.echo(f"details: {log_file}", err=True)
         _fail(exc)
         return
-    for change in info.changes:
-        click.echo(f"changed: {change}")
-    click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
-    click.echo(f"  export KILN_MASTER={info.master_url}")
-    _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password)
+    if as_json:
+        _print_json({"master_url": info.master_url, "state_dir": str(info.state_dir), "changes": list(info.changes),
+                     "elapsed_s": round(time.monotonic() - started, 1)})
+    else:
+        for change in info.changes:
+            click.echo(f"changed: {change}")
+        click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
+        click.echo(f"  export KILN_MASTER={info.master_url}")
+    _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password,
+                    err=as_json)
 
 
 WARNING_LINE_CHARS = 160
@@ -128,7 +138,7 @@ def _log_to_file(state_dir: Path) -> Path:
     return path
 
 
-def _login_after_up(master: str, admin_password: str) -> None:
+def _login_after_up(master: str, admin_password: str, err: bool = False) -> None:
     """Keep a stored login that still works on this stack; else sign the CLI in as its admin."""
     if os.environ.get("KILN_TOKEN"):
         return
@@ -136,7 +146,7 @@ def _login_after_up(master: str, admin_password: str) -> None:
     if stored is not None:
         try:
             Client(master, token=stored[1]).me()
-            click.echo(f"  logged in as {stored[0]}")
+            click.echo(f"  logged in as {stored[0]}", err=err)
             return
         except APIError:
             pass  # revoked, expired, or another stack's: sign in afresh
@@ -146,19 +156,23 @@ def _login_after_up(master: str, admin_password: str) -> None:
         click.echo(f"warning: could not log in as admin: {exc} (run kiln user login)", err=True)
         return
     kiln_client.store_token(master, out["username"], out["token"])
-    click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})")
+    click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})", err=err)
 
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="The local stack's state directory.  [default: $KILN_STATE_DIR, else ./.kiln]")
-def down(state_dir: Path | None) -> None:
+@_JSON
+def down(state_dir: Path | None, as_json: bool) -> None:
     """Stop everything kiln up started: services and workers, their supervisord, then the parts."""
     from deploy import stack
 
     cfg = stack.StackConfig.load(state_dir)
     _log_to_file(cfg.state_dir)
     stopped = stack.down(cfg)
+    if as_json:
+        _print_json({"stopped": list(stopped)})
+        return
     click.echo(f"stopped {len(stopped)} processes" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
@@ -219,6 +233,35 @@ def version(as_json: bool) -> None:
     click.echo(f"master: {server} ({master})" if server else f"master: unknown ({problem})")
 
 
+@main.group()
+def master() -> None:
+    """The master (the gateway) this CLI talks to."""
+
+
+@master.command("info")
+@_JSON
+def master_info(as_json: bool) -> None:
+    """Show the master's address and version (what `kiln version` says of the master)."""
+    master_at = kiln_client.master_url()
+    info = _call(lambda c: c.master_info())
+    if as_json:
+        _print_json({"master_url": master_at, **info})
+        return
+    click.echo(f"master: {master_at}")
+    click.echo(f"version: {info['version']}")
+
+
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(kiln completion bash)" (in ~/.bashrc; zsh, fish alike)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the three choices are click's own
+    click.echo(cls(main, {}, "kiln", "_KILN_COMPLETE").source())
+
+
 # -- users and tokens ------------------------------------------------------------------------------
 
 
@@ -275,9 +318,13 @@ def user_logout() -> None:
 
 
 @user.command("whoami")
-def user_whoami() -> None:
+@_JSON
+def user_whoami(as_json: bool) -> None:
     """Show who this CLI is signed in as."""
     me = _call(lambda c: c.me())
+    if as_json:
+        _print_json({**me, "master_url": kiln_client.master_url()})
+        return
     click.echo(f"You are logged in as user {me['username']!r}" + (" (admin)" if me["admin"] else "")
                + f" on {kiln_client.master_url()}")
 
@@ -286,10 +333,14 @@ def user_whoami() -> None:
 @click.argument("username")
 @click.option("--admin", is_flag=True, help="Make the user an admin.")
 @click.option("--password-stdin", is_flag=True, help="Read the new user's password from stdin's first line.")
-def user_create(username: str, admin: bool, password_stdin: bool) -> None:
+@_JSON
+def user_create(username: str, admin: bool, password_stdin: bool, as_json: bool) -> None:
     """Create a user (admins only)."""
     password = _read_password(password_stdin, confirm=True)
     created = _call(lambda c: c.create_user(username, password, admin))
+    if as_json:
+        _print_json(created)
+        return
     click.echo(f"created user {created['username']}" + (" (admin)" if created["admin"] else ""))
 
 
@@ -314,9 +365,13 @@ def token() -> None:
 @token.command("create")
 @click.argument("name")
 @click.option("--expires-in-days", type=float, default=None, help="Expire after this many days (default: never).")
-def token_create(name: str, expires_in_days: float | None) -> None:
+@_JSON
+def token_create(name: str, expires_in_days: float | None, as_json: bool) -> None:
     """Create a token named NAME for the signed-in user; its value is shown once."""
     out = _call(lambda c: c.create_token(name, expires_in_days))
+    if as_json:
+        _print_json(out)
+        return
     click.echo(f"token {out['id']} ({out['name']}): {out['token']}")
     click.echo("it is shown only now; use it as KILN_TOKEN or 'Authorization: Bearer <token>'", err=True)
 
@@ -338,9 +393,13 @@ def token_list(all_users: bool, as_json: bool) -> None:
 
 @token.command("revoke")
 @click.argument("token_id", type=int)
-def token_revoke(token_id: int) -> None:
+@_JSON
+def token_revoke(token_id: int, as_json: bool) -> None:
     """Revoke a token by id (one's own; any as an admin)."""
-    _call(lambda c: c.revoke_token(token_id))
+    out = _call(lambda c: c.revoke_token(token_id))
+    if as_json:
+        _print_json(out)
+        return
     click.echo(f"token {token_id} revoked")
 
 
@@ -356,19 +415,87 @@ def experiment() -> None:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("context", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if the experiment completed.")
-def experiment_create(config: Path, context: Path, follow: bool) -> None:
+@click.option("--config", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field: a dotted key (searcher.max_length.batches=200), a YAML value;"
+                   " repeatable.")
+@click.option("--paused", is_flag=True, help="Create it paused: nothing starts until `kiln experiment activate`.")
+@_JSON
+def experiment_create(config: Path, context: Path, follow: bool, overrides: tuple[str, ...], paused: bool,
+                      as_json: bool) -> None:
     """Submit CONFIG (Determined-style YAML) with the code in CONTEXT."""
+    if as_json and follow:
+        _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    if paused and follow:
+        _fail(click.UsageError("--paused and --follow do not go together: nothing runs until it is activated"))
+    try:
+        config_yaml = apply_overrides(config.read_text(), overrides)
+    except ValueError as exc:
+        _fail(exc)
     client = _client()
     try:
-        created = client.create_experiment(config.read_text(), context)
+        created = client.create_experiment(config_yaml, context, paused=paused)
     except APIError as exc:
         _fail(exc)
         return
+    if as_json:
+        _print_json({**created, "paused": paused})
+        return
     for warning in created.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
-    click.echo(f"Created experiment {created['id']}")
+    click.echo(f"Created experiment {created['id']}"
+               + (f" (paused: `kiln experiment activate {created['id']}` starts it)" if paused else ""))
     if follow:
         sys.exit(_follow(client, int(created["id"])))
+
+
+def apply_overrides(config_yaml: str, overrides: Sequence[str]) -> str:
+    """The config with each ``KEY=VALUE`` set (dotted keys walk into mappings, a number into a list; the value is
+    read as YAML, so ``100`` is a number and ``true`` a bool). Without overrides the text is kept byte for byte;
+    with them it is dumped again (comments are lost) and that is what the experiment records as submitted."""
+    if not overrides:
+        return config_yaml
+    import yaml
+
+    doc = yaml.safe_load(config_yaml)
+    if not isinstance(doc, dict):
+        raise ValueError("--config needs a config that is a YAML mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ValueError(f"--config takes KEY=VALUE with a dotted KEY, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {key}: {raw!r} is not a YAML value") from exc
+        *parents, last = key.split(".")
+        node: Any = doc
+        for i, part in enumerate(parents):
+            node = _child(node, part, key, create=not (i + 1 < len(parents) and parents[i + 1].isdigit()))
+        _set_child(node, last, value, key)
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _child(node: Any, part: str, key: str, create: bool) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ValueError(f"--config {key}: {part!r} is not an index of a list of {len(node)}")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise ValueError(f"--config {key}: {part!r} is inside a value that is not a mapping")
+    if node.get(part) is None:
+        node[part] = {} if create else []
+    return node[part]
+
+
+def _set_child(node: Any, last: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"--config {key}: {last!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"--config {key}: its parent is not a mapping")
 
 
 class _Follower:
@@ -510,15 +637,18 @@ def _fmt(value: Any) -> str:
 @experiment.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--limit", default=100, show_default=True, help="At most this many experiments.")
-def experiment_list(as_json: bool, limit: int) -> None:
-    """List experiments, newest first."""
-    rows = _call(lambda c: c.list_experiments(limit=limit))
+@click.option("--all", "show_all", is_flag=True, help="Archived experiments too.")
+def experiment_list(as_json: bool, limit: int, show_all: bool) -> None:
+    """List experiments, newest first (without the archived ones unless --all)."""
+    rows = _call(lambda c: c.list_experiments(limit=limit, archived=None if show_all else False))
     if as_json:
         _print_json(rows)
         return
     click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
     for r in rows:
-        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}")
+        labels = f"  [{', '.join(r['labels'])}]" if r.get("labels") else ""
+        labels += "  (archived)" if r.get("archived") else ""
+        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}{labels}")
 
 
 @experiment.command("describe")
@@ -530,17 +660,42 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
     try:
         exp = client.get_experiment(experiment_id)
         trials = client.list_trials(experiment_id)
+        best_checkpoint = _best_checkpoint(client, exp)
     except APIError as exc:
         _fail(exc)
         return
     if as_json:
-        _print_json({"experiment": exp, "trials": trials})
+        _print_json({"experiment": exp, "trials": trials, "best_checkpoint": best_checkpoint})
         return
     click.echo(f"experiment {exp['id']}: {exp['name']}  state={exp['state']}  searcher={exp['searcher_name']}"
                f"  metric={exp['searcher_metric']}  progress={exp['progress']:.0%}  priority={exp['priority']}"
                f"  weight={exp['weight']:g}  max_slots={exp['max_slots'] or '-'}")
+    if exp.get("description"):
+        click.echo(f"  description: {exp['description']}")
+    if exp.get("labels"):
+        click.echo(f"  labels: {', '.join(exp['labels'])}")
+    if exp.get("archived"):
+        click.echo("  archived (kiln experiment unarchive shows it in the list again)")
+    best = exp.get("best_trial")
+    if best:
+        click.echo(f"  best trial {best['id']}: {exp['searcher_metric']}={_fmt(best['best_metric'])}")
+    if best_checkpoint:
+        click.echo(f"  best checkpoint {best_checkpoint['uuid']}: trial {best_checkpoint['trial_id']} step"
+                   f" {best_checkpoint['steps_completed']}, {exp['searcher_metric']}={_fmt(best_checkpoint['metric'])}")
     if hint := _experiment_hint(exp, trials):
         click.echo(f"warning: {hint}")
+    _trials_table(trials)
+
+
+def _best_checkpoint(client: Client, exp: dict[str, Any]) -> dict[str, Any] | None:
+    """The experiment's best kept checkpoint by its searcher metric (the one ``download`` takes first)."""
+    if not exp.get("best_trial"):
+        return None
+    best = client.experiment_checkpoints(int(exp["id"]), sort_by="metric", state="COMPLETED", limit=1)
+    return best[0] if best and best[0].get("metric") is not None else None
+
+
+def _trials_table(trials: list[dict[str, Any]]) -> None:
     click.echo(f"{'TRIAL':>6}  {'STATE':18} {'RESTARTS':>8} {'STEPS':>8}  {'BEST':>10}  HPARAMS")
     for t in trials:
         best = _fmt(t["best_metric"]) if t["best_metric"] is not None else "-"
@@ -548,25 +703,83 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
                   f"{_hparams_text(t['hparams'])}")
 
 
-@experiment.command("logs")
+@experiment.command("list-trials")
 @click.argument("experiment_id", type=int)
-def experiment_logs(experiment_id: int) -> None:
-    """Print the logs of every trial of an experiment."""
-    client = _client()
+@_JSON
+def experiment_list_trials(experiment_id: int, as_json: bool) -> None:
+    """List an experiment's trials: state, restarts, steps, best metric, hyperparameters."""
+    trials = _call(lambda c: c.list_trials(experiment_id))
+    if as_json:
+        _print_json(trials)
+        return
+    _trials_table(trials)
+
+
+@experiment.command("config")
+@click.argument("experiment_id", type=int)
+@_JSON
+def experiment_config(experiment_id: int, as_json: bool) -> None:
+    """Print an experiment's config: the YAML as submitted (--json: the config as validated, defaults filled)."""
+    exp = _call(lambda c: c.get_experiment(experiment_id))
+    if as_json:
+        _print_json(exp["config"])
+        return
+    click.echo(exp["config_yaml"], nl=not exp["config_yaml"].endswith("\n"))
+
+
+@experiment.command("wait")
+@click.argument("experiment_id", type=int)
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between two looks.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Give up after this many seconds (exit 2).  [default: wait as long as it takes]")
+@_JSON
+def experiment_wait(experiment_id: int, interval: float, timeout: float | None, as_json: bool) -> None:
+    """Wait until an experiment ends and print its final state; exit 0 only if it COMPLETED (1 otherwise)."""
     try:
-        for t in client.list_trials(experiment_id):
-            for line in client.trial_logs(t["id"]):
-                click.echo(f"[trial {t['id']}] {line['text']}")
+        exp = _client().wait_experiment(experiment_id, poll_s=interval, timeout_s=timeout)
     except APIError as exc:
         _fail(exc)
+    except TimeoutError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        _print_json({"id": exp["id"], "state": exp["state"], "end_reason": exp.get("end_reason", ""),
+                     "best_trial": exp.get("best_trial")})
+    else:
+        reason = f" ({exp['end_reason']})" if exp.get("end_reason") else ""
+        click.echo(f"experiment {experiment_id}: {exp['state']}{reason}")
+    sys.exit(0 if exp["state"] == "COMPLETED" else 1)
+
+
+@experiment.command("logs")
+@click.argument("experiment_id", type=int)
+@_JSON
+def experiment_logs(experiment_id: int, as_json: bool) -> None:
+    """Print the logs of every trial of an experiment (time, rank, worker, text)."""
+    client = _client()
+    rows: list[dict[str, Any]] = []
+    try:
+        for t in client.list_trials(experiment_id):
+            workers = _workers_of(t)
+            for line in _all_logs(client, int(t["id"])):
+                rec = {"trial_id": t["id"], **log_record(line, workers)}
+                if as_json:
+                    rows.append(rec)
+                else:
+                    click.echo(f"[trial {t['id']}] {log_text(rec)}")
+    except APIError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json(rows)
 
 
 @experiment.command("kill")
 @click.argument("experiment_id", type=int)
-def experiment_kill(experiment_id: int) -> None:
+@_JSON
+def experiment_kill(experiment_id: int, as_json: bool) -> None:
     """Kill an experiment and its trials."""
-    out = _call(lambda c: c.kill_experiment(experiment_id))
-    click.echo(f"experiment {experiment_id}: {out['state']}")
+    _echo_state(lambda c: c.kill_experiment(experiment_id), f"experiment {experiment_id}", as_json)
 
 
 @experiment.command("events")
@@ -598,33 +811,38 @@ def experiment_events(experiment_id: int, as_json: bool) -> None:
 
 @experiment.command("pause")
 @click.argument("experiment_id", type=int)
-def experiment_pause(experiment_id: int) -> None:
+@_JSON
+def experiment_pause(experiment_id: int, as_json: bool) -> None:
     """Pause an experiment: trials checkpoint and release their slots."""
-    _echo_state(lambda c: c.pause_experiment(experiment_id), f"experiment {experiment_id}")
+    _echo_state(lambda c: c.pause_experiment(experiment_id), f"experiment {experiment_id}", as_json)
 
 
 @experiment.command("activate")
 @click.argument("experiment_id", type=int)
-def experiment_activate(experiment_id: int) -> None:
+@_JSON
+def experiment_activate(experiment_id: int, as_json: bool) -> None:
     """Activate a paused experiment: trials resume from their checkpoints."""
-    _echo_state(lambda c: c.activate_experiment(experiment_id), f"experiment {experiment_id}")
+    _echo_state(lambda c: c.activate_experiment(experiment_id), f"experiment {experiment_id}", as_json)
 
 
 @experiment.group("set")
 def experiment_set() -> None:
-    """Change a knob of an experiment: priority, weight, max-slots, gc-policy."""
+    """Change an experiment: name, description, priority, weight, max-slots, gc-policy."""
 
 
-def _set_knob(knob: str, experiment_id: int, value: str) -> None:
+def _set_knob(knob: str, experiment_id: int, value: str, as_json: bool = False) -> None:
     try:
         parsed: float | int = float(value) if knob == "weight" else int(value)
     except ValueError:
         _fail(ValueError(f"{knob} must be a {'number' if knob == 'weight' else 'whole number'}, got {value!r}"))
         return
     try:
-        _client().set_resources(experiment_id, **{knob.replace("-", "_"): parsed})
+        out = _client().set_resources(experiment_id, **{knob.replace("-", "_"): parsed})
     except APIError as exc:
         _fail(exc)
+        return
+    if as_json:
+        _print_json(out)
         return
     click.echo(f"experiment {experiment_id}: {knob} = {parsed}")
 
@@ -633,8 +851,27 @@ def _knob_command(knob: str, help_text: str) -> None:
     @experiment_set.command(knob, help=help_text)
     @click.argument("experiment_id", type=int)
     @click.argument("value")
-    def command(experiment_id: int, value: str) -> None:
-        _set_knob(knob, experiment_id, value)
+    @_JSON
+    def command(experiment_id: int, value: str, as_json: bool) -> None:
+        _set_knob(knob, experiment_id, value, as_json)
+
+
+def _metadata_command(field: str, help_text: str) -> None:
+    @experiment_set.command(field, help=help_text)
+    @click.argument("experiment_id", type=int)
+    @click.argument("value")
+    @_JSON
+    def command(experiment_id: int, value: str, as_json: bool) -> None:
+        out = _call(lambda c: c.set_experiment_metadata(experiment_id, name=value) if field == "name"
+                    else c.set_experiment_metadata(experiment_id, description=value))
+        if as_json:
+            _print_json(out)
+            return
+        click.echo(f"experiment {experiment_id}: {field} = {out[field]!r}")
+
+
+_metadata_command("name", "Rename an experiment (owner or admin).")
+_metadata_command("description", "Change an experiment's description (owner or admin).")
 
 
 _knob_command("priority", "Change an experiment's priority (1-99, lower first).")
@@ -648,14 +885,64 @@ _knob_command("max-slots", "Change an experiment's max-slots (0: no cap).")
               help="Keep the N best checkpoints of the whole experiment.")
 @click.option("--save-trial-best", type=click.IntRange(min=0), default=None, help="Keep each trial's N best.")
 @click.option("--save-trial-latest", type=click.IntRange(min=0), default=None, help="Keep each trial's N latest.")
+@_JSON
 def experiment_set_gc_policy(experiment_id: int, save_experiment_best: int | None, save_trial_best: int | None,
-                             save_trial_latest: int | None) -> None:
+                             save_trial_latest: int | None, as_json: bool) -> None:
     """Change checkpoint retention; finished trials' checkpoints it no longer keeps are deleted at once."""
     out = _call(lambda c: c.set_gc_policy(experiment_id, save_experiment_best=save_experiment_best,
                                           save_trial_best=save_trial_best, save_trial_latest=save_trial_latest))
+    if as_json:
+        _print_json(out)
+        return
     shown = ", ".join(f"{k} = {out[k]}" for k in ("save_experiment_best", "save_trial_best", "save_trial_latest")
                       if out.get(k) is not None)
     click.echo(f"experiment {experiment_id}: {shown}")
+
+
+def _archive_command(name: str, archived: bool, help_text: str) -> None:
+    @experiment.command(name, help=help_text)
+    @click.argument("experiment_id", type=int)
+    @_JSON
+    def command(experiment_id: int, as_json: bool) -> None:
+        out = _call(lambda c: c.set_experiment_metadata(experiment_id, archived=archived))
+        if as_json:
+            _print_json(out)
+            return
+        click.echo(f"experiment {experiment_id}: {'archived' if out['archived'] else 'not archived'}")
+
+
+_archive_command("archive", True, "Archive an ended experiment: `experiment list` leaves it out (--all shows it).")
+_archive_command("unarchive", False, "Unarchive an experiment: `experiment list` shows it again.")
+
+
+@experiment.group("label")
+def experiment_label() -> None:
+    """Add labels to an experiment or remove them."""
+
+
+@experiment_label.command("add")
+@click.argument("experiment_id", type=int)
+@click.argument("labels", nargs=-1, required=True)
+@_JSON
+def experiment_label_add(experiment_id: int, labels: tuple[str, ...], as_json: bool) -> None:
+    """Add LABELS to an experiment (owner or admin); one already there stays once."""
+    _echo_labels(_call(lambda c: c.set_experiment_metadata(experiment_id, add_labels=list(labels))), as_json)
+
+
+@experiment_label.command("remove")
+@click.argument("experiment_id", type=int)
+@click.argument("labels", nargs=-1, required=True)
+@_JSON
+def experiment_label_remove(experiment_id: int, labels: tuple[str, ...], as_json: bool) -> None:
+    """Remove LABELS from an experiment (owner or admin)."""
+    _echo_labels(_call(lambda c: c.set_experiment_metadata(experiment_id, remove_labels=list(labels))), as_json)
+
+
+def _echo_labels(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(out)
+        return
+    click.echo(f"experiment {out['id']}: labels = {', '.join(out['labels']) or '(none)'}")
 
 
 @experiment.command("download")
@@ -664,34 +951,49 @@ def experiment_set_gc_policy(experiment_id: int, save_experiment_best: int | Non
               help="How many of the best checkpoints (by the searcher metric).")
 @click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to put them (one directory per checkpoint).  [default: ./checkpoints]")
-def experiment_download(experiment_id: int, top_n: int, output: Path | None) -> None:
+@_JSON
+def experiment_download(experiment_id: int, top_n: int, output: Path | None, as_json: bool) -> None:
     """Download the best K checkpoints of an experiment by its searcher metric."""
     target = output or Path("checkpoints")
     best = _call(lambda c: c.experiment_checkpoints(experiment_id, sort_by="metric", state="COMPLETED",
                                                     limit=top_n))
     if not best:
         _fail(ValueError(f"experiment {experiment_id} has no checkpoint to download"))
+    rows = []
     for c in best:
         uuid = str(c["uuid"])
-        _call(lambda cl: cl.download_checkpoint(uuid, target / uuid))  # noqa: B023 - _call runs it at once
-        click.echo(f"{target / c['uuid']}  trial {c['trial_id']} step {c['steps_completed']}"
-                   f"  {c['searcher_metric']} = {_fmt(c['metric'])}")
+        files = _call(lambda cl: cl.download_checkpoint(uuid, target / uuid))  # noqa: B023 - _call runs it at once
+        rows.append({"uuid": uuid, "directory": str(target / uuid), "files": sorted(files), "trial_id": c["trial_id"],
+                     "steps_completed": c["steps_completed"], "searcher_metric": c["searcher_metric"],
+                     "metric": c["metric"]})
+        if not as_json:
+            click.echo(f"{target / c['uuid']}  trial {c['trial_id']} step {c['steps_completed']}"
+                       f"  {c['searcher_metric']} = {_fmt(c['metric'])}")
+    if as_json:
+        _print_json(rows)
 
 
 @experiment.command("download-code")
 @click.argument("experiment_id", type=int)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def experiment_download_code(experiment_id: int, directory: Path) -> None:
+@_JSON
+def experiment_download_code(experiment_id: int, directory: Path, as_json: bool) -> None:
     """Download the code context of an experiment, exactly as submitted, into DIRECTORY."""
     names = _call(lambda c: c.download_context(experiment_id, directory))
+    if as_json:
+        _print_json({"directory": str(directory), "files": sorted(names)})
+        return
     click.echo(f"downloaded {len(names)} files to {directory}")
 
 
-def _echo_state(call: Any, what: str) -> None:
+def _echo_state(call: Any, what: str, as_json: bool = False) -> None:
     try:
         out = call(_client())
     except APIError as exc:
         _fail(exc)
+        return
+    if as_json:
+        _print_json(out)
         return
     click.echo(f"{what}: {out['state']}")
 
@@ -704,11 +1006,16 @@ def trial() -> None:
     """Inspect trials."""
 
 
+TRIAL_DESCRIBE_LAST = 10
+
+
 @trial.command("describe")
 @click.argument("trial_id", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def trial_describe(trial_id: int, as_json: bool) -> None:
-    """Show a trial, its allocations, metrics and checkpoints."""
+@click.option("--all", "show_all", is_flag=True,
+              help=f"Every validation and checkpoint (else the last {TRIAL_DESCRIBE_LAST} of each).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (always everything).")
+def trial_describe(trial_id: int, show_all: bool, as_json: bool) -> None:
+    """Show a trial, its allocations, its latest validations and checkpoints."""
     client = _client()
     try:
         t = client.get_trial(trial_id)
@@ -727,30 +1034,185 @@ def trial_describe(trial_id: int, as_json: bool) -> None:
     for a in t["allocations"]:
         hosts = ", ".join(n["worker_id"] for n in a.get("nodes") or []) or a["worker_id"]  # several: it spans
         click.echo(f"  allocation {a['id']} on {hosts}: exit={a['exit_code']} {a['end_reason']}")
-    for m in metrics:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(m["metrics"].items()))
-        click.echo(f"  validation at step {m['steps_completed']}: {shown}")
-    for c in checkpoints:
-        click.echo(f"  checkpoint {c['uuid']} at step {c['steps_completed']}")
+    for what, rows in (("validations", metrics), ("checkpoints", checkpoints)):
+        if not show_all and len(rows) > TRIAL_DESCRIBE_LAST:
+            click.echo(f"  ({len(rows) - TRIAL_DESCRIBE_LAST} earlier {what} not shown: --all shows every one)")
+            rows = rows[-TRIAL_DESCRIBE_LAST:]
+        for r in rows:
+            if what == "validations":
+                click.echo(f"  validation at step {r['steps_completed']}: {_metrics_text(r['metrics'])}")
+            else:
+                click.echo(f"  checkpoint {r['uuid']} at step {r['steps_completed']}")
     if hint:
         click.echo(f"warning: {hint}")
 
 
 @trial.command("kill")
 @click.argument("trial_id", type=int)
-def trial_kill(trial_id: int) -> None:
+@_JSON
+def trial_kill(trial_id: int, as_json: bool) -> None:
     """Kill one trial."""
-    _echo_state(lambda c: c.kill_trial(trial_id), f"trial {trial_id}")
+    _echo_state(lambda c: c.kill_trial(trial_id), f"trial {trial_id}", as_json)
+
+
+_RANK_PREFIX = re.compile(r"\[rank=(\d+)\] ?")  # what kiln.launch's wrap_rank puts before each line of a rank
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+LOG_PAGE = 10000
+
+
+def log_record(line: dict[str, Any], workers: dict[str, str | None]) -> dict[str, Any]:
+    """A log line with its rank (from the ``[rank=N]`` prefix; None without one) and worker (by its allocation;
+    None for an allocation spanning several workers) beside the text without the prefix."""
+    text = str(line["text"])
+    m = _RANK_PREFIX.match(text)
+    return {**line, "rank": int(m.group(1)) if m else None, "worker": workers.get(line["allocation_id"]),
+            "message": text[m.end():] if m else text}
+
+
+def log_text(rec: dict[str, Any]) -> str:
+    """``2026-12-03 15:40:01.123 [rank=1] w0  text``: time (UTC, ms), rank when there is one, worker."""
+    when = str(rec["ts"]).replace("T", " ").removesuffix("Z")[:23]
+    parts = [when] + ([f"[rank={rec['rank']}]"] if rec["rank"] is not None else []) + [rec["worker"] or "-"]
+    return " ".join(parts) + "  " + str(rec["message"])
+
+
+def _workers_of(t: dict[str, Any]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for a in t.get("allocations") or []:
+        nodes = a.get("nodes") or []
+        out[a["id"]] = a["worker_id"] if len(nodes) <= 1 else None  # several: the rank says which line is whose
+    return out
+
+
+def _all_logs(client: Client, trial_id: int, since: str | None = None) -> list[dict[str, Any]]:
+    """Every log line of a trial (written at or after ``since``), page by page."""
+    lines: list[dict[str, Any]] = []
+    while True:
+        page = client.trial_logs(trial_id, limit=LOG_PAGE, offset=len(lines), since=since)
+        lines += page
+        if len(page) < LOG_PAGE:
+            return lines
+
+
+def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``--since``: a duration back from now (``90s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time (UTC if it
+    names no zone)."""
+    if m := _DURATION.fullmatch(value.strip()):
+        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a duration (90s, 10m, 2h, 1d) nor an ISO 8601 time",
+                                 param_hint="--since") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ts(value: Any) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+class _LogFollower:
+    """Prints each log line of a trial once. Lines are fetched again from a little before the newest one seen
+    (``overlap_s``): the worker ships them in batches, so a line can reach the read model after a later one of
+    another allocation; remembering (allocation, line) keys keeps them from printing twice."""
+
+    def __init__(self, client: Client, trial_id: int, emit: Callable[[dict[str, Any]], None],
+                 rank: int | None = None, since: dt.datetime | None = None, overlap_s: float = 30.0) -> None:
+        self.client, self.trial_id, self.emit, self.rank = client, trial_id, emit, rank
+        self.since, self.overlap = since, dt.timedelta(seconds=overlap_s)
+        self.seen: set[tuple[str, int]] = set()
+        self.newest: dt.datetime | None = None
+        self.workers: dict[str, str | None] = {}
+        self.exit_line_of: set[str] = set()  # allocations whose "trial process exited" line was seen
+
+    def take(self, lines: list[dict[str, Any]], last: int | None = None) -> None:
+        """Print the lines not printed yet (of the chosen rank; only the ``last`` N of them)."""
+        fresh = []
+        for line in lines:
+            key = (str(line["allocation_id"]), int(line["line_no"]))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            when = _ts(line["ts"])
+            self.newest = when if self.newest is None or when > self.newest else self.newest
+            if str(line["text"]).startswith("trial process exited"):
+                self.exit_line_of.add(key[0])
+            if line["allocation_id"] not in self.workers:
+                self.workers = _workers_of(self.client.get_trial(self.trial_id))
+            rec = log_record(line, self.workers)
+            if self.rank is None or (rec["rank"] or 0) == self.rank:  # no prefix: a single process, rank 0
+                fresh.append(rec)
+        for rec in fresh[-last:] if last else fresh:
+            self.emit(rec)
+
+    def first(self, tail: int | None) -> None:
+        """What is there now (``tail``: the last N lines)."""
+        since = _iso(self.since) if self.since else None
+        if tail and self.rank is None:
+            self.take(self.client.trial_logs(self.trial_id, limit=tail, tail=True, since=since))
+        else:
+            self.take(_all_logs(self.client, self.trial_id, since), last=tail)
+
+    def poll(self) -> None:
+        """The lines written since the newest one seen (less the overlap)."""
+        since = self.newest - self.overlap if self.newest else self.since
+        if since is not None and self.since is not None and since < self.since:
+            since = self.since
+        self.take(_all_logs(self.client, self.trial_id, _iso(since) if since else None))
+
+    def follow(self, poll_s: float = 1.0, grace_s: float = 10.0) -> None:
+        """Poll until the trial has ended and its last run's exit line arrived (or ``grace_s`` after it ended)."""
+        ended_at: float | None = None
+        while True:
+            t = self.client.get_trial(self.trial_id)
+            self.workers = _workers_of(t)
+            self.poll()
+            if t["state"] in TERMINAL_STATES:
+                ended_at = ended_at if ended_at is not None else time.monotonic()
+                last_run = t["allocations"][-1]["id"] if t.get("allocations") else None
+                if last_run is None or last_run in self.exit_line_of or time.monotonic() - ended_at > grace_s:
+                    return
+            time.sleep(poll_s)
 
 
 @trial.command("logs")
 @click.argument("trial_id", type=int)
-@click.option("--tail", type=int, default=None, help="Only the last N lines.")
-def trial_logs(trial_id: int, tail: int | None) -> None:
-    """Print a trial's logs."""
-    lines = _call(lambda c: c.trial_logs(trial_id, limit=tail or 100000, tail=tail is not None))
-    for line in lines:
-        click.echo(line["text"])
+@click.option("--tail", type=click.IntRange(min=1), default=None, help="Only the last N lines (then the new ones).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the trial ends.")
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="Only the lines of this rank (a line without a [rank=N] prefix counts as rank 0).")
+@click.option("--since", "since", default=None, metavar="DURATION|TIME",
+              help="Only lines written since: 90s, 10m, 2h, 1d back, or an ISO 8601 time.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: an array; with --follow one object per line (JSON Lines).")
+def trial_logs(trial_id: int, tail: int | None, follow: bool, rank: int | None, since: str | None,
+               as_json: bool) -> None:
+    """Print a trial's logs: time (UTC), rank when the trial has several, worker, text."""
+    since_at = parse_since(since) if since else None
+    rows: list[dict[str, Any]] = []
+
+    def emit(rec: dict[str, Any]) -> None:
+        if as_json and not follow:
+            rows.append(rec)
+        elif as_json:
+            click.echo(json.dumps(rec, sort_keys=True, default=str))
+        else:
+            click.echo(log_text(rec))
+
+    follower = _LogFollower(_client(), trial_id, emit, rank=rank, since=since_at)
+    try:
+        follower.first(tail)
+        if follow:
+            follower.follow()
+    except APIError as exc:
+        _fail(exc)
+    if as_json and not follow:
+        _print_json(rows)
 
 
 # -- cluster -------------------------------------------------------------------------------------------
@@ -965,21 +1427,29 @@ def checkpoint_describe(uuid: str, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to put the files.  [default: ./checkpoints/UUID]")
-def checkpoint_download(uuid: str, directory: Path | None, output: Path | None) -> None:
+@_JSON
+def checkpoint_download(uuid: str, directory: Path | None, output: Path | None, as_json: bool) -> None:
     """Download checkpoint UUID's files (with their modification times) into --output (or DIRECTORY)."""
     target = output or directory or Path("checkpoints") / uuid
     names = _call(lambda c: c.download_checkpoint(uuid, target))
+    if as_json:
+        _print_json({"uuid": uuid, "directory": str(target), "files": sorted(names)})
+        return
     click.echo(f"downloaded {len(names)} files to {target}: {', '.join(sorted(names))}")
 
 
 @checkpoint.command("delete")
 @click.argument("uuid")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
-def checkpoint_delete(uuid: str, yes: bool) -> None:
+@_JSON
+def checkpoint_delete(uuid: str, yes: bool, as_json: bool) -> None:
     """Delete checkpoint UUID's files from the store (owner or admin); it stays listed as DELETED."""
     if not yes and sys.stdin.isatty():
         click.confirm(f"delete the files of checkpoint {uuid}?", abort=True)
     out = _call(lambda c: c.delete_checkpoint(uuid))
+    if as_json:
+        _print_json(out)
+        return
     click.echo(f"checkpoint {uuid}: {out['state']} ({out['objects_removed']} objects removed)")
 
 

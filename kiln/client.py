@@ -202,20 +202,25 @@ class Client:
         """What the master is: ``{version}`` (public)."""
         return self._get("/api/v1/info")  # type: ignore[no-any-return]
 
-    def create_experiment(self, config_yaml: str, context_dir: Path) -> dict[str, Any]:
-        """Pack ``context_dir`` and submit it with the config; returns ``{id, warnings}``."""
+    def create_experiment(self, config_yaml: str, context_dir: Path, paused: bool = False) -> dict[str, Any]:
+        """Pack ``context_dir`` and submit it with the config; returns ``{id, warnings}``. ``paused``: nothing of it
+        starts until it is activated."""
         blob = code_context.pack(context_dir)
         files = {"context": ("context.tar.gz", blob, "application/gzip")}
         data = {"config": config_yaml}  # the owner is whoever the token belongs to
+        if paused:
+            data["paused"] = "true"
         try:
             resp = self._http.post("/api/v1/experiments", data=data, files=files)
         except httpx.TransportError as exc:
             raise Unreachable(self.master, exc) from exc
         return self._check(resp)  # type: ignore[no-any-return]
 
-    def list_experiments(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
-        """Experiments, newest first."""
-        return self._get("/api/v1/experiments", limit=limit, state=state)  # type: ignore[no-any-return]
+    def list_experiments(self, limit: int = 100, state: str | None = None,
+                         archived: bool | None = None) -> list[dict[str, Any]]:
+        """Experiments, newest first (``archived=False``: without the archived ones)."""
+        return self._get("/api/v1/experiments", limit=limit, state=state,  # type: ignore[no-any-return]
+                         archived=None if archived is None else str(archived).lower())
 
     def get_experiment(self, experiment_id: int) -> dict[str, Any]:
         """One experiment."""
@@ -319,6 +324,42 @@ class Client:
         """Change priority, weight or max_slots."""
         return self._post(f"/api/v1/experiments/{experiment_id}/resources", knobs)  # type: ignore[no-any-return]
 
+    def set_experiment_metadata(self, experiment_id: int, name: str | None = None, description: str | None = None,
+                                add_labels: list[str] | None = None,
+                                remove_labels: list[str] | None = None,
+                                archived: bool | None = None) -> dict[str, Any]:
+        """Rename, redescribe or relabel an experiment; returns ``{id, name, description, labels}`` as they are now."""
+        body: dict[str, Any] = {"add_labels": add_labels or [], "remove_labels": remove_labels or []}
+        if name is not None:
+            body["name"] = name
+        if description is not None:
+            body["description"] = description
+        if archived is not None:
+            body["archived"] = archived
+        return self._post(f"/api/v1/experiments/{experiment_id}/metadata", body)  # type: ignore[no-any-return]
+
+    def wait_experiment(self, experiment_id: int, poll_s: float = 1.0, timeout_s: float | None = None,
+                        not_found_s: float = 30.0) -> dict[str, Any]:
+        """Poll until the experiment reaches a terminal state; return it. ``TimeoutError`` after ``timeout_s``.
+        A 404 in the first ``not_found_s`` is waited out: a submission reaches the read model a moment later."""
+        import time
+
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
+        while True:
+            try:
+                exp = self.get_experiment(experiment_id)
+            except APIError as exc:
+                if exc.status != 404 or time.monotonic() - started > not_found_s:
+                    raise
+                time.sleep(poll_s)
+                continue
+            if exp["state"] in TERMINAL_STATES:
+                return exp
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"experiment {experiment_id} is still {exp['state']} after {timeout_s} s")
+            time.sleep(poll_s)
+
     def kill_trial(self, trial_id: int) -> dict[str, Any]:
         """Kill one trial."""
         return self._post(f"/api/v1/trials/{trial_id}/kill")  # type: ignore[no-any-return]
@@ -345,10 +386,10 @@ class Client:
         return self._get(f"/api/v1/trials/{trial_id}/metrics", kind=kind)  # type: ignore[no-any-return]
 
     def trial_logs(self, trial_id: int, limit: int = 10000, offset: int = 0,
-                   tail: bool = False) -> list[dict[str, Any]]:
-        """A trial's log lines."""
+                   tail: bool = False, since: str | None = None) -> list[dict[str, Any]]:
+        """A trial's log lines (``since``: an ISO 8601 time; only lines written at or after it)."""
         return self._get(f"/api/v1/trials/{trial_id}/logs", limit=limit, offset=offset,  # type: ignore[no-any-return]
-                         tail=str(tail).lower())
+                         tail=str(tail).lower(), since=since)
 
     def trial_checkpoints(self, trial_id: int) -> list[dict[str, Any]]:
         """A trial's checkpoints."""

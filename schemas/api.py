@@ -97,6 +97,7 @@ class _ExperimentFields(msgspec.Struct, kw_only=True):
     priority: int
     weight: float
     max_slots: int | None
+    archived: bool = False  # hidden from the list unless asked for (``archived=true`` or unfiltered)
 
 
 class ExperimentSummary(_ExperimentFields, kw_only=True):
@@ -136,6 +137,16 @@ class ResourcesAnswer(msgspec.Struct, kw_only=True):
     priority: int | None
     weight: float | None
     max_slots: int | None
+
+
+class ExperimentMetadata(msgspec.Struct, kw_only=True):
+    """An experiment's name, description and labels as a change leaves them."""
+
+    id: int
+    name: str
+    description: str
+    labels: list[str]
+    archived: bool
 
 
 class AuditEvent(msgspec.Struct, kw_only=True):

@@ -41,6 +41,9 @@ class ExperimentSubmitted(Event, frozen=True, kw_only=True):
     seed: int
     submitted_by: str = "anonymous"
     submitted_at: float = 0.0
+    # Created paused (``kiln experiment create --paused``): the scheduler holds its queue from the first
+    # event on, as after an ExperimentPauseRequested, so no trial of it starts before an activate.
+    paused: bool = False
 
 
 class ExperimentKillRequested(Event, frozen=True, kw_only=True):
@@ -74,6 +77,31 @@ class ExperimentResourcesChanged(Event, frozen=True, kw_only=True):
     weight: float | None = None
     max_slots: int | None = None
     change_id: str = ""  # unique per request: the same values set twice are two facts
+
+
+class ExperimentMetadataChanged(Event, frozen=True, kw_only=True):
+    """A user renamed, redescribed, relabelled, archived or unarchived an experiment (Determined's
+    ``set name|description``, ``label add|remove``, ``archive``); None and empty lists leave a field as it was.
+    Labels are added, then removed."""
+
+    experiment_id: int
+    name: str | None = None
+    description: str | None = None
+    labels_added: list[str] = []
+    labels_removed: list[str] = []
+    archived: bool | None = None  # archive (True) or unarchive (False): hidden from the list or shown again
+    requested_by: str = "anonymous"
+    change_id: str = ""  # unique per request: the same change made twice is two facts
+
+
+def relabelled(labels: list[str], added: list[str], removed: list[str]) -> list[str]:
+    """Labels after an ``ExperimentMetadataChanged``: the added ones appended (each once, in order), then the
+    removed ones dropped; the one rule the tracker folds by and the gateway answers with."""
+    out: list[str] = []
+    for label in [*labels, *added]:
+        if label not in out and label not in removed:
+            out.append(label)
+    return out
 
 
 class TrialKillRequested(Event, frozen=True, kw_only=True):
@@ -336,6 +364,7 @@ DomainEvent = (
     | ExperimentPauseRequested
     | ExperimentActivateRequested
     | ExperimentResourcesChanged
+    | ExperimentMetadataChanged
     | TrialKillRequested
     | TrialPreemptRequested
     | TrialPreempted

@@ -78,6 +78,7 @@ OWNERS: dict[type, Role] = {
     ev.ExperimentPauseRequested: "gateway",
     ev.ExperimentActivateRequested: "gateway",
     ev.ExperimentResourcesChanged: "gateway",
+    ev.ExperimentMetadataChanged: "gateway",
     ev.TrialKillRequested: "gateway",
     ev.CheckpointGCPolicyChanged: "gateway",
     # Objects leave the store through the gateway (it holds the store credential); the searcher only decides.
@@ -110,7 +111,8 @@ _EXPERIMENT, _TRIAL, _WORKER_CMD = "kiln.events.*.experiment", "kiln.events.*.tr
 ROUTING_PATTERNS: dict[type, str] = {
     **{t: _EXPERIMENT for t in (ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
-                                ev.ExperimentResourcesChanged, ev.CheckpointGCPolicyChanged,
+                                ev.ExperimentResourcesChanged, ev.ExperimentMetadataChanged,
+                                ev.CheckpointGCPolicyChanged,
                                 ev.CheckpointGCRequested, ev.CheckpointsDeleted)},
     **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
     **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
@@ -226,6 +228,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.ExperimentPauseRequested()
             | ev.ExperimentActivateRequested()
             | ev.ExperimentResourcesChanged()
+            | ev.ExperimentMetadataChanged()
             | ev.CheckpointGCPolicyChanged()
             | ev.CheckpointGCRequested()
             | ev.CheckpointsDeleted()
@@ -291,6 +294,8 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"{type(event).__name__}:{event.experiment_id}:{event.request_id}"
         case ev.ExperimentResourcesChanged():
             return f"ExperimentResourcesChanged:{event.experiment_id}:{event.change_id}"
+        case ev.ExperimentMetadataChanged():
+            return f"ExperimentMetadataChanged:{event.experiment_id}:{event.change_id}"
         case ev.CheckpointGCPolicyChanged():
             return f"CheckpointGCPolicyChanged:{event.experiment_id}:{event.change_id}"
         case ev.CheckpointGCRequested():

@@ -188,6 +188,7 @@ class Submission:
 
     config: str
     context: UploadFile
+    paused: bool = False  # created paused: nothing starts until it is activated
     # No ``submitted_by``: the owner is the authenticated user, never what a client claims.
 
 
@@ -331,6 +332,7 @@ async def create_experiment(
         seed=seed if seed is not None else secrets.randbelow(2**31),
         submitted_by=request.user.username,
         submitted_at=time.time(),
+        paused=data.paused,
     )
     try:
         await deps.publish_new(event)  # never reports success for an id JetStream dropped as a duplicate
@@ -360,10 +362,11 @@ async def list_experiments(
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     offset: Offset = 0,
     experiment_state: Annotated[str | None, Parameter(query="state")] = None,
+    archived: bool | None = None,
 ) -> list[api.ExperimentSummary]:
-    """Experiments, newest first."""
+    """Experiments, newest first (``archived=false``: without the archived ones, as ``kiln experiment list``)."""
     async with _deps(state).db() as conn:
-        return await queries.list_experiments(conn, limit, offset, experiment_state)
+        return await queries.list_experiments(conn, limit, offset, experiment_state, archived)
 
 
 @get("/api/v1/experiments/{experiment_id:int}", operation_id="getExperiment", responses=_errors(404))
@@ -575,6 +578,45 @@ async def set_resources(state: State, request: Request[Principal, int, Any], exp
     return api.ResourcesAnswer(id=experiment_id, priority=data.priority, weight=data.weight, max_slots=data.max_slots)
 
 
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+
+
+class MetadataPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Name, description and labels to change (Determined's ``set name|description``, ``label add|remove``)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] | None = None
+    add_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    remove_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    archived: bool | None = None  # archive (only an ended experiment) or unarchive
+
+
+@post("/api/v1/experiments/{experiment_id:int}/metadata", operation_id="setExperimentMetadata",
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
+async def set_metadata(state: State, request: Request[Principal, int, Any], experiment_id: Id,
+                       data: MetadataPatch) -> api.ExperimentMetadata:
+    """Rename, redescribe, relabel, archive or unarchive an experiment (owner or admin; also after it ended)."""
+    deps = _deps(state)
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(request.user, experiment)
+    if (data.name is None and data.description is None and not data.add_labels and not data.remove_labels
+            and data.archived is None):
+        raise _bad_request("nothing to change: give name, description, add_labels, remove_labels or archived")
+    if data.archived and experiment.ended_at is None:  # as Determined: only what has ended leaves the list
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} is {experiment.state}: only an"
+                              " ended experiment can be archived (kill it first)")
+    await deps.publish(ev.ExperimentMetadataChanged(
+        experiment_id=experiment_id, name=data.name, description=data.description, labels_added=data.add_labels,
+        labels_removed=data.remove_labels, archived=data.archived, requested_by=request.user.username,
+        change_id=uuid.uuid4().hex))
+    # What the tracker will show once it folds the event (the one rule, ``ev.relabelled``).
+    return api.ExperimentMetadata(
+        id=experiment_id, name=experiment.name if data.name is None else data.name,
+        description=experiment.description if data.description is None else data.description,
+        labels=ev.relabelled(experiment.labels, data.add_labels, data.remove_labels),
+        archived=experiment.archived if data.archived is None else data.archived)
+
+
 @post("/api/v1/trials/{trial_id:int}/kill", operation_id="killTrial", status_code=HTTP_202_ACCEPTED,
       responses=_errors(403, 404))
 async def kill_trial(state: State, request: Request[Principal, int, Any], trial_id: Id) -> api.StateAnswer:
@@ -658,10 +700,12 @@ async def trial_logs(
     limit: Annotated[int, Parameter(ge=1, le=100000)] = 10000,
     offset: Offset = 0,
     tail: bool = False,
+    since: datetime | None = None,
 ) -> list[api.LogLine]:
-    """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines."""
+    """A trial's log lines in time order; ``tail=true`` gives the last ``limit`` lines; ``since``: written at or
+    after that time."""
     async with _deps(state).db() as conn:
-        return await queries.trial_logs(conn, trial_id, limit, offset, tail)
+        return await queries.trial_logs(conn, trial_id, limit, offset, tail, since)
 
 
 # -- checkpoints: readable and deletable by the experiment's owner or an admin ----------------------------------
@@ -995,7 +1039,7 @@ ROUTES = [
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
-    experiment_checkpoints, delete_checkpoint, set_gc_policy, download_context,
+    experiment_checkpoints, delete_checkpoint, set_gc_policy, set_metadata, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
 ]
 

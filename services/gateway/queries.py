@@ -7,6 +7,7 @@ whose type drifts from the documented answer fails in the query, not in a client
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,7 +19,7 @@ T = TypeVar("T")
 EXPERIMENT_COLUMNS = (
     "e.id, e.name, e.description, e.labels, e.state, e.searcher_name, e.searcher_metric, e.smaller_is_better,"
     " e.submitted_by, e.submitted_at, e.ended_at, e.end_reason, e.progress, e.context_digest,"
-    " e.priority, e.weight, e.max_slots"
+    " e.priority, e.weight, e.max_slots, e.archived"
 )
 TRIAL_COLUMNS = (
     "t.id, t.experiment_id, t.request_id, t.hparams, t.seed, t.max_length, t.state, t.restarts, t.exit_code,"
@@ -45,12 +46,14 @@ def _one(row: Any, kind: type[T]) -> T | None:
     return msgspec.convert(dict(row), kind) if row is not None else None
 
 
-async def list_experiments(conn: Any, limit: int, offset: int, state: str | None) -> list[api.ExperimentSummary]:
-    """Experiments, newest first, with trial counts."""
+async def list_experiments(conn: Any, limit: int, offset: int, state: str | None,
+                           archived: bool | None = None) -> list[api.ExperimentSummary]:
+    """Experiments, newest first, with trial counts (``archived``: only those archived, or only those not)."""
     records = await conn.fetch(
         f"SELECT {EXPERIMENT_COLUMNS}, (SELECT count(*) FROM trials t WHERE t.experiment_id = e.id) AS num_trials"
-        " FROM experiments e WHERE ($3::text IS NULL OR e.state = $3) ORDER BY e.id DESC LIMIT $1 OFFSET $2",
-        limit, offset, state,
+        " FROM experiments e WHERE ($3::text IS NULL OR e.state = $3) AND ($4::boolean IS NULL OR e.archived = $4)"
+        " ORDER BY e.id DESC LIMIT $1 OFFSET $2",
+        limit, offset, state, archived,
     )
     return _typed(records, api.ExperimentSummary)
 
@@ -146,13 +149,16 @@ async def trial_metrics(conn: Any, trial_id: int, kind: str | None, limit: int,
     return _typed(records, api.MetricsAtStep)
 
 
-async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool) -> list[api.LogLine]:
-    """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``)."""
+async def trial_logs(conn: Any, trial_id: int, limit: int, offset: int, tail: bool,
+                     since: datetime | None = None) -> list[api.LogLine]:
+    """A trial's log lines across its allocations, in time order (``tail``: the last ``limit``; ``since``: those
+    written at or after it)."""
     order = "DESC" if tail else "ASC"
     records = await conn.fetch(
         "SELECT allocation_id, line_no, stream, ts, text FROM trial_logs WHERE trial_id = $1"
+        " AND ($4::timestamptz IS NULL OR ts >= $4)"
         f" ORDER BY ts {order}, allocation_id {order}, line_no {order} LIMIT $2 OFFSET $3",
-        trial_id, limit, offset,
+        trial_id, limit, offset, since,
     )
     rows = _typed(records, api.LogLine)
     return rows[::-1] if tail else rows

@@ -136,6 +136,7 @@ def knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
         # A config this version cannot read: the searcher ends the experiment (ERROR) and creates no trial.
         return ExperimentKnobs()
     knobs.config, knobs.context_digest = event.config, event.context_digest
+    knobs.paused = event.paused  # created paused: its queue is held from the start
     return knobs
 
 

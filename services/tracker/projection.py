@@ -129,7 +129,7 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("searcher_metric", "text"), ("smaller_is_better", "boolean"), ("seed", "bigint"),
         ("submitted_by", "text"), ("submitted_at", "timestamptz"), ("ended_at", "timestamptz"),
         ("end_reason", "text"), ("progress", "float8"), ("priority", "integer"), ("weight", "float8"),
-        ("max_slots", "integer"), ("planned_trials", "integer"),
+        ("max_slots", "integer"), ("planned_trials", "integer"), ("archived", "boolean"),
     ],
     "trials": [
         ("id", "bigint"), ("experiment_id", "bigint"), ("request_id", "integer"), ("hparams", "jsonb"),
@@ -206,10 +206,11 @@ class Fold:
         if e.experiment_id in self.experiments:
             return
         self.experiments[e.experiment_id] = {
-            "id": e.experiment_id, "state": "ACTIVE", "config": _j(e.config), "config_yaml": e.config_yaml,
+            "id": e.experiment_id, "state": "PAUSED" if e.paused else "ACTIVE", "config": _j(e.config),
+            "config_yaml": e.config_yaml,
             "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
             "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
-            "planned_trials": 0,
+            "planned_trials": 0, "archived": False,
             **_config_columns(e.config),
         }
         self.changed["experiments"].add(e.experiment_id)
@@ -227,6 +228,18 @@ class Fold:
                 x["weight"] = float(e.weight)
             if e.max_slots is not None:
                 x["max_slots"] = e.max_slots if e.max_slots > 0 else None
+
+    def _metadata_changed(self, e: ev.ExperimentMetadataChanged, item: Item) -> None:
+        if (x := self._row("experiments", e.experiment_id)) is not None:
+            if e.name is not None:
+                x["name"] = e.name
+            if e.description is not None:
+                x["description"] = e.description
+            if e.archived is not None:
+                x["archived"] = e.archived
+            if e.labels_added or e.labels_removed:
+                labels = msgspec.json.decode(x["labels"]) if isinstance(x["labels"], (str, bytes)) else x["labels"]
+                x["labels"] = _j(ev.relabelled(labels, e.labels_added, e.labels_removed))
 
     def _experiment_ended(self, e: ev.ExperimentEnded, item: Item) -> None:
         self._settle_progress(e.experiment_id)
@@ -417,6 +430,7 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.ExperimentPauseRequested: lambda f, e, _: f._experiment_state(e, "PAUSED"),
     ev.ExperimentActivateRequested: lambda f, e, _: f._experiment_state(e, "ACTIVE"),
     ev.ExperimentResourcesChanged: Fold._resources_changed,
+    ev.ExperimentMetadataChanged: Fold._metadata_changed,
     ev.ExperimentKillRequested: lambda f, e, _: f._experiment_state(e, "STOPPING_CANCELED"),
     ev.ExperimentEnded: Fold._experiment_ended,
     ev.TrialCreated: Fold._created,

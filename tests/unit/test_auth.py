@@ -163,7 +163,8 @@ def test_health_and_the_schema_need_no_token_and_the_schema_declares_the_bearer_
 def test_another_user_may_not_change_an_experiment_its_owner_and_an_admin_may(
         app: tuple[TestClient[Any], list[Any]]) -> None:
     http, published = app
-    for path, body in (("kill", None), ("pause", None), ("activate", None), ("resources", {"priority": 5})):
+    for path, body in (("kill", None), ("pause", None), ("activate", None), ("resources", {"priority": 5}),
+                       ("metadata", {"name": "mine"})):
         resp = http.post(f"/api/v1/experiments/37/{path}", json=body, headers=_as(BOB))
         assert resp.status_code == 403, resp.text
         assert "alice" in resp.json()["detail"]
@@ -209,3 +210,20 @@ def test_login_gives_a_token_only_for_the_right_password_and_stores_only_its_dig
     assert resp.status_code == 200, resp.text
     token = resp.json()["token"]
     assert digests == [auth.token_digest(token)] and token not in digests
+
+
+def test_metadata_changes_are_one_event_and_the_answer_shows_the_result(app: tuple[TestClient[Any], list[Any]],
+                                                                        ) -> None:
+    http, published = app
+    resp = http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE),
+                     json={"description": "why", "add_labels": ["a", "b", "a"], "remove_labels": ["b"]})
+    assert resp.status_code == 202, resp.text
+    assert resp.json() == {"id": 37, "name": "e", "description": "why", "labels": ["a"], "archived": False}
+    (event,) = published
+    assert (event.name, event.description, event.labels_added, event.labels_removed, event.requested_by) == \
+        (None, "why", ["a", "b", "a"], ["b"], "alice")
+    assert http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={}).status_code == 400
+    # Only an ended experiment is archived (this one is ACTIVE); unarchiving one is always fine.
+    refused = http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={"archived": True})
+    assert refused.status_code == 409 and "only an ended experiment" in refused.json()["detail"]
+    assert http.post("/api/v1/experiments/37/metadata", headers=_as(ALICE), json={"archived": False}).status_code == 202

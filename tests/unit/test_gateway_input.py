@@ -96,6 +96,8 @@ def test_out_of_range_ids_and_nul_bytes_are_a_400_naming_the_parameter(method: s
 
 @pytest.mark.parametrize(("url", "body", "key"), [
     ("/api/v1/experiments/1/resources", {"max_slots": 2**40}, "max_slots"),
+    ("/api/v1/experiments/1/metadata", {"name": "a\x00b"}, "name"),
+    ("/api/v1/experiments/1/metadata", {"add_labels": ["ok", "a\x00b"]}, "add_labels[1]"),
     ("/api/v1/auth/login", {"username": "a\x00b", "password": "x"}, "username"),
     ("/api/v1/users", {"username": "a\x00b", "password": "x" * 20}, "username"),
     ("/api/v1/tokens", {"name": "a\x00b"}, "name"),

@@ -201,3 +201,26 @@ def test_deleted_checkpoints_are_marked_with_the_first_deletion() -> None:
                                                             deleted_by="ann")))
     assert {u: (at.timestamp(), why) for u, (at, why) in f.checkpoints_deleted.items()} == \
         {"a": (5.0, "retention"), "b": (5.0, "retention")}
+
+
+def test_metadata_changes_rename_redescribe_and_relabel() -> None:
+    f = fold(submitted(),
+             ev.ExperimentMetadataChanged(experiment_id=E, name="renamed", labels_added=["a", "b", "a"], change_id="1"),
+             ev.ExperimentMetadataChanged(experiment_id=E, description="why", labels_added=["b", "c"],
+                                          labels_removed=["a"], change_id="2"))
+    x = f.experiments[E]
+    assert (x["name"], x["description"], msgspec.json.decode(x["labels"])) == ("renamed", "why", ["b", "c"])
+
+
+def test_an_experiment_submitted_paused_starts_paused() -> None:
+    paused = msgspec.structs.replace(submitted(), paused=True)
+    assert fold(paused).experiments[E]["state"] == "PAUSED"
+    assert fold(submitted()).experiments[E]["state"] == "ACTIVE"
+
+
+def test_archive_and_unarchive_fold_into_the_archived_column() -> None:
+    archived = ev.ExperimentMetadataChanged(experiment_id=E, archived=True, change_id="1")
+    assert fold(submitted()).experiments[E]["archived"] is False
+    assert fold(submitted(), archived).experiments[E]["archived"] is True
+    unarchived = ev.ExperimentMetadataChanged(experiment_id=E, archived=False, change_id="2")
+    assert fold(submitted(), archived, unarchived).experiments[E]["archived"] is False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from schemas import events as ev
 from services.scheduler.core import SchedulerCore
 from tests.unit.test_scheduler_core import (
@@ -116,3 +118,11 @@ def test_weights_from_the_config_split_a_worker() -> None:
     got = assigned(core.tick(T0))
     assert sum(1 for a in got if a.experiment_id == 1) == 2
     assert sum(1 for a in got if a.experiment_id == 2) == 6
+
+
+def test_an_experiment_submitted_paused_places_nothing_until_activated() -> None:
+    core = core_with(msgspec.structs.replace(submitted(1), paused=True), created(1, 10))
+    core.heartbeat(heartbeat("w1", 1, T0))
+    assert core.tick(T0) == []  # created paused: the queue is held from the first event
+    core.handle(ev.ExperimentActivateRequested(experiment_id=1, request_id="a"))
+    assert only_assignment(core.tick(T0 + 1)).trial_id == 10

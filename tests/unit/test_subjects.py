@@ -70,6 +70,7 @@ SAMPLES: dict[type, Any] = {
     ),
     ev.TrialProgressReported: ev.TrialProgressReported(experiment_id=EXP, trial_id=TRIAL, progress=0.25),
     ev.CheckpointGCPolicyChanged: ev.CheckpointGCPolicyChanged(experiment_id=EXP, save_trial_best=2, change_id="g1"),
+    ev.ExperimentMetadataChanged: ev.ExperimentMetadataChanged(experiment_id=EXP, name="renamed", change_id="m1"),
     ev.CheckpointGCRequested: ev.CheckpointGCRequested(
         experiment_id=EXP, checkpoints=[ev.CheckpointRef(uuid="c0ffee", trial_id=TRIAL, storage="s3://kiln/ckpt")]),
     ev.CheckpointsDeleted: ev.CheckpointsDeleted(experiment_id=EXP, uuids=["c0ffee"], reason="retention"),
@@ -91,7 +92,8 @@ SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 
 EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                      ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged,
-                     ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted}
+                     ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted,
+                     ev.ExperimentMetadataChanged}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 TRIAL_EVENTS = {
     ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
@@ -109,7 +111,7 @@ def test_samples_cover_every_event() -> None:
 # table is a deliberate change to this test too.
 GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
            ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested,
-           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted}
+           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged}
 SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded,
             ev.CheckpointGCRequested}
 SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
@@ -277,6 +279,7 @@ def _r(cls: type, **changes: Any) -> Any:
          _r(ev.CheckpointGCRequested, checkpoints=[ev.CheckpointRef(uuid="b", trial_id=1, storage="")]), False),
         (_r(ev.CheckpointsDeleted, uuids=["a"]), _r(ev.CheckpointsDeleted, uuids=["b"]), False),
         (_r(ev.CheckpointGCPolicyChanged, change_id="1"), _r(ev.CheckpointGCPolicyChanged, change_id="2"), False),
+        (_r(ev.ExperimentMetadataChanged, change_id="1"), _r(ev.ExperimentMetadataChanged, change_id="2"), False),
         (_r(ev.TrialProgressReported, progress=0.25), _r(ev.TrialProgressReported, progress=0.5), False),
         (_r(ev.TrainingMetricsReported, batch_id="x"), _r(ev.TrainingMetricsReported, batch_id="y"), False),
         (_r(ev.LogsShipped, lines=[ev.LogLine(line_no=0, stream="stdout", text="", ts=0.0)]),
