@@ -391,7 +391,8 @@ class Bus:
         is recreated to start right after it whenever the process starts or a delivery goes missing (a
         gap in the consumer sequence), so a position can never pass a message that was not applied.
 
-        With ``prefetch``, the next batch is fetched and decoded while the handler applies this one, and
+        With ``prefetch``, when a batch came full (a backlog), the next one is fetched and decoded while the
+        handler applies this one, and
         ``prefetch(next_deliveries)`` is called with it then (the tracker folds it while Postgres writes the
         current one). It is only a head start: the next batch still goes through the sequence check and the
         handler after this one is acked; if this one took longer than half the ack wait, the head start is
@@ -488,8 +489,11 @@ class Bus:
                 if not puller.in_order(msgs):
                     await rebind("a delivery went missing")
                     continue
-                # The next batch is fetched and decoded while this one is applied.
-                ahead = asyncio.create_task(fetch(), name=f"prefetch-{spec.durable}")
+                # A full batch means a backlog: the next one is fetched and decoded while this one is applied.
+                # A partial one means the consumer is caught up: fetching now would only split what arrives
+                # meanwhile into smaller batches (more transactions for the same points).
+                if len(msgs) >= batch:
+                    ahead = asyncio.create_task(fetch(), name=f"prefetch-{spec.durable}")
                 started = time.monotonic()
                 await self._apply(spec, handler, stop, decoded, classify)
                 if time.monotonic() - started > spec.ack_wait_s / 2:

@@ -34,6 +34,7 @@ class TrackerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     pg_dsn: str = ports.PG_DSN
     batch: int = 256
+    prefetch: bool = True  # fold the next metrics/logs batch while Postgres writes this one (KILN_PREFETCH)
     log_level: str = "INFO"
 
 
@@ -126,7 +127,7 @@ async def consume(bus: Bus, pool: asyncpg.Pool, spec: ConsumerSpec, kind: Any, s
                   stop: asyncio.Event) -> None:
     """One projection. Metrics and logs touch no rows of the read model: the next batch is decoded and folded
     while Postgres writes this one (``prefetch``); domain events need the rows the batch before wrote."""
-    ahead = Ahead() if spec.stream.name in AHEAD_STREAMS else None
+    ahead = Ahead() if settings.prefetch and spec.stream.name in AHEAD_STREAMS else None
     await bus.consume(spec, msgspec.json.Decoder(kind), handler_for(pool, spec.durable, ahead), stop,
                       batch=settings.batch, position=position_of(pool, spec.durable),
                       prefetch=ahead.prefetch if ahead is not None else None)
