@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, MutableMapping, Sequence
@@ -29,9 +30,20 @@ def _client() -> Client:
     return Client()
 
 
+def _terminal_width() -> int:
+    """The terminal's width when printing to one; 0 (no limit) for a pipe or a file: scripts get whole lines."""
+    if not sys.stdout.isatty():
+        return 0
+    return shutil.get_terminal_size(fallback=(0, 0)).columns
+
+
 def _echo_row(text: str) -> None:
-    """One table row, without the padding its last column leaves at the end."""
-    click.echo(text.rstrip())
+    """One table row, without the padding its last column leaves at the end, cut to fit the terminal ("…")."""
+    text = text.rstrip()
+    width = _terminal_width()
+    if width and len(text) > width:
+        text = text[: max(width - 1, 1)] + "…"
+    click.echo(text)
 
 
 def _round_floats(value: Any) -> Any:
@@ -644,11 +656,11 @@ def experiment_list(as_json: bool, limit: int, show_all: bool) -> None:
     if as_json:
         _print_json(rows)
         return
-    click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':10} NAME")
+    click.echo(f"{'ID':>5}  {'STATE':18} {'TRIALS':>6}  {'SEARCHER':14} NAME")
     for r in rows:
         labels = f"  [{', '.join(r['labels'])}]" if r.get("labels") else ""
         labels += "  (archived)" if r.get("archived") else ""
-        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:10} {r['name']}{labels}")
+        _echo_row(f"{r['id']:>5}  {r['state']:18} {r['num_trials']:>6}  {r['searcher_name']:14} {r['name']}{labels}")
 
 
 @experiment.command("describe")
