@@ -226,11 +226,40 @@ def _kill_postgres(parts: p.RunningParts) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+async def _live_and_in_one_go(parts: p.RunningParts, bus: Bus, schema: str, durable: str, seqs: list[int],
+                              stream: subjects.StreamSpec, filter_subject: str,
+                              decoder: msgspec.json.Decoder[Any]) -> tuple[str, str, int]:
+    """Once the consumer's position reached the last of ``seqs``: the digest of the live read model in ``schema``,
+    the digest of the same events projected in one go into a fresh schema, and how many metric points the live
+    one holds. Both schemas are dropped after."""
+    reference = f"r_{uuid.uuid4().hex[:12]}"
+    c = await asyncpg.connect(_dsn(parts))
+    try:
+        await c.execute(f'SET search_path TO "{schema}"')
+        for _ in range(300):
+            if await c.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = $1", durable) == max(seqs):
+                break
+            await asyncio.sleep(0.1)
+        live = await _digest(c)
+        points = int(await c.fetchval("SELECT count(*) FROM metric_points"))
+        wanted = set(seqs)
+        items = [Item(d.seq, d.timestamp, d.event) async for d in
+                 bus.read(stream, filter_subject, decoder, start_seq=min(seqs)) if d.seq in wanted]
+        assert [i.seq for i in items] == seqs
+        await readmodel.migrate(c, reference)
+        assert await project_batch(c, durable, items) == len(seqs)
+        ref = await _digest(c)
+        await c.execute(f'DROP SCHEMA "{reference}" CASCADE')
+        await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await c.close()
+    return live, ref, points
+
+
 async def test_the_tracker_loses_nothing_when_postgres_is_killed_mid_stream(parts: p.RunningParts) -> None:
     """Events published while PostgreSQL is dead all land once it is back, and the read model equals a
     projection of the same events (same seqs, same stream timestamps) done in one go."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    reference = f"r_{uuid.uuid4().hex[:12]}"
     lives = [_life(_exp(), _exp()) for _ in range(6)]
     durable = f"tracker-pos-{schema}"
     spec = ConsumerSpec(durable=durable, stream=subjects.EVENTS,
@@ -253,27 +282,8 @@ async def test_the_tracker_loses_nothing_when_postgres_is_killed_mid_stream(part
                 seqs += [await bus.publish(event) for event in life]
             await asyncio.sleep(4.0)  # the tracker fails against a dead database meanwhile
             parts.postgres = p.start_postgres(parts.cfg)
-            c = await asyncpg.connect(_dsn(parts))
-            try:
-                await c.execute(f'SET search_path TO "{schema}"')
-                for _ in range(300):
-                    if await c.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = $1",
-                                        durable) == max(seqs):
-                        break
-                    await asyncio.sleep(0.1)
-                live = await _digest(c)
-                wanted = set(seqs)
-                items = [Item(d.seq, d.timestamp, d.event) async for d in
-                         bus.read(subjects.EVENTS, "kiln.events.>", msgspec.json.Decoder(ev.DomainEvent),
-                                  start_seq=min(seqs)) if d.seq in wanted]
-                assert [i.seq for i in items] == seqs
-                await readmodel.migrate(c, reference)
-                assert await project_batch(c, durable, items) == len(seqs)
-                ref = await _digest(c)
-                await c.execute(f'DROP SCHEMA "{reference}" CASCADE')
-                await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
-            finally:
-                await c.close()
+            live, ref, _ = await _live_and_in_one_go(parts, bus, schema, durable, seqs, subjects.EVENTS,
+                                                     "kiln.events.>", msgspec.json.Decoder(ev.DomainEvent))
             stop.set()
             await task
             assert live == ref

@@ -21,19 +21,19 @@ from schemas import events as ev
 from schemas import readmodel, subjects
 from services.runtime import ConsumerSpec, Delivery, Transient, connect_bus
 from services.tracker.main import Ahead, handler_for, position_of
-from services.tracker.projection import Item, project_batch
 from tests.integration.test_positions import (
     N,
     Store,
     _dead_letters,
     _exp,
     _kill_postgres,
+    _live_and_in_one_go,
     _publish,
     _settings,
     _spec,
     _wait,
 )
-from tests.integration.test_tracker import _digest, _dsn
+from tests.integration.test_tracker import _dsn
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,6 @@ def _metrics(e: int, trial: int, batches: int) -> list[ev.TrainingMetricsReporte
 
 async def test_metrics_folded_ahead_give_the_same_read_model_through_a_postgres_kill(parts: p.RunningParts) -> None:
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    reference = f"r_{uuid.uuid4().hex[:12]}"
     e = _exp()
     trials = [e * 10 + i for i in range(3)]
     durable = f"tracker-ahead-{schema}"
@@ -132,27 +131,8 @@ async def test_metrics_folded_ahead_give_the_same_read_model_through_a_postgres_
             seqs += [await bus.publish(m) for m in _metrics(e, trials[2], 6)]
             await asyncio.sleep(3.0)  # the tracker fails against a dead database meanwhile
             parts.postgres = p.start_postgres(parts.cfg)
-            c = await asyncpg.connect(_dsn(parts))
-            try:
-                await c.execute(f'SET search_path TO "{schema}"')
-                for _ in range(300):
-                    if await c.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = $1",
-                                        durable) == max(seqs):
-                        break
-                    await asyncio.sleep(0.1)
-                live = await _digest(c)
-                points = await c.fetchval("SELECT count(*) FROM metric_points")
-                wanted = set(seqs)
-                items = [Item(d.seq, d.timestamp, d.event) async for d in
-                         bus.read(subjects.METRICS, f"kiln.metrics.{e}.>", msgspec.json.Decoder(ev.MetricEvent),
-                                  start_seq=min(seqs)) if d.seq in wanted]
-                await readmodel.migrate(c, reference)
-                assert await project_batch(c, durable, items) == len(seqs)
-                ref = await _digest(c)
-                await c.execute(f'DROP SCHEMA "{reference}" CASCADE')
-                await c.execute(f'DROP SCHEMA "{schema}" CASCADE')
-            finally:
-                await c.close()
+            live, ref, points = await _live_and_in_one_go(parts, bus, schema, durable, seqs, subjects.METRICS,
+                                                          f"kiln.metrics.{e}.>", msgspec.json.Decoder(ev.MetricEvent))
             stop.set()
             await task
             assert points == 3 * 6 * 50 * 2
