@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from schemas import context
-from tests.e2e.conftest import REPO, Stack
+from tests.e2e.conftest import REPO, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +21,13 @@ def test_replay_verify_is_equal_after_real_runs_and_the_audit_trail_tells_the_st
     assert run.returncode == 0, run.stdout + run.stderr
     exp_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
 
+    def retention_done() -> bool:
+        # Checkpoint retention runs just after the end (searcher decides, gateway deletes): a replay taken in
+        # between would compare against a live model that is still moving.
+        kinds = [e["type"] for e in json.loads(kiln_stack.kiln("experiment", "events", str(exp_id), "--json").stdout)]
+        return kinds.count("CheckpointsDeleted") >= kinds.count("CheckpointGCRequested")
+
+    wait_for(retention_done, timeout=60, what="checkpoint retention after the end")
     replay = kiln_stack.kiln("events", "replay", "--verify", "--state-dir", str(kiln_stack.cfg.state_dir))
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert "reproducible (every table equal)" in replay.stdout
