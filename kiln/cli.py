@@ -927,6 +927,23 @@ _archive_command("archive", True, "Archive an ended experiment: `experiment list
 _archive_command("unarchive", False, "Unarchive an experiment: `experiment list` shows it again.")
 
 
+@experiment.command("delete")
+@click.argument("experiment_id", type=int)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@_JSON
+def experiment_delete(experiment_id: int, yes: bool, as_json: bool) -> None:
+    """Delete an ended experiment (owner or admin): its checkpoints' files, trials, metrics and logs. Its events
+    stay in the log. Checkpoints registered as model versions block it."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"delete experiment {experiment_id} with its checkpoints, metrics and logs?", abort=True)
+    out = _call(lambda c: c.delete_experiment(experiment_id))
+    if as_json:
+        _print_json(out)
+        return
+    click.echo(f"experiment {experiment_id}: deleted ({out['checkpoints_deleted']} checkpoints,"
+               f" {out['objects_removed']} objects removed)")
+
+
 @experiment.group("label")
 def experiment_label() -> None:
     """Add labels to an experiment or remove them."""

@@ -410,6 +410,10 @@ class Client:
         """Delete a checkpoint's files from the store."""
         return self._delete(f"/api/v1/checkpoints/{uuid}")  # type: ignore[no-any-return]
 
+    def delete_experiment(self, experiment_id: int) -> dict[str, Any]:
+        """Delete an ended experiment: its checkpoints' files, then its trials, metrics and logs."""
+        return self._delete(f"/api/v1/experiments/{experiment_id}")  # type: ignore[no-any-return]
+
     def set_gc_policy(self, experiment_id: int, **policy: int | None) -> dict[str, Any]:
         """Change an experiment's checkpoint retention (``save_experiment_best``, ``save_trial_best``,
         ``save_trial_latest``; None keeps one)."""

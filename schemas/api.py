@@ -289,6 +289,14 @@ class CheckpointDeleted(msgspec.Struct, kw_only=True):
     objects_removed: int
 
 
+class ExperimentDeletion(msgspec.Struct, kw_only=True):
+    """An experiment deleted: its checkpoints' files left the store now; the read model drops it shortly after."""
+
+    id: int
+    checkpoints_deleted: int
+    objects_removed: int
+
+
 class GCPolicy(msgspec.Struct, kw_only=True):
     """An experiment's checkpoint retention (``checkpoint_storage.save_*``) as a request set it; null: unchanged."""
 

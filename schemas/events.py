@@ -94,6 +94,15 @@ class ExperimentMetadataChanged(Event, frozen=True, kw_only=True):
     change_id: str = ""  # unique per request: the same change made twice is two facts
 
 
+class ExperimentDeleted(Event, frozen=True, kw_only=True):
+    """A user deleted an ended experiment (Determined's ``experiment delete``): its checkpoints' objects left the
+    store first (``CheckpointsDeleted``), and the read model drops the experiment with its trials, metrics and
+    logs. The log keeps every event of it: the audit trail outlives the deletion."""
+
+    experiment_id: int
+    deleted_by: str
+
+
 def relabelled(labels: list[str], added: list[str], removed: list[str]) -> list[str]:
     """Labels after an ``ExperimentMetadataChanged``: the added ones appended (each once, in order), then the
     removed ones dropped; the one rule the tracker folds by and the gateway answers with."""
@@ -387,6 +396,7 @@ DomainEvent = (
     | CheckpointGCPolicyChanged
     | CheckpointGCRequested
     | CheckpointsDeleted
+    | ExperimentDeleted
 )
 
 

@@ -83,6 +83,7 @@ OWNERS: dict[type, Role] = {
     ev.CheckpointGCPolicyChanged: "gateway",
     # Objects leave the store through the gateway (it holds the store credential); the searcher only decides.
     ev.CheckpointsDeleted: "gateway",
+    ev.ExperimentDeleted: "gateway",
     ev.CheckpointGCRequested: "searcher",
     ev.TrialCreated: "searcher",
     ev.TrialStopRequested: "searcher",
@@ -113,7 +114,7 @@ ROUTING_PATTERNS: dict[type, str] = {
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
                                 ev.ExperimentResourcesChanged, ev.ExperimentMetadataChanged,
                                 ev.CheckpointGCPolicyChanged,
-                                ev.CheckpointGCRequested, ev.CheckpointsDeleted)},
+                                ev.CheckpointGCRequested, ev.CheckpointsDeleted, ev.ExperimentDeleted)},
     **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
     **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
                            ev.TrialPreempted, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted,
@@ -232,6 +233,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.CheckpointGCPolicyChanged()
             | ev.CheckpointGCRequested()
             | ev.CheckpointsDeleted()
+            | ev.ExperimentDeleted()
         ):
             return f"kiln.events.{event.experiment_id}.experiment"
         case ev.AllocationAssigned() | ev.AllocationKillRequested():
@@ -289,6 +291,8 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"ExperimentKillRequested:{event.experiment_id}"
         case ev.ExperimentEnded():
             return f"ExperimentEnded:{event.experiment_id}"
+        case ev.ExperimentDeleted():  # once: a second delete of the same experiment is the same fact
+            return f"ExperimentDeleted:{event.experiment_id}"
         case ev.ExperimentPauseRequested() | ev.ExperimentActivateRequested():
             # Pause, activate, pause again are distinct facts; a retry of one request is not.
             return f"{type(event).__name__}:{event.experiment_id}:{event.request_id}"

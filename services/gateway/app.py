@@ -210,9 +210,13 @@ def found(value: T | None, what: str, key: object) -> T:
 
 
 async def _experiment(deps: GatewayDeps, experiment_id: int) -> api.Experiment:
-    """An experiment of the read model, or a 404."""
+    """An experiment of the read model, or a 404 (saying so when it was deleted)."""
     async with deps.db() as conn:
-        return found(await queries.get_experiment(conn, experiment_id), "experiment", experiment_id)
+        experiment = await queries.get_experiment(conn, experiment_id)
+        if experiment is None and (gone := await queries.deleted_experiment(conn, experiment_id)) is not None:
+            raise NotFoundException(f"experiment {experiment_id} was deleted by {gone[1]} at {gone[0]:%Y-%m-%d %H:%M}"
+                                    " UTC (its events stay in the log)")
+        return found(experiment, "experiment", experiment_id)
 
 
 # -- what each route documents about its errors (all in the one shape, ``api.ErrorBody``) ---------------------
@@ -854,6 +858,38 @@ async def delete_checkpoint(state: State, request: Request[Principal, int, Any],
     return api.CheckpointDeleted(uuid=uuid, state="DELETED", objects_removed=removed)
 
 
+@delete("/api/v1/experiments/{experiment_id:int}", operation_id="deleteExperiment", status_code=200,
+        responses=_errors(403, 404, 409))
+async def delete_experiment(state: State, request: Request[Principal, int, Any],
+                            experiment_id: Id) -> api.ExperimentDeletion:
+    """Delete an ended experiment (owner or admin): its checkpoints' files leave the store, then the experiment,
+    its trials, metrics and logs leave the read model. Its events stay in the log (the audit trail)."""
+    deps = _deps(state)
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(request.user, experiment)
+    if experiment.ended_at is None:
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} is {experiment.state}: only an"
+                              " ended experiment can be deleted (kill it first)")
+    async with deps.db() as conn:
+        checkpoints = await queries.experiment_checkpoints(conn, experiment_id, "trial", None, 2**31 - 1, 0)
+    if registered := [c.uuid for c in checkpoints if c.protected]:
+        raise ClientException(status_code=409, detail=f"experiment {experiment_id} has checkpoints registered as"
+                              f" model versions ({', '.join(registered)}): delete those versions first")
+    deps.require_bus()  # before deleting: the deletion must be recorded
+    refs = [ev.CheckpointRef(uuid=c.uuid, trial_id=c.trial_id, storage=c.storage)
+            for c in checkpoints if c.state != "DELETED"]
+    removed = 0
+    if refs:  # the files first: a failure here leaves the experiment listed, and a retry deletes the rest
+        removed, elsewhere = await deps.s3(lambda d, r: collector.delete_checkpoints(d.minio, d.bucket, r), refs)
+        await deps.publish(ev.CheckpointsDeleted(
+            experiment_id=experiment_id, uuids=[r.uuid for r in refs], reason="experiment deleted",
+            deleted_by=request.user.username, objects_removed=removed, not_in_store=elsewhere))
+    await deps.publish(ev.ExperimentDeleted(experiment_id=experiment_id, deleted_by=request.user.username))
+    log.info("experiment.deleted", experiment_id=experiment_id, checkpoints=len(refs), objects=removed,
+             by=request.user.username)
+    return api.ExperimentDeletion(id=experiment_id, checkpoints_deleted=len(refs), objects_removed=removed)
+
+
 class GCPolicyPatch(msgspec.Struct, forbid_unknown_fields=True):
     """Checkpoint retention to change (Determined's ``set gc-policy``); absent values stay as they are."""
 
@@ -1039,7 +1075,7 @@ ROUTES = [
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
-    experiment_checkpoints, delete_checkpoint, set_gc_policy, set_metadata, download_context,
+    experiment_checkpoints, delete_checkpoint, delete_experiment, set_gc_policy, set_metadata, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
 ]
 

@@ -199,6 +199,12 @@ async def experiment_checkpoints(conn: Any, experiment_id: int, sort: str, state
     return _typed(records, api.Checkpoint)
 
 
+async def deleted_experiment(conn: Any, experiment_id: int) -> tuple[Any, str] | None:
+    """When and by whom an experiment was deleted; None when it was not."""
+    row = await conn.fetchrow("SELECT deleted_at, deleted_by FROM deleted_experiments WHERE id = $1", experiment_id)
+    return (row["deleted_at"], row["deleted_by"]) if row is not None else None
+
+
 async def get_checkpoint(conn: Any, uuid: str) -> tuple[api.Checkpoint, str] | None:
     """One checkpoint's record and who owns its experiment."""
     row = await conn.fetchrow(f"{_CHECKPOINT_SELECT} WHERE c.uuid = $1", uuid)

@@ -147,6 +147,7 @@ _HANDLERS: dict[type, Handler] = {
     ev.TrialProgressReported: _ignored,
     # Checkpoint retention is the searcher's and the gateway's: no slot changes hands.
     ev.CheckpointGCPolicyChanged: _ignored,
+    ev.ExperimentDeleted: _ignored,
     ev.ExperimentMetadataChanged: _ignored,  # names and labels do not schedule anything
     ev.CheckpointGCRequested: _ignored,
     ev.CheckpointsDeleted: _ignored,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -80,19 +80,25 @@ async def project_batch(conn: Any, consumer: str, items: Sequence[Item], prepare
     the fresh items are folded here, as always.
     """
     async with conn.transaction():
+        reporting = _reporting_trials(items)
+        # The position, and which of the batch's reporting trials belong to a deleted experiment, in one round trip.
         row = await conn.fetchrow(
-            "SELECT last_seq FROM projection_positions WHERE consumer = $1 FOR UPDATE", consumer
-        )
+            "SELECT last_seq, ARRAY(SELECT trial_id FROM deleted_trials WHERE trial_id = ANY($2::bigint[])) AS gone"
+            " FROM projection_positions WHERE consumer = $1 FOR UPDATE", consumer, reporting)
         last = row["last_seq"] if row else 0
         fresh = [i for i in items if i.seq > last]
         if not fresh:
             return 0
+        gone = set(row["gone"]) if row else set(await conn.fetchval(
+            "SELECT ARRAY(SELECT trial_id FROM deleted_trials WHERE trial_id = ANY($1::bigint[]))", reporting))
         if prepared is not None and len(fresh) == len(items) and prepared.seqs == tuple(i.seq for i in items):
             fold, summaries = prepared.fold, prepared.summaries
         else:
             fold, summaries = Fold(**await _load(conn, fresh)), None
             for item in fresh:
                 fold.apply(item)
+        if fold.drop_trials(gone):
+            summaries = None  # folded with the dropped rows
         await _write(conn, fold, summaries)
         await conn.execute(
             "INSERT INTO projection_positions (consumer, last_seq) VALUES ($1, $2)"
@@ -101,6 +107,14 @@ async def project_batch(conn: Any, consumer: str, items: Sequence[Item], prepare
             max(i.seq for i in fresh),
         )
         return len(fresh)
+
+
+_REPORTS = (ev.TrainingMetricsReported, ev.LogsShipped, ev.ValidationReported)
+
+
+def _reporting_trials(items: Sequence[Item]) -> list[int]:
+    """The trials whose metric points or log lines the batch adds."""
+    return list({i.event.trial_id for i in items if isinstance(i.event, _REPORTS)})
 
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -174,6 +188,8 @@ class Fold:
         self.workers_lost: dict[tuple[str, dt.datetime], Row] = {}
         # Checkpoints whose objects left the store: uuid -> (when, why); written after the inserts.
         self.checkpoints_deleted: dict[str, tuple[dt.datetime, str]] = {}
+        # Experiments deleted in this batch: id -> (when, by whom); dropped after everything else is written.
+        self.experiments_deleted: dict[int, tuple[dt.datetime, str]] = {}
         self.changed: dict[str, set[Any]] = {"experiments": set(), "trials": set(), "allocations": set()}
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
@@ -330,6 +346,17 @@ class Fold:
         for uuid in e.uuids:
             self.checkpoints_deleted.setdefault(uuid, (_ts(item.ts), reason))  # the first deletion is the one
 
+    def _experiment_deleted(self, e: ev.ExperimentDeleted, item: Item) -> None:
+        self.experiments_deleted.setdefault(e.experiment_id, (_ts(item.ts), e.deleted_by))
+
+    def drop_trials(self, gone: Collection[int]) -> bool:
+        """Forget the metric points and log lines of trials whose experiment was deleted; True if any were."""
+        if not gone:
+            return False
+        self.metric_rows = {k: r for k, r in self.metric_rows.items() if k[0] not in gone}
+        self.log_rows = [r for r in self.log_rows if r[0] not in gone]
+        return True
+
     def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
         if (t := self._row("trials", e.trial_id)) is not None:
             # Never backwards: a trial resumed from an older checkpoint reports less than it had already done.
@@ -452,6 +479,7 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.CheckpointStored: Fold._checkpoint,
     ev.TrialProgressReported: Fold._progress,
     ev.CheckpointsDeleted: Fold._checkpoints_deleted,
+    ev.ExperimentDeleted: Fold._experiment_deleted,
     # The policy and the searcher's decision change no row: the deletion (CheckpointsDeleted) does.
     ev.CheckpointGCPolicyChanged: lambda f, e, _: None,
     ev.CheckpointGCRequested: lambda f, e, _: None,
@@ -616,6 +644,24 @@ async def _write(conn: Any, fold: Fold, summaries: list[tuple[Any, ...]] | None 
             " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (allocation_id, line_no) DO NOTHING",
             fold.log_rows,
         )
+    if fold.experiments_deleted:
+        await _drop_experiments(conn, fold.experiments_deleted)
+
+
+async def _drop_experiments(conn: Any, deleted: dict[int, tuple[dt.datetime, str]]) -> None:
+    """Drop deleted experiments with everything under them; remember them and their trials (children first)."""
+    ids = list(deleted)
+    await conn.execute("INSERT INTO deleted_trials (trial_id, experiment_id) SELECT id, experiment_id FROM trials"
+                       " WHERE experiment_id = ANY($1::bigint[]) ON CONFLICT DO NOTHING", ids)
+    under = "trial_id IN (SELECT trial_id FROM deleted_trials WHERE experiment_id = ANY($1::bigint[]))"
+    for table in ("metric_points", "metric_summaries", "trial_logs", "checkpoints", "allocations"):
+        await conn.execute(f"DELETE FROM {table} WHERE {under}", ids)
+    await conn.execute("DELETE FROM trials WHERE experiment_id = ANY($1::bigint[])", ids)
+    await conn.execute("DELETE FROM experiments WHERE id = ANY($1::bigint[])", ids)
+    await conn.execute(
+        "INSERT INTO deleted_experiments (id, deleted_at, deleted_by)"
+        " SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) ON CONFLICT DO NOTHING",
+        ids, [deleted[i][0] for i in ids], [deleted[i][1] for i in ids])
 
 
 async def _flush_points(conn: Any, rows: list[tuple[Any, ...]],

@@ -50,6 +50,8 @@ TABLES = {
     "checkpoints": "uuid",
     "trial_logs": "allocation_id, line_no",
     "workers_lost": "worker_id, last_seen",
+    "deleted_experiments": "id",
+    "deleted_trials": "trial_id",
     "projection_positions": "consumer",
 }
 BACKUP_PREFIX = "kiln_backup_"

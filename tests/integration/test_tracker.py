@@ -244,3 +244,35 @@ async def test_the_read_model_does_not_depend_on_where_batches_begin_and_end(par
     finally:
         await c.close()
     assert len(set(digests)) == 1
+
+
+async def test_a_deleted_experiment_leaves_the_read_model_and_late_reports_add_nothing_back(conn: Any) -> None:
+    """ExperimentDeleted drops the experiment with its trial, allocation, checkpoint, points and logs; metric and
+    log batches projected after it (a lagging metrics consumer, or a replay that folds the events stream first)
+    add nothing back, and a neighbour experiment is untouched."""
+    e, t, keep_e, keep_t = next(_ids), next(_ids), next(_ids), next(_ids)
+    alloc = f"{t}.1"
+    await project_batch(conn, "c", _items([*_life(e, t), *_life(keep_e, keep_t)]))
+    before_neighbour = await conn.fetch("SELECT * FROM metric_points WHERE trial_id = $1 ORDER BY step", keep_t)
+    await project_batch(conn, "c", _items([ev.ExperimentDeleted(experiment_id=e, deleted_by="alice")], 21))
+    late_points = ev.TrainingMetricsReported(experiment_id=e, trial_id=t, batch_id="b1", points=[
+        ev.MetricPoint(steps_completed=3, metrics={"loss": 0.9}, reported_at=1001.5)])
+    late_logs = ev.LogsShipped(experiment_id=e, trial_id=t, allocation_id=alloc,
+                               lines=[ev.LogLine(line_no=1, stream="stdout", ts=1001.5, text="late")])
+    neighbour = ev.TrainingMetricsReported(experiment_id=keep_e, trial_id=keep_t, batch_id="b2", points=[
+        ev.MetricPoint(steps_completed=4, metrics={"loss": 0.4}, reported_at=1001.5)])
+    assert await project_batch(conn, "metrics", _items([late_points, neighbour])) == 2
+    assert await project_batch(conn, "logs", _items([late_logs])) == 1
+    for table, column in [("experiments", "id"), ("trials", "experiment_id"), ("allocations", "experiment_id"),
+                          ("checkpoints", "experiment_id")]:
+        assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", e) == 0, table
+    for table in ("metric_points", "metric_summaries", "trial_logs"):
+        assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE trial_id = $1", t) == 0, table
+    gone = await conn.fetchrow("SELECT deleted_by FROM deleted_experiments WHERE id = $1", e)
+    assert gone["deleted_by"] == "alice"
+    assert await conn.fetchval("SELECT experiment_id FROM deleted_trials WHERE trial_id = $1", t) == e
+    after_neighbour = await conn.fetch("SELECT * FROM metric_points WHERE trial_id = $1 AND step <> 4 ORDER BY step",
+                                       keep_t)
+    assert after_neighbour == before_neighbour
+    assert await conn.fetchval("SELECT value FROM metric_points WHERE trial_id = $1 AND step = 4", keep_t) == 0.4
+    assert await conn.fetchval("SELECT count(*) FROM experiments WHERE id = $1", keep_e) == 1

@@ -94,7 +94,7 @@ def http(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient[Any]]:
     async def nothing(*args: Any) -> None:
         return None
 
-    for name in ("get_experiment", "get_trial", "get_checkpoint", "get_token"):
+    for name in ("get_experiment", "deleted_experiment", "get_trial", "get_checkpoint", "get_token"):
         monkeypatch.setattr(queries, name, nothing)
     monkeypatch.setattr(queries, "principal_for_token", principal_for_token)
 
@@ -123,6 +123,7 @@ def http(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient[Any]]:
     ("POST", "/api/v1/experiments/7/kill", "experiment 7"),
     ("POST", "/api/v1/experiments/7/pause", "experiment 7"),
     ("POST", "/api/v1/experiments/7/activate", "experiment 7"),
+    ("DELETE", "/api/v1/experiments/7", "experiment 7"),
     ("GET", "/api/v1/trials/8", "trial 8"),
     ("POST", "/api/v1/trials/8/kill", "trial 8"),
     ("GET", "/api/v1/checkpoints/c9", "checkpoint c9"),

@@ -74,6 +74,7 @@ SAMPLES: dict[type, Any] = {
     ev.CheckpointGCRequested: ev.CheckpointGCRequested(
         experiment_id=EXP, checkpoints=[ev.CheckpointRef(uuid="c0ffee", trial_id=TRIAL, storage="s3://kiln/ckpt")]),
     ev.CheckpointsDeleted: ev.CheckpointsDeleted(experiment_id=EXP, uuids=["c0ffee"], reason="retention"),
+    ev.ExperimentDeleted: ev.ExperimentDeleted(experiment_id=EXP, deleted_by="alice"),
     ev.TrainingMetricsReported: ev.TrainingMetricsReported(
         experiment_id=EXP, trial_id=TRIAL, batch_id="17.1-0",
         points=[ev.MetricPoint(steps_completed=1, metrics={"loss": 1.0})],
@@ -93,7 +94,7 @@ SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                      ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged,
                      ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted,
-                     ev.ExperimentMetadataChanged}
+                     ev.ExperimentMetadataChanged, ev.ExperimentDeleted}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 TRIAL_EVENTS = {
     ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
@@ -111,7 +112,7 @@ def test_samples_cover_every_event() -> None:
 # table is a deliberate change to this test too.
 GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
            ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested,
-           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged}
+           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged, ev.ExperimentDeleted}
 SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded,
             ev.CheckpointGCRequested}
 SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
