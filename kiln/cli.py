@@ -1343,7 +1343,7 @@ def events_replay(verify: bool, swap: bool, schema: str, state_dir: Path | None)
 @main.command("preview-search")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--simulate", type=click.Choice(["improving", "worsening", "random"]), default=None,
+@click.option("--simulate", type=click.Choice(["improving", "worsening", "worse-each-report", "random"]), default=None,
               help="Also play the search with the real searcher against synthetic learning curves.")
 @click.option("--period", type=int, default=1, show_default=True,
               help="With --simulate: trials validate every PERIOD units of the time metric.")

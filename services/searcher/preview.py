@@ -15,7 +15,8 @@ import msgspec
 from schemas.config import ExperimentConfig
 from services.searcher import asha, hparams
 
-CurveName = Literal["improving", "worsening", "random"]
+CurveName = Literal["improving", "worsening", "worse-each-report", "random"]
+CURVES: tuple[CurveName, ...] = ("improving", "worsening", "worse-each-report", "random")
 
 
 class RungPreview(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,9 +96,13 @@ def _bracket(b: asha.Bracket, divisor: float, max_time: int) -> BracketPreview:
 def curve(name: CurveName, smaller_is_better: bool, seed: int = 0) -> Callable[[int, int], float]:
     """A synthetic learning curve ``f(request_id, time) -> metric`` for ``--simulate``.
 
-    ``improving``: every trial gets better the longer it trains, at its own pace; ``worsening``: worse;
-    ``random``: noise. "Better" follows ``smaller_is_better``.
+    ``improving``: every trial gets better the longer it trains, at its own pace; ``worsening``: worse, each
+    trial on its own slope; ``worse-each-report``: one counter for the whole search, so every report is worse than
+    every earlier one of any trial (the curve Determined's searcher tests use; with the simulator's one trial at a
+    time in creation order their expectations reproduce); ``random``: noise. "Better" follows ``smaller_is_better``.
+    The ``worse-each-report`` curve has state: make a new one per simulation.
     """
+    reports = 0
 
     def quality(request_id: int) -> float:
         return random.Random(f"{seed}:{request_id}").uniform(0.1, 1.0)
@@ -110,7 +115,14 @@ def curve(name: CurveName, smaller_is_better: bool, seed: int = 0) -> Callable[[
         loss = quality(request_id) * (1.0 + time)
         return loss if smaller_is_better else -loss
 
+    def worse_each_report(request_id: int, time: int) -> float:
+        nonlocal reports
+        reports += 1
+        return float(reports) if smaller_is_better else -float(reports)
+
     def noise(request_id: int, time: int) -> float:
         return random.Random(f"{seed}:{request_id}:{time}").random()
 
-    return {"improving": improving, "worsening": worsening, "random": noise}[name]
+    curves = {"improving": improving, "worsening": worsening, "worse-each-report": worse_each_report,
+              "random": noise}
+    return curves[name]

@@ -111,6 +111,7 @@ class Simulation:
         self.trials: dict[int, _Trial] = {}
         self._run_queue: deque[int] = deque()
         self._exits: deque[tuple[int, ExitKind]] = deque()
+        self._draining = False
 
     def run(self) -> list[TrialRecord]:
         """Play the search until no trial can run any more; the records in creation order."""
@@ -165,9 +166,17 @@ class Simulation:
         self._drain_exits()
 
     def _drain_exits(self) -> None:
-        while self._exits:
-            request_id, kind = self._exits.popleft()
-            self._apply(self._call(lambda m: m.trial_exited(self.ctx, request_id, kind)))  # noqa: B023 - run at once
+        """Tell the method of every queued exit, oldest first. Exits its answers queue join the same loop (one
+        drain at a time): closing hundreds of paused trials at once must not nest a call per exit."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._exits:
+                request_id, kind = self._exits.popleft()
+                self._apply(self._call(lambda m: m.trial_exited(self.ctx, request_id, kind)))  # noqa: B023 - run now
+        finally:
+            self._draining = False
 
     # -- decisions ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kiln.cli import main
 from schemas.config import parse_config
-from services.searcher.preview import curve, preview
+from services.searcher.preview import CURVES, curve, preview
 
 ASHA = """\
 entrypoint: python3 train.py
@@ -72,3 +72,31 @@ def test_cli_reports_a_bad_config(tmp_path: Path) -> None:
     cfg.write_text("entrypoint: x\nsearcher: {name: adaptive_asha, metric: m}\n")
     out = CliRunner().invoke(main, ["preview-search", str(cfg)])
     assert out.exit_code == 1 and "max_trials" in out.output
+
+
+def test_promotion_asha_closing_hundreds_of_paused_trials_at_once_does_not_recurse(tmp_path: Path) -> None:
+    """The issue's config: with stop_once false, the end of the search closes every paused trial in one decision
+    list; the simulator drains those exits in a loop, not one nested call per exit."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(ASHA.replace("MODE", "aggressive").replace("max_time: 1000", "max_time: 27")
+                   .replace("max_trials: 100", "max_trials: 600")
+                   .replace("divisor: 10", "divisor: 3, stop_once: false"))
+    out = CliRunner().invoke(main, ["preview-search", str(cfg), "--simulate", "random", "--json"])
+    assert out.exit_code == 0, out.output[-2000:]
+    sim = json.loads(out.output)["simulation"]
+    assert len(sim) == 600
+    assert sum(1 for r in sim if r["stop_length"] == 27) >= 600 // 27  # the top rung was reached by a 1/27 share
+
+
+def test_worse_each_report_is_worse_than_every_earlier_report_of_any_trial() -> None:
+    for smaller in (True, False):
+        f = curve("worse-each-report", smaller)
+        values = [f(rid, t) for rid, t in [(0, 1), (1, 1), (0, 2), (2, 1), (1, 2)]]
+        worse = (lambda a, b: a > b) if smaller else (lambda a, b: a < b)
+        assert all(worse(b, a) for a, b in zip(values, values[1:], strict=False)), values
+    assert curve("worse-each-report", True)(5, 5) == 1.0  # a fresh curve starts again
+
+
+def test_the_cli_offers_every_curve() -> None:
+    option = next(p for p in main.commands["preview-search"].params if p.name == "simulate")
+    assert list(option.type.choices) == list(CURVES)  # type: ignore[attr-defined]
