@@ -521,12 +521,13 @@ class ParentCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
 class Lineage(msgspec.Struct, frozen=True, kw_only=True):
     """Config, code, data and parent of an experiment: enough to say what a model was trained from."""
 
-    config_digest: str  # sha256 of the config text as submitted (``config_digest``)
+    config_digest: str  # ``sha256:<hex>`` of the config text as submitted (``config_digest``)
     code_digest: str  # sha256 of the code context, as ``ExperimentSubmitted.context_digest``
     data: DataVersion | None = None
     parent: ParentCheckpoint | None = None
 
 
 def config_digest(config_yaml: str) -> str:
-    """The digest lineage records for a config: sha256 of its text as submitted (UTF-8), hex."""
-    return hashlib.sha256(config_yaml.encode("utf-8", "surrogatepass")).hexdigest()
+    """The digest lineage records for a config: ``sha256:<hex>`` of its text as submitted (UTF-8), in the form of
+    the code context's digest."""
+    return "sha256:" + hashlib.sha256(config_yaml.encode("utf-8", "surrogatepass")).hexdigest()
