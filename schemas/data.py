@@ -25,6 +25,10 @@ _COMMIT = re.compile(r"^(\d{20})\.json$")
 _CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(?:\.(\d{10})\.(\d{10}))?\.parquet$")
 _V2_CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint\.[0-9a-fA-F-]{36}\.(?:json|parquet)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Characters a table's key prefix may hold: delta-rs reads an s3:// URI as a URL (a "?" or "#" would cut the path,
+# "%" and spaces are encoded again), so the prefix it opens must be the one the worker grants, byte for byte.
+_S3_PATH = re.compile(r"^[A-Za-z0-9._=+@,-]+(/[A-Za-z0-9._=+@,-]+)*$")
+_URL_SPECIAL = re.compile(r"[?#%]")
 _INT64_MAX = 2**63 - 1
 
 
@@ -66,8 +70,10 @@ def locate(uri: str) -> TableLocation:
             raise ValueError(f"{uri!r}: {bucket!r} is not a bucket name (3-63 of a-z, 0-9, '.', '-')")
         if not prefix:
             raise ValueError(f"{uri!r}: name the table's directory inside the bucket (s3://{bucket}/path/to/table)")
-        if any(seg in ("", ".", "..") for seg in prefix.split("/")) or "\\" in prefix:
+        if any(seg in ("", ".", "..") for seg in prefix.split("/")):
             raise ValueError(f"{uri!r}: the path has an empty, '.' or '..' segment")
+        if not _S3_PATH.match(prefix):
+            raise ValueError(f"{uri!r}: the path may hold only letters, digits and . _ = + @ , - between slashes")
         return TableLocation(kind="s3", bucket=bucket, prefix=prefix)
     path = uri.removeprefix("file://") if uri.startswith("file://") else uri
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
@@ -79,6 +85,8 @@ def locate(uri: str) -> TableLocation:
                          " not the directory the CLI ran in)")
     if any(seg in (".", "..") for seg in path.split("/")):
         raise ValueError(f"{uri!r}: the path has a '.' or '..' segment")
+    if _URL_SPECIAL.search(path):
+        raise ValueError(f"{uri!r}: '?', '#' and '%' are not allowed in a table path")
     return TableLocation(kind="local", path="/" + path.strip("/"))
 
 

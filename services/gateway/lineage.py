@@ -122,6 +122,10 @@ def _open(location: data_source.TableLocation, source: data_source.DeltaSource,
                           " that delta-rs can read)") from exc
     except DeltaError as exc:
         raise DataProblem(data_source.DELTA_TABLE, f"cannot open {source.table!r}: {_first_line(exc)}") from exc
+    except OSError:
+        raise  # the store (503) or a local path that cannot be read (400): the caller tells which
+    except Exception as exc:
+        raise DataProblem(data_source.DELTA_TABLE, f"cannot open {source.table!r}: {_first_line(exc)}") from exc
     latest = table.version()
     version = latest if source.version is None else source.version
     if version > latest:

@@ -65,6 +65,9 @@ def test_a_data_block_without_a_table_is_the_users_alone() -> None:
     ({"delta_table": "s3://Bad_Bucket/t"}, "data.delta_table", "is not a bucket name"),
     ({"delta_table": "s3://data/a/../b"}, "data.delta_table", "'..'"),
     ({"delta_table": "/srv/../etc"}, "data.delta_table", "'..'"),
+    ({"delta_table": "s3://data/a?x=1"}, "data.delta_table", "only letters, digits"),  # delta-rs would cut it
+    ({"delta_table": "s3://data/a b/%zz"}, "data.delta_table", "only letters, digits"),
+    ({"delta_table": "/srv/t#1"}, "data.delta_table", "not allowed"),
     ({"delta_table": ""}, "data.delta_table", "expected a table URI"),
     ({"delta_table": 5}, "data.delta_table", "expected a table URI"),
     ({"delta_table": "/srv/t", "version": -1}, "data.version", "int >= 0"),
