@@ -152,6 +152,8 @@ def test_experiments_read_exactly_the_version_pinned_at_submission(kiln_stack: S
                                 "trial_id": runs[pinned]["trial"]["id"], "steps_completed": 1,
                                 "named_by": "source_checkpoint_uuid"}
     assert parent["data"]["version"] == 1
+    assert f"parent checkpoint: {checkpoint} (experiment {pinned}" in stack.kiln("experiment", "describe",
+                                                                             str(child)).stdout
     by_trial, _ = _create(stack, tmp_path, "by-trial", _config("by-trial", {"delta_table": local_table},
                                                                {"source_trial_id": runs[pinned]["trial"]["id"]}),
                           "--paused")
