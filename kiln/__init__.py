@@ -12,20 +12,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln import core, experimental, pytorch
+    from kiln import core, data, experimental, pytorch
     from kiln._info import ClusterInfo, TrialInfo, get_cluster_info
     from kiln.core import InvalidHP
 
 # Determined's log format, so log parsers written for it keep working.
 LOG_FORMAT = "%(levelname)s: [%(process)s] %(name)s: %(message)s"
 
-__all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "experimental", "get_cluster_info",
-           "pytorch"]
+__all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "data", "experimental",
+           "get_cluster_info", "pytorch"]
 
 # name -> the module that defines it (a submodule's own name maps to the submodule itself).
-_SUBMODULES = {"core", "experimental", "pytorch"}
+_SUBMODULES = {"core", "data", "experimental", "pytorch"}
 _LAZY = {
     "core": "kiln.core",
+    "data": "kiln.data",
     "pytorch": "kiln.pytorch",
     "experimental": "kiln.experimental",
     "ClusterInfo": "kiln._info",

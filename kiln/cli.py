@@ -694,9 +694,27 @@ def experiment_describe(experiment_id: int, as_json: bool) -> None:
     if best_checkpoint:
         click.echo(f"  best checkpoint {best_checkpoint['uuid']}: trial {best_checkpoint['trial_id']} step"
                    f" {best_checkpoint['steps_completed']}, {exp['searcher_metric']}={_fmt(best_checkpoint['metric'])}")
+    for line in _lineage_lines(exp.get("lineage")):
+        click.echo(f"  {line}")
     if hint := _experiment_hint(exp, trials):
         click.echo(f"warning: {hint}")
     _trials_table(trials)
+
+
+def _lineage_lines(lineage: dict[str, Any] | None) -> list[str]:
+    """What ``describe`` says an experiment was made of: config, code, data version, parent checkpoint."""
+    if not lineage:
+        return []
+    lines = [f"config: {lineage['config_digest']}", f"code: {lineage['code_digest']}"]
+    data = lineage.get("data")
+    if data:
+        how = "the latest at submission" if data.get("latest") else "as the config named it"
+        lines.append(f"data: {data['table']} version {data['version']} ({how})")
+    parent = lineage.get("parent")
+    if parent:
+        lines.append(f"parent checkpoint: {parent['uuid']} (experiment {parent['experiment_id']} trial"
+                     f" {parent['trial_id']}, step {parent['steps_completed']}; {parent['named_by']})")
+    return lines
 
 
 def _best_checkpoint(client: Client, exp: dict[str, Any]) -> dict[str, Any] | None:

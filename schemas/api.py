@@ -121,6 +121,7 @@ class Experiment(_ExperimentFields, kw_only=True):
     seed: int
     trial_states: dict[str, int]
     best_trial: BestTrial | None
+    lineage: ExperimentLineage | None = None  # config, code, data version and parent checkpoint
 
 
 class StateAnswer(msgspec.Struct, kw_only=True):
@@ -399,3 +400,18 @@ class TokenInfo(msgspec.Struct, kw_only=True):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+
+
+# -- lineage: what an experiment was trained from ----------------------------------------------------------------
+
+
+class ExperimentLineage(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/experiments/{id}/lineage``: the config and code digests, the exact data version read and the
+    parent checkpoint, as resolved at submission (``ExperimentSubmitted.lineage``)."""
+
+    experiment_id: int
+    config_digest: str  # sha256 of the config text as submitted
+    code_digest: str  # sha256 of the code context (as ``context_digest``)
+    data: ev.DataVersion | None  # the Delta table version pinned at submission; null: the config names no table
+    parent: ev.ParentCheckpoint | None  # the checkpoint it starts from; null: from scratch
+    recorded: bool = True  # false: submitted before lineage was recorded (digests derived, nothing else known)

@@ -17,6 +17,8 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 
+from schemas import data as data_source
+
 # A config document larger than this is refused before it is parsed (gateway: KILN_MAX_CONFIG_BYTES).
 DEFAULT_MAX_CONFIG_BYTES = 256 * 1024
 # Defaults every reader of a config shares (the scheduler for an experiment it has not seen, the tracker).
@@ -263,6 +265,12 @@ class ExperimentConfig(_Spec, frozen=True, kw_only=True):
     def environment_variables(self) -> dict[str, str]:
         """The variables every process of a trial gets."""
         return self.environment.environment_variables
+
+    @property
+    def delta_source(self) -> data_source.DeltaSource | None:
+        """The Delta table ``data`` names (``delta_table``, ``version``), or None; the rest of ``data`` is the
+        user's own (schemas/data.py)."""
+        return data_source.delta_source(self.data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -879,7 +887,20 @@ def _period(raw: Any, path: str, report: _Report) -> Length | None | _Invalid:
     return period
 
 
+def _data(raw: Any, path: str, report: _Report) -> dict[str, Any] | _Invalid:
+    """``data``: any mapping (Determined hands it to the trial as is), but a Delta table it names
+    (``delta_table``, ``version``) must be one Kiln can read (schemas/data.py)."""
+    data: dict[str, Any] | _Invalid = _convert(raw, dict[str, Any], path, report)
+    if isinstance(data, _Invalid):
+        return data
+    problems = data_source.data_problems(data)
+    for key, message in problems:
+        report.error(_join(path, key), message)
+    return _INVALID if problems else data
+
+
 _CUSTOM_FIELDS: dict[tuple[type[msgspec.Struct], str], Callable[[Any, str, _Report], Any]] = {
+    (ExperimentConfig, "data"): _data,
     (ExperimentConfig, "hyperparameters"): _hyperparameters,
     (ExperimentConfig, "min_validation_period"): _period,
     (ExperimentConfig, "min_checkpoint_period"): _period,

@@ -7,6 +7,7 @@ writer added; new fields always get a default, and a breaking change is a new ta
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import msgspec
@@ -44,6 +45,8 @@ class ExperimentSubmitted(Event, frozen=True, kw_only=True):
     # Created paused (``kiln experiment create --paused``): the scheduler holds its queue from the first
     # event on, as after an ExperimentPauseRequested, so no trial of it starts before an activate.
     paused: bool = False
+    # Where the experiment came from, resolved once at submission (Lineage, below); None in events from before.
+    lineage: Lineage | None = None
 
 
 class ExperimentKillRequested(Event, frozen=True, kw_only=True):
@@ -497,3 +500,44 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: float
     # Allocations that ended recently (their exit is on the bus): not "missing", just done.
     finished: list[str] = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage: what an experiment was made of, resolved once by the gateway and carried by ExperimentSubmitted.
+# ---------------------------------------------------------------------------------------------
+
+
+class DataVersion(msgspec.Struct, frozen=True, kw_only=True):
+    """The exact Delta table version an experiment reads (``data.delta_table``), pinned at submission."""
+
+    table: str  # the URI as the config names it
+    version: int
+    latest: bool = False  # the config named no version: this was the latest at submission
+    table_id: str = ""  # the table's own id (Delta metadata): tells a table recreated at the same URI apart
+    committed_at: float | None = None  # when that version was committed (seconds since the epoch)
+
+
+class ParentCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The checkpoint an experiment starts from (``searcher.source_checkpoint_uuid``, or the latest checkpoint of
+    ``searcher.source_trial_id``), as the read model knew it at submission."""
+
+    uuid: str
+    experiment_id: int
+    trial_id: int
+    steps_completed: int
+    named_by: Literal["source_checkpoint_uuid", "source_trial_id"]
+
+
+class Lineage(msgspec.Struct, frozen=True, kw_only=True):
+    """Config, code, data and parent of an experiment: enough to say what a model was trained from."""
+
+    config_digest: str  # ``sha256:<hex>`` of the config text as submitted (``config_digest``)
+    code_digest: str  # sha256 of the code context, as ``ExperimentSubmitted.context_digest``
+    data: DataVersion | None = None
+    parent: ParentCheckpoint | None = None
+
+
+def config_digest(config_yaml: str) -> str:
+    """The digest lineage records for a config: ``sha256:<hex>`` of its text as submitted (UTF-8), in the form of
+    the code context's digest."""
+    return "sha256:" + hashlib.sha256(config_yaml.encode("utf-8", "surrogatepass")).hexdigest()

@@ -109,6 +109,7 @@ class PresignRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     id: int
     method: Literal["GET", "PUT"]
     key: str
+    bucket: str = ""  # "": the cluster's bucket; another one of the store only for a data table granted to the trial
 
 
 class Presigned(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -123,6 +124,7 @@ class ListRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     id: int
     prefix: str
+    bucket: str = ""  # as in PresignRequest
 
 
 class Listed(msgspec.Struct, frozen=True, kw_only=True, tag=True):

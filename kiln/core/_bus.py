@@ -183,15 +183,18 @@ class TrialBus:
             raise LinkError("the worker answered without a result")
         return result
 
-    def presign(self, method: str, key: str) -> str:
-        """A short-lived URL to GET or PUT ``key`` in the cluster's store; LinkError if the worker refuses."""
-        result = self._ask(lambda i: PresignRequest(id=i, method=method, key=key))  # type: ignore[arg-type]
+    def presign(self, method: str, key: str, bucket: str = "") -> str:
+        """A short-lived URL to GET or PUT ``key`` in the cluster's store (``bucket`` "": the cluster's bucket);
+        LinkError if the worker refuses."""
+        result = self._ask(lambda i: PresignRequest(id=i, method=method, key=key,  # type: ignore[arg-type]
+                                                    bucket=bucket))
         assert isinstance(result, Presigned)
         return result.url
 
-    def list_keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` (a checkpoint this trial may read); LinkError if the worker refuses."""
-        result = self._ask(lambda i: ListRequest(id=i, prefix=prefix))
+    def list_keys(self, prefix: str, bucket: str = "") -> list[str]:
+        """The keys under ``prefix`` (a checkpoint or data table this trial may read); LinkError if the worker
+        refuses."""
+        result = self._ask(lambda i: ListRequest(id=i, prefix=prefix, bucket=bucket))
         assert isinstance(result, Listed)
         return list(result.keys)
 

@@ -65,6 +65,7 @@ from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
 from services.gateway import auth, collector, queries
+from services.gateway import lineage as data_lineage
 from services.gateway.auth import Principal
 from services.runtime import NATS_CLOSED, NATS_TIMEOUT, NATS_UNAVAILABLE, Bus, postgres_unavailable
 
@@ -128,6 +129,8 @@ class GatewayDeps:
     max_context_files: int = code_context.DEFAULT_MAX_FILES
     # Set once the read model is migrated (at start, or when a Postgres that was down at start came back).
     migrated: asyncio.Event | None = None
+    # delta-rs options for data tables in the stack's S3 store (schemas.data.s3_storage_options); none: refused.
+    s3_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def db(self) -> AsyncIterator[Any]:
@@ -320,6 +323,8 @@ async def create_experiment(
     except code_context.ContextError as exc:
         raise _bad_request(f"invalid code context: {exc}") from exc
     digest = code_context.digest(blob)
+    # Lineage: the data version pinned (the config records it) and the parent checkpoint, resolved once, here.
+    config, lineage = await data_lineage.resolve(deps, request.user, config, data.config, digest)
     # Order: every part is needed, and the one step that records anything (the publish) comes last. The
     # bus is checked first, the id taken next (nothing stored when Postgres is down), then the context.
     deps.require_bus()
@@ -337,6 +342,7 @@ async def create_experiment(
         submitted_by=request.user.username,
         submitted_at=time.time(),
         paused=data.paused,
+        lineage=lineage,
     )
     try:
         await deps.publish_new(event)  # never reports success for an id JetStream dropped as a duplicate
@@ -377,6 +383,14 @@ async def list_experiments(
 async def get_experiment(state: State, experiment_id: Id) -> api.Experiment:
     """One experiment with its config, trial states and best trial."""
     return await _experiment(_deps(state), experiment_id)
+
+
+@get("/api/v1/experiments/{experiment_id:int}/lineage", operation_id="getExperimentLineage", responses=_errors(404))
+async def experiment_lineage(state: State, experiment_id: Id) -> api.ExperimentLineage:
+    """What an experiment was trained from: config and code digests, the data version read, the parent checkpoint."""
+    lineage = (await _experiment(_deps(state), experiment_id)).lineage
+    assert lineage is not None  # the read model always answers one
+    return lineage
 
 
 @get("/api/v1/experiments/{experiment_id:int}/trials", operation_id="listExperimentTrials",
@@ -1078,6 +1092,7 @@ ROUTES = [
     experiment_checkpoints, delete_checkpoint, delete_experiment, set_gc_policy, set_metadata, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
 ]
+ROUTES += [experiment_lineage]
 
 
 def _request_id(scope: Scope) -> str:

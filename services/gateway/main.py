@@ -21,6 +21,7 @@ from minio import Minio
 from schemas import context as code_context
 from schemas import ports, readmodel
 from schemas.config import DEFAULT_MAX_CONFIG_BYTES
+from schemas.data import s3_storage_options
 from services.gateway import auth, collector, queries
 from services.gateway.app import GatewayDeps, create_app
 from services.gateway.queries import init_connection
@@ -141,7 +142,9 @@ async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3
                                   max_context_bytes=settings.max_context_bytes, migrated=migrated,
                                   max_config_bytes=settings.max_config_bytes,
                                   max_context_unpacked_bytes=settings.max_context_unpacked_bytes,
-                                  max_context_files=settings.max_context_files)
+                                  max_context_files=settings.max_context_files,
+                                  s3_options=s3_storage_options(s3.s3_endpoint, s3.s3_access_key,
+                                                                s3.s3_secret_key, secure=s3.s3_secure))
             finally:
                 stop_collector.set()
                 try:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from schemas import api
+from schemas import events as ev
 
 T = TypeVar("T")
 
@@ -60,11 +61,12 @@ async def list_experiments(conn: Any, limit: int, offset: int, state: str | None
 
 async def get_experiment(conn: Any, experiment_id: int) -> api.Experiment | None:
     """One experiment with its config and a per-state trial count."""
-    row = await conn.fetchrow(f"SELECT {EXPERIMENT_COLUMNS}, e.config, e.config_yaml, e.seed FROM experiments e"
-                              " WHERE e.id = $1", experiment_id)
+    row = await conn.fetchrow(f"SELECT {EXPERIMENT_COLUMNS}, e.config, e.config_yaml, e.seed, e.lineage"
+                              " FROM experiments e WHERE e.id = $1", experiment_id)
     if row is None:
         return None
     out = dict(row)
+    out["lineage"] = experiment_lineage(experiment_id, out.pop("lineage"), row["config_yaml"], row["context_digest"])
     counts = await conn.fetch("SELECT state, count(*) AS n FROM trials WHERE experiment_id = $1 GROUP BY state",
                               experiment_id)
     out["trial_states"] = {r["state"]: r["n"] for r in counts}
@@ -291,3 +293,20 @@ async def get_token(conn: Any, token_id: int) -> api.TokenInfo | None:
 async def revoke_token(conn: Any, token_id: int) -> None:
     """Revoke a token from now on (kept, with the time, for the record)."""
     await conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id)
+
+
+# -- lineage -----------------------------------------------------------------------------------------------------
+
+
+def experiment_lineage(experiment_id: int, recorded: dict[str, Any] | None, config_yaml: str,
+                       context_digest: str) -> api.ExperimentLineage:
+    """What the API shows: the lineage recorded at submission, or (experiments submitted before lineage was
+    recorded) the digests, derived from what the read model holds."""
+    if recorded is not None:
+        lineage = msgspec.convert(recorded, ev.Lineage)
+    else:
+        lineage = ev.Lineage(config_digest=ev.config_digest(config_yaml), code_digest=context_digest)
+    return api.ExperimentLineage(experiment_id=experiment_id, config_digest=lineage.config_digest,
+                                 code_digest=lineage.code_digest, data=lineage.data, parent=lineage.parent,
+                                 recorded=recorded is not None)
+

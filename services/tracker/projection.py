@@ -144,6 +144,7 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("submitted_by", "text"), ("submitted_at", "timestamptz"), ("ended_at", "timestamptz"),
         ("end_reason", "text"), ("progress", "float8"), ("priority", "integer"), ("weight", "float8"),
         ("max_slots", "integer"), ("planned_trials", "integer"), ("archived", "boolean"),
+        ("lineage", "jsonb"),
     ],
     "trials": [
         ("id", "bigint"), ("experiment_id", "bigint"), ("request_id", "integer"), ("hparams", "jsonb"),
@@ -227,6 +228,7 @@ class Fold:
             "context_digest": e.context_digest, "seed": e.seed, "submitted_by": e.submitted_by,
             "submitted_at": _ts(e.submitted_at or item.ts), "ended_at": None, "end_reason": "", "progress": 0.0,
             "planned_trials": 0, "archived": False,
+            "lineage": _j(e.lineage) if e.lineage is not None else None,
             **_config_columns(e.config),
         }
         self.changed["experiments"].add(e.experiment_id)

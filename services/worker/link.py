@@ -9,8 +9,9 @@ trial's subject with its own credential and pushes ``StopRequested`` frames.
 
 The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``) or
 for the keys under a checkpoint (``ListRequest``). The worker checks the key against the trial's
-``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET, nothing else) and presigns with its
-own key, for a few minutes. Nothing lets a trial delete an object or list outside what it may read.
+``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET; read-only, the Delta table its
+experiment's ``data`` block names; nothing else) and presigns with its own key, for a few minutes. Nothing lets
+a trial delete an object or list outside what it may read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import msgspec
 import structlog
 
 from schemas import events as ev
+from schemas.data import TableLocation
 from schemas.subjects import EVENTS, trial_filter
 from schemas.trial import (
     CHECKPOINTS,
@@ -144,6 +146,8 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
 
     write: tuple[str, ...]
     read: tuple[str, ...]
+    # Read-only prefixes in other buckets of the store: (bucket, prefix ending in "/"), a data table's.
+    elsewhere: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, experiment_id: int, sources: tuple[str, ...] = ()) -> StoreGrant:
@@ -151,6 +155,16 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
         plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names)."""
         own = checkpoint_prefix(experiment_id) + "/"
         return cls(write=(own,), read=(own, *(p.rstrip("/") + "/" for p in sources)))
+
+    def with_table(self, table: TableLocation | None, cluster_bucket: str) -> StoreGrant:
+        """Plus reading the Delta table an experiment's ``data`` block names (its whole prefix: the log and the
+        data files of every version; the trial reads the pinned one). A local table needs no grant."""
+        if table is None or table.kind != "s3":
+            return self
+        prefix = table.prefix.strip("/") + "/"
+        if table.bucket == cluster_bucket:
+            return msgspec.structs.replace(self, read=(*self.read, prefix))
+        return msgspec.structs.replace(self, elsewhere=(*self.elsewhere, (table.bucket, prefix)))
 
 
 def key_refusal(key: str) -> str:
@@ -172,12 +186,19 @@ def key_refusal(key: str) -> str:
     return ""
 
 
-def store_refusal(grant: StoreGrant, method: str, key: str) -> str:
-    """Why a trial with ``grant`` may not ``method`` (GET, PUT or LIST) ``key``; "" when it may."""
+def store_refusal(grant: StoreGrant, method: str, key: str, bucket: str = "") -> str:
+    """Why a trial with ``grant`` may not ``method`` (GET, PUT or LIST) ``key`` (in ``bucket``, "" for the
+    cluster's); "" when it may."""
     why = key_refusal(key)
     if why:
         return why
-    if method == "PUT":
+    if bucket:
+        allowed = tuple(p for b, p in grant.elsewhere if b == bucket)
+        if method not in ("GET", "LIST"):
+            return f"method {method!r} in bucket {bucket!r}: a trial may only read other buckets (GET, LIST)"
+        if not allowed:
+            return f"{method} {key!r}: this trial may read nothing in bucket {bucket!r}"
+    elif method == "PUT":
         allowed = grant.write
     elif method in ("GET", "LIST"):
         allowed = grant.read
@@ -192,11 +213,14 @@ def store_refusal(grant: StoreGrant, method: str, key: str) -> str:
 
 
 class Store(Protocol):
-    """The worker's side of the store: presigns and lists with the worker's own credential."""
+    """The worker's side of the store: presigns and lists with the worker's own credential (``bucket`` "": the
+    cluster's, ``Store.bucket``)."""
 
-    async def presign(self, method: str, key: str) -> str: ...
+    bucket: str
 
-    async def list(self, prefix: str) -> list[str]: ...
+    async def presign(self, method: str, key: str, bucket: str = "") -> str: ...
+
+    async def list(self, prefix: str, bucket: str = "") -> list[str]: ...
 
 
 class MinioStore:
@@ -207,16 +231,16 @@ class MinioStore:
         self.bucket = bucket
         self.expiry = timedelta(seconds=expiry_s)
 
-    async def presign(self, method: str, key: str) -> str:
+    async def presign(self, method: str, key: str, bucket: str = "") -> str:
         """A presigned GET or PUT URL for one object."""
         sign = self.client.presigned_put_object if method == "PUT" else self.client.presigned_get_object
-        return str(await asyncio.to_thread(sign, self.bucket, key, expires=self.expiry))
+        return str(await asyncio.to_thread(sign, bucket or self.bucket, key, expires=self.expiry))
 
-    async def list(self, prefix: str) -> list[str]:
+    async def list(self, prefix: str, bucket: str = "") -> list[str]:
         """The keys under ``prefix`` (at most MAX_LISTED_KEYS)."""
         def keys() -> list[str]:
             out = []
-            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            for obj in self.client.list_objects(bucket or self.bucket, prefix=prefix, recursive=True):
                 out.append(str(obj.object_name))
                 if len(out) >= MAX_LISTED_KEYS:
                     break
@@ -384,32 +408,39 @@ class TrialLink:
                 return Reply(id=getattr(frame, "id", 0), ok=False,
                              error=f"{type(frame).__name__} is the worker's frame")
 
-    def _store_refused(self, frame_id: int, method: str, key: str) -> Reply | None:
-        why = store_refusal(self.grant, method, key) if self._store is not None else "this worker has no store"
+    def _bucket(self, bucket: str) -> str:
+        """"" for the cluster's bucket, however the trial named it."""
+        return "" if self._store is None or bucket == self._store.bucket else bucket
+
+    def _store_refused(self, frame_id: int, method: str, key: str, bucket: str = "") -> Reply | None:
+        why = store_refusal(self.grant, method, key, bucket) if self._store is not None else "this worker has no store"
         if not why:
             return None
         self.refused += 1
-        log.warning("link.store_refused", allocation=self.who.allocation_id, method=method, key=key, error=why)
+        log.warning("link.store_refused", allocation=self.who.allocation_id, method=method, key=key, bucket=bucket,
+                    error=why)
         return Reply(id=frame_id, ok=False, error=why)
 
     async def _presign(self, frame: PresignRequest) -> Reply | Presigned:
-        refused = self._store_refused(frame.id, frame.method, frame.key)
+        bucket = self._bucket(frame.bucket)
+        refused = self._store_refused(frame.id, frame.method, frame.key, bucket)
         if refused is not None:
             return refused
         assert self._store is not None
         try:
-            return Presigned(id=frame.id, url=await self._store.presign(frame.method, frame.key))
+            return Presigned(id=frame.id, url=await self._store.presign(frame.method, frame.key, bucket))
         except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving
             log.error("link.presign_failed", allocation=self.who.allocation_id, key=frame.key, error=repr(exc))
             return Reply(id=frame.id, ok=False, error=f"could not presign {frame.key!r}: {exc}")
 
     async def _list(self, frame: ListRequest) -> Reply | Listed:
-        refused = self._store_refused(frame.id, "LIST", frame.prefix)
+        bucket = self._bucket(frame.bucket)
+        refused = self._store_refused(frame.id, "LIST", frame.prefix, bucket)
         if refused is not None:
             return refused
         assert self._store is not None
         try:
-            return Listed(id=frame.id, keys=await self._store.list(frame.prefix))
+            return Listed(id=frame.id, keys=await self._store.list(frame.prefix, bucket))
         except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving
             log.error("link.list_failed", allocation=self.who.allocation_id, prefix=frame.prefix, error=repr(exc))
             return Reply(id=frame.id, ok=False, error=f"could not list {frame.prefix!r}: {exc}")

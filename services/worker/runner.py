@@ -25,6 +25,7 @@ import structlog
 from schemas import context as code_context
 from schemas import events as ev
 from schemas.config import ExperimentConfig, config_from_wire
+from schemas.data import locate
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
 from services.worker.outbox import OversizedEvent
@@ -193,6 +194,16 @@ class FirstTraceback:
         return (text[:FIRST_ERROR_REASON_CHARS] + where).strip()
 
 
+def _grant(experiment_id: int, config: ExperimentConfig, store: Store | None) -> StoreGrant:
+    """What the trial may reach in the store: its experiment's checkpoints, and the Delta table its config names
+    (read-only; the version it reads was pinned at submission and is in the config)."""
+    grant = StoreGrant.of(experiment_id)
+    source = config.delta_source
+    if source is None:
+        return grant
+    return grant.with_table(locate(source.table), store.bucket if store is not None else "")
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the worker dies, as a trial on a crashed host would (Linux)."""
     try:
@@ -270,7 +281,8 @@ class Allocation:
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
                                   self.publish, self.watch_stops, store=self.store,
-                                  grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
+                                  grant=_grant(a.experiment_id, config, self.store), owner=owner,
+                                  check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
                                    processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
