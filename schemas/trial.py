@@ -50,7 +50,8 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     link_path: str = ""
     # The cluster's checkpoint store. The trial holds no store credential: it asks its worker over the link
     # for a presigned URL per object (PresignRequest below), and only for keys under its own experiment's
-    # prefix (checkpoint_prefix) or under the checkpoint it resumes from.
+    # prefix (checkpoint_prefix) or under the checkpoint it resumes from, and to write its own TensorBoard
+    # files (tensorboard_prefix).
     s3_endpoint: str = ""
     s3_bucket: str = "kiln"
     s3_secure: bool = False
@@ -64,6 +65,16 @@ CHECKPOINTS = "checkpoints"
 def checkpoint_prefix(experiment_id: int) -> str:
     """The key prefix (no trailing slash) of an experiment's checkpoints in the cluster's store."""
     return f"{CHECKPOINTS}/{int(experiment_id)}"
+
+
+# TensorBoard files in the cluster's store: <TENSORBOARD>/<experiment id>/<trial id>/<path under the trial's
+# TensorBoard directory>. Per trial, so a trial's link may write its own files and no other trial's.
+TENSORBOARD = "tensorboard"
+
+
+def tensorboard_prefix(experiment_id: int, trial_id: int) -> str:
+    """The key prefix (no trailing slash) of a trial's TensorBoard files in the cluster's store."""
+    return f"{TENSORBOARD}/{int(experiment_id)}/{int(trial_id)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ trial's subject with its own credential and pushes ``StopRequested`` frames.
 
 The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``) or
 for the keys under a checkpoint (``ListRequest``). The worker checks the key against the trial's
-``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET, nothing else) and presigns with its
+``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET, its own trial's TensorBoard prefix for
+PUT, nothing else) and presigns with its
 own key, for a few minutes. Nothing lets a trial delete an object or list outside what it may read.
 """
 
@@ -47,6 +48,7 @@ from schemas.trial import (
     WatchStops,
     checkpoint_prefix,
     encode_frame,
+    tensorboard_prefix,
 )
 
 if TYPE_CHECKING:
@@ -146,11 +148,13 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
     read: tuple[str, ...]
 
     @classmethod
-    def of(cls, experiment_id: int, sources: tuple[str, ...] = ()) -> StoreGrant:
+    def of(cls, experiment_id: int, sources: tuple[str, ...] = (), trial_id: int | None = None) -> StoreGrant:
         """Its own experiment's checkpoints (read and write; the checkpoint it resumes from is among them),
-        plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names)."""
+        plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names),
+        plus, given ``trial_id``, its own trial's TensorBoard files (write only: nothing reads them back)."""
         own = checkpoint_prefix(experiment_id) + "/"
-        return cls(write=(own,), read=(own, *(p.rstrip("/") + "/" for p in sources)))
+        board = () if trial_id is None else (tensorboard_prefix(experiment_id, trial_id) + "/",)
+        return cls(write=(own, *board), read=(own, *(p.rstrip("/") + "/" for p in sources)))
 
 
 def key_refusal(key: str) -> str:
@@ -253,7 +257,7 @@ class TrialLink:
         self._append = append
         self._watch = watch
         self._store = store
-        self.grant = grant or StoreGrant.of(who.experiment_id)
+        self.grant = grant or StoreGrant.of(who.experiment_id, trial_id=who.trial_id)
         # (uid, gid) the trial runs as when that is not the worker's: the socket and its directory are its.
         self._owner = owner
         # Trials of a host share one OS user, so the socket's mode alone would let one trial use another's

@@ -270,7 +270,8 @@ class Allocation:
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
                                   self.publish, self.watch_stops, store=self.store,
-                                  grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
+                                  grant=StoreGrant.of(a.experiment_id, trial_id=a.trial_id), owner=owner,
+                                  check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
                                    processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
