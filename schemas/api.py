@@ -391,3 +391,22 @@ class TokenInfo(msgspec.Struct, kw_only=True):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+
+
+# -- TensorBoard files of a trial (``kiln tensorboard start``) ------------------------------------------------
+
+
+class TensorboardFile(msgspec.Struct, kw_only=True):
+    """One file of a trial's TensorBoard directory in the store: its path under the directory and its size."""
+
+    path: str
+    size: int
+
+
+class TensorboardListing(msgspec.Struct, kw_only=True):
+    """A trial's TensorBoard files as the store holds them now (they grow while the trial runs)."""
+
+    experiment_id: int
+    trial_id: int
+    files: list[TensorboardFile]
+    truncated: bool = False  # more files than one answer lists (``MAX_TENSORBOARD_FILES``)

@@ -77,6 +77,31 @@ def tensorboard_prefix(experiment_id: int, trial_id: int) -> str:
     return f"{TENSORBOARD}/{int(experiment_id)}/{int(trial_id)}"
 
 
+# The longest object key anyone may name through Kiln (S3's own limit).
+MAX_KEY_BYTES = 1024
+
+
+def key_refusal(key: str) -> str:
+    """Why ``key`` is not a plain object key or relative path ("" when it is): no empty, "." or ".." segment,
+    no leading "/", no control characters or backslashes.
+
+    The store behind S3 (SeaweedFS's filer) maps keys onto paths, so a "../" could step out of a prefix; the
+    same rule keeps a path from the store inside the directory it is written to.
+    """
+    if not key:
+        return "empty key"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"key longer than {MAX_KEY_BYTES} bytes"
+    if any(ord(c) < 32 or c == "\\" for c in key):
+        return "control characters or backslashes in the key"
+    segments = key.split("/")
+    if key.endswith("/"):
+        segments = segments[:-1]
+    if any(seg in ("", ".", "..") for seg in segments):
+        return f"key {key!r} has an empty, '.' or '..' segment"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------
 # The trial → worker link: length-prefixed msgpack frames over the allocation's Unix socket.
 # ---------------------------------------------------------------------------------------------

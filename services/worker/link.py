@@ -48,6 +48,7 @@ from schemas.trial import (
     WatchStops,
     checkpoint_prefix,
     encode_frame,
+    key_refusal,
     tensorboard_prefix,
 )
 
@@ -74,7 +75,6 @@ READ_CHUNK = 1 << 20
 PRESIGN_EXPIRY_S = 300
 # Keys per ListRequest answer: a checkpoint has a handful of files; a frame stays far below its limit.
 MAX_LISTED_KEYS = 10_000
-MAX_KEY_BYTES = 1024
 # A checkpoint id is one plain key segment (kiln.core makes UUIDs).
 _STORAGE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
@@ -155,25 +155,6 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
         own = checkpoint_prefix(experiment_id) + "/"
         board = () if trial_id is None else (tensorboard_prefix(experiment_id, trial_id) + "/",)
         return cls(write=(own, *board), read=(own, *(p.rstrip("/") + "/" for p in sources)))
-
-
-def key_refusal(key: str) -> str:
-    """Why ``key`` is not a plain object key ("" when it is): no empty, "." or ".." segment, no leading "/".
-
-    The store behind S3 (SeaweedFS's filer) maps keys onto paths, so a "../" could step out of a prefix.
-    """
-    if not key:
-        return "empty key"
-    if len(key.encode()) > MAX_KEY_BYTES:
-        return f"key longer than {MAX_KEY_BYTES} bytes"
-    if any(ord(c) < 32 or c == "\\" for c in key):
-        return "control characters or backslashes in the key"
-    segments = key.split("/")
-    if key.endswith("/"):
-        segments = segments[:-1]
-    if any(seg in ("", ".", "..") for seg in segments):
-        return f"key {key!r} has an empty, '.' or '..' segment"
-    return ""
 
 
 def store_refusal(grant: StoreGrant, method: str, key: str) -> str:
