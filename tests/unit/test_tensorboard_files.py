@@ -180,3 +180,25 @@ def test_without_an_uploader_kiln_writes_no_scalars(tmp_path: Path) -> None:
     board.write_metrics("training", 1, {"loss": 1.0})
     assert board.sync() == []
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_pytorch_trial_writes_its_own_scalars_with_a_summary_writer(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Determined's ``context.get_tensorboard_writer()``; locally the directory is ./tensorboard."""
+    from kiln import pytorch
+    from schemas.trial import CLUSTER_INFO_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CLUSTER_INFO_ENV, raising=False)
+    with pytorch.init(hparams={"global_batch_size": 4}) as context:
+        writer = context.get_tensorboard_writer()
+        assert context.get_tensorboard_writer() is writer and context.get_enable_tensorboard_logging()
+        writer.add_scalar("custom/x", 1.5, 3)
+        path = context.get_tensorboard_path()
+    assert path == tmp_path / "tensorboard"
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("custom/x")] == [(3, 1.5)]  # closed, so written, at the end
+    with pytorch.init(hparams={"global_batch_size": 4}, enable_tensorboard_logging=False) as context:
+        assert not context.get_enable_tensorboard_logging()
+        context._core.train.upload_tensorboard_files()  # MANUAL mode: allowed (locally it uploads nothing)
