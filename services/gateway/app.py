@@ -1099,7 +1099,9 @@ async def trial_tensorboard_file(
     try:
         data, size = await deps.s3(_read_board, key, offset, length)
     except S3Error as exc:
-        if exc.code not in ("NoSuchKey", "NoSuchBucket", "ResourceNotFound"):
+        # The store refusing the name itself (too long for it, a character it does not take) means no such file.
+        if exc.code not in ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "KeyTooLongError") \
+                and not str(exc.code).startswith(("Invalid", "XMinioInvalid")):
             raise
         raise NotFoundException(f"trial {trial_id} has no TensorBoard file {path!r}") from exc
     return Response(data, media_type="application/octet-stream", headers={"X-File-Size": str(size)})

@@ -133,5 +133,7 @@ def test_tensorboard_start_serves_a_running_trials_metrics_and_stops_on_ctrl_c(k
     tail = s.http.get(f"/api/v1/trials/{trial_id}/tensorboard/file", params={"path": some_file, "offset": 5})
     assert tail.content == whole.content[5:]
     assert s.http.get(f"/api/v1/trials/{trial_id}/tensorboard/file", params={"path": "../x"}).status_code == 400
-    assert s.http.get(f"/api/v1/trials/{trial_id}/tensorboard/file", params={"path": "nope"}).status_code == 404
+    for odd in ("nope", "a?b#c%20d", "ä/ö", "x\x7f", "a b", "x" * 1000, "/".join(["d"] * 400)):
+        resp = s.http.get(f"/api/v1/trials/{trial_id}/tensorboard/file", params={"path": odd})
+        assert resp.status_code == 404, (odd, resp.status_code, resp.text)
     assert s.http.get("/api/v1/trials/999999999/tensorboard/files").status_code == 404
