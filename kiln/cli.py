@@ -1500,5 +1500,43 @@ def checkpoint_delete(uuid: str, yes: bool, as_json: bool) -> None:
     click.echo(f"checkpoint {uuid}: {out['state']} ({out['objects_removed']} objects removed)")
 
 
+@main.group("tensorboard")
+def tensorboard_group() -> None:
+    """TensorBoard on trials' event files (Determined's `det tensorboard`; runs in the foreground)."""
+
+
+@tensorboard_group.command("start")
+@click.argument("experiment_ids", nargs=-1, type=int)
+@click.option("--trial", "-t", "trial_ids", multiple=True, type=int,
+              help="A trial to show (repeatable), besides every trial of EXPERIMENT_IDS.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Port on 127.0.0.1  [default: a free one]")
+@click.option("--logdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the synced files here  [default: a temporary directory, removed at exit]")
+@click.option("--sync-interval", type=click.FloatRange(min=1.0), default=10.0, show_default=True,
+              help="Seconds between syncs while it runs.")
+@_JSON
+def tensorboard_start(experiment_ids: tuple[int, ...], trial_ids: tuple[int, ...], port: int, logdir: Path | None,
+                      sync_interval: float, as_json: bool) -> None:
+    """Sync the TensorBoard files of EXPERIMENT_IDS' trials (and --trial IDs) from the store, serve them with
+    TensorBoard on 127.0.0.1 and keep syncing while they run, until Ctrl-C. Runs are named EXPERIMENT/TRIAL."""
+    if not experiment_ids and not trial_ids:
+        raise click.UsageError("give experiment ids, --trial ids or both")
+    from kiln import tbsync
+
+    def announce(info: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(info, sort_keys=True))
+        else:
+            shown = ", ".join(map(str, info["trials"])) or "none yet"
+            click.echo(f"TensorBoard is running at {info['url']} (trials {shown}; files in {info['logdir']},"
+                       f" synced every {sync_interval:g} s). Ctrl-C stops it.")
+
+    try:
+        tbsync.serve(_client(), experiment_ids, trial_ids, port=port, logdir=logdir, sync_interval=sync_interval,
+                     announce=announce, warn=lambda text: click.echo(f"warning: {text}", err=True))
+    except (APIError, tbsync.BoardError) as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":
     main()

@@ -429,6 +429,24 @@ class Client:
             self._check(resp)
         return resp.content
 
+    def tensorboard_files(self, trial_id: int) -> dict[str, Any]:
+        """A trial's TensorBoard files in the store: ``{experiment_id, trial_id, files: [{path, size}], truncated}``
+        (``schemas.api.TensorboardListing``; owner or admin)."""
+        return self._get(f"/api/v1/trials/{trial_id}/tensorboard/files")  # type: ignore[no-any-return]
+
+    def tensorboard_chunk(self, trial_id: int, path: str, offset: int = 0) -> tuple[bytes, int]:
+        """Bytes of one of a trial's TensorBoard files from ``offset`` (as many as one answer holds; none at its
+        end) and the whole file's size."""
+        try:
+            resp = self._http.get(f"/api/v1/trials/{trial_id}/tensorboard/file",
+                                  params={"path": path, "offset": offset})
+        except httpx.TransportError as exc:
+            raise Unreachable(self.master, exc) from exc
+        if resp.status_code >= 400:
+            self._check(resp)
+        data = resp.content
+        return data, int(resp.headers.get("x-file-size") or offset + len(data))
+
     def download_context(self, experiment_id: int, target: Path) -> list[str]:
         """Unpack an experiment's code context, as submitted, into ``target``; return its files."""
         blob = self._download(f"/api/v1/experiments/{experiment_id}/context")

@@ -415,3 +415,22 @@ class ExperimentLineage(msgspec.Struct, kw_only=True):
     data: ev.DataVersion | None  # the Delta table version pinned at submission; null: the config names no table
     parent: ev.ParentCheckpoint | None  # the checkpoint it starts from; null: from scratch
     recorded: bool = True  # false: submitted before lineage was recorded (digests derived, nothing else known)
+
+
+# -- TensorBoard files of a trial (``kiln tensorboard start``) ------------------------------------------------
+
+
+class TensorboardFile(msgspec.Struct, kw_only=True):
+    """One file of a trial's TensorBoard directory in the store: its path under the directory and its size."""
+
+    path: str
+    size: int
+
+
+class TensorboardListing(msgspec.Struct, kw_only=True):
+    """A trial's TensorBoard files as the store holds them now (they grow while the trial runs)."""
+
+    experiment_id: int
+    trial_id: int
+    files: list[TensorboardFile]
+    truncated: bool = False  # more files than one answer lists (``MAX_TENSORBOARD_FILES``)

@@ -50,7 +50,8 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     link_path: str = ""
     # The cluster's checkpoint store. The trial holds no store credential: it asks its worker over the link
     # for a presigned URL per object (PresignRequest below), and only for keys under its own experiment's
-    # prefix (checkpoint_prefix) or under the checkpoint it resumes from.
+    # prefix (checkpoint_prefix) or under the checkpoint it resumes from, and to write its own TensorBoard
+    # files (tensorboard_prefix).
     s3_endpoint: str = ""
     s3_bucket: str = "kiln"
     s3_secure: bool = False
@@ -64,6 +65,41 @@ CHECKPOINTS = "checkpoints"
 def checkpoint_prefix(experiment_id: int) -> str:
     """The key prefix (no trailing slash) of an experiment's checkpoints in the cluster's store."""
     return f"{CHECKPOINTS}/{int(experiment_id)}"
+
+
+# TensorBoard files in the cluster's store: <TENSORBOARD>/<experiment id>/<trial id>/<path under the trial's
+# TensorBoard directory>. Per trial, so a trial's link may write its own files and no other trial's.
+TENSORBOARD = "tensorboard"
+
+
+def tensorboard_prefix(experiment_id: int, trial_id: int) -> str:
+    """The key prefix (no trailing slash) of a trial's TensorBoard files in the cluster's store."""
+    return f"{TENSORBOARD}/{int(experiment_id)}/{int(trial_id)}"
+
+
+# The longest object key anyone may name through Kiln (S3's own limit).
+MAX_KEY_BYTES = 1024
+
+
+def key_refusal(key: str) -> str:
+    """Why ``key`` is not a plain object key or relative path ("" when it is): no empty, "." or ".." segment,
+    no leading "/", no control characters or backslashes.
+
+    The store behind S3 (SeaweedFS's filer) maps keys onto paths, so a "../" could step out of a prefix; the
+    same rule keeps a path from the store inside the directory it is written to.
+    """
+    if not key:
+        return "empty key"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"key longer than {MAX_KEY_BYTES} bytes"
+    if any(ord(c) < 32 or c == "\\" for c in key):
+        return "control characters or backslashes in the key"
+    segments = key.split("/")
+    if key.endswith("/"):
+        segments = segments[:-1]
+    if any(seg in ("", ".", "..") for seg in segments):
+        return f"key {key!r} has an empty, '.' or '..' segment"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------

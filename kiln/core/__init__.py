@@ -1,7 +1,8 @@
 """The Core API, in Determined's shape: ``with kiln.core.init() as core_context: ...``.
 
-On a cluster the context reports through its worker (a local socket, ``kiln.core._bus``) and stores
-checkpoints in the configured storage. Outside one (no ``KILN_CLUSTER_INFO``), ``init()`` returns a local
+On a cluster the context reports through its worker (a local socket, ``kiln.core._bus``), stores
+checkpoints in the configured storage and uploads the trial's TensorBoard files (``kiln.core._tensorboard``).
+Outside one (no ``KILN_CLUSTER_INFO``), ``init()`` returns a local
 context: metrics are logged, checkpoints go to ``./checkpoints``, ``should_preempt()`` is False, so the same
 script runs on a laptop.
 """
@@ -13,17 +14,19 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kiln._info import ClusterInfo, get_cluster_info, wire_cluster_info
 from kiln.core._checkpoint import CheckpointContext, LinkedS3Storage, Presigner, S3Storage, SharedFSStorage, Storage
 from kiln.core._distributed import DistributedContext
+from kiln.core._tensorboard import TensorboardFiles
 from schemas import events as ev
-from schemas.trial import INVALID_HP_EXIT_CODE, checkpoint_prefix
+from schemas.trial import INVALID_HP_EXIT_CODE, TENSORBOARD, checkpoint_prefix
 
 log = logging.getLogger("kiln.core")
 
@@ -57,7 +60,12 @@ class PreemptMode(enum.Enum):
 
 
 class TensorboardMode(enum.Enum):
-    """Determined's TensorBoard upload modes. Kiln has no TensorBoard upload yet: both are accepted."""
+    """Determined's TensorBoard modes (``kiln.core._tensorboard``).
+
+    ``AUTO``: Kiln writes the reported metrics as scalars and uploads the TensorBoard directory at each
+    validation, checkpoint and close. ``MANUAL``: Kiln writes nothing and uploads only on
+    ``upload_tensorboard_files()``.
+    """
 
     AUTO = "AUTO"
     MANUAL = "MANUAL"
@@ -110,11 +118,13 @@ class _Reporter:
 class TrainContext:
     """``core_context.train``: report training and validation metrics and progress."""
 
-    def __init__(self, reporter: Any, experiment_id: int, trial_id: int, is_chief: bool) -> None:
+    def __init__(self, reporter: Any, experiment_id: int, trial_id: int, is_chief: bool,
+                 tensorboard: TensorboardFiles | None = None) -> None:
         self._reporter = reporter
         self._experiment_id = experiment_id
         self._trial_id = trial_id
         self._is_chief = is_chief
+        self._tensorboard = tensorboard or TensorboardFiles(Path("tensorboard").resolve(), None, auto=True)
 
     def report_training_metrics(self, steps_completed: int, metrics: dict[str, Any],
                                 batch_metrics: Any = None) -> None:
@@ -123,6 +133,8 @@ class TrainContext:
             return
         self._reporter.add_point(ev.MetricPoint(steps_completed=int(steps_completed), metrics=_clean(metrics),
                                                 reported_at=time.time()))
+        self._tensorboard.write_metrics("training", int(steps_completed), metrics)
+        self._tensorboard.sync_if_due()
 
     def report_validation_metrics(self, steps_completed: int, metrics: dict[str, Any]) -> None:
         """Report validation metrics; the searcher decides on these."""
@@ -132,6 +144,26 @@ class TrainContext:
         self._reporter.publish(ev.ValidationReported(
             experiment_id=self._experiment_id, trial_id=self._trial_id, steps_completed=int(steps_completed),
             metrics=_clean(metrics), reported_at=time.time()))
+        # Before returning: a validation the script saw reported is in the store's TensorBoard files too.
+        self._tensorboard.write_metrics("validation", int(steps_completed), metrics)
+        self._tensorboard.sync()
+
+    def get_tensorboard_path(self) -> Path:
+        """This process's TensorBoard directory: what training code writes there is uploaded with the trial
+        (by the chief; in MANUAL mode on ``upload_tensorboard_files()``)."""
+        return self._tensorboard.path
+
+    def upload_tensorboard_files(self, selector: Callable[[Path], bool] = lambda _: True,
+                                 mangler: Callable[[Path, int], Path] = lambda p, _: p) -> None:
+        """MANUAL mode: upload the TensorBoard directory's new and grown files now (``selector(path)`` picks
+        them, ``mangler(relative path, rank)`` names them in the store). Only the chief uploads."""
+        if self._tensorboard.auto:
+            raise RuntimeError("upload_tensorboard_files can only be used with tensorboard_mode=MANUAL "
+                               "(in AUTO mode Kiln uploads the TensorBoard directory itself)")
+        if not self._is_chief:
+            log.debug("upload_tensorboard_files on a non-chief rank: only the chief uploads")
+            return
+        self._tensorboard.sync(selector, mangler)
 
     def report_metrics(self, group: str, steps_completed: int, metrics: dict[str, Any]) -> None:
         """Determined's generic form: ``group`` is ``training`` or ``validation``."""
@@ -220,7 +252,7 @@ class Context:
 
     def __init__(self, *, train: TrainContext, checkpoint: CheckpointContext, preempt: PreemptContext,
                  distributed: DistributedContext, searcher: SearcherContext, info: ClusterInfo | None,
-                 reporter: Any) -> None:
+                 reporter: Any, tensorboard: TensorboardFiles | None = None) -> None:
         self.train = train
         self.checkpoint = checkpoint
         self.preempt = preempt
@@ -228,6 +260,7 @@ class Context:
         self.searcher = searcher
         self.info = info
         self._reporter = reporter
+        self._tensorboard = tensorboard
 
     def __enter__(self) -> Context:
         return self
@@ -239,7 +272,12 @@ class Context:
             os._exit(INVALID_HP_EXIT_CODE)
 
     def close(self) -> None:
-        """Flush every buffered report and disconnect."""
+        """Upload the TensorBoard files (AUTO), flush every buffered report and disconnect."""
+        if self._tensorboard is not None:
+            try:
+                self._tensorboard.close()  # first: it uploads through the worker link the reporter holds
+            except Exception as exc:  # noqa: BLE001 - the reports must still be flushed
+                log.error("TensorBoard files not uploaded at close: %s", exc)
         self._reporter.close()
         self.distributed.close()
 
@@ -300,14 +338,16 @@ def init(*, distributed: DistributedContext | None = None,
     """
     dist = distributed or DistributedContext.from_env()
     mode: PreemptMode = _mode(preempt_mode, PreemptMode, "preempt_mode")
-    if _mode(tensorboard_mode, TensorboardMode, "tensorboard_mode") is TensorboardMode.AUTO:
-        log.debug("tensorboard_mode AUTO: Kiln does not upload TensorBoard files yet")
+    auto = _mode(tensorboard_mode, TensorboardMode, "tensorboard_mode") is TensorboardMode.AUTO
     wire = wire_cluster_info()
     preempt = PreemptContext(dist, mode)
     if wire is None:
         reporter: Any = _Reporter()
         storage: Storage = _storage_arg(checkpoint_storage if checkpoint_storage is not None else "checkpoints")
-        train = TrainContext(reporter, 0, 0, dist.rank == 0)
+        # Locally nothing is uploaded and Kiln writes no scalars (as Determined's local context); what the
+        # script writes to get_tensorboard_path() stays in ./tensorboard.
+        train = TrainContext(reporter, 0, 0, dist.rank == 0,
+                             TensorboardFiles(Path("tensorboard").resolve(), None, auto=auto, rank=dist.rank))
         ckpt = CheckpointContext(storage, lambda *a: log.info("checkpoint stored: %s", a[0]), dist.rank == 0, dist)
         return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
                        searcher=SearcherContext(train, None), info=None, reporter=reporter)
@@ -333,15 +373,36 @@ def init(*, distributed: DistributedContext | None = None,
         reporter.watch_stop(preempt._request)
     _stop_on_sigterm(preempt)
 
+    tensorboard = _cluster_tensorboard(wire, presigner, dist.rank, auto)
+
     def stored(storage_id: str, steps: int, resources: dict[str, int], metadata: dict[str, Any]) -> None:
         reporter.publish(ev.CheckpointStored(
             experiment_id=trial.experiment_id, trial_id=trial.trial_id, uuid=storage_id, steps_completed=steps,
             storage=storage.location(), resources=resources, metadata=metadata, reported_at=time.time()))
+        if auto:
+            tensorboard.sync()  # a checkpoint is a point to resume from: the board is uploaded up to it
 
-    train = TrainContext(reporter, trial.experiment_id, trial.trial_id, dist.rank == 0)
+    train = TrainContext(reporter, trial.experiment_id, trial.trial_id, dist.rank == 0, tensorboard)
     ckpt = CheckpointContext(storage, stored, dist.rank == 0, dist)
     return Context(train=train, checkpoint=ckpt, preempt=preempt, distributed=dist,
-                   searcher=SearcherContext(train, trial.max_length), info=get_cluster_info(), reporter=reporter)
+                   searcher=SearcherContext(train, trial.max_length), info=get_cluster_info(), reporter=reporter,
+                   tensorboard=tensorboard)
+
+
+def _cluster_tensorboard(wire: Any, presigner: Callable[[], Presigner], rank: int, auto: bool) -> TensorboardFiles:
+    """This process's TensorBoard directory (private, removed at close); the chief uploads it to the cluster's
+    store under its trial's prefix, whatever the checkpoint storage (``kiln tensorboard`` reads it there)."""
+    trial = wire.trial
+    path = Path(tempfile.mkdtemp(prefix=f"kiln-tensorboard-{wire.allocation_id}-{rank}-"))
+    if rank != 0:
+        return TensorboardFiles(path, None, auto=auto, rank=rank, owned=True)
+    # tensorboard/<experiment>/<trial>/<rel>: the trial id is the "storage id" under the experiment's prefix.
+    store = LinkedS3Storage(presigner, wire.s3_bucket, f"{TENSORBOARD}/{trial.experiment_id}")
+
+    def upload(file: Path, rel: str, size: int) -> None:
+        store.upload_file(file, str(trial.trial_id), rel, size, f"upload of TensorBoard file {rel}")
+
+    return TensorboardFiles(path, upload, auto=auto, rank=rank, owned=True)
 
 
 def _stop_on_sigterm(preempt: PreemptContext) -> None:

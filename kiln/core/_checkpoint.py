@@ -121,11 +121,16 @@ class LinkedS3Storage:
         """PUT every file under ``src``, one presigned URL each, streamed from disk."""
         files = _files(src)
         for rel, size in files.items():
-            url = self._presigner().presign("PUT", self._key(storage_id, rel))
-            with (src / rel).open("rb") as fh:
-                resp = self._client().put(url, content=_chunks(fh), headers={"Content-Length": str(size)})
-            _check(resp, f"upload of {rel} of checkpoint {storage_id}")
+            self.upload_file(src / rel, storage_id, rel, size, f"upload of {rel} of checkpoint {storage_id}")
         return files
+
+    def upload_file(self, path: Path, storage_id: str, rel: str, size: int, what: str) -> None:
+        """PUT one file as ``<prefix>/<storage_id>/<rel>``: exactly ``size`` bytes of it (a file that is still
+        being appended to is sent as it was when measured), through one presigned URL, streamed from disk."""
+        url = self._presigner().presign("PUT", self._key(storage_id, rel))
+        with path.open("rb") as fh:
+            resp = self._client().put(url, content=_chunks(fh, size), headers={"Content-Length": str(size)})
+        _check(resp, what)
 
     def download(self, storage_id: str, dst: Path) -> None:
         """GET every object of a checkpoint into ``dst``, streamed to disk."""
@@ -149,8 +154,15 @@ class LinkedS3Storage:
                         fh.write(chunk)
 
 
-def _chunks(fh: Any) -> Iterator[bytes]:
-    while chunk := fh.read(CHUNK_BYTES):
+def _chunks(fh: Any, size: int | None = None) -> Iterator[bytes]:
+    """The file's bytes in chunks; with ``size``, exactly that many (a file that grew meanwhile is cut there)."""
+    left = size
+    while left is None or left > 0:
+        chunk = fh.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
+        if not chunk:
+            break
+        if left is not None:
+            left -= len(chunk)
         yield chunk
 
 

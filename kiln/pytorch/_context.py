@@ -84,7 +84,8 @@ class PyTorchTrialContext:
 
     def __init__(self, *, core_context: Any, hparams: dict[str, Any], trial_seed: int,
                  exp_conf: dict[str, Any] | None = None, aggregation_frequency: int = 1,
-                 average_aggregated_gradients: bool = True, managed_training: bool = True) -> None:
+                 average_aggregated_gradients: bool = True, managed_training: bool = True,
+                 enable_tensorboard_logging: bool = True) -> None:
         if aggregation_frequency < 1:
             raise ValueError(f"aggregation_frequency must be at least 1, got {aggregation_frequency}")
         self._core = core_context
@@ -94,6 +95,8 @@ class PyTorchTrialContext:
         self._aggregation_frequency = aggregation_frequency
         self._average_aggregated_gradients = average_aggregated_gradients
         self._managed_training = managed_training
+        self._enable_tensorboard_logging = enable_tensorboard_logging
+        self._tensorboard_writer: Any = None
         self.distributed = core_context.distributed
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -166,8 +169,28 @@ class PyTorchTrialContext:
         return self._aggregation_frequency
 
     def get_enable_tensorboard_logging(self) -> bool:
-        """Kiln keeps metrics in its own store; TensorBoard files are not written by the Trainer."""
-        return False
+        """Whether Kiln writes the Trainer's metrics as TensorBoard scalars and uploads the TensorBoard
+        directory by itself (``pytorch.init(enable_tensorboard_logging=)``; the Core API's AUTO mode)."""
+        return self._enable_tensorboard_logging
+
+    def get_tensorboard_path(self) -> Any:
+        """This process's TensorBoard directory (``core_context.train.get_tensorboard_path()``): what the trial
+        writes there is uploaded with the trial's TensorBoard files."""
+        return self._core.train.get_tensorboard_path()
+
+    def get_tensorboard_writer(self) -> Any:
+        """A ``torch.utils.tensorboard.SummaryWriter`` on the TensorBoard directory (one per context)."""
+        if self._tensorboard_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard_writer = SummaryWriter(log_dir=str(self.get_tensorboard_path()))
+        return self._tensorboard_writer
+
+    def _close_tensorboard_writer(self) -> None:
+        """Flush and close the trial's SummaryWriter (before the context's last upload)."""
+        if self._tensorboard_writer is not None:
+            self._tensorboard_writer.close()
+            self._tensorboard_writer = None
 
     def get_stop_requested(self) -> bool:
         """Whether the trial asked to stop (``set_stop_requested``)."""

@@ -156,23 +156,27 @@ def init(*, hparams: dict[str, Any] | None = None, exp_conf: dict[str, Any] | No
         repro = (exp_conf or {}).get("reproducibility") or {}
         trial_seed = int(repro["experiment_seed"]) if repro.get("experiment_seed") is not None \
             else random.randint(0, 2**31 - 1)
-    if not enable_tensorboard_logging:
-        log.debug("enable_tensorboard_logging=False: Kiln's Trainer writes no TensorBoard files anyway")
     _seed_everything(trial_seed)
     # Determined's Trainer starts torch.distributed itself when launched with several ranks; wrap_model
     # needs the process group before the first model is wrapped.
     started_group = False
-    with core.init(distributed=distributed) as core_context:
+    # enable_tensorboard_logging: Kiln writes the metrics as scalars and uploads the TensorBoard directory
+    # itself (AUTO); without it nothing is uploaded unless the trial calls upload_tensorboard_files (MANUAL).
+    mode = core.TensorboardMode.AUTO if enable_tensorboard_logging else core.TensorboardMode.MANUAL
+    with core.init(distributed=distributed, tensorboard_mode=mode) as core_context:
         if core_context.distributed.size > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
                 started_group = True
+        context = PyTorchTrialContext(core_context=core_context, hparams=hparams, trial_seed=trial_seed,
+                                      exp_conf=exp_conf, aggregation_frequency=aggregation_frequency,
+                                      enable_tensorboard_logging=enable_tensorboard_logging)
         try:
-            yield PyTorchTrialContext(core_context=core_context, hparams=hparams, trial_seed=trial_seed,
-                                      exp_conf=exp_conf, aggregation_frequency=aggregation_frequency)
+            yield context
         finally:
+            context._close_tensorboard_writer()  # its last events reach the file before the context uploads it
             if started_group:
                 import torch.distributed as dist
 

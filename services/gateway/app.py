@@ -64,6 +64,7 @@ from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
+from schemas.trial import key_refusal, tensorboard_prefix
 from services.gateway import auth, collector, queries
 from services.gateway import lineage as data_lineage
 from services.gateway.auth import Principal
@@ -1084,6 +1085,90 @@ async def revoke_token(state: State, request: Request[Principal, int, Any], toke
     return api.Revoked(token_id=token_id, revoked=True)
 
 
+# -- TensorBoard files of a trial: readable by the experiment's owner or an admin, as its checkpoints ------------
+
+# Files one listing names, and bytes one read returns (a client reads a bigger file in several).
+MAX_TENSORBOARD_FILES = 100_000
+MAX_TENSORBOARD_CHUNK = 8 << 20
+
+
+async def _board_trial(deps: GatewayDeps, principal: Principal, trial_id: int) -> api.TrialDetail:
+    """A trial whose TensorBoard files ``principal`` may read, or a 404 (no such trial) or 403 (not theirs)."""
+    async with deps.db() as conn:
+        trial = found(await queries.get_trial(conn, trial_id), "trial", trial_id)
+        experiment = found(await queries.get_experiment(conn, trial.experiment_id), "trial", trial_id)
+    if not auth.may_change(principal, experiment.submitted_by):
+        raise PermissionDeniedException(
+            f"the TensorBoard files of experiment {experiment.id} belong to {experiment.submitted_by!r}: only its"
+            f" owner or an admin may read them (you are {principal.username!r})")
+    return trial
+
+
+@get("/api/v1/trials/{trial_id:int}/tensorboard/files", operation_id="listTrialTensorboardFiles",
+     responses=_errors(403, 404))
+async def trial_tensorboard_files(state: State, request: Request[Principal, int, Any],
+                                  trial_id: Id) -> api.TensorboardListing:
+    """The files of a trial's TensorBoard directory in the store, with their sizes (owner or admin)."""
+    deps = _deps(state)
+    trial = await _board_trial(deps, request.user, trial_id)
+    prefix = tensorboard_prefix(trial.experiment_id, trial_id) + "/"
+    files, truncated = await deps.s3(_list_board, prefix)
+    return api.TensorboardListing(experiment_id=trial.experiment_id, trial_id=trial_id, files=files,
+                                  truncated=truncated)
+
+
+def _list_board(deps: GatewayDeps, prefix: str) -> tuple[list[api.TensorboardFile], bool]:
+    files: list[api.TensorboardFile] = []
+    for obj in deps.minio.list_objects(deps.bucket, prefix=prefix, recursive=True):
+        if len(files) >= MAX_TENSORBOARD_FILES:
+            return files, True
+        files.append(api.TensorboardFile(path=obj.object_name[len(prefix):], size=int(obj.size or 0)))
+    return files, False
+
+
+@get("/api/v1/trials/{trial_id:int}/tensorboard/file", operation_id="downloadTrialTensorboardFile",
+     responses={200: ResponseSpec(data_container=bytes, media_type="application/octet-stream",
+                                  description="Bytes of the file from ``offset`` (at most ``length``; none at or past"
+                                              " its end); ``X-File-Size`` is the whole file's size",
+                                  generate_examples=False), **_errors(403, 404)})
+async def trial_tensorboard_file(
+    state: State,
+    request: Request[Principal, int, Any],
+    trial_id: Id,
+    path: Annotated[str, Parameter(min_length=1, max_length=1024)],
+    offset: Offset = 0,
+    length: Annotated[int, Parameter(ge=1, le=MAX_TENSORBOARD_CHUNK)] = MAX_TENSORBOARD_CHUNK,
+) -> Response[bytes]:
+    """Part of one file of a trial's TensorBoard directory, from ``offset`` (owner or admin)."""
+    if problem := key_refusal(path):
+        raise ClientException(detail=f"query parameter 'path': {problem}",
+                              extra=[api.ParamProblem(key="path", source="query", message=problem)])
+    deps = _deps(state)
+    trial = await _board_trial(deps, request.user, trial_id)
+    key = f"{tensorboard_prefix(trial.experiment_id, trial_id)}/{path}"
+    try:
+        data, size = await deps.s3(_read_board, key, offset, length)
+    except S3Error as exc:
+        # The store refusing the name itself (too long for it, a character it does not take) means no such file.
+        if exc.code not in ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "KeyTooLongError") \
+                and not str(exc.code).startswith(("Invalid", "XMinioInvalid")):
+            raise
+        raise NotFoundException(f"trial {trial_id} has no TensorBoard file {path!r}") from exc
+    return Response(data, media_type="application/octet-stream", headers={"X-File-Size": str(size)})
+
+
+def _read_board(deps: GatewayDeps, key: str, offset: int, length: int) -> tuple[bytes, int]:
+    size = int(deps.minio.stat_object(deps.bucket, key).size or 0)
+    if offset >= size:
+        return b"", size
+    resp = deps.minio.get_object(deps.bucket, key, offset=offset, length=min(length, size - offset))
+    try:
+        return bytes(resp.read()), size
+    finally:
+        resp.close()
+        resp.release_conn()
+
+
 ROUTES = [
     health, master_info, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
@@ -1091,6 +1176,7 @@ ROUTES = [
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
     experiment_checkpoints, delete_checkpoint, delete_experiment, set_gc_policy, set_metadata, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
+    trial_tensorboard_files, trial_tensorboard_file,
 ]
 ROUTES += [experiment_lineage]
 

@@ -9,9 +9,9 @@ trial's subject with its own credential and pushes ``StopRequested`` frames.
 
 The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``) or
 for the keys under a checkpoint (``ListRequest``). The worker checks the key against the trial's
-``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET; read-only, the Delta table its
-experiment's ``data`` block names; nothing else) and presigns with its own key, for a few minutes. Nothing lets
-a trial delete an object or list outside what it may read.
+``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET; its own trial's TensorBoard prefix for
+PUT; read-only, the Delta table its experiment's ``data`` block names; nothing else) and presigns with its own key,
+for a few minutes. Nothing lets a trial delete an object or list outside what it may read.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from schemas.trial import (
     WatchStops,
     checkpoint_prefix,
     encode_frame,
+    key_refusal,
+    tensorboard_prefix,
 )
 
 if TYPE_CHECKING:
@@ -74,7 +76,6 @@ READ_CHUNK = 1 << 20
 PRESIGN_EXPIRY_S = 300
 # Keys per ListRequest answer: a checkpoint has a handful of files; a frame stays far below its limit.
 MAX_LISTED_KEYS = 10_000
-MAX_KEY_BYTES = 1024
 # A checkpoint id is one plain key segment (kiln.core makes UUIDs).
 _STORAGE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
@@ -150,11 +151,13 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
     elsewhere: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def of(cls, experiment_id: int, sources: tuple[str, ...] = ()) -> StoreGrant:
+    def of(cls, experiment_id: int, sources: tuple[str, ...] = (), trial_id: int | None = None) -> StoreGrant:
         """Its own experiment's checkpoints (read and write; the checkpoint it resumes from is among them),
-        plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names)."""
+        plus read-only checkpoint prefixes ``sources`` (e.g. another experiment's checkpoint a config names),
+        plus, given ``trial_id``, its own trial's TensorBoard files (write only: nothing reads them back)."""
         own = checkpoint_prefix(experiment_id) + "/"
-        return cls(write=(own,), read=(own, *(p.rstrip("/") + "/" for p in sources)))
+        board = () if trial_id is None else (tensorboard_prefix(experiment_id, trial_id) + "/",)
+        return cls(write=(own, *board), read=(own, *(p.rstrip("/") + "/" for p in sources)))
 
     def with_table(self, table: TableLocation | None, cluster_bucket: str) -> StoreGrant:
         """Plus reading the Delta table an experiment's ``data`` block names (its whole prefix: the log and the
@@ -165,25 +168,6 @@ class StoreGrant(msgspec.Struct, frozen=True, kw_only=True):
         if table.bucket == cluster_bucket:
             return msgspec.structs.replace(self, read=(*self.read, prefix))
         return msgspec.structs.replace(self, elsewhere=(*self.elsewhere, (table.bucket, prefix)))
-
-
-def key_refusal(key: str) -> str:
-    """Why ``key`` is not a plain object key ("" when it is): no empty, "." or ".." segment, no leading "/".
-
-    The store behind S3 (SeaweedFS's filer) maps keys onto paths, so a "../" could step out of a prefix.
-    """
-    if not key:
-        return "empty key"
-    if len(key.encode()) > MAX_KEY_BYTES:
-        return f"key longer than {MAX_KEY_BYTES} bytes"
-    if any(ord(c) < 32 or c == "\\" for c in key):
-        return "control characters or backslashes in the key"
-    segments = key.split("/")
-    if key.endswith("/"):
-        segments = segments[:-1]
-    if any(seg in ("", ".", "..") for seg in segments):
-        return f"key {key!r} has an empty, '.' or '..' segment"
-    return ""
 
 
 def store_refusal(grant: StoreGrant, method: str, key: str, bucket: str = "") -> str:
@@ -277,7 +261,7 @@ class TrialLink:
         self._append = append
         self._watch = watch
         self._store = store
-        self.grant = grant or StoreGrant.of(who.experiment_id)
+        self.grant = grant or StoreGrant.of(who.experiment_id, trial_id=who.trial_id)
         # (uid, gid) the trial runs as when that is not the worker's: the socket and its directory are its.
         self._owner = owner
         # Trials of a host share one OS user, so the socket's mode alone would let one trial use another's

@@ -194,10 +194,10 @@ class FirstTraceback:
         return (text[:FIRST_ERROR_REASON_CHARS] + where).strip()
 
 
-def _grant(experiment_id: int, config: ExperimentConfig, store: Store | None) -> StoreGrant:
-    """What the trial may reach in the store: its experiment's checkpoints, and the Delta table its config names
-    (read-only; the version it reads was pinned at submission and is in the config)."""
-    grant = StoreGrant.of(experiment_id)
+def _grant(experiment_id: int, trial_id: int, config: ExperimentConfig, store: Store | None) -> StoreGrant:
+    """What the trial may reach in the store: its experiment's checkpoints, its own TensorBoard files (write only),
+    and the Delta table its config names (read-only; the version it reads was pinned at submission)."""
+    grant = StoreGrant.of(experiment_id, trial_id=trial_id)
     source = config.delta_source
     if source is None:
         return grant
@@ -281,7 +281,7 @@ class Allocation:
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
                                   self.publish, self.watch_stops, store=self.store,
-                                  grant=_grant(a.experiment_id, config, self.store), owner=owner,
+                                  grant=_grant(a.experiment_id, a.trial_id, config, self.store), owner=owner,
                                   check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.e2e.conftest import REPO, Stack
 
@@ -31,6 +32,19 @@ def test_pytorch_trial_digits_completes_with_validations_and_a_loadable_checkpoi
     assert [p["steps_completed"] for p in served] == [45, 90, 135]
     assert [p["metrics"]["epochs"] for p in served] == [1, 2, 3]
     assert served[-1]["metrics"]["validation_accuracy"] > 0.85
+
+    # kiln.pytorch runs the Core API in AUTO mode: the Trainer's metrics are TensorBoard scalars in the store.
+    files = kiln_stack.http.get(f"/api/v1/trials/{trial['id']}/tensorboard/files").json()["files"]
+    board = tmp_path / "board"
+    for f in files:
+        got = kiln_stack.http.get(f"/api/v1/trials/{trial['id']}/tensorboard/file", params={"path": f["path"]})
+        assert got.status_code == 200 and len(got.content) == f["size"]
+        (board / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (board / f["path"]).write_bytes(got.content)
+    events = EventAccumulator(str(board), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("validation/validation_accuracy")] == [45, 90, 135]
+    assert "training/loss" in events.Tags()["tensors"]
 
     uuid = trial["latest_checkpoint"]
     assert uuid

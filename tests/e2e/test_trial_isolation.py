@@ -127,6 +127,12 @@ ATTACKER = textwrap.dedent("""\
         out["presign_escape"] = attempt(lambda: link.presign("GET", escape))
         out["list_bucket"] = attempt(lambda: link.list_keys(""))
         out["list_checkpoints"] = attempt(lambda: link.list_keys("checkpoints/"))
+        # TensorBoard files: its own trial's prefix only, and write only.
+        own_board = "tensorboard/%d/%d/" % (info.trial.experiment_id, info.trial.trial_id)
+        out["board_other_trial"] = attempt(lambda: link.presign(
+            "PUT", "tensorboard/%d/%d/x" % (info.trial.experiment_id, info.trial.trial_id + 1)))
+        out["board_read"] = attempt(lambda: link.presign("GET", own_board + "x"))
+        out["board_own"] = attempt(lambda: link.presign("PUT", own_board + "x"))
         # Its own checkpoints work.
         with ctx.checkpoint.store_path({"steps_completed": 1}) as (path, sid):
             (path / "mine.txt").write_text("mine")
@@ -208,8 +214,10 @@ def test_a_trial_reaches_only_its_own_experiments_checkpoints_and_no_secret(kiln
 
     # The store: nothing without a credential, nothing outside its prefix through the worker.
     assert out["anon"] == {"GET": 403, "PUT": 403, "DELETE": 403, "LIST": 403}, out["anon"]
-    for what in ("presign_get", "presign_put", "presign_escape", "list_bucket", "list_checkpoints"):
+    for what in ("presign_get", "presign_put", "presign_escape", "list_bucket", "list_checkpoints",
+                 "board_other_trial", "board_read"):
         assert out[what].startswith("refused: "), (what, out[what])
+    assert out["board_own"].startswith("allowed: "), out["board_own"]
     assert out["own_roundtrip"] == "mine"
     # The OS: no secret of the stack is readable, none is in its environment. (A stack that is not root runs
     # trials as its own user: then only the environment is checked.)

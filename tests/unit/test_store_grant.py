@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from schemas import events as ev
-from schemas.trial import ListRequest, PresignRequest, checkpoint_prefix, decode_frame, encode_frame
+from schemas.trial import (
+    ListRequest,
+    PresignRequest,
+    checkpoint_prefix,
+    decode_frame,
+    encode_frame,
+    tensorboard_prefix,
+)
 from services.worker.link import Identity, StoreGrant, key_refusal, refusal, store_refusal
 
 GRANT = StoreGrant.of(7)
@@ -58,6 +65,20 @@ def test_a_source_checkpoint_is_readable_not_writable() -> None:
     assert store_refusal(grant, "LIST", f"checkpoints/3/{UUID}/") == ""
     assert "outside" in store_refusal(grant, "PUT", f"checkpoints/3/{UUID}/model.pt")
     assert "outside" in store_refusal(grant, "GET", "checkpoints/3/another/model.pt")
+
+
+def test_a_trial_may_write_its_own_trials_tensorboard_files_and_no_other_trials() -> None:
+    grant = StoreGrant.of(7, trial_id=3)
+    assert tensorboard_prefix(7, 3) == "tensorboard/7/3"
+    assert store_refusal(grant, "PUT", "tensorboard/7/3/events.out.tfevents.1.host.1.0") == ""
+    assert store_refusal(grant, "PUT", "tensorboard/7/3/custom/plugins/profile/trace.json") == ""
+    for key in ("tensorboard/7/4/events", "tensorboard/7/30/events", "tensorboard/8/3/events", "tensorboard/7/events",
+                "tensorboard/7/3/"):
+        assert "outside" in store_refusal(grant, "PUT", key), key
+    assert "'..'" in store_refusal(grant, "PUT", "tensorboard/7/3/../4/events")
+    assert "outside" in store_refusal(grant, "GET", "tensorboard/7/3/events")  # written, never read back
+    assert "outside" in store_refusal(grant, "LIST", "tensorboard/7/3/")
+    assert "outside" in store_refusal(GRANT, "PUT", "tensorboard/7/3/events")  # a grant without a trial has none
 
 
 def test_plain_keys() -> None:
