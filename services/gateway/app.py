@@ -64,7 +64,7 @@ from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
-from schemas.trial import key_refusal, tensorboard_prefix
+from schemas.trial import TENSORBOARD, key_refusal, tensorboard_prefix
 from services.gateway import auth, collector, queries
 from services.gateway import lineage as data_lineage
 from services.gateway.auth import Principal
@@ -899,6 +899,9 @@ async def delete_experiment(state: State, request: Request[Principal, int, Any],
         await deps.publish(ev.CheckpointsDeleted(
             experiment_id=experiment_id, uuids=[r.uuid for r in refs], reason="experiment deleted",
             deleted_by=request.user.username, objects_removed=removed, not_in_store=elsewhere))
+    # Its trials' TensorBoard files go too (nothing records them one by one: the prefix is the experiment's).
+    removed += await deps.s3(lambda d, p: collector.delete_objects(d.minio, d.bucket, p),
+                             f"{TENSORBOARD}/{experiment_id}/")
     await deps.publish(ev.ExperimentDeleted(experiment_id=experiment_id, deleted_by=request.user.username))
     log.info("experiment.deleted", experiment_id=experiment_id, checkpoints=len(refs), objects=removed,
              by=request.user.username)

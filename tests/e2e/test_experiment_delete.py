@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from deploy import parts, stack
-from schemas.trial import checkpoint_prefix
+from schemas.trial import CHECKPOINTS, TENSORBOARD
 from tests.e2e.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,10 +34,10 @@ CONFIG = textwrap.dedent("""\
 """)
 
 
-def _objects(s: Stack, experiment_id: int) -> int:
+def _objects(s: Stack, experiment_id: int, prefix: str = CHECKPOINTS) -> int:
     cfg = stack.parts_config(s.cfg, s.creds)
     return sum(1 for _ in parts.s3_client(cfg).list_objects(
-        cfg.s3_buckets[0], prefix=checkpoint_prefix(experiment_id) + "/", recursive=True))
+        cfg.s3_buckets[0], prefix=f"{prefix}/{experiment_id}/", recursive=True))
 
 
 def _create(s: Stack, tmp_path: Path, *extra: str) -> int:
@@ -65,6 +65,8 @@ def test_delete_an_ended_experiment_with_its_checkpoints_metrics_and_logs(kiln_s
              what="three checkpoints in the read model")
     stored = _objects(s, exp_id)
     assert stored >= 3  # each checkpoint's file, and what the store keeps beside it
+    boards = _objects(s, exp_id, TENSORBOARD)
+    assert boards >= 1  # the trial's metrics as TensorBoard scalars
 
     # Another user may not.
     assert s.http.post("/api/v1/users", json={"username": "mallory", "password": "mallory-pass-123"}).status_code \
@@ -76,8 +78,8 @@ def test_delete_an_ended_experiment_with_its_checkpoints_metrics_and_logs(kiln_s
 
     out = s.kiln("experiment", "delete", str(exp_id), "--yes", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert json.loads(out.stdout) == {"id": exp_id, "checkpoints_deleted": 3, "objects_removed": stored}
-    assert _objects(s, exp_id) == 0  # the files left the store before the answer
+    assert json.loads(out.stdout) == {"id": exp_id, "checkpoints_deleted": 3, "objects_removed": stored + boards}
+    assert _objects(s, exp_id) == _objects(s, exp_id, TENSORBOARD) == 0  # the files left before the answer
 
     gone = wait_for(lambda: (r := s.http.get(f"/api/v1/experiments/{exp_id}")).status_code == 404 and r,
                     what="the deletion to be projected")
