@@ -50,6 +50,8 @@ TABLES = {
     "checkpoints": "uuid",
     "trial_logs": "allocation_id, line_no",
     "workers_lost": "worker_id, last_seen",
+    "models": "id",
+    "model_versions": "model_id, version",
     "projection_positions": "consumer",
 }
 BACKUP_PREFIX = "kiln_backup_"
