@@ -37,7 +37,11 @@ def metadata_problem(metadata: Any, what: str = "metadata") -> str | None:
     """Why ``metadata`` (a JSON object a user sent) cannot be stored, or None; the problem names where it is."""
     if not isinstance(metadata, dict):
         return f"{what} must be a JSON object"
-    if len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
+    try:  # the size first: the walk below then never goes over more than that
+        size = len(msgspec.json.encode(metadata))
+    except (UnicodeEncodeError, RecursionError):
+        size = 0  # the walk says where
+    if size > MAX_METADATA_BYTES:
         return f"{what} is over {MAX_METADATA_BYTES // 1024} KiB as JSON"
     stack: list[tuple[str, Any, int]] = [(what, metadata, 0)]
     while stack:  # iterative: a deeply nested value must not exhaust the interpreter's stack
