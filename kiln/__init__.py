@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln import core, experimental, pytorch
+    from kiln import core, experimental, models, pytorch
     from kiln._info import ClusterInfo, TrialInfo, get_cluster_info
     from kiln.core import InvalidHP
 
@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 LOG_FORMAT = "%(levelname)s: [%(process)s] %(name)s: %(message)s"
 
 __all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "experimental", "get_cluster_info",
-           "pytorch"]
+           "models", "pytorch"]
 
 # name -> the module that defines it (a submodule's own name maps to the submodule itself).
-_SUBMODULES = {"core", "experimental", "pytorch"}
+_SUBMODULES = {"core", "experimental", "models", "pytorch"}
 _LAZY = {
     "core": "kiln.core",
     "pytorch": "kiln.pytorch",
     "experimental": "kiln.experimental",
+    "models": "kiln.models",  # the model registry's files: kiln.models.load(name)
     "ClusterInfo": "kiln._info",
     "TrialInfo": "kiln._info",
     "get_cluster_info": "kiln._info",
