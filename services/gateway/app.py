@@ -1152,9 +1152,9 @@ async def create_model(state: State, request: Request[Principal, int, Any], data
     if await _projected(deps, seq):
         async with deps.db() as conn:
             model = await queries.get_model_by_id(conn, model_id)
-        if model is None:  # another create of the name came first in the stream
-            raise ClientException(status_code=409, detail=f"a model named {data.name!r} was created at the same"
-                                  " moment by another request")
+        if model is None:  # another create of the name came first in the stream (or it is deleted already)
+            raise ClientException(status_code=409, detail=f"a model named {data.name!r} was created by another"
+                                  " request first, or deleted meanwhile: this one was not created")
         return model
     at = datetime.fromtimestamp(event.created_at, UTC)
     return api.Model(id=model_id, name=data.name, description=data.description, labels=labels,
@@ -1273,8 +1273,8 @@ async def register_model_version(state: State, request: Request[Principal, int, 
             now = await queries.model_version(conn, model.id, event.version)
             if now is None or now[0].checkpoint_uuid != record.uuid:
                 raise ClientException(status_code=409, detail=f"model {model.name!r} was deleted, or its version"
-                                      f" {event.version} taken, while this registration was made: nothing was"
-                                      " registered")
+                                      f" {event.version} taken by another registration, while this one was made:"
+                                      f" checkpoint {record.uuid} is not registered")
             return (await _versions_shown(conn, request.user, [now]))[0]
     return api.ModelVersion(
         model_id=model.id, model_name=model.name, version=event.version, checkpoint_uuid=record.uuid,

@@ -4,10 +4,12 @@ its files, from which the digits network loads and predicts as it did when valid
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
 import textwrap
+import uuid as uuid_module
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,14 @@ def test_what_the_registry_refuses(kiln_stack: Stack) -> None:
     _error(s.http.post("/api/v1/models", json={"name": name}), 409)
     dup = s.kiln("model", "create", name)
     assert dup.returncode == 1 and f"a model named {name!r} exists already" in dup.stderr, dup.stderr
+
+    # Creates of one name at once: the stream's order settles it, exactly one is created and the others are 409.
+    raced = f"raced-{uuid_module.uuid4().hex[:8]}"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: httpx.post(f"{s.cfg.master_url}/api/v1/models", json={"name": raced},
+                                                     headers=s.headers, timeout=60.0).status_code, range(4)))
+    assert codes == [201, 409, 409, 409]
+    assert [m["name"] for m in s.http.get("/api/v1/models", params={"name": raced}).json()] == [raced]
 
     # Bad names and metadata: 400 naming the field and saying what was wrong.
     for bad in ("has space", "123", "a/b", "-dash", "x" * 129):
