@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln import core, data, experimental, pytorch
+    from kiln import core, data, experimental, models, pytorch
     from kiln._info import ClusterInfo, TrialInfo, get_cluster_info
     from kiln.core import InvalidHP
 
@@ -20,15 +20,16 @@ if TYPE_CHECKING:
 LOG_FORMAT = "%(levelname)s: [%(process)s] %(name)s: %(message)s"
 
 __all__ = ["ClusterInfo", "InvalidHP", "LOG_FORMAT", "TrialInfo", "core", "data", "experimental",
-           "get_cluster_info", "pytorch"]
+           "get_cluster_info", "models", "pytorch"]
 
 # name -> the module that defines it (a submodule's own name maps to the submodule itself).
-_SUBMODULES = {"core", "data", "experimental", "pytorch"}
+_SUBMODULES = {"core", "data", "experimental", "models", "pytorch"}
 _LAZY = {
     "core": "kiln.core",
     "data": "kiln.data",
     "pytorch": "kiln.pytorch",
     "experimental": "kiln.experimental",
+    "models": "kiln.models",  # the model registry's files: kiln.models.load(name)
     "ClusterInfo": "kiln._info",
     "TrialInfo": "kiln._info",
     "get_cluster_info": "kiln._info",

@@ -1538,5 +1538,266 @@ def tensorboard_start(experiment_ids: tuple[int, ...], trial_ids: tuple[int, ...
         _fail(exc)
 
 
+# -- the model registry --------------------------------------------------------------------------------------
+
+
+@main.group()
+def model() -> None:
+    """The model registry: models, their versions (registered checkpoints), labels and metadata."""
+
+
+def _key_values(pairs: Sequence[str], what: str) -> dict[str, Any]:
+    """KEY=VALUE pairs as a dict; a VALUE that reads as JSON is that value (3, true, [1, 2]), else the text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            _fail(click.UsageError(f"{what} {pair!r} is not KEY=VALUE"))
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+_MODEL_HEADER = f"{'NAME':24} {'VERSIONS':>8}  {'OWNER':12} {'UPDATED':20} DESCRIPTION"
+
+
+def _model_line(m: dict[str, Any]) -> str:
+    labels = f"  [{', '.join(m['labels'])}]" if m.get("labels") else ""
+    return (f"{m['name']:24} {m['num_versions']:>8}  {m['owner']:12} {str(m['updated_at'])[:19]:20}"
+            f" {m['description']}{labels}")
+
+
+_VERSION_HEADER = (f"{'VERSION':>7}  {'CHECKPOINT':36}  {'EXP':>5} {'TRIAL':>5} {'STEPS':>8}  {'STATE':9}"
+                   f"  {'BY':12} NAME")
+
+
+def _version_line(v: dict[str, Any]) -> str:
+    steps = v["steps_completed"] if v["steps_completed"] is not None else "-"
+    note = " - ".join(x for x in (v["name"], v["comment"]) if x)
+    return (f"{v['version']:>7}  {v['checkpoint_uuid']:36}  {v['experiment_id']:>5} {v['trial_id']:>5} {steps:>8}"
+            f"  {v['checkpoint_state'] or '-':9}  {v['registered_by']:12} {note}")
+
+
+@model.command("create")
+@click.argument("name")
+@click.option("--description", default="", help="What the model is.")
+@click.option("--label", "labels", multiple=True, help="A label (repeat for more).")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="A metadata entry (repeat for more; a VALUE that reads as JSON is kept as that).")
+@_JSON
+def model_create(name: str, description: str, labels: tuple[str, ...], metadata: tuple[str, ...],
+                 as_json: bool) -> None:
+    """Create model NAME in the registry (you own it); names are unique."""
+    values = _key_values(metadata, "--metadata")
+    m = _call(lambda c: c.create_model(name, description=description, labels=list(labels), metadata=values))
+    if as_json:
+        _print_json(m)
+        return
+    click.echo(f"Created model {m['name']} (id {m['id']})")
+
+
+@model.command("list")
+@click.option("--label", "labels", multiple=True, help="Only models with this label (repeat: with all of them).")
+@click.option("--name", default=None, help="Only models whose name contains this.")
+@_JSON
+def model_list(labels: tuple[str, ...], name: str | None, as_json: bool) -> None:
+    """List the registry's models by name."""
+    rows = _call(lambda c: c.list_models(labels=list(labels), name=name))
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(_MODEL_HEADER)
+    for m in rows:
+        _echo_row(_model_line(m))
+
+
+@model.command("describe")
+@click.argument("name")
+@_JSON
+def model_describe(name: str, as_json: bool) -> None:
+    """Show model NAME (or id) and its versions."""
+    client = _client()
+    try:
+        m = client.get_model(name)
+        versions = client.model_versions(name)
+    except APIError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json({"model": m, "versions": versions})
+        return
+    click.echo(f"model {m['name']} (id {m['id']}): {m['num_versions']} versions, owner {m['owner']},"
+               f" created {str(m['created_at'])[:19]}, updated {str(m['updated_at'])[:19]}")
+    if m["description"]:
+        click.echo(f"  description: {m['description']}")
+    if m["labels"]:
+        click.echo(f"  labels: {', '.join(m['labels'])}")
+    if m["metadata"]:
+        click.echo(f"  metadata: {json.dumps(m['metadata'], sort_keys=True, default=str)}")
+    click.echo(_VERSION_HEADER)
+    for v in versions:
+        _echo_row(_version_line(v))
+
+
+@model.command("list-versions")
+@click.argument("name")
+@_JSON
+def model_list_versions(name: str, as_json: bool) -> None:
+    """List the versions of model NAME: each one's checkpoint, its experiment, trial, steps and state."""
+    versions = _call(lambda c: c.model_versions(name))
+    if as_json:
+        _print_json(versions)
+        return
+    click.echo(_VERSION_HEADER)
+    for v in versions:
+        _echo_row(_version_line(v))
+
+
+@model.command("register-version")
+@click.argument("name")
+@click.argument("checkpoint_uuid")
+@click.option("--name", "version_name", default="", help="A name for the version.")
+@click.option("--comment", default="", help="A comment on the version.")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="A metadata entry of the version.")
+@_JSON
+def model_register_version(name: str, checkpoint_uuid: str, version_name: str, comment: str,
+                           metadata: tuple[str, ...], as_json: bool) -> None:
+    """Register checkpoint CHECKPOINT_UUID as the next version of model NAME; it is never collected while
+    registered."""
+    values = _key_values(metadata, "--metadata")
+    v = _call(lambda c: c.register_model_version(name, checkpoint_uuid, version_name=version_name, comment=comment,
+                                                 metadata=values))
+    if as_json:
+        _print_json(v)
+        return
+    click.echo(f"Registered checkpoint {v['checkpoint_uuid']} as version {v['version']} of model {v['model_name']}")
+
+
+@model.command("download")
+@click.argument("name")
+@click.option("--version", "version", default="latest", show_default=True, help="A version number, or latest.")
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put the files.  [default: ./checkpoints/UUID]")
+@_JSON
+def model_download(name: str, version: str, output: Path | None, as_json: bool) -> None:
+    """Download the files of a version of model NAME (its checkpoint's; the latest version by default)."""
+    from schemas.registry import parse_version
+
+    try:
+        selector = parse_version(version)
+    except ValueError as exc:
+        _fail(click.UsageError(str(exc)))
+    v = _call(lambda c: c.get_model_version(name, selector))
+    target = output or Path("checkpoints") / v["checkpoint_uuid"]
+    names = _call(lambda c: c.download_checkpoint(v["checkpoint_uuid"], target))
+    if as_json:
+        _print_json({"model": v["model_name"], "version": v["version"], "uuid": v["checkpoint_uuid"],
+                     "directory": str(target), "files": sorted(names)})
+        return
+    click.echo(f"model {v['model_name']} version {v['version']}: downloaded {len(names)} files to {target}")
+
+
+def _echo_model(m: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(m)
+        return
+    click.echo(f"model {m['name']}: description = {m['description']!r}, labels = {', '.join(m['labels']) or '(none)'},"
+               f" metadata = {json.dumps(m['metadata'], sort_keys=True, default=str)}")
+
+
+@model.group("label")
+def model_label() -> None:
+    """Add labels to a model or remove them (owner or admin)."""
+
+
+@model_label.command("add")
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True)
+@_JSON
+def model_label_add(name: str, labels: tuple[str, ...], as_json: bool) -> None:
+    """Add LABELS to model NAME; one already there stays once."""
+    _echo_model(_call(lambda c: c.set_model_metadata(name, add_labels=list(labels))), as_json)
+
+
+@model_label.command("remove")
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True)
+@_JSON
+def model_label_remove(name: str, labels: tuple[str, ...], as_json: bool) -> None:
+    """Remove LABELS from model NAME."""
+    _echo_model(_call(lambda c: c.set_model_metadata(name, remove_labels=list(labels))), as_json)
+
+
+@model.group("metadata")
+def model_metadata() -> None:
+    """Set or remove a model's metadata entries (owner or admin)."""
+
+
+@model_metadata.command("set")
+@click.argument("name")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@_JSON
+def model_metadata_set(name: str, pairs: tuple[str, ...], as_json: bool) -> None:
+    """Set metadata entries of model NAME (a VALUE that reads as JSON is kept as that: 3, true, [1, 2])."""
+    values = _key_values(pairs, "entry")
+    _echo_model(_call(lambda c: c.set_model_metadata(name, set_metadata=values)), as_json)
+
+
+@model_metadata.command("remove")
+@click.argument("name")
+@click.argument("keys", nargs=-1, required=True)
+@_JSON
+def model_metadata_remove(name: str, keys: tuple[str, ...], as_json: bool) -> None:
+    """Remove metadata entries of model NAME by key."""
+    _echo_model(_call(lambda c: c.set_model_metadata(name, remove_metadata=list(keys))), as_json)
+
+
+@model.group("set")
+def model_set() -> None:
+    """Change a model: description."""
+
+
+@model_set.command("description")
+@click.argument("name")
+@click.argument("description")
+@_JSON
+def model_set_description(name: str, description: str, as_json: bool) -> None:
+    """Change the description of model NAME (owner or admin)."""
+    _echo_model(_call(lambda c: c.set_model_metadata(name, description=description)), as_json)
+
+
+@model.command("delete")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@_JSON
+def model_delete(name: str, yes: bool, as_json: bool) -> None:
+    """Delete model NAME and all its versions (owner or admin); their checkpoints are collectable again."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"delete model {name} and all its versions?", abort=True)
+    out = _call(lambda c: c.delete_model(name))
+    if as_json:
+        _print_json(out)
+        return
+    click.echo(f"deleted model {out['name']} ({len(out['versions'])} versions)")
+
+
+@model.command("delete-version")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@_JSON
+def model_delete_version(name: str, version: int, yes: bool, as_json: bool) -> None:
+    """Delete VERSION of model NAME (owner or admin); its checkpoint is collectable again once no version names
+    it."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"delete version {version} of model {name}?", abort=True)
+    out = _call(lambda c: c.delete_model_version(name, version))
+    if as_json:
+        _print_json(out)
+        return
+    click.echo(f"deleted version {version} of model {out['name']}")
+
+
 if __name__ == "__main__":
     main()

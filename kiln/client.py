@@ -465,3 +465,63 @@ class Client:
                 names.append(member.name)
             tar.extractall(target, filter="data")  # sets each file's mtime from the archive
         return names
+
+    # -- the model registry ---------------------------------------------------------------------------------
+
+    def create_model(self, name: str, description: str = "", labels: list[str] | None = None,
+                     metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a model in the registry; the signed-in user owns it."""
+        return self._post("/api/v1/models", {"name": name, "description": description,  # type: ignore[no-any-return]
+                                             "labels": labels or [], "metadata": metadata or {}})
+
+    def list_models(self, labels: list[str] | None = None, name: str | None = None, owner: str | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]:
+        """Models by name: only those carrying every one of ``labels``, whose name contains ``name``."""
+        return self._get("/api/v1/models", label=labels or None, name=name,  # type: ignore[no-any-return]
+                         owner=owner, limit=limit)
+
+    def get_model(self, name: str | int) -> dict[str, Any]:
+        """One model by name (or id)."""
+        return self._get(f"/api/v1/models/{_segment(name)}")  # type: ignore[no-any-return]
+
+    def set_model_metadata(self, name: str | int, description: str | None = None,
+                           add_labels: list[str] | None = None, remove_labels: list[str] | None = None,
+                           set_metadata: dict[str, Any] | None = None,
+                           remove_metadata: list[str] | None = None) -> dict[str, Any]:
+        """Change a model's description, labels or metadata (owner or admin); returns the model as it is now."""
+        body: dict[str, Any] = {"add_labels": add_labels or [], "remove_labels": remove_labels or [],
+                                "set_metadata": set_metadata or {}, "remove_metadata": remove_metadata or []}
+        if description is not None:
+            body["description"] = description
+        return self._post(f"/api/v1/models/{_segment(name)}/metadata", body)  # type: ignore[no-any-return]
+
+    def delete_model(self, name: str | int) -> dict[str, Any]:
+        """Delete a model and its versions (owner or admin)."""
+        return self._delete(f"/api/v1/models/{_segment(name)}")  # type: ignore[no-any-return]
+
+    def model_versions(self, name: str | int, descending: bool = False) -> list[dict[str, Any]]:
+        """A model's versions in version order (``descending``: the latest first)."""
+        return self._get(f"/api/v1/models/{_segment(name)}/versions",  # type: ignore[no-any-return]
+                         order="desc" if descending else "asc")
+
+    def register_model_version(self, name: str | int, checkpoint_uuid: str, version_name: str = "",
+                               comment: str = "", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Register a checkpoint as the model's next version (owner or admin, who may see the checkpoint)."""
+        return self._post(f"/api/v1/models/{_segment(name)}/versions",  # type: ignore[no-any-return]
+                          {"checkpoint_uuid": checkpoint_uuid, "name": version_name, "comment": comment,
+                           "metadata": metadata or {}})
+
+    def get_model_version(self, name: str | int, version: int | str = "latest") -> dict[str, Any]:
+        """One version of a model: a number, or ``latest``."""
+        return self._get(f"/api/v1/models/{_segment(name)}/versions/{_segment(version)}")  # type: ignore[no-any-return]
+
+    def delete_model_version(self, name: str | int, version: int) -> dict[str, Any]:
+        """Delete one version of a model (owner or admin)."""
+        return self._delete(f"/api/v1/models/{_segment(name)}/versions/{int(version)}")  # type: ignore[no-any-return]
+
+
+def _segment(value: str | int) -> str:
+    """One path segment: a name that is not a URL-safe token is quoted, so it can only be refused, never rerouted."""
+    from urllib.parse import quote
+
+    return quote(str(value), safe="")

@@ -434,3 +434,50 @@ class TensorboardListing(msgspec.Struct, kw_only=True):
     trial_id: int
     files: list[TensorboardFile]
     truncated: bool = False  # more files than one answer lists (``MAX_TENSORBOARD_FILES``)
+
+# -- the model registry --------------------------------------------------------------------------------------
+
+
+class Model(msgspec.Struct, kw_only=True):
+    """A model of the registry (Determined's ``Model``): a name, what describes it, and its versions."""
+
+    id: int
+    name: str
+    description: str
+    labels: list[str]
+    metadata: dict[str, Any]
+    owner: str  # who created it: only they (or an admin) register versions, change or delete it
+    created_at: datetime
+    updated_at: datetime
+    num_versions: int
+    last_version: int  # the highest version number it ever had (numbers are never reused)
+
+
+class ModelVersion(msgspec.Struct, kw_only=True):
+    """One version of a model: a registered checkpoint, never collected while registered."""
+
+    model_id: int
+    model_name: str
+    version: int
+    checkpoint_uuid: str
+    experiment_id: int
+    trial_id: int
+    steps_completed: int | None  # None: the checkpoint is not in the read model
+    checkpoint_state: Literal["COMPLETED", "DELETED"] | None
+    name: str
+    comment: str
+    metadata: dict[str, Any]
+    registered_by: str
+    registered_at: datetime
+    # The checkpoint's whole record (files, metadata, storage) when the caller may see its experiment's checkpoints
+    # (its owner or an admin, as for ``GET /api/v1/checkpoints/{uuid}``); null otherwise.
+    checkpoint: Checkpoint | None = None
+
+
+class ModelRemoved(msgspec.Struct, kw_only=True):
+    """What a delete took out of the registry: a whole model (its versions with it) or one version."""
+
+    id: int
+    name: str
+    versions: list[int]  # the version numbers removed (a whole model's, or the one)
+    model_deleted: bool

@@ -370,6 +370,80 @@ class CheckpointsDeleted(Event, frozen=True, kw_only=True):
     not_in_store: list[str] = []
 
 
+# -- the model registry (gateway-owned user commands on ``kiln.events.registry.model.<model id>``) ----------------
+
+
+class ModelCreated(Event, frozen=True, kw_only=True):
+    """A user created a model in the registry (Determined's ``create_model``). A name belongs to one live model:
+    folds keep the first ModelCreated of a name and ignore a later one until that model is deleted."""
+
+    model_id: int
+    name: str
+    description: str = ""
+    labels: list[str] = []
+    metadata: dict[str, Any] = {}
+    created_by: str = "anonymous"
+    created_at: float = 0.0
+
+
+class ModelVersionRegistered(Event, frozen=True, kw_only=True):
+    """A user registered a checkpoint as the next version of a model. While any version names a checkpoint,
+    retention never collects it and it cannot be deleted. Folds keep it only if the model is live and
+    ``version`` is above every version the model had (numbers are never reused)."""
+
+    model_id: int
+    version: int
+    checkpoint_uuid: str
+    experiment_id: int  # the checkpoint's: whose retention it is taken out of
+    trial_id: int
+    name: str = ""
+    comment: str = ""
+    metadata: dict[str, Any] = {}
+    registered_by: str = "anonymous"
+    registered_at: float = 0.0
+
+
+class ModelMetadataChanged(Event, frozen=True, kw_only=True):
+    """A user redescribed, relabelled or changed the metadata of a model; None and empty leave a field as it was.
+    Labels are added, then removed (``relabelled``); metadata keys are set, then removed (``remetadata``)."""
+
+    model_id: int
+    description: str | None = None
+    labels_added: list[str] = []
+    labels_removed: list[str] = []
+    metadata_set: dict[str, Any] = {}
+    metadata_removed: list[str] = []
+    requested_by: str = "anonymous"
+    change_id: str = ""  # unique per request: the same change made twice is two facts
+
+
+class ModelVersionDeleted(Event, frozen=True, kw_only=True):
+    """A user deleted one version of a model; its checkpoint is collectable again once no version names it."""
+
+    model_id: int
+    version: int
+    checkpoint_uuid: str = ""
+    experiment_id: int = 0
+    requested_by: str = "anonymous"
+
+
+class ModelDeleted(Event, frozen=True, kw_only=True):
+    """A user deleted a model and all its versions; its name is free for a new model."""
+
+    model_id: int
+    name: str = ""
+    requested_by: str = "anonymous"
+
+
+def remetadata(metadata: dict[str, Any], set_: dict[str, Any], removed: list[str]) -> dict[str, Any]:
+    """A model's metadata after a ``ModelMetadataChanged``: ``set_`` merged in (top-level keys replaced), then the
+    ``removed`` keys dropped; the one rule the tracker folds by and the gateway answers with."""
+    out = {**metadata, **set_}
+    for key in removed:
+        out.pop(key, None)
+    return out
+
+
 DomainEvent = (
     ExperimentSubmitted
     | ExperimentKillRequested
@@ -400,6 +474,11 @@ DomainEvent = (
     | CheckpointGCRequested
     | CheckpointsDeleted
     | ExperimentDeleted
+    | ModelCreated
+    | ModelVersionRegistered
+    | ModelMetadataChanged
+    | ModelVersionDeleted
+    | ModelDeleted
 )
 
 

@@ -7,6 +7,7 @@ principal that published them, so NATS permissions (which are per subject) can s
     kiln.events.<experiment>.trial.<trial>.<publisher>    trial-level facts (searcher, scheduler, worker, gateway)
     kiln.events.<experiment>.worker.<worker>.<publisher>  allocation commands a worker acts on
     kiln.events.cluster.lost.<worker>.<publisher>         a worker was declared lost
+    kiln.events.registry.model.<model>.<publisher>        the model registry (models and their versions)
     kiln.metrics.<experiment>.<trial>.<publisher>         training metric batches
     kiln.logs.<experiment>.<trial>.<publisher>            log line batches
     kiln.deadletter.<consumer>                            messages a consumer gave up on
@@ -85,6 +86,12 @@ OWNERS: dict[type, Role] = {
     ev.CheckpointsDeleted: "gateway",
     ev.ExperimentDeleted: "gateway",
     ev.CheckpointGCRequested: "searcher",
+    # The model registry: user commands, published by the gateway on a user's behalf.
+    ev.ModelCreated: "gateway",
+    ev.ModelVersionRegistered: "gateway",
+    ev.ModelMetadataChanged: "gateway",
+    ev.ModelVersionDeleted: "gateway",
+    ev.ModelDeleted: "gateway",
     ev.TrialCreated: "searcher",
     ev.TrialStopRequested: "searcher",
     ev.TrialResumeRequested: "searcher",
@@ -109,6 +116,8 @@ OWNERS: dict[type, Role] = {
 
 # Each event type's subject without its publisher token, as a pattern (routing keys as wildcards).
 _EXPERIMENT, _TRIAL, _WORKER_CMD = "kiln.events.*.experiment", "kiln.events.*.trial.*", "kiln.events.*.worker.*"
+# "registry" is never an experiment id (ids are numbers), so no experiment filter matches these subjects.
+_MODEL = "kiln.events.registry.model.*"
 ROUTING_PATTERNS: dict[type, str] = {
     **{t: _EXPERIMENT for t in (ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
@@ -121,6 +130,8 @@ ROUTING_PATTERNS: dict[type, str] = {
                            ev.AllocationExited, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited,
                            ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported)},
     ev.WorkerLost: "kiln.events.cluster.lost.*",
+    **{t: _MODEL for t in (ev.ModelCreated, ev.ModelVersionRegistered, ev.ModelMetadataChanged,
+                           ev.ModelVersionDeleted, ev.ModelDeleted)},
     ev.TrainingMetricsReported: "kiln.metrics.*.*",
     ev.LogsShipped: "kiln.logs.*.*",
 }
@@ -182,6 +193,7 @@ EXPERIMENT_FACTS = "kiln.events.*.experiment.*"
 TRIAL_FACTS = "kiln.events.*.trial.*.*"
 WORKER_COMMANDS = "kiln.events.*.worker.*.*"
 CLUSTER_FACTS = "kiln.events.cluster.>"
+MODEL_FACTS = "kiln.events.registry.model.*.*"
 
 
 def worker_filter(worker_id: str) -> str:
@@ -212,6 +224,11 @@ def metrics_filter(experiment_id: int | str = "*", trial_id: int | str = "*") ->
 def logs_filter(experiment_id: int | str = "*", trial_id: int | str = "*") -> str:
     """Logs-stream filter for one trial's log batches."""
     return f"kiln.logs.{experiment_id}.{trial_id}.*"
+
+
+def model_filter(model_id: int) -> str:
+    """Domain-stream filter for everything about one model of the registry (its audit trail)."""
+    return f"kiln.events.registry.model.{model_id}.*"
 
 
 def deadletter_subject(consumer: str) -> str:
@@ -258,6 +275,14 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             return f"kiln.events.{event.experiment_id}.trial.{event.trial_id}"
         case ev.WorkerLost():
             return f"kiln.events.cluster.lost.{check_token(event.worker_id, 'worker id')}"
+        case (
+            ev.ModelCreated()
+            | ev.ModelVersionRegistered()
+            | ev.ModelMetadataChanged()
+            | ev.ModelVersionDeleted()
+            | ev.ModelDeleted()
+        ):
+            return f"kiln.events.registry.model.{event.model_id}"
         case ev.TrainingMetricsReported():
             return f"kiln.metrics.{event.experiment_id}.{event.trial_id}"
         case ev.LogsShipped():
@@ -340,6 +365,13 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"CheckpointStored:{event.uuid}"
         case ev.TrialProgressReported():
             return f"TrialProgressReported:{event.trial_id}:{event.progress:.6f}"
+        case ev.ModelCreated() | ev.ModelDeleted():
+            return f"{type(event).__name__}:{event.model_id}"
+        case ev.ModelVersionRegistered() | ev.ModelVersionDeleted():
+            # A version number is taken once: two registrations racing for it are one fact and a duplicate.
+            return f"{type(event).__name__}:{event.model_id}:{event.version}"
+        case ev.ModelMetadataChanged():
+            return f"ModelMetadataChanged:{event.model_id}:{event.change_id}"
         case ev.TrainingMetricsReported():
             return f"TrainingMetricsReported:{event.trial_id}:{event.batch_id}"
         case ev.LogsShipped():

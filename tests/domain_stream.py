@@ -80,4 +80,27 @@ def mixed_stream(rng: random.Random, experiments: list[int], trials: int, ids: I
             # The mean progress as of a progress event does not count a trial created after it.
             ev.TrialProgressReported(experiment_id=experiments[-1], trial_id=last.trial_id, progress=0.9),
             ev.TrialCreated(experiment_id=experiments[-1], trial_id=next(ids), request_id=0, hparams={}, seed=0)]
-    return out
+    return out + _registry(experiments[0], [e for e in out if isinstance(e, ev.CheckpointStored)], ids)
+
+
+def _registry(experiment_id: int, stored: list[ev.CheckpointStored], ids: Iterator[int]) -> list[Any]:
+    """The model registry's life over some of the stream's checkpoints: a name taken twice, versions registered,
+    a number raced for, metadata changed, a version and a model deleted, the freed name taken again."""
+    a, b, c = stored[0], stored[1], stored[2]
+    m1, m2, m3, m4 = next(ids), next(ids), next(ids), next(ids)
+
+    def reg(model: int, version: int, ck: ev.CheckpointStored) -> ev.ModelVersionRegistered:
+        return ev.ModelVersionRegistered(model_id=model, version=version, checkpoint_uuid=ck.uuid,
+                                         experiment_id=ck.experiment_id, trial_id=ck.trial_id, registered_at=50.0)
+
+    return [
+        ev.ModelCreated(model_id=m1, name=f"mixed-{experiment_id}", labels=["x"], metadata={"k": 1}, created_at=40.0),
+        ev.ModelCreated(model_id=m2, name=f"mixed-{experiment_id}", created_at=41.0),  # the name is taken
+        reg(m1, 1, a), reg(m1, 2, b), reg(m1, 2, c), reg(m2, 1, c),
+        ev.ModelMetadataChanged(model_id=m1, description="d", labels_added=["y"], metadata_set={"k": 2},
+                                change_id="1"),
+        ev.ModelVersionDeleted(model_id=m1, version=1),
+        ev.ModelCreated(model_id=m3, name=f"other-{experiment_id}", created_at=42.0), reg(m3, 1, b),
+        ev.ModelDeleted(model_id=m1),
+        ev.ModelCreated(model_id=m4, name=f"mixed-{experiment_id}", created_at=43.0), reg(m4, 1, c),
+    ]

@@ -12,7 +12,14 @@ Scripts written for ``determined.experimental.client`` keep working::
 Every call goes to the gateway's REST API through ``kiln.client.Client``; nothing here touches the bus or
 the store. Without ``login()`` the first call signs in as the CLI does (``KILN_MASTER``, ``KILN_TOKEN``, else
 the token ``kiln user login`` stored). Determined's reference: its ``experimental/client.py`` and the
-``Experiment``, ``Trial`` and ``Checkpoint`` classes of ``common/experimental``.
+``Experiment``, ``Trial``, ``Checkpoint``, ``Model`` and ``ModelVersion`` classes of ``common/experimental``.
+
+The model registry::
+
+    model = client.create_model("digits", description="the digits CNN", labels=["cnn"])
+    model.register_version(exp.top_checkpoint().uuid)
+    version = client.get_model("digits").get_version()  # the latest
+    path = version.checkpoint.download()
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from kiln.client import APIError, Client, master_url, stored_token
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Checkpoint", "CheckpointSortBy", "CheckpointState", "Experiment", "ExperimentState", "OrderBy", "Trial",
-    "TrialState", "create_experiment", "get_checkpoint", "get_experiment", "get_trial", "login",
+    "Checkpoint", "CheckpointSortBy", "CheckpointState", "Experiment", "ExperimentState", "Model", "ModelSortBy",
+    "ModelVersion", "OrderBy", "Trial", "TrialState", "create_experiment", "create_model", "get_checkpoint",
+    "get_experiment", "get_model", "get_trial", "list_models", "login",
 ]
 
 
@@ -494,3 +502,163 @@ def _top(session: Client, experiment: dict[str, Any], records: list[dict[str, An
     if not ranked:
         raise LookupError(f"{owner} has no checkpoint with files")
     return ranked[0]
+
+
+# -- the model registry ----------------------------------------------------------------------------------------
+
+
+class ModelSortBy(enum.Enum):
+    """What ``list_models`` sorts by."""
+
+    NAME = "name"
+    DESCRIPTION = "description"
+    CREATION_TIME = "created_at"
+    LAST_UPDATED_TIME = "updated_at"
+    NUM_VERSIONS = "num_versions"
+
+
+def create_model(name: str, description: str | None = "", metadata: dict[str, Any] | None = None,
+                 labels: list[str] | None = None) -> Model:
+    """Add a model to the registry (Determined's ``create_model``); names are unique, the signed-in user owns it."""
+    session = _client()
+    return Model(session, session.create_model(name, description=description or "", labels=labels,
+                                               metadata=metadata))
+
+
+def get_model(identifier: str | int) -> Model:
+    """A model by its name (or its id, a number)."""
+    session = _client()
+    return Model(session, session.get_model(identifier))
+
+
+def list_models(sort_by: ModelSortBy = ModelSortBy.NAME, order_by: OrderBy = OrderBy.ASCENDING,
+                name: str | None = None, description: str | None = None, model_id: int | None = None,
+                labels: list[str] | None = None) -> list[Model]:
+    """The registry's models, filtered (``name`` contained in the name, ``description`` in the description,
+    ``labels`` all carried) and sorted as Determined's ``list_models``."""
+    session = _client()
+    records = session.list_models(labels=labels, name=name)
+    if description is not None:
+        records = [r for r in records if description.lower() in str(r.get("description", "")).lower()]
+    if model_id is not None:
+        records = [r for r in records if r["id"] == model_id]
+    field = ModelSortBy(sort_by).value
+    records.sort(key=lambda r: r[field], reverse=OrderBy(order_by) is OrderBy.DESC)
+    return [Model(session, r) for r in records]
+
+
+class ModelVersion:
+    """One version of a model: ``checkpoint`` (a ``Checkpoint``, with ``download()``) and what was said of it."""
+
+    def __init__(self, session: Client, record: dict[str, Any]) -> None:
+        self._session = session
+        self._record = record
+        self.model_id: int = record["model_id"]
+        self.model_name: str = record["model_name"]
+        self.model_version: int = record["version"]
+        self.name: str = record.get("name", "")
+        self.comment: str = record.get("comment", "")
+        self.notes: str = ""  # Determined's readme of a version; Kiln keeps ``comment`` and ``metadata``
+        self.metadata: dict[str, Any] = record.get("metadata") or {}
+        self.registered_by: str = record.get("registered_by", "")
+        self.registration_time: datetime | None = _time(record.get("registered_at"))
+        # The whole record when the caller may see the checkpoint's experiment; else what the version says of it
+        # (a download then answers 403, as for the checkpoint itself).
+        self.checkpoint = Checkpoint(session, record.get("checkpoint") or {
+            "uuid": record["checkpoint_uuid"], "trial_id": record["trial_id"],
+            "experiment_id": record["experiment_id"], "steps_completed": record.get("steps_completed") or 0,
+            "state": record.get("checkpoint_state") or "UNSPECIFIED"})
+
+    @property
+    def version(self) -> int:
+        """The version number (Determined's ``model_version``)."""
+        return self.model_version
+
+    def delete(self) -> None:
+        """Delete this version from the registry (its checkpoint is collectable again once no version names it)."""
+        self._session.delete_model_version(self.model_name, self.model_version)
+
+    def __repr__(self) -> str:
+        return (f"ModelVersion(model_name={self.model_name!r}, version={self.model_version},"
+                f" checkpoint={self.checkpoint.uuid!r})")
+
+
+class Model:
+    """A model of the registry (Determined's ``Model``): its versions and what describes it."""
+
+    def __init__(self, session: Client, record: dict[str, Any]) -> None:
+        self._session = session
+        self._set(record)
+
+    def _set(self, record: dict[str, Any]) -> None:
+        self._record = record
+        self.model_id: int = record["id"]
+        self.name: str = record["name"]
+        self.description: str = record.get("description", "")
+        self.labels: list[str] = list(record.get("labels") or [])
+        self.metadata: dict[str, Any] = record.get("metadata") or {}
+        self.username: str = record.get("owner", "")
+        self.creation_time: datetime | None = _time(record.get("created_at"))
+        self.last_updated_time: datetime | None = _time(record.get("updated_at"))
+        self.num_versions: int = record.get("num_versions", 0)
+        self.archived = False  # Kiln does not archive models
+
+    def reload(self) -> None:
+        """Read the model again."""
+        self._set(self._session.get_model(self.model_id))
+
+    def get_version(self, version: int | None = None) -> ModelVersion | None:
+        """A version by number; without one (or -1, Determined's old default) the latest, or None when the model
+        has no versions yet. A number that is not a version raises ``APIError`` (404)."""
+        if version is None or version == -1:
+            latest = self._session.model_versions(self.name, descending=True)
+            return ModelVersion(self._session, latest[0]) if latest else None
+        return ModelVersion(self._session, self._session.get_model_version(self.name, int(version)))
+
+    def get_versions(self, order_by: OrderBy = OrderBy.DESC) -> list[ModelVersion]:
+        """Every version, the latest first (``order_by=OrderBy.ASC``: the first first)."""
+        records = self._session.model_versions(self.name, descending=OrderBy(order_by) is OrderBy.DESC)
+        return [ModelVersion(self._session, r) for r in records]
+
+    def list_versions(self, order_by: OrderBy = OrderBy.DESC) -> list[ModelVersion]:
+        """Determined's newer name of ``get_versions``."""
+        return self.get_versions(order_by)
+
+    def register_version(self, checkpoint_uuid: str) -> ModelVersion:
+        """Register a checkpoint as the next version; it is never collected while registered."""
+        return ModelVersion(self._session, self._session.register_model_version(self.name, checkpoint_uuid))
+
+    def add_metadata(self, metadata: dict[str, Any]) -> None:
+        """Set these top-level metadata keys (replacing what they held)."""
+        self._set(self._session.set_model_metadata(self.model_id, set_metadata=metadata))
+
+    def remove_metadata(self, keys: list[str]) -> None:
+        """Remove these top-level metadata keys."""
+        if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"remove_metadata() takes a list of strings, got {keys!r}")
+        self._set(self._session.set_model_metadata(self.model_id, remove_metadata=list(keys)))
+
+    def set_labels(self, labels: list[str]) -> None:
+        """Make these the model's labels (the ones not listed are removed)."""
+        if isinstance(labels, str):
+            raise ValueError(f"set_labels() takes a list of strings, got {labels!r}")
+        wanted = list(labels)
+        removed = [label for label in self.labels if label not in wanted]
+        self._set(self._session.set_model_metadata(self.model_id, add_labels=wanted, remove_labels=removed))
+
+    def set_description(self, description: str) -> None:
+        """Replace the model's description."""
+        self._set(self._session.set_model_metadata(self.model_id, description=description))
+
+    def delete(self) -> None:
+        """Delete the model and all its versions."""
+        self._session.delete_model(self.model_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The model's fields as Determined's ``to_json`` gives them."""
+        return {"name": self.name, "id": self.model_id, "description": self.description,
+                "creation_time": self.creation_time, "last_updated_time": self.last_updated_time,
+                "metadata": self.metadata, "labels": self.labels, "username": self.username}
+
+    def __repr__(self) -> str:
+        return f"Model(id={self.model_id}, name={self.name!r}, labels={self.labels})"

@@ -10,6 +10,9 @@ from importlib import resources
 from typing import Any
 
 _LOCK_KEY = 0x4B494C4E  # "KILN"
+# The projection of the domain stream (the tracker's durable consumer; its row in ``projection_positions``): the
+# gateway waits for it to pass an event it published before answering with what the read model shows.
+DOMAIN_PROJECTION = "tracker-events"
 
 
 def migrations() -> list[tuple[int, str]]:

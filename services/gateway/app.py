@@ -59,7 +59,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from minio import Minio
 from minio.error import S3Error, ServerError
 
-from schemas import api, subjects
+from schemas import api, readmodel, registry, subjects
 from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
@@ -132,6 +132,8 @@ class GatewayDeps:
     migrated: asyncio.Event | None = None
     # delta-rs options for data tables in the stack's S3 store (schemas.data.s3_storage_options); none: refused.
     s3_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The model registry answers with what the read model shows once the tracker folded its event: at most this long.
+    projection_wait_s: float = 10.0
 
     @contextlib.asynccontextmanager
     async def db(self) -> AsyncIterator[Any]:
@@ -1170,6 +1172,286 @@ def _read_board(deps: GatewayDeps, key: str, offset: int, length: int) -> tuple[
     finally:
         resp.close()
         resp.release_conn()
+# -- the model registry: models and their versions (registered checkpoints) -------------------------------------
+# Any signed-in user may read the registry; a model's owner (its creator) or an admin registers versions, changes
+# and deletes it (``auth.may_change``, the experiments' rule). Registering needs the right to see the checkpoint
+# (its experiment's owner or an admin), and a version shows the checkpoint's whole record only to those who may.
+# Each command is one event; the answer waits (``projection_wait_s``) until the tracker folded it, so it shows what
+# the read model shows, and a create or registration that lost a race to another is a 409, not a false success.
+
+ModelName = Annotated[str, Parameter(min_length=1, max_length=registry.MAX_NAME + 64)]
+VersionNumber = Annotated[str, Parameter(pattern=r"^[0-9]{1,10}$", description="A version number")]
+VersionSelector = Annotated[str, Parameter(pattern=r"^(latest|[0-9]{1,10})$",
+                                           description="A version number, or ``latest``")]
+Metadata = dict[str, Any]
+
+
+class NewModel(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/models`` (Determined's ``create_model``)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+    description: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] = ""
+    labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    metadata: Metadata = {}
+
+
+class NewModelVersion(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/models/{name}/versions``: the checkpoint to register as the next version."""
+
+    checkpoint_uuid: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+    name: Annotated[str, msgspec.Meta(max_length=255, pattern=NO_NUL)] = ""
+    comment: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] = ""
+    metadata: Metadata = {}
+
+
+class ModelPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/models/{name}/metadata``: what to change; absent fields stay as they are."""
+
+    description: Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL)] | None = None
+    add_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    remove_labels: Annotated[list[Label], msgspec.Meta(max_length=100)] = []
+    set_metadata: Metadata = {}  # top-level keys set (replaced)
+    remove_metadata: Annotated[list[Label], msgspec.Meta(max_length=100)] = []  # top-level keys removed
+
+
+def _body_problem(key: str, message: str) -> ClientException:
+    """A 400 naming the body field that is wrong and why."""
+    return ClientException(detail=f"{key}: {message}", extra=[api.ParamProblem(key=key, source="body",
+                                                                                message=message)])
+
+
+def _check_metadata(key: str, value: Any) -> None:
+    if problem := registry.metadata_problem(value, key):
+        raise _body_problem(key, problem)
+
+
+def _may_change_model(principal: Principal, model: api.Model) -> None:
+    """403 unless the principal owns the model or is an admin (``auth.may_change``)."""
+    if not auth.may_change(principal, model.owner):
+        raise PermissionDeniedException(
+            f"model {model.name!r} belongs to {model.owner!r}: only its owner or an admin may change it"
+            f" (you are {principal.username!r})")
+
+
+async def _model(deps: GatewayDeps, name: str) -> api.Model:
+    """A live model by name (or id), or a 404."""
+    async with deps.db() as conn:
+        return found(await queries.get_model(conn, name), "model", repr(name))
+
+
+async def _projected(deps: GatewayDeps, seq: int) -> bool:
+    """Wait until the tracker has folded the event at ``seq`` (at most ``projection_wait_s``); whether it did."""
+    deadline = time.monotonic() + deps.projection_wait_s
+    while True:
+        async with deps.db() as conn:
+            if await queries.projected_through(conn, readmodel.DOMAIN_PROJECTION, seq):
+                return True
+        if time.monotonic() >= deadline:
+            log.warning("registry.projection_slow", seq=seq, waited_s=deps.projection_wait_s)
+            return False
+        await asyncio.sleep(0.05)
+
+
+def _shown(principal: Principal, found_version: tuple[api.ModelVersion, str | None],
+           checkpoints: dict[str, api.Checkpoint]) -> api.ModelVersion:
+    """A version as this principal may see it: the checkpoint's record only for its experiment's owner or an admin."""
+    version, owner = found_version
+    record = checkpoints.get(version.checkpoint_uuid)
+    visible = owner is not None and auth.may_change(principal, owner)
+    return msgspec.structs.replace(version, checkpoint=record if visible else None)
+
+
+async def _versions_shown(conn: Any, principal: Principal,
+                          rows: list[tuple[api.ModelVersion, str | None]]) -> list[api.ModelVersion]:
+    visible = [v.checkpoint_uuid for v, owner in rows if owner is not None and auth.may_change(principal, owner)]
+    records = await queries.checkpoints_by_uuid(conn, visible) if visible else {}
+    return [_shown(principal, row, records) for row in rows]
+
+
+@post("/api/v1/models", operation_id="createModel", status_code=HTTP_201_CREATED, responses=_errors(409))
+async def create_model(state: State, request: Request[Principal, int, Any], data: NewModel) -> api.Model:
+    """Create a model in the registry (names are unique); the signed-in user owns it."""
+    deps = _deps(state)
+    if problem := registry.check_model_name(data.name):
+        raise _body_problem("name", f"{data.name!r}: {problem}")
+    _check_metadata("metadata", data.metadata)
+    deps.require_bus()
+    async with deps.db() as conn:
+        if await queries.get_model(conn, data.name) is not None:
+            raise ClientException(status_code=409, detail=f"a model named {data.name!r} exists already")
+        model_id = await queries.next_model_id(conn)
+    labels = ev.relabelled([], data.labels, [])
+    event = ev.ModelCreated(model_id=model_id, name=data.name, description=data.description, labels=labels,
+                            metadata=data.metadata, created_by=request.user.username, created_at=time.time())
+    seq = await deps.publish_new(event)
+    log.info("model.created", model_id=model_id, name=data.name, by=request.user.username)
+    if await _projected(deps, seq):
+        async with deps.db() as conn:
+            model = await queries.get_model_by_id(conn, model_id)
+        if model is None:  # another create of the name came first in the stream (or it is deleted already)
+            raise ClientException(status_code=409, detail=f"a model named {data.name!r} was created by another"
+                                  " request first, or deleted meanwhile: this one was not created")
+        return model
+    at = datetime.fromtimestamp(event.created_at, UTC)
+    return api.Model(id=model_id, name=data.name, description=data.description, labels=labels,
+                     metadata=data.metadata, owner=request.user.username, created_at=at, updated_at=at, num_versions=0,
+                     last_version=0)
+
+
+@get("/api/v1/models", operation_id="listModels", responses=_errors())
+async def list_models(
+    state: State,
+    label: Annotated[list[str] | None, Parameter(query="label")] = None,
+    name: Annotated[str | None, Parameter(max_length=255)] = None,
+    owner: Annotated[str | None, Parameter(max_length=64)] = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    offset: Offset = 0,
+) -> list[api.Model]:
+    """Models by name; ``label`` (repeatable): only those with every one; ``name``: names containing it."""
+    async with _deps(state).db() as conn:
+        return await queries.list_models(conn, label or [], name, owner, limit, offset)
+
+
+@get("/api/v1/models/{name:str}", operation_id="getModel", responses=_errors(404))
+async def get_model(state: State, name: ModelName) -> api.Model:
+    """One model by name (or id): description, labels, metadata, owner, version count."""
+    return await _model(_deps(state), name)
+
+
+@post("/api/v1/models/{name:str}/metadata", operation_id="setModelMetadata", status_code=HTTP_202_ACCEPTED,
+      responses=_errors(403, 404))
+async def set_model_metadata(state: State, request: Request[Principal, int, Any], name: ModelName,
+                             data: ModelPatch) -> api.Model:
+    """Change a model's description, labels (added, then removed) or metadata (keys set, then removed)."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    _may_change_model(request.user, model)
+    if data.description is None and not (data.add_labels or data.remove_labels or data.set_metadata
+                                         or data.remove_metadata):
+        raise _bad_request("nothing to change: give description, add_labels, remove_labels, set_metadata or"
+                           " remove_metadata")
+    _check_metadata("set_metadata", data.set_metadata)
+    seq = await deps.publish(ev.ModelMetadataChanged(
+        model_id=model.id, description=data.description, labels_added=data.add_labels,
+        labels_removed=data.remove_labels, metadata_set=data.set_metadata, metadata_removed=data.remove_metadata,
+        requested_by=request.user.username, change_id=uuid.uuid4().hex))
+    if await _projected(deps, seq):
+        async with deps.db() as conn:
+            now = await queries.get_model_by_id(conn, model.id)
+        return found(now, "model", repr(name))  # deleted meanwhile: 404
+    # What the tracker will show once it folds the event (the one rules, ``ev.relabelled``, ``ev.remetadata``).
+    return msgspec.structs.replace(
+        model, description=model.description if data.description is None else data.description,
+        labels=ev.relabelled(model.labels, data.add_labels, data.remove_labels),
+        metadata=ev.remetadata(model.metadata, data.set_metadata, data.remove_metadata))
+
+
+@delete("/api/v1/models/{name:str}", operation_id="deleteModel", status_code=200, responses=_errors(403, 404))
+async def delete_model(state: State, request: Request[Principal, int, Any], name: ModelName) -> api.ModelRemoved:
+    """Delete a model and all its versions; their checkpoints are collectable again by their experiments' retention."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    _may_change_model(request.user, model)
+    async with deps.db() as conn:
+        versions = [v.version for v, _ in await queries.model_versions(conn, model.id)]
+    seq = await deps.publish(ev.ModelDeleted(model_id=model.id, name=model.name, requested_by=request.user.username))
+    await _projected(deps, seq)
+    log.info("model.deleted", model_id=model.id, name=model.name, by=request.user.username)
+    return api.ModelRemoved(id=model.id, name=model.name, versions=versions, model_deleted=True)
+
+
+@get("/api/v1/models/{name:str}/versions", operation_id="listModelVersions", responses=_errors(404))
+async def list_model_versions(
+    state: State, request: Request[Principal, int, Any], name: ModelName,
+    order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "asc",
+) -> list[api.ModelVersion]:
+    """A model's versions in version order (``order=desc``: the latest first)."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    async with deps.db() as conn:
+        return await _versions_shown(conn, request.user, await queries.model_versions(conn, model.id,
+                                                                                      order == "desc"))
+
+
+@post("/api/v1/models/{name:str}/versions", operation_id="registerModelVersion", status_code=HTTP_201_CREATED,
+      responses=_errors(403, 404, 409))
+async def register_model_version(state: State, request: Request[Principal, int, Any], name: ModelName,
+                                 data: NewModelVersion) -> api.ModelVersion:
+    """Register a checkpoint as the model's next version; it is never collected while a version names it."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    _may_change_model(request.user, model)
+    _check_metadata("metadata", data.metadata)
+    deps.require_bus()
+    async with deps.db() as conn:
+        checkpoint = await queries.get_checkpoint(conn, data.checkpoint_uuid)
+        if checkpoint is None:
+            raise NotFoundException(f"checkpoint {data.checkpoint_uuid} not found: register the uuid of a"
+                                    " checkpoint a trial stored (`kiln checkpoint list EXPERIMENT_ID`)")
+        record, owner = checkpoint
+        _may_touch_checkpoints(request.user, record.experiment_id, owner)
+        if record.state != "COMPLETED":
+            raise ClientException(status_code=409, detail=f"checkpoint {record.uuid} is {record.state}"
+                                  f" ({record.delete_reason or 'its files left the store'}): only a checkpoint with"
+                                  " its files can be registered")
+        if (taken := await queries.version_of_checkpoint(conn, model.id, record.uuid)) is not None:
+            raise ClientException(status_code=409, detail=f"checkpoint {record.uuid} is version {taken} of model"
+                                  f" {model.name!r} already")
+    event = ev.ModelVersionRegistered(
+        model_id=model.id, version=model.last_version + 1, checkpoint_uuid=record.uuid,
+        experiment_id=record.experiment_id, trial_id=record.trial_id, name=data.name, comment=data.comment,
+        metadata=data.metadata, registered_by=request.user.username, registered_at=time.time())
+    seq = await deps.publish_new(event)  # a registration racing for the same number: the second is a 409
+    log.info("model.version_registered", model_id=model.id, version=event.version, checkpoint=record.uuid,
+             by=request.user.username)
+    if await _projected(deps, seq):
+        async with deps.db() as conn:
+            now = await queries.model_version(conn, model.id, event.version)
+            if now is None or now[0].checkpoint_uuid != record.uuid:
+                raise ClientException(status_code=409, detail=f"model {model.name!r} was deleted, or its version"
+                                      f" {event.version} taken by another registration, while this one was made:"
+                                      f" checkpoint {record.uuid} is not registered")
+            return (await _versions_shown(conn, request.user, [now]))[0]
+    return api.ModelVersion(
+        model_id=model.id, model_name=model.name, version=event.version, checkpoint_uuid=record.uuid,
+        experiment_id=record.experiment_id, trial_id=record.trial_id, steps_completed=record.steps_completed,
+        checkpoint_state=record.state, name=data.name, comment=data.comment, metadata=data.metadata,
+        registered_by=request.user.username, registered_at=datetime.fromtimestamp(event.registered_at, UTC),
+        checkpoint=record)
+
+
+@get("/api/v1/models/{name:str}/versions/{version:str}", operation_id="getModelVersion", responses=_errors(404))
+async def get_model_version(state: State, request: Request[Principal, int, Any], name: ModelName,
+                            version: VersionSelector) -> api.ModelVersion:
+    """One version of a model: a number, or ``latest``."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    latest = version == registry.LATEST
+    async with deps.db() as conn:
+        row = await queries.model_version(conn, model.id, None if latest else int(version))
+        if row is None:
+            raise NotFoundException(f"model {model.name!r} has no versions yet" if latest
+                                    else f"model {model.name!r} has no version {version}")
+        return (await _versions_shown(conn, request.user, [row]))[0]
+
+
+@delete("/api/v1/models/{name:str}/versions/{version:str}", operation_id="deleteModelVersion", status_code=200,
+        responses=_errors(403, 404))
+async def delete_model_version(state: State, request: Request[Principal, int, Any], name: ModelName,
+                               version: VersionNumber) -> api.ModelRemoved:
+    """Delete one version; its checkpoint is collectable again once no version names it."""
+    deps = _deps(state)
+    model = await _model(deps, name)
+    _may_change_model(request.user, model)
+    async with deps.db() as conn:
+        row = found(await queries.model_version(conn, model.id, int(version)), f"model {model.name!r} version",
+                    version)
+    seq = await deps.publish(ev.ModelVersionDeleted(
+        model_id=model.id, version=row[0].version, checkpoint_uuid=row[0].checkpoint_uuid,
+        experiment_id=row[0].experiment_id, requested_by=request.user.username))
+    await _projected(deps, seq)
+    log.info("model.version_deleted", model_id=model.id, version=row[0].version, by=request.user.username)
+    return api.ModelRemoved(id=model.id, name=model.name, versions=[row[0].version], model_deleted=False)
 
 
 ROUTES = [
@@ -1180,6 +1462,8 @@ ROUTES = [
     experiment_checkpoints, delete_checkpoint, delete_experiment, set_gc_policy, set_metadata, download_context,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
     trial_tensorboard_files, trial_tensorboard_file,
+    create_model, list_models, get_model, set_model_metadata, delete_model, list_model_versions,
+    register_model_version, get_model_version, delete_model_version,
 ]
 ROUTES += [experiment_lineage]
 

@@ -6,11 +6,16 @@ it deletes: a durable consumer of the searcher's experiment facts (``run``), and
 /api/v1/checkpoints/{uuid}`` for an explicit delete. Either way it then publishes ``CheckpointsDeleted`` (which
 the tracker projects as ``checkpoints.state = DELETED`` and the searcher folds). Deleting is idempotent, so a
 redelivered request deletes nothing more and republishes the same fact (same ``Nats-Msg-Id``, dropped).
+
+A checkpoint registered as a model version is never deleted here. The searcher folds the registry and never asks
+for one; but a version registered after the searcher decided and before the collector acts would otherwise lose
+its files, so the collector asks the read model (``registered``) right before deleting and keeps those.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -59,10 +64,21 @@ def delete_checkpoints(minio: Any, bucket: str, refs: list[ev.CheckpointRef]) ->
     return removed, elsewhere
 
 
-async def collect(bus: Bus, minio: Any, bucket: str, request: ev.CheckpointGCRequested) -> ev.CheckpointsDeleted:
-    """Carry out one retention decision and publish that it was done."""
-    removed, elsewhere = await asyncio.to_thread(delete_checkpoints, minio, bucket, request.checkpoints)
-    done = ev.CheckpointsDeleted(experiment_id=request.experiment_id, uuids=[c.uuid for c in request.checkpoints],
+Registered = Callable[[list[str]], Awaitable[set[str]]]  # which of these uuids a model version names
+
+
+async def collect(bus: Bus, minio: Any, bucket: str, request: ev.CheckpointGCRequested,
+                  registered: Registered | None = None) -> ev.CheckpointsDeleted | None:
+    """Carry out one retention decision (less any checkpoint registered meanwhile) and publish that it was done."""
+    refs = request.checkpoints
+    keep = await registered([c.uuid for c in refs]) if registered is not None and refs else set()
+    if keep:
+        log.warning("checkpoints.kept_registered", experiment_id=request.experiment_id, checkpoints=sorted(keep))
+        refs = [c for c in refs if c.uuid not in keep]
+        if not refs:
+            return None
+    removed, elsewhere = await asyncio.to_thread(delete_checkpoints, minio, bucket, refs)
+    done = ev.CheckpointsDeleted(experiment_id=request.experiment_id, uuids=[c.uuid for c in refs],
                                  reason=f"retention: {request.reason}" if request.reason else "retention",
                                  objects_removed=removed, not_in_store=elsewhere)
     await bus.publish(done)
@@ -71,12 +87,12 @@ async def collect(bus: Bus, minio: Any, bucket: str, request: ev.CheckpointGCReq
     return done
 
 
-async def run(bus: Bus, minio: Any, bucket: str, stop: asyncio.Event) -> None:
+async def run(bus: Bus, minio: Any, bucket: str, stop: asyncio.Event, registered: Registered | None = None) -> None:
     """Consume the searcher's retention decisions until ``stop`` is set."""
 
     async def handle(batch: list[Delivery[Any]]) -> None:
         for d in batch:
             if isinstance(d.event, ev.CheckpointGCRequested):
-                await collect(bus, minio, bucket, d.event)
+                await collect(bus, minio, bucket, d.event, registered)
 
     await bus.consume(CONSUMER, msgspec.json.Decoder(ev.DomainEvent), handle, stop)

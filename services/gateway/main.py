@@ -28,6 +28,7 @@ from services.gateway.queries import init_connection
 from services.runtime import (
     BusSettings,
     S3Settings,
+    Transient,
     configure_logging,
     connect_bus,
     postgres_unavailable,
@@ -136,7 +137,20 @@ async def open_deps(settings: GatewaySettings, bus_settings: BusSettings, s3: S3
             minio = minio_client(s3)
             # Retention: the searcher decides, the gateway (holding the store key) deletes the objects.
             stop_collector = asyncio.Event()
-            collecting = asyncio.create_task(collector.run(bus, minio, s3.s3_bucket, stop_collector))
+
+            async def registered(uuids: list[str]) -> set[str]:
+                """Which of these checkpoints the registry names (the collector keeps them)."""
+                if not migrated.is_set():
+                    raise Transient("the read model is not migrated yet")
+                try:
+                    async with pool.acquire(timeout=settings.pg_connect_timeout_s) as conn:
+                        return await queries.registered_checkpoints(conn, uuids)
+                except Exception as exc:
+                    if postgres_unavailable(exc):  # waited out by the consumer: nothing is deleted meanwhile
+                        raise Transient(f"postgres unavailable: {exc!r}") from exc
+                    raise
+
+            collecting = asyncio.create_task(collector.run(bus, minio, s3.s3_bucket, stop_collector, registered))
             try:
                 yield GatewayDeps(pool=pool, bus=bus, minio=minio, bucket=s3.s3_bucket,
                                   max_context_bytes=settings.max_context_bytes, migrated=migrated,

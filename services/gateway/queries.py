@@ -221,6 +221,101 @@ async def next_experiment_id(conn: Any) -> int:
     return value
 
 
+# -- the model registry ---------------------------------------------------------------------------------------
+
+MODEL_COLUMNS = ("m.id, m.name, m.description, m.labels, m.metadata, m.owner, m.created_at, m.updated_at,"
+                 " m.last_version, (SELECT count(*) FROM model_versions v WHERE v.model_id = m.id) AS num_versions")
+_VERSION_SELECT = (
+    "SELECT v.model_id, m.name AS model_name, v.version, v.checkpoint_uuid, v.experiment_id, v.trial_id,"
+    " c.steps_completed, c.state AS checkpoint_state, v.name, v.comment, v.metadata, v.registered_by,"
+    " v.registered_at, e.submitted_by AS experiment_owner"
+    " FROM model_versions v JOIN models m ON m.id = v.model_id"
+    " LEFT JOIN checkpoints c ON c.uuid = v.checkpoint_uuid LEFT JOIN experiments e ON e.id = v.experiment_id"
+)
+
+
+async def next_model_id(conn: Any) -> int:
+    """A fresh model id (never reused), as experiment ids are taken."""
+    value: int = await conn.fetchval("UPDATE id_counters SET value = value + 1 WHERE name = 'model' RETURNING value")
+    return value
+
+
+async def get_model(conn: Any, name: str) -> api.Model | None:
+    """A live model by its name, or (a name of digits only) by its id."""
+    if name.isascii() and name.isdigit():
+        row = await conn.fetchrow(f"SELECT {MODEL_COLUMNS} FROM models m WHERE m.id = $1", int(name)) \
+            if int(name) < 2**63 else None
+    else:
+        row = await conn.fetchrow(f"SELECT {MODEL_COLUMNS} FROM models m WHERE m.name = $1", name)
+    return _one(row, api.Model)
+
+
+async def get_model_by_id(conn: Any, model_id: int) -> api.Model | None:
+    """A live model by its id."""
+    return _one(await conn.fetchrow(f"SELECT {MODEL_COLUMNS} FROM models m WHERE m.id = $1", model_id), api.Model)
+
+
+async def list_models(conn: Any, labels: list[str], name: str | None, owner: str | None, limit: int,
+                      offset: int) -> list[api.Model]:
+    """Models by name; only those carrying every one of ``labels``, whose name contains ``name`` (any case), of
+    ``owner``."""
+    records = await conn.fetch(
+        f"SELECT {MODEL_COLUMNS} FROM models m WHERE m.labels @> $1::jsonb"
+        " AND ($2::text IS NULL OR strpos(lower(m.name), lower($2)) > 0) AND ($3::text IS NULL OR m.owner = $3)"
+        " ORDER BY m.name LIMIT $4 OFFSET $5", labels, name, owner, limit, offset)
+    return _typed(records, api.Model)
+
+
+def _version(row: Any) -> tuple[api.ModelVersion, str | None]:
+    out = dict(row)
+    owner = out.pop("experiment_owner")
+    return msgspec.convert(out, api.ModelVersion), owner
+
+
+async def model_versions(conn: Any, model_id: int, descending: bool = False) -> list[tuple[api.ModelVersion,
+                                                                                           str | None]]:
+    """A model's versions in version order, each with the owner of its checkpoint's experiment."""
+    records = await conn.fetch(f"{_VERSION_SELECT} WHERE v.model_id = $1 ORDER BY v.version"
+                               f" {'DESC' if descending else 'ASC'}", model_id)
+    return [_version(r) for r in records]
+
+
+async def model_version(conn: Any, model_id: int, version: int | None) -> tuple[api.ModelVersion, str | None] | None:
+    """One version of a model (None: the latest), with the owner of its checkpoint's experiment."""
+    if version is None:
+        row = await conn.fetchrow(f"{_VERSION_SELECT} WHERE v.model_id = $1 ORDER BY v.version DESC LIMIT 1",
+                                  model_id)
+    else:
+        row = await conn.fetchrow(f"{_VERSION_SELECT} WHERE v.model_id = $1 AND v.version = $2", model_id, version)
+    return _version(row) if row is not None else None
+
+
+async def version_of_checkpoint(conn: Any, model_id: int, uuid: str) -> int | None:
+    """The version of a model that names this checkpoint, if one does."""
+    value: int | None = await conn.fetchval(
+        "SELECT min(version) FROM model_versions WHERE model_id = $1 AND checkpoint_uuid = $2", model_id, uuid)
+    return value
+
+
+async def checkpoints_by_uuid(conn: Any, uuids: list[str]) -> dict[str, api.Checkpoint]:
+    """Checkpoint records by uuid (those the read model has)."""
+    records = await conn.fetch(f"{_CHECKPOINT_SELECT} WHERE c.uuid = ANY($1::text[])", uuids)
+    return {r["uuid"]: msgspec.convert(dict(r), api.Checkpoint) for r in records}
+
+
+async def registered_checkpoints(conn: Any, uuids: list[str]) -> set[str]:
+    """Which of these checkpoints a model version names (those retention must never collect)."""
+    records = await conn.fetch("SELECT DISTINCT checkpoint_uuid FROM model_versions"
+                               " WHERE checkpoint_uuid = ANY($1::text[])", uuids)
+    return {r["checkpoint_uuid"] for r in records}
+
+
+async def projected_through(conn: Any, consumer: str, seq: int) -> bool:
+    """Whether the projection ``consumer`` has folded the stream up to ``seq``."""
+    last = await conn.fetchval("SELECT last_seq FROM projection_positions WHERE consumer = $1", consumer)
+    return last is not None and last >= seq
+
+
 # -- users and tokens (gateway-owned tables, not projections; see services/gateway/auth.py) -------------------
 
 USER_COLUMNS = "u.id, u.username, u.admin, u.created_at"

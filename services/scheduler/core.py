@@ -151,4 +151,10 @@ _HANDLERS: dict[type, Handler] = {
     ev.ExperimentMetadataChanged: _ignored,  # names and labels do not schedule anything
     ev.CheckpointGCRequested: _ignored,
     ev.CheckpointsDeleted: _ignored,
+    # The model registry names checkpoints; it places nothing.
+    ev.ModelCreated: _ignored,
+    ev.ModelVersionRegistered: _ignored,
+    ev.ModelMetadataChanged: _ignored,
+    ev.ModelVersionDeleted: _ignored,
+    ev.ModelDeleted: _ignored,
 }

@@ -63,6 +63,15 @@ class Retention(msgspec.Struct, kw_only=True):
     protected: set[str] = set()
 
 
+class RegisteredVersion(msgspec.Struct, kw_only=True):
+    """A model version as retention needs it: the checkpoint it takes out of its experiment's collection."""
+
+    model_id: int
+    version: int
+    experiment_id: int
+    checkpoint_uuid: str
+
+
 class ExperimentSearch(msgspec.Struct, kw_only=True):
     """One experiment's search: its method state and its trials."""
 
@@ -84,6 +93,13 @@ class SearcherState(msgspec.Struct, kw_only=True):
 
     experiments: dict[int, ExperimentSearch] = {}
     next_trial_id: int = 1
+    # The model registry, as far as retention cares: live models (id -> the highest version number they ever had),
+    # their names (a name is one live model's), and their versions ("<model>:<version>" -> what it names). The
+    # tracker's projection keeps registrations by the same rules (a live model, a version number above every
+    # earlier one), so what the read model shows registered is exactly what is never collected.
+    models: dict[int, int] = {}
+    model_names: dict[str, int] = {}
+    registered: dict[str, RegisteredVersion] = {}
 
 
 _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
@@ -143,6 +159,9 @@ class SearcherCore:
                     for uuid in event.uuids:
                         exp.retention.checkpoints.pop(uuid, None)
                 return []
+            case ev.ModelCreated() | ev.ModelVersionRegistered() | ev.ModelVersionDeleted() | ev.ModelDeleted():
+                self._registry(event)
+                return []  # protection changes no decision now: a checkpoint unregistered waits for the next one
             case _:
                 return []  # facts the searcher does not decide on
 
@@ -234,6 +253,48 @@ class SearcherCore:
         exp.retention.policy = self._policy(exp).changed(event.save_experiment_best, event.save_trial_best,
                                                          event.save_trial_latest)
         return self._collect(exp, "gc policy changed")
+
+    # -- the model registry: registered checkpoints are protected from retention --------------------
+
+    def _registry(self, event: ev.ModelCreated | ev.ModelVersionRegistered | ev.ModelVersionDeleted
+                  | ev.ModelDeleted) -> None:
+        state = self.state
+        touched: set[int] = set()  # experiments whose protected checkpoints change
+        match event:
+            case ev.ModelCreated():
+                if event.model_id in state.models or event.name in state.model_names:
+                    return  # redelivered, or the name is a live model's: the first one keeps it
+                state.models[event.model_id] = 0
+                state.model_names[event.name] = event.model_id
+            case ev.ModelVersionRegistered():
+                last = state.models.get(event.model_id)
+                if last is None or event.version <= last:
+                    return  # a deleted model, or a version number taken already: the projection ignores it too
+                state.models[event.model_id] = event.version
+                state.registered[f"{event.model_id}:{event.version}"] = RegisteredVersion(
+                    model_id=event.model_id, version=event.version, experiment_id=event.experiment_id,
+                    checkpoint_uuid=event.checkpoint_uuid)
+                touched.add(event.experiment_id)
+            case ev.ModelVersionDeleted():
+                gone = state.registered.pop(f"{event.model_id}:{event.version}", None)
+                if gone is not None:
+                    touched.add(gone.experiment_id)
+            case ev.ModelDeleted():
+                state.models.pop(event.model_id, None)
+                for name, model_id in list(state.model_names.items()):
+                    if model_id == event.model_id:
+                        del state.model_names[name]
+                for key, version in list(state.registered.items()):
+                    if version.model_id == event.model_id:
+                        del state.registered[key]
+                        touched.add(version.experiment_id)
+            case _:
+                assert_never(event)
+        for experiment_id in touched:
+            exp = state.experiments.get(experiment_id)
+            if exp is not None:
+                exp.retention.protected = {v.checkpoint_uuid for v in state.registered.values()
+                                           if v.experiment_id == experiment_id}
 
     # -- retention ----------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ log = structlog.get_logger(__name__)
 CONSUMER = ConsumerSpec(
     durable="searcher",
     stream=subjects.EVENTS,
-    filter_subjects=[subjects.EXPERIMENT_FACTS, subjects.TRIAL_FACTS],
+    # The registry's facts too: a checkpoint registered as a model version is taken out of retention.
+    filter_subjects=[subjects.EXPERIMENT_FACTS, subjects.TRIAL_FACTS, subjects.MODEL_FACTS],
 )
 
 

@@ -40,7 +40,7 @@ class TrackerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 # One durable consumer per stream; each records its own position.
 CONSUMERS: list[tuple[ConsumerSpec, Any]] = [  # (spec, the union its decoder reads)
-    (ConsumerSpec(durable="tracker-events", stream=subjects.EVENTS, filter_subjects=[subjects.ALL_EVENTS]),
+    (ConsumerSpec(durable=readmodel.DOMAIN_PROJECTION, stream=subjects.EVENTS, filter_subjects=[subjects.ALL_EVENTS]),
      ev.DomainEvent),
     (ConsumerSpec(durable="tracker-metrics", stream=subjects.METRICS, filter_subjects=[subjects.ALL_METRICS]),
      ev.MetricEvent),

@@ -166,6 +166,15 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("storage", "text"), ("resources", "jsonb"), ("metadata", "jsonb"), ("reported_at", "timestamptz"),
     ],
     "workers_lost": [("worker_id", "text"), ("last_seen", "timestamptz")],
+    "models": [
+        ("id", "bigint"), ("name", "text"), ("description", "text"), ("labels", "jsonb"), ("metadata", "jsonb"),
+        ("owner", "text"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"), ("last_version", "integer"),
+    ],
+    "model_versions": [
+        ("model_id", "bigint"), ("version", "integer"), ("checkpoint_uuid", "text"), ("experiment_id", "bigint"),
+        ("trial_id", "bigint"), ("name", "text"), ("comment", "text"), ("metadata", "jsonb"),
+        ("registered_by", "text"), ("registered_at", "timestamptz"),
+    ],
 }
 
 
@@ -179,7 +188,8 @@ class Fold:
 
     def __init__(self, experiments: dict[int, Row] | None = None, trials: dict[int, Row] | None = None,
                  allocations: dict[str, Row] | None = None,
-                 progress_of: dict[int, dict[int, float]] | None = None) -> None:
+                 progress_of: dict[int, dict[int, float]] | None = None,
+                 models: dict[int, Row] | None = None) -> None:
         self.experiments = experiments or {}
         self.trials = trials or {}
         self.allocations = allocations or {}
@@ -191,7 +201,16 @@ class Fold:
         self.checkpoints_deleted: dict[str, tuple[dt.datetime, str]] = {}
         # Experiments deleted in this batch: id -> (when, by whom); dropped after everything else is written.
         self.experiments_deleted: dict[int, tuple[dt.datetime, str]] = {}
-        self.changed: dict[str, set[Any]] = {"experiments": set(), "trials": set(), "allocations": set()}
+        self.changed: dict[str, set[Any]] = {"experiments": set(), "trials": set(), "allocations": set(),
+                                             "models": set()}
+        # The model registry: live models (loaded by id and by the names the batch creates), the versions the
+        # batch registers, what it deletes, and the checkpoints whose ``protected`` flag is to be recomputed.
+        self.models = models or {}
+        self.model_names = {row["name"]: model_id for model_id, row in self.models.items()}
+        self.model_versions: dict[tuple[int, int], Row] = {}
+        self.models_deleted: set[int] = set()
+        self.versions_deleted: set[tuple[int, int]] = set()
+        self.protection_changed: set[str] = set()
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
         self.log_rows: list[tuple[Any, ...]] = []
@@ -369,6 +388,64 @@ class Fold:
         if x is not None and x["ended_at"] is None:
             self._progress_owed.add(e.experiment_id)
 
+    # -- the model registry -----------------------------------------------------------------------
+    # The same rules as the searcher's fold (services/searcher/core.py), so the versions shown here are exactly
+    # the checkpoints retention never collects: a name is one live model's (the first create wins), a version
+    # is kept only for a live model and with a number above every earlier one of that model.
+
+    def _model_created(self, e: ev.ModelCreated, item: Item) -> None:
+        if e.model_id in self.models or e.model_id in self.models_deleted or e.name in self.model_names:
+            return
+        at = _ts(e.created_at or item.ts)
+        self.models[e.model_id] = {
+            "id": e.model_id, "name": e.name, "description": e.description, "labels": _j(e.labels),
+            "metadata": _j(e.metadata), "owner": e.created_by, "created_at": at, "updated_at": at, "last_version": 0}
+        self.model_names[e.name] = e.model_id
+        self.changed["models"].add(e.model_id)
+
+    def _model_version_registered(self, e: ev.ModelVersionRegistered, item: Item) -> None:
+        m = self.models.get(e.model_id)
+        if m is None or e.version <= m["last_version"]:
+            return
+        self._row("models", e.model_id)
+        m.update(last_version=e.version, updated_at=_ts(item.ts))
+        self.model_versions[(e.model_id, e.version)] = {
+            "model_id": e.model_id, "version": e.version, "checkpoint_uuid": e.checkpoint_uuid,
+            "experiment_id": e.experiment_id, "trial_id": e.trial_id, "name": e.name, "comment": e.comment,
+            "metadata": _j(e.metadata), "registered_by": e.registered_by,
+            "registered_at": _ts(e.registered_at or item.ts)}
+        self.protection_changed.add(e.checkpoint_uuid)
+
+    def _model_metadata_changed(self, e: ev.ModelMetadataChanged, item: Item) -> None:
+        if (m := self._row("models", e.model_id)) is None:
+            return
+        if e.description is not None:
+            m["description"] = e.description
+        if e.labels_added or e.labels_removed:
+            m["labels"] = _j(ev.relabelled(_decoded(m["labels"]), e.labels_added, e.labels_removed))
+        if e.metadata_set or e.metadata_removed:
+            m["metadata"] = _j(ev.remetadata(_decoded(m["metadata"]), e.metadata_set, e.metadata_removed))
+        m["updated_at"] = _ts(item.ts)
+
+    def _model_version_deleted(self, e: ev.ModelVersionDeleted, item: Item) -> None:
+        if (m := self._row("models", e.model_id)) is None:
+            return
+        m["updated_at"] = _ts(item.ts)
+        key = (e.model_id, e.version)
+        if (new := self.model_versions.pop(key, None)) is not None:
+            self.protection_changed.add(new["checkpoint_uuid"])
+        self.versions_deleted.add(key)  # the stored row (its checkpoint is recomputed as it is deleted)
+
+    def _model_deleted(self, e: ev.ModelDeleted, item: Item) -> None:
+        m = self.models.pop(e.model_id, None)
+        if m is None:
+            return
+        self.model_names.pop(m["name"], None)
+        self.changed["models"].discard(e.model_id)
+        self.models_deleted.add(e.model_id)
+        for key in [k for k in self.model_versions if k[0] == e.model_id]:
+            self.protection_changed.add(self.model_versions.pop(key)["checkpoint_uuid"])
+
     # -- allocations ------------------------------------------------------------------------------
 
     def _assigned(self, e: ev.AllocationAssigned, item: Item) -> None:
@@ -485,6 +562,11 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     # The policy and the searcher's decision change no row: the deletion (CheckpointsDeleted) does.
     ev.CheckpointGCPolicyChanged: lambda f, e, _: None,
     ev.CheckpointGCRequested: lambda f, e, _: None,
+    ev.ModelCreated: Fold._model_created,
+    ev.ModelVersionRegistered: Fold._model_version_registered,
+    ev.ModelMetadataChanged: Fold._model_metadata_changed,
+    ev.ModelVersionDeleted: Fold._model_version_deleted,
+    ev.ModelDeleted: Fold._model_deleted,
     ev.TrainingMetricsReported: Fold._training,
     ev.LogsShipped: Fold._logs,
     ev.MessageDeadLettered: lambda f, e, _: None,
@@ -497,6 +579,11 @@ def search_progress(shares: Iterable[float], planned: int) -> float:
     here, replaced trials) widen the denominator."""
     values = list(shares)
     return math.fsum(values) / max(planned, len(values), 1)  # exactly rounded: no dependence on row order
+
+
+def _decoded(value: Any) -> Any:
+    """A jsonb column's value: loaded rows carry it as text, rows folded in this batch as encoded text too."""
+    return msgspec.json.decode(value) if isinstance(value, (str, bytes)) else value
 
 
 def _config_columns(data: dict[str, Any]) -> Row:
@@ -535,6 +622,8 @@ def _select(table: str, where: str) -> str:
 
 
 _WITHOUT_ROWS = {ev.TrainingMetricsReported, ev.LogsShipped, ev.MessageDeadLettered, ev.WorkerLost}
+_MODEL_EVENTS = {ev.ModelCreated, ev.ModelVersionRegistered, ev.ModelMetadataChanged, ev.ModelVersionDeleted,
+                 ev.ModelDeleted}
 
 
 async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
@@ -544,10 +633,17 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
     trial_ids: set[int] = set()
     allocation_ids: set[str] = set()
     progress_of: set[int] = set()
+    model_ids: set[int] = set()
+    model_names: set[str] = set()  # the names the batch creates: a live model holding one keeps it
     for item in items:
         e = item.event
         kind = type(e)
         if kind in _WITHOUT_ROWS:
+            continue
+        if kind in _MODEL_EVENTS:
+            model_ids.add(e.model_id)
+            if kind is ev.ModelCreated:
+                model_names.add(e.name)
             continue
         experiment_ids.add(e.experiment_id)
         if (trial_id := getattr(e, "trial_id", None)) is not None:
@@ -556,8 +652,10 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
             allocation_ids.add(allocation_id)
         if kind is ev.TrialProgressReported or kind is ev.TrialExited:
             progress_of.add(e.experiment_id)
+    models = await conn.fetch(_select("models", "id = ANY($1::bigint[]) OR name = ANY($2::text[])"),
+                              list(model_ids), list(model_names)) if model_ids else []
     if not experiment_ids:
-        return {}
+        return {"models": {r["id"]: dict(r) for r in models}}
     experiments = await conn.fetch(_select("experiments", "id = ANY($1::bigint[])"), list(experiment_ids))
     trials = await conn.fetch(_select("trials", "id = ANY($1::bigint[])"), list(trial_ids))
     allocations = await conn.fetch(_select("allocations", "id = ANY($1::text[])"), list(allocation_ids)) \
@@ -574,10 +672,12 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
         "trials": {r["id"]: dict(r) for r in trials},
         "allocations": {r["id"]: dict(r) for r in allocations},
         "progress_of": progress,
+        "models": {r["id"]: dict(r) for r in models},
     }
 
 
-_KEYS = {"experiments": "id", "trials": "id", "allocations": "id", "checkpoints": None, "workers_lost": None}
+_KEYS = {"experiments": "id", "trials": "id", "allocations": "id", "checkpoints": None, "workers_lost": None,
+         "models": "id", "model_versions": None}
 # Above this many rows a table's changes go through COPY into a staging table: asyncpg checks every element
 # of an array parameter for nesting (an isinstance through abc each), which cost more than the fold.
 _COPY_ABOVE = 64
@@ -631,6 +731,7 @@ async def _write(conn: Any, fold: Fold, summaries: list[tuple[Any, ...]] | None 
         await _write_rows(conn, table, [rows[k] for k in sorted(fold.changed[table])])
     await _write_rows(conn, "checkpoints", list(fold.checkpoints.values()))
     await _write_rows(conn, "workers_lost", list(fold.workers_lost.values()))
+    await _write_registry(conn, fold)
     if fold.checkpoints_deleted:
         uuids = list(fold.checkpoints_deleted)
         await conn.execute(
@@ -664,6 +765,30 @@ async def _drop_experiments(conn: Any, deleted: dict[int, tuple[dt.datetime, str
         "INSERT INTO deleted_experiments (id, deleted_at, deleted_by)"
         " SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) ON CONFLICT DO NOTHING",
         ids, [deleted[i][0] for i in ids], [deleted[i][1] for i in ids])
+
+
+async def _write_registry(conn: Any, fold: Fold) -> None:
+    """The registry's changes: deletions first (a name a deleted model frees may be taken in the same batch), then
+    the models and new versions, then ``checkpoints.protected`` of every checkpoint a version came or went for."""
+    # New checkpoints too: whether one is protected never depends on which batch its registration came in.
+    changed = fold.protection_changed | set(fold.checkpoints)
+    if fold.versions_deleted:
+        keys = sorted(fold.versions_deleted)
+        changed.update(r["checkpoint_uuid"] for r in await conn.fetch(
+            "DELETE FROM model_versions v USING unnest($1::bigint[], $2::integer[]) AS d(model_id, version)"
+            " WHERE v.model_id = d.model_id AND v.version = d.version RETURNING v.checkpoint_uuid",
+            [k[0] for k in keys], [k[1] for k in keys]))
+    if fold.models_deleted:
+        ids = sorted(fold.models_deleted)
+        changed.update(r["checkpoint_uuid"] for r in await conn.fetch(
+            "DELETE FROM model_versions WHERE model_id = ANY($1::bigint[]) RETURNING checkpoint_uuid", ids))
+        await conn.execute("DELETE FROM models WHERE id = ANY($1::bigint[])", ids)
+    await _write_rows(conn, "models", [fold.models[k] for k in sorted(fold.changed["models"])])
+    await _write_rows(conn, "model_versions", [fold.model_versions[k] for k in sorted(fold.model_versions)])
+    if changed:
+        await conn.execute(
+            "UPDATE checkpoints c SET protected = EXISTS (SELECT 1 FROM model_versions v"
+            " WHERE v.checkpoint_uuid = c.uuid) WHERE c.uuid = ANY($1::text[])", sorted(changed))
 
 
 async def _flush_points(conn: Any, rows: list[tuple[Any, ...]],

@@ -52,6 +52,8 @@ TABLES = {
     "workers_lost": "worker_id, last_seen",
     "deleted_experiments": "id",
     "deleted_trials": "trial_id",
+    "models": "id",
+    "model_versions": "model_id, version",
     "projection_positions": "consumer",
 }
 BACKUP_PREFIX = "kiln_backup_"

@@ -83,7 +83,7 @@ async def _digest(conn: Any) -> str:
     h = hashlib.sha256()
     for table, order in [("experiments", "id"), ("trials", "id"), ("allocations", "id"),
                          ("metric_points", "trial_id, kind, name, step"), ("metric_summaries", "trial_id, kind, name"),
-                         ("checkpoints", "uuid"),
+                         ("checkpoints", "uuid"), ("models", "id"), ("model_versions", "model_id, version"),
                          ("trial_logs", "allocation_id, line_no"), ("projection_positions", "consumer")]:
         for row in await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}"):
             h.update(repr(tuple(row.values())).encode())

@@ -35,6 +35,7 @@ def _roots(modules: set[str]) -> set[str]:
     "import kiln",
     "import kiln.core",
     "import kiln.client",
+    "import kiln.models",
     "import kiln as det; det.core.get_cluster_info",
     "from kiln import InvalidHP, LOG_FORMAT, get_cluster_info",
 ])
@@ -127,3 +128,5 @@ def test_the_launchers_and_the_determined_shim_load_only_when_run() -> None:
 def test_the_sdk_loads_only_when_named() -> None:
     assert "kiln.experimental.client" not in _loaded_after("import kiln")
     assert "kiln.experimental.client" in _loaded_after("from kiln.experimental import client")
+    assert "kiln.models" not in _loaded_after("import kiln")
+    assert "kiln.models" in _loaded_after("import kiln; kiln.models.load")

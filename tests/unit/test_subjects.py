@@ -28,6 +28,7 @@ ALL_EVENT_CLASSES = [cls for union in UNIONS.values() for cls in members(union)]
 UNION_OF = {cls: union for union in UNIONS.values() for cls in members(union)}
 
 EXP, TRIAL, WORKER = 3, 17, "gpu-node_1"
+MODEL = 5
 
 # One minimal instance of every event; test_samples_cover_every_event keeps this complete.
 SAMPLES: dict[type, Any] = {
@@ -75,6 +76,13 @@ SAMPLES: dict[type, Any] = {
         experiment_id=EXP, checkpoints=[ev.CheckpointRef(uuid="c0ffee", trial_id=TRIAL, storage="s3://kiln/ckpt")]),
     ev.CheckpointsDeleted: ev.CheckpointsDeleted(experiment_id=EXP, uuids=["c0ffee"], reason="retention"),
     ev.ExperimentDeleted: ev.ExperimentDeleted(experiment_id=EXP, deleted_by="alice"),
+    ev.ModelCreated: ev.ModelCreated(model_id=MODEL, name="digits", labels=["prod"], created_by="ann"),
+    ev.ModelVersionRegistered: ev.ModelVersionRegistered(model_id=MODEL, version=1, checkpoint_uuid="c0ffee",
+                                                         experiment_id=EXP, trial_id=TRIAL),
+    ev.ModelMetadataChanged: ev.ModelMetadataChanged(model_id=MODEL, description="why", change_id="mm1"),
+    ev.ModelVersionDeleted: ev.ModelVersionDeleted(model_id=MODEL, version=1, checkpoint_uuid="c0ffee",
+                                                   experiment_id=EXP),
+    ev.ModelDeleted: ev.ModelDeleted(model_id=MODEL, name="digits"),
     ev.TrainingMetricsReported: ev.TrainingMetricsReported(
         experiment_id=EXP, trial_id=TRIAL, batch_id="17.1-0",
         points=[ev.MetricPoint(steps_completed=1, metrics={"loss": 1.0})],
@@ -96,6 +104,8 @@ EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.Expe
                      ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted,
                      ev.ExperimentMetadataChanged, ev.ExperimentDeleted}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
+MODEL_EVENTS = {ev.ModelCreated, ev.ModelVersionRegistered, ev.ModelMetadataChanged, ev.ModelVersionDeleted,
+                ev.ModelDeleted}
 TRIAL_EVENTS = {
     ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
     ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
@@ -105,14 +115,16 @@ TRIAL_EVENTS = {
 
 def test_samples_cover_every_event() -> None:
     assert set(SAMPLES) == set(ALL_EVENT_CLASSES)
-    assert set(members(ev.DomainEvent)) == EXPERIMENT_EVENTS | WORKER_COMMANDS | TRIAL_EVENTS | {ev.WorkerLost}
+    assert set(members(ev.DomainEvent)) == (EXPERIMENT_EVENTS | WORKER_COMMANDS | TRIAL_EVENTS | MODEL_EVENTS
+                                            | {ev.WorkerLost})
 
 
 # Who publishes what (README "Bus"): written out here, not derived from subjects.OWNERS, so a change to the
 # table is a deliberate change to this test too.
 GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
            ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested,
-           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged, ev.ExperimentDeleted}
+           ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged,
+           ev.ExperimentDeleted} | MODEL_EVENTS
 SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded,
             ev.CheckpointGCRequested}
 SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
@@ -142,6 +154,8 @@ def _expected_subject(event: Any) -> str:
         routing = f"kiln.events.{EXP}.worker.{WORKER}"
     elif cls in TRIAL_EVENTS:
         routing = f"kiln.events.{EXP}.trial.{TRIAL}"
+    elif cls in MODEL_EVENTS:
+        routing = f"kiln.events.registry.model.{MODEL}"
     else:
         routing = {
             ev.WorkerLost: f"kiln.events.cluster.lost.{WORKER}",
@@ -193,6 +207,12 @@ def test_filters_select_the_subjects_they_name() -> None:
     for cls in TRIAL_EVENTS:
         assert _matches(subjects.trial_filter(EXP, TRIAL), _subject(SAMPLES[cls]))
         assert not _matches(subjects.trial_filter(EXP, TRIAL + 1), _subject(SAMPLES[cls]))
+    for cls in MODEL_EVENTS:  # the registry's subjects: its own filters, and no experiment's
+        subject = _subject(SAMPLES[cls])
+        assert _matches(subjects.MODEL_FACTS, subject) and _matches(subjects.model_filter(MODEL), subject)
+        assert not _matches(subjects.model_filter(MODEL + 1), subject)
+        assert not any(_matches(f, subject) for f in (subjects.EXPERIMENT_FACTS, subjects.TRIAL_FACTS,
+                                                       subjects.WORKER_COMMANDS, subjects.CLUSTER_FACTS))
 
 
 BAD_TOKENS = ["node.1", "node 1", "*", ">", "node*", "a>b", "", "node\t1", "gpu/0", "nöde"]
@@ -281,6 +301,14 @@ def _r(cls: type, **changes: Any) -> Any:
         (_r(ev.CheckpointsDeleted, uuids=["a"]), _r(ev.CheckpointsDeleted, uuids=["b"]), False),
         (_r(ev.CheckpointGCPolicyChanged, change_id="1"), _r(ev.CheckpointGCPolicyChanged, change_id="2"), False),
         (_r(ev.ExperimentMetadataChanged, change_id="1"), _r(ev.ExperimentMetadataChanged, change_id="2"), False),
+        # The registry: a version number is taken once (two registrations racing for it are one fact).
+        (_r(ev.ModelVersionRegistered, checkpoint_uuid="a"), _r(ev.ModelVersionRegistered, checkpoint_uuid="b"),
+         True),
+        (_r(ev.ModelVersionRegistered, version=1), _r(ev.ModelVersionRegistered, version=2), False),
+        (_r(ev.ModelVersionRegistered, model_id=1), _r(ev.ModelVersionRegistered, model_id=2), False),
+        (_r(ev.ModelCreated, model_id=1), _r(ev.ModelCreated, model_id=2), False),
+        (_r(ev.ModelMetadataChanged, change_id="1"), _r(ev.ModelMetadataChanged, change_id="2"), False),
+        (_r(ev.ModelVersionDeleted, version=1), _r(ev.ModelVersionDeleted, version=2), False),
         (_r(ev.TrialProgressReported, progress=0.25), _r(ev.TrialProgressReported, progress=0.5), False),
         (_r(ev.TrainingMetricsReported, batch_id="x"), _r(ev.TrainingMetricsReported, batch_id="y"), False),
         (_r(ev.LogsShipped, lines=[ev.LogLine(line_no=0, stream="stdout", text="", ts=0.0)]),
