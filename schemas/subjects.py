@@ -83,7 +83,9 @@ OWNERS: dict[type, Role] = {
     ev.CheckpointGCPolicyChanged: "gateway",
     # Objects leave the store through the gateway (it holds the store credential); the searcher only decides.
     ev.CheckpointsDeleted: "gateway",
+    ev.ExperimentContinued: "gateway",
     ev.CheckpointGCRequested: "searcher",
+    ev.TrialContinueRequested: "searcher",
     ev.TrialCreated: "searcher",
     ev.TrialStopRequested: "searcher",
     ev.TrialResumeRequested: "searcher",
@@ -113,12 +115,13 @@ ROUTING_PATTERNS: dict[type, str] = {
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
                                 ev.ExperimentResourcesChanged, ev.ExperimentMetadataChanged,
                                 ev.CheckpointGCPolicyChanged,
-                                ev.CheckpointGCRequested, ev.CheckpointsDeleted)},
+                                ev.CheckpointGCRequested, ev.CheckpointsDeleted, ev.ExperimentContinued)},
     **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
     **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
                            ev.TrialPreempted, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted,
                            ev.AllocationExited, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited,
-                           ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported)},
+                           ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
+                           ev.TrialContinueRequested)},
     ev.WorkerLost: "kiln.events.cluster.lost.*",
     ev.TrainingMetricsReported: "kiln.metrics.*.*",
     ev.LogsShipped: "kiln.logs.*.*",
@@ -232,6 +235,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.CheckpointGCPolicyChanged()
             | ev.CheckpointGCRequested()
             | ev.CheckpointsDeleted()
+            | ev.ExperimentContinued()
         ):
             return f"kiln.events.{event.experiment_id}.experiment"
         case ev.AllocationAssigned() | ev.AllocationKillRequested():
@@ -252,6 +256,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.ValidationReported()
             | ev.CheckpointStored()
             | ev.TrialProgressReported()
+            | ev.TrialContinueRequested()
         ):
             return f"kiln.events.{event.experiment_id}.trial.{event.trial_id}"
         case ev.WorkerLost():
@@ -280,15 +285,26 @@ def _digest(uuids: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()[:32]
 
 
+def _nth(continuation: int) -> str:
+    """The dedupe-key suffix of a fact repeated by a continue (none for the first run: keys stay as they were)."""
+    return f":c{continuation}" if continuation else ""
+
+
+def _once(request_id: str) -> str:
+    """The dedupe-key suffix of a user request that may come again later (none in logs from before it existed)."""
+    return f":{request_id}" if request_id else ""
+
+
 def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:
     """The ``Nats-Msg-Id`` of an event: the same fact published twice gets the same key."""
     match event:
         case ev.ExperimentSubmitted():
             return f"ExperimentSubmitted:{event.experiment_id}"
         case ev.ExperimentKillRequested():
-            return f"ExperimentKillRequested:{event.experiment_id}"
+            return f"ExperimentKillRequested:{event.experiment_id}{_once(event.request_id)}"
         case ev.ExperimentEnded():
-            return f"ExperimentEnded:{event.experiment_id}"
+            # A continued experiment ends again: each end is its own fact (within the dedupe window too).
+            return f"ExperimentEnded:{event.experiment_id}{_nth(event.continuation)}"
         case ev.ExperimentPauseRequested() | ev.ExperimentActivateRequested():
             # Pause, activate, pause again are distinct facts; a retry of one request is not.
             return f"{type(event).__name__}:{event.experiment_id}:{event.request_id}"
@@ -304,7 +320,7 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.CheckpointsDeleted():
             return f"CheckpointsDeleted:{event.experiment_id}:{_digest(event.uuids)}:{event.reason}"
         case ev.TrialKillRequested():
-            return f"TrialKillRequested:{event.trial_id}"
+            return f"TrialKillRequested:{event.trial_id}{_once(event.request_id)}"
         case ev.TrialPreemptRequested() | ev.TrialPreempted():
             return f"{type(event).__name__}:{event.allocation_id}"
         case ev.TrialCreated():
@@ -326,9 +342,9 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.WorkerLost():
             return f"WorkerLost:{event.worker_id}:{event.last_seen}"
         case ev.TrialRestarting():
-            return f"TrialRestarting:{event.trial_id}:{event.restarts}"
+            return f"TrialRestarting:{event.trial_id}:{event.restarts}{_nth(event.continuation)}"
         case ev.TrialExited():
-            return f"TrialExited:{event.trial_id}"
+            return f"TrialExited:{event.trial_id}{_nth(event.continuation)}"
         case ev.ValidationReported():
             # A restarted trial re-reporting the same step is the same fact: not counted twice.
             return f"ValidationReported:{event.trial_id}:{event.steps_completed}"
@@ -343,5 +359,9 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"LogsShipped:{event.allocation_id}:{first}"
         case ev.MessageDeadLettered():
             return f"dl:{event.consumer}:{event.stream}:{event.stream_seq}"
+        case ev.ExperimentContinued():
+            return f"ExperimentContinued:{event.experiment_id}:{event.request_id}"
+        case ev.TrialContinueRequested():
+            return f"TrialContinueRequested:{event.trial_id}:{event.continuation}"
         case _:
             assert_never(event)

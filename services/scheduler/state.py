@@ -67,6 +67,7 @@ class TrialRun(msgspec.Struct, kw_only=True):
     # From its TrialCreated, for the spec its placements carry; None: restored from an older snapshot.
     hparams: dict[str, Any] | None = None
     seed: int = 0
+    continuation: int = 0  # which continue of its experiment it runs in (TrialContinueRequested; 0: the first run)
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -88,6 +89,9 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     # None when not submitted (yet), or restored from an older snapshot.
     config: dict[str, Any] | None = None
     context_digest: str = ""
+    # A fine-tune's source checkpoint (ExperimentSubmitted): every trial's first run starts from it.
+    source_checkpoint: ev.SourceCheckpoint | None = None
+    ended: bool = False  # its ExperimentEnded came: only then may a continue reopen it
 
 
 class SchedulerState(msgspec.Struct, kw_only=True):
@@ -137,6 +141,7 @@ def knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
         return ExperimentKnobs()
     knobs.config, knobs.context_digest = event.config, event.context_digest
     knobs.paused = event.paused  # created paused: its queue is held from the start
+    knobs.source_checkpoint = event.source_checkpoint
     return knobs
 
 

@@ -25,7 +25,7 @@ import structlog
 from schemas import context as code_context
 from schemas import events as ev
 from schemas.config import ExperimentConfig, config_from_wire
-from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
+from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo, stored_checkpoint_prefix
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
 from services.worker.outbox import OversizedEvent
 from services.worker.sandbox import TrialRuntime, give_to
@@ -270,7 +270,8 @@ class Allocation:
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
                                   self.publish, self.watch_stops, store=self.store,
-                                  grant=StoreGrant.of(a.experiment_id), owner=owner, check_peer=True)
+                                  grant=StoreGrant.of(a.experiment_id, tuple(self._sources(spec).values())),
+                                  owner=owner, check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
                                    processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
@@ -361,6 +362,15 @@ class Allocation:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def _sources(self, spec: ev.TrialSpec) -> dict[str, str]:
+        """The other experiments' checkpoints this trial may read (a fine-tune's source): uuid -> key prefix.
+        Only one in the cluster's store can be granted; one stored elsewhere is read with the trial's own storage."""
+        source = spec.source_checkpoint
+        if source is None:
+            return {}
+        prefix = stored_checkpoint_prefix(source.storage, source.uuid, self.info_base.s3_bucket)
+        return {source.uuid: prefix} if prefix is not None else {}
+
     def _env(self, spec: ev.TrialSpec, config: ExperimentConfig) -> dict[str, str]:
         a = self.assigned
         info = msgspec.structs.replace(
@@ -374,6 +384,7 @@ class Allocation:
             container_addrs=[n.address for n in a.nodes] or self.info_base.container_addrs,
             master_port=a.master_port,
             link_path=str(self.link.path) if self.link is not None else "",
+            checkpoint_prefixes=self._sources(spec),
             trial=TrialInfo(
                 trial_id=a.trial_id,
                 experiment_id=a.experiment_id,
