@@ -29,8 +29,12 @@ from services.scheduler.state import (
 
 
 def experiment_submitted(state: SchedulerState, e: ev.ExperimentSubmitted) -> None:
-    """Learn an experiment's knobs (the first submission counts)."""
-    state.experiments.setdefault(e.experiment_id, knobs_of(e))
+    """Learn an experiment's knobs (the first submission counts), and a fine-tune's source checkpoint."""
+    if e.experiment_id in state.experiments:
+        return
+    state.experiments[e.experiment_id] = knobs_of(e)
+    if e.source_checkpoint is not None:
+        state.sources[e.experiment_id] = e.source_checkpoint
 
 
 def experiment_kill_requested(state: SchedulerState, e: ev.ExperimentKillRequested) -> list[ev.DomainEvent]:
@@ -46,7 +50,7 @@ def experiment_kill_requested(state: SchedulerState, e: ev.ExperimentKillRequest
             run.state = "EXITED"
             out.append(ev.TrialExited(experiment_id=experiment_id, trial_id=run.trial_id, state="CANCELED",
                                       restarts=run.restarts, reason="experiment killed",
-                                      continuation=run.continuation))
+                                      continuation=_nth(state, run)))
         elif not run.kill_requested:
             run.kill_requested = True
             out += kill_requests(run, "experiment killed")
@@ -82,7 +86,7 @@ def resources_changed(state: SchedulerState, e: ev.ExperimentResourcesChanged) -
 
 def experiment_ended(state: SchedulerState, e: ev.ExperimentEnded) -> None:
     """Remember that the experiment ended: only an ended experiment may be continued."""
-    state.experiments.setdefault(e.experiment_id, ExperimentKnobs()).ended = True
+    state.ended.add(e.experiment_id)
 
 
 def experiment_continued(state: SchedulerState, e: ev.ExperimentContinued) -> None:
@@ -90,13 +94,14 @@ def experiment_continued(state: SchedulerState, e: ev.ExperimentContinued) -> No
     max_slots stay as set on the experiment) and its queue is open again; the trials themselves come back
     with the searcher's TrialContinueRequested. A continue of an experiment that has not ended changes nothing."""
     knobs = state.experiments.get(e.experiment_id)
-    if knobs is None or not knobs.ended:
+    if knobs is None or e.experiment_id not in state.ended:
         return
     try:
         config = config_from_wire(e.config)
     except ConfigError:
         return  # the searcher ignores it too: it reopens nothing
-    knobs.ended = knobs.killed = knobs.paused = False
+    state.ended.discard(e.experiment_id)
+    knobs.killed = knobs.paused = False
     knobs.config = e.config
     knobs.slots_per_trial = config.resources.slots_per_trial
     knobs.resource_pool = config.resource_pool
@@ -109,10 +114,10 @@ def trial_continue_requested(state: SchedulerState, e: ev.TrialContinueRequested
     """An ended trial trains again: queued with the continued config's knobs, resuming from its latest
     checkpoint, its restarts counted from 0 (as Determined's continue)."""
     run = state.trials.get(e.trial_id)
-    if run is None or run.state != "EXITED" or e.continuation <= run.continuation:
+    if run is None or run.state != "EXITED" or e.continuation <= state.continuations.get(e.trial_id, 0):
         return
     knobs = state.experiments.get(e.experiment_id, ExperimentKnobs())
-    run.continuation = e.continuation
+    state.continuations[e.trial_id] = e.continuation
     run.state = "QUEUED"
     run.hparams = e.hparams
     run.max_length = e.max_length
@@ -147,9 +152,9 @@ def trial_created(state: SchedulerState, e: ev.TrialCreated) -> list[ev.DomainEv
     )
     state.next_order += 1
     state.trials[e.trial_id] = run
-    if knobs.source_checkpoint is not None:
+    if (source := state.sources.get(e.experiment_id)) is not None:
         # A fine-tune: the first run starts from the source's weights; its own checkpoints take over from there.
-        run.latest_checkpoint = knobs.source_checkpoint.uuid
+        run.latest_checkpoint = source.uuid
     if knobs.killed:
         # Created before the searcher saw the kill: never run it.
         run.state = "EXITED"
@@ -171,7 +176,7 @@ def kill_trial(state: SchedulerState, trial_id: int, reason: str) -> list[ev.Dom
     if run.state in ("QUEUED", "PAUSED"):
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=trial_id, state="CANCELED",
-                               restarts=run.restarts, reason=reason, continuation=run.continuation)]
+                               restarts=run.restarts, reason=reason, continuation=_nth(state, run))]
     if run.kill_requested:
         return []
     run.kill_requested = True
@@ -187,7 +192,7 @@ def stop_requested(state: SchedulerState, e: ev.TrialStopRequested) -> list[ev.D
     if run.state in ("PAUSED", "QUEUED"):
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=e.trial_id, state="COMPLETED",
-                               restarts=run.restarts, reason="closed by the searcher", continuation=run.continuation)]
+                               restarts=run.restarts, reason="closed by the searcher", continuation=_nth(state, run))]
     return []
 
 
@@ -310,7 +315,7 @@ def _run_ended(state: SchedulerState, run: TrialRun, allocation_id: str, exit_co
     trial_id = run.trial_id
     run.worker_id, run.slot_ids, run.peers = "", [], {}
     base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts,
-            "continuation": run.continuation}
+            "continuation": _nth(state, run)}
     if (run.kill_requested and not run.preempt_requested) or \
             state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
         run.state = "EXITED"
@@ -326,7 +331,7 @@ def _run_ended(state: SchedulerState, run: TrialRun, allocation_id: str, exit_co
     if run.restarts < run.max_restarts:
         _requeue(state, trial_id, run.restarts + 1)
         return [ev.TrialRestarting(experiment_id=run.experiment_id, trial_id=trial_id, restarts=run.restarts,
-                                   reason=reason or f"exit code {exit_code}", continuation=run.continuation)]
+                                   reason=reason or f"exit code {exit_code}", continuation=_nth(state, run))]
     run.state = "EXITED"
     why = reason or f"exit code {exit_code}"
     return [ev.TrialExited(**base, state="ERROR", exit_code=exit_code,
@@ -341,7 +346,7 @@ def _finished_run(state: SchedulerState, run: TrialRun, allocation_id: str) -> l
     if run.stop_requested or not knobs.pausable or not short:
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=run.trial_id, state="COMPLETED",
-                               exit_code=0, restarts=run.restarts, continuation=run.continuation)]
+                               exit_code=0, restarts=run.restarts, continuation=_nth(state, run))]
     paused = ev.TrialPaused(experiment_id=run.experiment_id, trial_id=run.trial_id,
                             allocation_id=allocation_id, length=trained)
     # Promoted while it was still running: straight back to the queue.
@@ -369,6 +374,11 @@ def trial_exited(state: SchedulerState, e: ev.TrialExited) -> None:
     run = state.trials.get(e.trial_id)
     if run is not None:
         run.state = "EXITED"
+
+
+def _nth(state: SchedulerState, run: TrialRun) -> int:
+    """Which continue of its experiment the run belongs to (0: the first run): numbers its exit and restarts."""
+    return state.continuations.get(run.trial_id, 0)
 
 
 def kill_requests(run: TrialRun, reason: str) -> list[ev.DomainEvent]:

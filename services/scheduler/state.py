@@ -67,7 +67,6 @@ class TrialRun(msgspec.Struct, kw_only=True):
     # From its TrialCreated, for the spec its placements carry; None: restored from an older snapshot.
     hparams: dict[str, Any] | None = None
     seed: int = 0
-    continuation: int = 0  # which continue of its experiment it runs in (TrialContinueRequested; 0: the first run)
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -89,19 +88,25 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     # None when not submitted (yet), or restored from an older snapshot.
     config: dict[str, Any] | None = None
     context_digest: str = ""
-    # A fine-tune's source checkpoint (ExperimentSubmitted): every trial's first run starts from it.
-    source_checkpoint: ev.SourceCheckpoint | None = None
-    ended: bool = False  # its ExperimentEnded came: only then may a continue reopen it
 
 
-class SchedulerState(msgspec.Struct, kw_only=True):
-    """Everything the scheduler knows; serialised whole into its snapshot."""
+class SchedulerState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything the scheduler knows; serialised whole into its snapshot.
+
+    Facts added after the snapshot format was fixed live in tables of their own here, left out of the snapshot
+    while empty (``omit_defaults``): a snapshot without them restores, and snapshots again, byte for byte."""
 
     workers: dict[str, WorkerView] = {}
     trials: dict[int, TrialRun] = {}
     experiments: dict[int, ExperimentKnobs] = {}
     next_order: int = 0
     next_start: int = 0
+    # trial id -> which continue of its experiment it runs in (TrialContinueRequested); absent: its first run.
+    continuations: dict[int, int] = {}
+    # experiment id -> a fine-tune's source checkpoint (ExperimentSubmitted): every trial's first run starts there.
+    sources: dict[int, ev.SourceCheckpoint] = {}
+    # Experiments whose ExperimentEnded came: only those may be continued.
+    ended: set[int] = set()
 
 
 _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
@@ -141,7 +146,6 @@ def knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
         return ExperimentKnobs()
     knobs.config, knobs.context_digest = event.config, event.context_digest
     knobs.paused = event.paused  # created paused: its queue is held from the start
-    knobs.source_checkpoint = event.source_checkpoint
     return knobs
 
 
