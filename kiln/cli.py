@@ -510,6 +510,119 @@ def _set_child(node: Any, last: str, value: Any, key: str) -> None:
         raise ValueError(f"--config {key}: its parent is not a mapping")
 
 
+def override_document(items: Sequence[str], config_file: str | None = None) -> str:
+    """The override config of a continue or fork as YAML: ``config_file``'s text (Determined's ``--config-file``),
+    then each ``--config`` in order, a ``KEY=VALUE`` (as ``create --config``) or a YAML file of fields (merged in,
+    its fields winning). Empty: ``""``."""
+    if config_file is None and not items:
+        return ""
+    import yaml
+
+    from schemas.config import merge_overrides
+
+    def mapping(text: str, where: str) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not YAML: {exc}") from exc
+        if doc is None:
+            return {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} must be a YAML mapping of config fields")
+        return doc
+
+    doc = mapping(config_file, "--config-file") if config_file is not None else {}
+    for item in items:
+        if "=" in item:
+            doc = mapping(apply_overrides(yaml.safe_dump(doc, sort_keys=False), [item]), item)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"--config takes KEY=VALUE or a YAML file of overrides; {item!r} is neither")
+        doc = merge_overrides(doc, mapping(path.read_text(), item))
+    return str(yaml.safe_dump(doc, sort_keys=False)) if doc else ""
+
+
+_OVERRIDES = click.option("--config", "overrides", multiple=True, metavar="FILE|KEY=VALUE",
+                          help="Override config fields: a YAML file of them, or KEY=VALUE with a dotted KEY"
+                               " (searcher.max_length.batches=200); repeatable, later ones win.")
+_CONFIG_FILE = click.option("--config-file", type=click.File("r"), default=None,
+                            help="A YAML file of config fields to override (Determined's spelling).")
+
+
+@experiment.command("continue")
+@click.argument("experiment_id", type=int)
+@_OVERRIDES
+@_CONFIG_FILE
+@click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if it completes again.")
+@_JSON
+def experiment_continue(experiment_id: int, overrides: tuple[str, ...], config_file: Any, follow: bool,
+                        as_json: bool) -> None:
+    """Continue an ended experiment (Determined's `det experiment continue`).
+
+    A single-trial search trains its trial on from its latest checkpoint under the config with the overrides
+    (e.g. --config searcher.max_length.batches=400); a grid or random search, without overrides, reruns the
+    trials that did not complete. Other searchers cannot be continued: fork them."""
+    if as_json and follow:
+        _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    try:
+        text = override_document(overrides, config_file.read() if config_file is not None else None)
+    except ValueError as exc:
+        _fail(exc)
+    client = _client()
+    try:
+        out = client.continue_experiment(experiment_id, text)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(out)
+        return
+    for warning in out.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    trials = ", ".join(str(t) for t in out["trial_ids"])
+    click.echo(f"Continued experiment {experiment_id}: trial{'s' if len(out['trial_ids']) > 1 else ''} {trials}"
+               " resume from their latest checkpoints")
+    if follow:
+        sys.exit(_follow(client, experiment_id))
+
+
+@experiment.command("fork")
+@click.argument("experiment_id", type=int)
+@_OVERRIDES
+@_CONFIG_FILE
+@click.option("--paused", is_flag=True, help="Create it paused: nothing starts until `kiln experiment activate`.")
+@click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if the new experiment completed.")
+@_JSON
+def experiment_fork(experiment_id: int, overrides: tuple[str, ...], config_file: Any, paused: bool, follow: bool,
+                    as_json: bool) -> None:
+    """A new experiment with EXPERIMENT_ID's code and its config merged with the overrides (the WebUI's fork in
+    Determined); prints the new id. Add searcher.source_checkpoint_uuid to fine-tune from a checkpoint."""
+    if as_json and follow:
+        _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    if paused and follow:
+        _fail(click.UsageError("--paused and --follow do not go together: nothing runs until it is activated"))
+    try:
+        text = override_document(overrides, config_file.read() if config_file is not None else None)
+    except ValueError as exc:
+        _fail(exc)
+    client = _client()
+    try:
+        out = client.fork_experiment(experiment_id, text, paused=paused)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json({**out, "paused": paused})
+        return
+    for warning in out.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"Created experiment {out['id']} (forked from {experiment_id})"
+               + (f" (paused: `kiln experiment activate {out['id']}` starts it)" if paused else ""))
+    if follow:
+        sys.exit(_follow(client, int(out["id"])))
+
+
 class _Follower:
     """Turns an experiment's live events into lines: every trial state change and validation, training and
     progress at most once per trial per train_every_s. Validations already printed are never printed twice,
