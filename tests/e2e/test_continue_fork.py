@@ -309,6 +309,18 @@ def test_continue_trains_the_trial_on_from_its_latest_checkpoint_to_the_longer_l
                       headers=other, timeout=30.0)
     assert resp.status_code == 403, resp.text
 
+    # The continue is in the log: a replay rebuilds the same read model (it decides nothing again).
+    _wait_ended(s, running)
+
+    def settled(exp: int) -> bool:
+        kinds = [e["type"] for e in s.http.get(f"/api/v1/experiments/{exp}/events").json()]
+        return kinds.count("CheckpointsDeleted") >= kinds.count("CheckpointGCRequested")
+
+    wait_for(lambda: settled(experiment_id) and settled(running), timeout=60.0, what="retention after the ends")
+    replay = s.kiln("events", "replay", "--verify", "--state-dir", str(s.cfg.state_dir))
+    assert replay.returncode == 0 and "reproducible (every table equal)" in replay.stdout, \
+        replay.stdout + replay.stderr
+
 
 def test_a_fine_tune_trial_reads_its_source_and_nothing_else_of_that_experiment(kiln_stack: Stack,
                                                                                  tmp_path: Path) -> None:
