@@ -571,6 +571,7 @@ def experiment_continue(experiment_id: int, overrides: tuple[str, ...], config_f
         _fail(exc)
     client = _client()
     try:
+        ends_before = len(experiment_ends(client, experiment_id)) if follow else 0
         out = client.continue_experiment(experiment_id, text)
     except APIError as exc:
         _fail(exc)
@@ -584,7 +585,7 @@ def experiment_continue(experiment_id: int, overrides: tuple[str, ...], config_f
     click.echo(f"Continued experiment {experiment_id}: trial{'s' if len(out['trial_ids']) > 1 else ''} {trials}"
                " resume from their latest checkpoints")
     if follow:
-        sys.exit(_follow(client, experiment_id))
+        sys.exit(_follow(client, experiment_id, ends_before=ends_before))
 
 
 @experiment.command("fork")
@@ -695,32 +696,63 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
 
 
-def _follow(client: Client, experiment_id: int, poll_s: float = 0.2) -> int:
+def experiment_ends(client: Client, experiment_id: int) -> list[dt.datetime]:
+    """When the experiment ended, once per end (a continued one ends again), from its audit trail: the times the
+    read model records as ``ended_at``."""
+    ends: list[dt.datetime] = []
+    after = 0
+    while True:
+        page = client.experiment_events(experiment_id, after_seq=after)
+        ends += [_ts(e["time"]) for e in page if e["type"] == "ExperimentEnded"]
+        if len(page) < 1000:
+            return ends
+        after = page[-1]["seq"]
+
+
+def _follow(client: Client, experiment_id: int, poll_s: float = 0.2, ends_before: int | None = None) -> int:
     """Stream the experiment's live events until it ends, then show the best trial; the exit code says how it
-    ended."""
+    ended. ``ends_before``: it was just continued after ending that many times, so only one more end counts
+    (until the continue is projected, the read model and its stream still show the old one)."""
     follower = _Follower()
     deadline = time.monotonic() + 120
-    ended = False
-    while not ended:
+    last_end: dt.datetime | None = None
+    old_end_until = time.monotonic() + 120  # how long the end before the continue may still be what is shown
+    while True:
         try:
             follower.catch_up(client, experiment_id)  # what happened before the stream (re)connected
             for event, data in client.stream_experiment(experiment_id):
                 deadline = time.monotonic() + 120  # connected: a later drop gets its own two minutes
                 if event == "end":
-                    ended = True
                     break
                 follower.handle(event, data)
-            else:
-                ended = True  # the gateway closed the stream: the experiment had ended
+            # An end, or the gateway closed the stream: the experiment had ended.
+            if ends_before is None:
+                break
+            ends = experiment_ends(client, experiment_id)
+            if len(ends) > ends_before:
+                last_end = ends[-1]
+                break
+            if time.monotonic() > old_end_until:
+                click.echo(f"error: experiment {experiment_id} still shows the end before the continue: the continue"
+                           " was not applied (was it continued twice at once?)", err=True)
+                return 1
+            time.sleep(poll_s)  # the end before the continue: look again
         except APIError as exc:
             if (exc.status in (0, 404)) and time.monotonic() < deadline:  # not projected yet, or a dropped stream
                 time.sleep(poll_s)
                 continue
             click.echo(f"error: {exc}", err=True)
             return 1
+
+    def settled(exp: dict[str, Any]) -> bool:
+        if exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+            return False
+        return last_end is None or (exp["ended_at"] is not None
+                                    and abs((_ts(exp["ended_at"]) - last_end).total_seconds()) < 0.001)
+
     try:
         exp = client.get_experiment(experiment_id)
-        while exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+        while not settled(exp):
             time.sleep(poll_s)
             exp = client.get_experiment(experiment_id)
         follower.catch_up(client, experiment_id)

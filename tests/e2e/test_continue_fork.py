@@ -278,6 +278,13 @@ def test_continue_trains_the_trial_on_from_its_latest_checkpoint_to_the_longer_l
     first_latest = trial["latest_checkpoint"]
     assert sorted(_validations(s, trial["id"])) == [1, 2, 3]
 
+    # Followed: it trains on from step 3 to 5 and the command exits 0 once it completed again (not on the old end).
+    followed = s.kiln("experiment", "continue", str(experiment_id), "--config", "searcher.max_length.batches=5", "-f")
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert f"experiment {experiment_id}: COMPLETED" in followed.stdout
+    assert sorted(_validations(s, trial["id"])) == [1, 2, 3, 4, 5]  # the read model had caught up when it said so
+    second_latest = _trials(s, experiment_id)[0]["latest_checkpoint"]
+
     out = s.kiln("experiment", "continue", str(experiment_id), "--config", "searcher.max_length.batches=6", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     answer = json.loads(out.stdout)
@@ -288,14 +295,15 @@ def test_continue_trains_the_trial_on_from_its_latest_checkpoint_to_the_longer_l
                  timeout=180.0, what="the continued experiment to complete again")
     (after,) = _trials(s, experiment_id)
     assert (after["id"], after["state"], after["max_length"], after["restarts"]) == (trial["id"], "COMPLETED", 6, 0)
-    # Steps go on from the checkpoint at 3: 4, 5, 6 were trained by the second run, nothing from 0 again.
+    # Steps go on from each latest checkpoint: nothing was trained from 0 again.
     assert sorted(_validations(s, trial["id"])) == [1, 2, 3, 4, 5, 6]
     logs = _logs(s, trial["id"])
-    assert f"resumed from {first_latest} at step 3" in logs and logs.count("resumed from") == 1
+    assert f"resumed from {first_latest} at step 3" in logs and f"resumed from {second_latest} at step 5" in logs
+    assert logs.count("resumed from") == 2
     assert yaml.safe_load(x["config_yaml"])["searcher"]["max_length"] == {"batches": 6}  # what ran, as YAML
     events = [e["type"] for e in s.http.get(f"/api/v1/experiments/{experiment_id}/events").json()]
-    assert events.count("ExperimentEnded") == 2 and events.count("TrialExited") == 2
-    assert events.count("ExperimentContinued") == 1 and events.count("TrialContinueRequested") == 1
+    assert events.count("ExperimentEnded") == 3 and events.count("TrialExited") == 3
+    assert events.count("ExperimentContinued") == 2 and events.count("TrialContinueRequested") == 2
 
     # Continuing something running, or another user's experiment, is refused with the reason.
     running = _created(s.kiln("experiment", "create", str(tmp_path / "cfg.yaml"), str(model), "--paused"))
