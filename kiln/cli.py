@@ -510,6 +510,120 @@ def _set_child(node: Any, last: str, value: Any, key: str) -> None:
         raise ValueError(f"--config {key}: its parent is not a mapping")
 
 
+def override_document(items: Sequence[str], config_file: str | None = None) -> str:
+    """The override config of a continue or fork as YAML: ``config_file``'s text (Determined's ``--config-file``),
+    then each ``--config`` in order, a ``KEY=VALUE`` (as ``create --config``) or a YAML file of fields (merged in,
+    its fields winning). Empty: ``""``."""
+    if config_file is None and not items:
+        return ""
+    import yaml
+
+    from schemas.config import merge_overrides
+
+    def mapping(text: str, where: str) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not YAML: {exc}") from exc
+        if doc is None:
+            return {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} must be a YAML mapping of config fields")
+        return doc
+
+    doc = mapping(config_file, "--config-file") if config_file is not None else {}
+    for item in items:
+        if "=" in item:
+            doc = mapping(apply_overrides(yaml.safe_dump(doc, sort_keys=False), [item]), item)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"--config takes KEY=VALUE or a YAML file of overrides; {item!r} is neither")
+        doc = merge_overrides(doc, mapping(path.read_text(), item))
+    return str(yaml.safe_dump(doc, sort_keys=False)) if doc else ""
+
+
+_OVERRIDES = click.option("--config", "overrides", multiple=True, metavar="FILE|KEY=VALUE",
+                          help="Override config fields: a YAML file of them, or KEY=VALUE with a dotted KEY"
+                               " (searcher.max_length.batches=200); repeatable, later ones win.")
+_CONFIG_FILE = click.option("--config-file", type=click.File("r"), default=None,
+                            help="A YAML file of config fields to override (Determined's spelling).")
+
+
+@experiment.command("continue")
+@click.argument("experiment_id", type=int)
+@_OVERRIDES
+@_CONFIG_FILE
+@click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if it completes again.")
+@_JSON
+def experiment_continue(experiment_id: int, overrides: tuple[str, ...], config_file: Any, follow: bool,
+                        as_json: bool) -> None:
+    """Continue an ended experiment (Determined's `det experiment continue`).
+
+    A single-trial search trains its trial on from its latest checkpoint under the config with the overrides
+    (e.g. --config searcher.max_length.batches=400); a grid or random search, without overrides, reruns the
+    trials that did not complete. Other searchers cannot be continued: fork them."""
+    if as_json and follow:
+        _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    try:
+        text = override_document(overrides, config_file.read() if config_file is not None else None)
+    except ValueError as exc:
+        _fail(exc)
+    client = _client()
+    try:
+        ends_before = len(experiment_ends(client, experiment_id)) if follow else 0
+        out = client.continue_experiment(experiment_id, text)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(out)
+        return
+    for warning in out.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    trials = ", ".join(str(t) for t in out["trial_ids"])
+    click.echo(f"Continued experiment {experiment_id}: trial{'s' if len(out['trial_ids']) > 1 else ''} {trials}"
+               " resume from their latest checkpoints")
+    if follow:
+        sys.exit(_follow(client, experiment_id, ends_before=ends_before))
+
+
+@experiment.command("fork")
+@click.argument("experiment_id", type=int)
+@_OVERRIDES
+@_CONFIG_FILE
+@click.option("--paused", is_flag=True, help="Create it paused: nothing starts until `kiln experiment activate`.")
+@click.option("--follow", "-f", is_flag=True, help="Follow progress; exit 0 only if the new experiment completed.")
+@_JSON
+def experiment_fork(experiment_id: int, overrides: tuple[str, ...], config_file: Any, paused: bool, follow: bool,
+                    as_json: bool) -> None:
+    """A new experiment with EXPERIMENT_ID's code and its config merged with the overrides (the WebUI's fork in
+    Determined); prints the new id. Add searcher.source_checkpoint_uuid to fine-tune from a checkpoint."""
+    if as_json and follow:
+        _fail(click.UsageError("--json and --follow do not go together (follow with `kiln experiment wait`)"))
+    if paused and follow:
+        _fail(click.UsageError("--paused and --follow do not go together: nothing runs until it is activated"))
+    try:
+        text = override_document(overrides, config_file.read() if config_file is not None else None)
+    except ValueError as exc:
+        _fail(exc)
+    client = _client()
+    try:
+        out = client.fork_experiment(experiment_id, text, paused=paused)
+    except APIError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json({**out, "paused": paused})
+        return
+    for warning in out.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"Created experiment {out['id']} (forked from {experiment_id})"
+               + (f" (paused: `kiln experiment activate {out['id']}` starts it)" if paused else ""))
+    if follow:
+        sys.exit(_follow(client, int(out["id"])))
+
+
 class _Follower:
     """Turns an experiment's live events into lines: every trial state change and validation, training and
     progress at most once per trial per train_every_s. Validations already printed are never printed twice,
@@ -582,32 +696,63 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
 
 
-def _follow(client: Client, experiment_id: int, poll_s: float = 0.2) -> int:
+def experiment_ends(client: Client, experiment_id: int) -> list[dt.datetime]:
+    """When the experiment ended, once per end (a continued one ends again), from its audit trail: the times the
+    read model records as ``ended_at``."""
+    ends: list[dt.datetime] = []
+    after = 0
+    while True:
+        page = client.experiment_events(experiment_id, after_seq=after)
+        ends += [_ts(e["time"]) for e in page if e["type"] == "ExperimentEnded"]
+        if len(page) < 1000:
+            return ends
+        after = page[-1]["seq"]
+
+
+def _follow(client: Client, experiment_id: int, poll_s: float = 0.2, ends_before: int | None = None) -> int:
     """Stream the experiment's live events until it ends, then show the best trial; the exit code says how it
-    ended."""
+    ended. ``ends_before``: it was just continued after ending that many times, so only one more end counts
+    (until the continue is projected, the read model and its stream still show the old one)."""
     follower = _Follower()
     deadline = time.monotonic() + 120
-    ended = False
-    while not ended:
+    last_end: dt.datetime | None = None
+    old_end_until = time.monotonic() + 120  # how long the end before the continue may still be what is shown
+    while True:
         try:
             follower.catch_up(client, experiment_id)  # what happened before the stream (re)connected
             for event, data in client.stream_experiment(experiment_id):
                 deadline = time.monotonic() + 120  # connected: a later drop gets its own two minutes
                 if event == "end":
-                    ended = True
                     break
                 follower.handle(event, data)
-            else:
-                ended = True  # the gateway closed the stream: the experiment had ended
+            # An end, or the gateway closed the stream: the experiment had ended.
+            if ends_before is None:
+                break
+            ends = experiment_ends(client, experiment_id)
+            if len(ends) > ends_before:
+                last_end = ends[-1]
+                break
+            if time.monotonic() > old_end_until:
+                click.echo(f"error: experiment {experiment_id} still shows the end before the continue: the continue"
+                           " was not applied (was it continued twice at once?)", err=True)
+                return 1
+            time.sleep(poll_s)  # the end before the continue: look again
         except APIError as exc:
             if (exc.status in (0, 404)) and time.monotonic() < deadline:  # not projected yet, or a dropped stream
                 time.sleep(poll_s)
                 continue
             click.echo(f"error: {exc}", err=True)
             return 1
+
+    def settled(exp: dict[str, Any]) -> bool:
+        if exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+            return False
+        return last_end is None or (exp["ended_at"] is not None
+                                    and abs((_ts(exp["ended_at"]) - last_end).total_seconds()) < 0.001)
+
     try:
         exp = client.get_experiment(experiment_id)
-        while exp["state"] not in TERMINAL_STATES:  # the read model lags the live stream a little
+        while not settled(exp):
             time.sleep(poll_s)
             exp = client.get_experiment(experiment_id)
         follower.catch_up(client, experiment_id)

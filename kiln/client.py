@@ -312,6 +312,18 @@ class Client:
         """Kill an experiment."""
         return self._post(f"/api/v1/experiments/{experiment_id}/kill")  # type: ignore[no-any-return]
 
+    def continue_experiment(self, experiment_id: int, overrides_yaml: str = "") -> dict[str, Any]:
+        """Continue an ended experiment (Determined's ``det experiment continue``) with these override fields (a
+        YAML mapping, e.g. a longer ``searcher.max_length``); returns ``{id, state, trial_ids, config_yaml...}``."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/continue",  # type: ignore[no-any-return]
+                          {"config": overrides_yaml})
+
+    def fork_experiment(self, experiment_id: int, overrides_yaml: str = "", paused: bool = False) -> dict[str, Any]:
+        """A new experiment with this one's code and its config merged with the overrides (a YAML mapping);
+        returns ``{id, forked_from, warnings, config_yaml...}``."""
+        return self._post(f"/api/v1/experiments/{experiment_id}/fork",  # type: ignore[no-any-return]
+                          {"config": overrides_yaml, "paused": paused})
+
     def pause_experiment(self, experiment_id: int) -> dict[str, Any]:
         """Pause an experiment (its trials checkpoint and release their slots)."""
         return self._post(f"/api/v1/experiments/{experiment_id}/pause")  # type: ignore[no-any-return]

@@ -11,7 +11,7 @@ msgspec writes it as ``null``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -413,7 +413,7 @@ class ExperimentLineage(msgspec.Struct, kw_only=True):
     config_digest: str  # sha256 of the config text as submitted
     code_digest: str  # sha256 of the code context (as ``context_digest``)
     data: ev.DataVersion | None  # the Delta table version pinned at submission; null: the config names no table
-    parent: ev.ParentCheckpoint | None  # the checkpoint it starts from; null: from scratch
+    parent: ev.SourceCheckpoint | None  # the checkpoint it starts from; null: from scratch
     recorded: bool = True  # false: submitted before lineage was recorded (digests derived, nothing else known)
 
 
@@ -481,3 +481,41 @@ class ModelRemoved(msgspec.Struct, kw_only=True):
     name: str
     versions: list[int]  # the version numbers removed (a whole model's, or the one)
     model_deleted: bool
+
+
+# -- continue and fork (Determined's ``det experiment continue`` / ``fork``) -----------------------------------
+
+
+class ContinueRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/experiments/{id}/continue``: override config fields as a YAML document (Determined's
+    ``overrideConfig``); empty: continue with the config as it is."""
+
+    config: Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")] = ""
+
+
+class ForkRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/experiments/{id}/fork``: override config fields as a YAML document; empty: the same
+    config. ``paused``: create the fork paused."""
+
+    config: Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")] = ""
+    paused: bool = False
+
+
+class Continued(msgspec.Struct, kw_only=True):
+    """A continue accepted: these trials train again under ``config_yaml`` (the config with the overrides)."""
+
+    id: int
+    state: str
+    trial_ids: list[int]
+    config_yaml: str
+    warnings: list[str]
+
+
+class Forked(msgspec.Struct, kw_only=True):
+    """A fork accepted: a new experiment with the old one's code and the merged config."""
+
+    id: int
+    forked_from: int
+    warnings: list[str]
+    context_digest: str
+    config_yaml: str

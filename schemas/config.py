@@ -967,3 +967,54 @@ _CHECKS: dict[type[msgspec.Struct], Callable[[Any], list[tuple[str, str]]]] = {
     SearcherConfig: _check_searcher,
     ExperimentConfig: _check_experiment,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: continue and fork (Determined's ``det experiment continue|fork --config-file``)
+# ---------------------------------------------------------------------------------------------
+
+# Mappings that are one choice among several shapes (``{batches: N}`` or ``{epochs: N}``): an override of one
+# replaces it whole, since merging two choices would give a value with both.
+_REPLACED_WHOLE = frozenset({"max_length", "min_validation_period", "min_checkpoint_period"})
+
+
+def load_overrides(source: str | bytes, limits: YamlLimits | None = None) -> dict[str, Any]:
+    """An override document (a YAML mapping, under the same limits as a config); an empty one is ``{}``.
+    ConfigError (path ``<overrides>``) for anything else."""
+    raw = _load_yaml(source, limits or YamlLimits()) if (source.strip() if isinstance(source, str) else source) \
+        else None
+    if raw is None:
+        return {}
+    _check_scalars(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError([FieldError("<overrides>", f"expected a mapping of config fields, got {_show(raw)}")])
+    return raw
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` merged into ``base`` (both plain config documents), the overrides winning, as Determined
+    merges a continue's or a fork's config into the experiment's: mappings are merged key by key; anything else
+    (a value, a list) replaces what was there. A mapping whose ``type`` changes (a hyperparameter, a storage)
+    and a length (``max_length: {epochs: 2}`` over ``{batches: 100}``) replace the old one whole."""
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if (isinstance(old, dict) and isinstance(value, dict) and key not in _REPLACED_WHOLE
+                and ("type" not in value or value.get("type") == old.get("type"))):
+            out[key] = merge_overrides(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def dump_config(document: dict[str, Any]) -> str:
+    """A config document as the YAML an experiment records (keys in their order)."""
+    return str(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+def load_config_document(source: str, limits: YamlLimits | None = None) -> dict[str, Any]:
+    """A submitted config's YAML as its plain document (what overrides merge into)."""
+    raw = _load_yaml(source, limits or YamlLimits())
+    if not isinstance(raw, dict):
+        raise ConfigError([FieldError("<config>", "expected a mapping at the top level")])
+    return raw

@@ -29,6 +29,19 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 # ---------------------------------------------------------------------------------------------
 
 
+class SourceCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The checkpoint every trial of a fine-tune starts from (``searcher.source_checkpoint_uuid``, or the latest
+    checkpoint of ``searcher.source_trial_id``), resolved once by the gateway at submission: a replay reads it
+    from the log and never resolves it again."""
+
+    uuid: str
+    experiment_id: int
+    trial_id: int
+    steps_completed: int
+    storage: str  # as its CheckpointStored carried it: "s3://bucket/checkpoints/<experiment>"
+    named_by: Literal["source_checkpoint_uuid", "source_trial_id"] = "source_checkpoint_uuid"  # the config's field
+
+
 class ExperimentSubmitted(Event, frozen=True, kw_only=True):
     """A user submitted an experiment; its config is validated and its code context stored."""
 
@@ -47,6 +60,10 @@ class ExperimentSubmitted(Event, frozen=True, kw_only=True):
     paused: bool = False
     # Where the experiment came from, resolved once at submission (Lineage, below); None in events from before.
     lineage: Lineage | None = None
+    # A fine-tune: every trial's first run starts from this checkpoint's weights (its ``latest_checkpoint``).
+    source_checkpoint: SourceCheckpoint | None = None
+    # ``kiln experiment fork``: the experiment whose config (merged with overrides) and code this one reuses.
+    forked_from: int | None = None
 
 
 class ExperimentKillRequested(Event, frozen=True, kw_only=True):
@@ -54,6 +71,8 @@ class ExperimentKillRequested(Event, frozen=True, kw_only=True):
 
     experiment_id: int
     requested_by: str = "anonymous"
+    # Unique per request (empty in logs from before it existed): a continued experiment may be killed again.
+    request_id: str = ""
 
 
 class ExperimentPauseRequested(Event, frozen=True, kw_only=True):
@@ -122,6 +141,7 @@ class TrialKillRequested(Event, frozen=True, kw_only=True):
     experiment_id: int
     trial_id: int
     requested_by: str = "anonymous"
+    request_id: str = ""  # unique per request: a continued trial may be killed again
 
 
 class TrialPreemptRequested(Event, frozen=True, kw_only=True):
@@ -185,6 +205,7 @@ class ExperimentEnded(Event, frozen=True, kw_only=True):
     experiment_id: int
     state: ExperimentState
     reason: str = ""
+    continuation: int = 0  # how many ExperimentContinued came before: each end of a continued run is a new fact
 
 
 class AllocationNode(msgspec.Struct, frozen=True, kw_only=True):
@@ -203,6 +224,8 @@ class TrialSpec(msgspec.Struct, frozen=True, kw_only=True):
     context_digest: str  # the experiment's code context
     hparams: dict[str, Any]
     seed: int  # the trial's own seed
+    # A fine-tune's source checkpoint: the worker lets the trial read it (and nothing more of its experiment).
+    source_checkpoint: SourceCheckpoint | None = None
 
 
 class AllocationAssigned(Event, frozen=True, kw_only=True):
@@ -287,6 +310,7 @@ class TrialRestarting(Event, frozen=True, kw_only=True):
     trial_id: int
     restarts: int
     reason: str = ""
+    continuation: int = 0  # restarts count from 0 again after a continue: this tells the two runs apart
 
 
 class TrialExited(Event, frozen=True, kw_only=True):
@@ -298,6 +322,7 @@ class TrialExited(Event, frozen=True, kw_only=True):
     exit_code: int | None = None
     restarts: int = 0
     reason: str = ""
+    continuation: int = 0  # which continue of the trial this end closes (0: its first run)
 
 
 class ValidationReported(Event, frozen=True, kw_only=True):
@@ -444,6 +469,36 @@ def remetadata(metadata: dict[str, Any], set_: dict[str, Any], removed: list[str
     return out
 
 
+# -- continue (Determined's ``det experiment continue``) --------------------------------------------------------
+
+
+class ExperimentContinued(Event, frozen=True, kw_only=True):
+    """A user continued an ended experiment: ``trial_ids`` train again, resumed from their latest checkpoints,
+    under ``config`` (the old config merged with the user's overrides, validated by the gateway).
+
+    It applies only to an experiment that has ended (searcher, scheduler and tracker each check that at the
+    same place in the log, so a second continue sent in a race changes nothing). The searcher answers with a
+    ``TrialContinueRequested`` per trial."""
+
+    experiment_id: int
+    config: dict[str, Any]
+    config_yaml: str
+    trial_ids: list[int]
+    requested_by: str = "anonymous"
+    request_id: str = ""  # unique per request: continuing twice is two facts
+
+
+class TrialContinueRequested(Event, frozen=True, kw_only=True):
+    """The searcher reopened an ended trial (after an ExperimentContinued): queue it again with these
+    hyperparameters, to train to ``max_length`` from its latest checkpoint, with its restarts counted from 0."""
+
+    experiment_id: int
+    trial_id: int
+    hparams: dict[str, Any]
+    max_length: int | None = None
+    continuation: int = 1  # the experiment's how-manieth continue this is
+
+
 DomainEvent = (
     ExperimentSubmitted
     | ExperimentKillRequested
@@ -479,6 +534,8 @@ DomainEvent = (
     | ModelMetadataChanged
     | ModelVersionDeleted
     | ModelDeleted
+    | ExperimentContinued
+    | TrialContinueRequested
 )
 
 
@@ -596,24 +653,13 @@ class DataVersion(msgspec.Struct, frozen=True, kw_only=True):
     committed_at: float | None = None  # when that version was committed (seconds since the epoch)
 
 
-class ParentCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
-    """The checkpoint an experiment starts from (``searcher.source_checkpoint_uuid``, or the latest checkpoint of
-    ``searcher.source_trial_id``), as the read model knew it at submission."""
-
-    uuid: str
-    experiment_id: int
-    trial_id: int
-    steps_completed: int
-    named_by: Literal["source_checkpoint_uuid", "source_trial_id"]
-
-
 class Lineage(msgspec.Struct, frozen=True, kw_only=True):
     """Config, code, data and parent of an experiment: enough to say what a model was trained from."""
 
     config_digest: str  # ``sha256:<hex>`` of the config text as submitted (``config_digest``)
     code_digest: str  # sha256 of the code context, as ``ExperimentSubmitted.context_digest``
     data: DataVersion | None = None
-    parent: ParentCheckpoint | None = None
+    parent: SourceCheckpoint | None = None
 
 
 def config_digest(config_yaml: str) -> str:

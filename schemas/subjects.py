@@ -92,6 +92,8 @@ OWNERS: dict[type, Role] = {
     ev.ModelMetadataChanged: "gateway",
     ev.ModelVersionDeleted: "gateway",
     ev.ModelDeleted: "gateway",
+    ev.ExperimentContinued: "gateway",
+    ev.TrialContinueRequested: "searcher",
     ev.TrialCreated: "searcher",
     ev.TrialStopRequested: "searcher",
     ev.TrialResumeRequested: "searcher",
@@ -123,12 +125,14 @@ ROUTING_PATTERNS: dict[type, str] = {
                                 ev.ExperimentPauseRequested, ev.ExperimentActivateRequested,
                                 ev.ExperimentResourcesChanged, ev.ExperimentMetadataChanged,
                                 ev.CheckpointGCPolicyChanged,
-                                ev.CheckpointGCRequested, ev.CheckpointsDeleted, ev.ExperimentDeleted)},
+                                ev.CheckpointGCRequested, ev.CheckpointsDeleted, ev.ExperimentDeleted,
+                                ev.ExperimentContinued)},
     **{t: _WORKER_CMD for t in (ev.AllocationAssigned, ev.AllocationKillRequested)},
     **{t: _TRIAL for t in (ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested,
                            ev.TrialPreempted, ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted,
                            ev.AllocationExited, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited,
-                           ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported)},
+                           ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
+                           ev.TrialContinueRequested)},
     ev.WorkerLost: "kiln.events.cluster.lost.*",
     **{t: _MODEL for t in (ev.ModelCreated, ev.ModelVersionRegistered, ev.ModelMetadataChanged,
                            ev.ModelVersionDeleted, ev.ModelDeleted)},
@@ -251,6 +255,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.CheckpointGCRequested()
             | ev.CheckpointsDeleted()
             | ev.ExperimentDeleted()
+            | ev.ExperimentContinued()
         ):
             return f"kiln.events.{event.experiment_id}.experiment"
         case ev.AllocationAssigned() | ev.AllocationKillRequested():
@@ -271,6 +276,7 @@ def routing_subject(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent) -> str
             | ev.ValidationReported()
             | ev.CheckpointStored()
             | ev.TrialProgressReported()
+            | ev.TrialContinueRequested()
         ):
             return f"kiln.events.{event.experiment_id}.trial.{event.trial_id}"
         case ev.WorkerLost():
@@ -307,15 +313,26 @@ def _digest(uuids: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()[:32]
 
 
+def _nth(continuation: int) -> str:
+    """The dedupe-key suffix of a fact repeated by a continue (none for the first run: keys stay as they were)."""
+    return f":c{continuation}" if continuation else ""
+
+
+def _once(request_id: str) -> str:
+    """The dedupe-key suffix of a user request that may come again later (none in logs from before it existed)."""
+    return f":{request_id}" if request_id else ""
+
+
 def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLetterEvent) -> str:
     """The ``Nats-Msg-Id`` of an event: the same fact published twice gets the same key."""
     match event:
         case ev.ExperimentSubmitted():
             return f"ExperimentSubmitted:{event.experiment_id}"
         case ev.ExperimentKillRequested():
-            return f"ExperimentKillRequested:{event.experiment_id}"
+            return f"ExperimentKillRequested:{event.experiment_id}{_once(event.request_id)}"
         case ev.ExperimentEnded():
-            return f"ExperimentEnded:{event.experiment_id}"
+            # A continued experiment ends again: each end is its own fact (within the dedupe window too).
+            return f"ExperimentEnded:{event.experiment_id}{_nth(event.continuation)}"
         case ev.ExperimentDeleted():  # once: a second delete of the same experiment is the same fact
             return f"ExperimentDeleted:{event.experiment_id}"
         case ev.ExperimentPauseRequested() | ev.ExperimentActivateRequested():
@@ -333,7 +350,7 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.CheckpointsDeleted():
             return f"CheckpointsDeleted:{event.experiment_id}:{_digest(event.uuids)}:{event.reason}"
         case ev.TrialKillRequested():
-            return f"TrialKillRequested:{event.trial_id}"
+            return f"TrialKillRequested:{event.trial_id}{_once(event.request_id)}"
         case ev.TrialPreemptRequested() | ev.TrialPreempted():
             return f"{type(event).__name__}:{event.allocation_id}"
         case ev.TrialCreated():
@@ -355,9 +372,9 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.WorkerLost():
             return f"WorkerLost:{event.worker_id}:{event.last_seen}"
         case ev.TrialRestarting():
-            return f"TrialRestarting:{event.trial_id}:{event.restarts}"
+            return f"TrialRestarting:{event.trial_id}:{event.restarts}{_nth(event.continuation)}"
         case ev.TrialExited():
-            return f"TrialExited:{event.trial_id}"
+            return f"TrialExited:{event.trial_id}{_nth(event.continuation)}"
         case ev.ValidationReported():
             # A restarted trial re-reporting the same step is the same fact: not counted twice.
             return f"ValidationReported:{event.trial_id}:{event.steps_completed}"
@@ -379,5 +396,9 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
             return f"LogsShipped:{event.allocation_id}:{first}"
         case ev.MessageDeadLettered():
             return f"dl:{event.consumer}:{event.stream}:{event.stream_seq}"
+        case ev.ExperimentContinued():
+            return f"ExperimentContinued:{event.experiment_id}:{event.request_id}"
+        case ev.TrialContinueRequested():
+            return f"TrialContinueRequested:{event.trial_id}:{event.continuation}"
         case _:
             assert_never(event)

@@ -55,6 +55,9 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     s3_endpoint: str = ""
     s3_bucket: str = "kiln"
     s3_secure: bool = False
+    # Checkpoints of other experiments this trial may read (a fine-tune's source): storage id -> its key prefix
+    # in the cluster's store (no trailing slash). ``restore_path(uuid)`` looks there instead of its own prefix.
+    checkpoint_prefixes: dict[str, str] = {}
 
 
 # Checkpoints in the cluster's store: <CHECKPOINTS>/<experiment id>/<storage id>/<file>. Grouping them by
@@ -100,6 +103,19 @@ def key_refusal(key: str) -> str:
     if any(seg in ("", ".", "..") for seg in segments):
         return f"key {key!r} has an empty, '.' or '..' segment"
     return ""
+
+
+def stored_checkpoint_prefix(storage: str, uuid: str, bucket: str) -> str | None:
+    """The key prefix (no trailing slash) of one checkpoint in the cluster's store ``bucket``, from where its
+    CheckpointStored says it lives (``s3://<bucket>/checkpoints/<experiment>``); None when it is stored
+    anywhere else (another bucket, a shared path), or ``uuid`` is not one plain key segment."""
+    root = f"s3://{bucket}/{CHECKPOINTS}/"
+    if not storage.startswith(root):
+        return None
+    experiment = storage[len(root):].strip("/")
+    if not experiment.isdigit() or not uuid or "/" in uuid or uuid in (".", ".."):
+        return None
+    return f"{checkpoint_prefix(int(experiment))}/{uuid}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from kiln._info import ClusterInfo, get_cluster_info, wire_cluster_info
-from kiln.core._checkpoint import CheckpointContext, LinkedS3Storage, Presigner, S3Storage, SharedFSStorage, Storage
+from kiln.core._checkpoint import (
+    CheckpointContext,
+    LinkedS3Storage,
+    Presigner,
+    S3Storage,
+    SharedFSStorage,
+    Storage,
+    WithSources,
+)
 from kiln.core._distributed import DistributedContext
 from kiln.core._tensorboard import TensorboardFiles
 from schemas import events as ev
@@ -283,21 +291,27 @@ class Context:
 
 
 def _storage_for(config: dict[str, Any], wire: Any, presigner: Any) -> Storage:
-    """The checkpoint storage the experiment config names, else the cluster's store (through the worker)."""
+    """The checkpoint storage the experiment config names, else the cluster's store (through the worker); a
+    fine-tune's source checkpoints are read from the cluster's store either way."""
     from schemas import config as schema  # only on a cluster: the typed config every service reads
 
+    linked = LinkedS3Storage(presigner, wire.s3_bucket, checkpoint_prefix(wire.trial.experiment_id),
+                             wire.checkpoint_prefixes)
+    own: Storage | None = None
     match schema.config_from_wire(config).checkpoint_storage:
         case schema.SharedFSStorage() as fs:
-            return SharedFSStorage(Path(fs.host_path) / (fs.storage_path or ""))
+            own = SharedFSStorage(Path(fs.host_path) / (fs.storage_path or ""))
         case schema.S3Storage() as s3 if s3.access_key or s3.endpoint_url or s3.bucket != wire.s3_bucket:
             # The user's own bucket, with the key the config gives (the trial never gets the cluster's key).
             endpoint = (s3.endpoint_url or wire.s3_endpoint).removeprefix("http://").removeprefix("https://")
-            return S3Storage(endpoint, s3.access_key or "", s3.secret_key or "", s3.bucket, s3.prefix,
-                             secure=(s3.endpoint_url or "").startswith("https://"))
+            own = S3Storage(endpoint, s3.access_key or "", s3.secret_key or "", s3.bucket, s3.prefix,
+                            secure=(s3.endpoint_url or "").startswith("https://"))
         case schema.S3Storage() as s3 if s3.prefix:
             log.warning("checkpoint_storage.prefix %r is not used in the cluster's bucket: checkpoints go under %s/",
                         s3.prefix, checkpoint_prefix(wire.trial.experiment_id))
-    return LinkedS3Storage(presigner, wire.s3_bucket, checkpoint_prefix(wire.trial.experiment_id))
+    if own is None:
+        return linked
+    return WithSources(own, linked) if wire.checkpoint_prefixes else own
 
 
 def _storage_arg(arg: str | os.PathLike[str] | dict[str, Any]) -> Storage:

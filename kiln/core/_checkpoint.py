@@ -93,13 +93,16 @@ class LinkedS3Storage:
     """Checkpoints under ``s3://bucket/<prefix>/<uuid>/`` in the cluster's store, through presigned URLs.
 
     ``presigner`` is called for the link on first use (ranks other than the chief open theirs only when they
-    restore a checkpoint). The worker grants this trial its own experiment's prefix and nothing else.
+    restore a checkpoint). The worker grants this trial its own experiment's prefix, read-only ``elsewhere``
+    (a fine-tune's source checkpoint: storage id -> its key prefix), and nothing else.
     """
 
-    def __init__(self, presigner: Callable[[], Presigner], bucket: str, prefix: str) -> None:
+    def __init__(self, presigner: Callable[[], Presigner], bucket: str, prefix: str,
+                 elsewhere: dict[str, str] | None = None) -> None:
         self._presigner = presigner
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.elsewhere = {k: v.strip("/") for k, v in (elsewhere or {}).items()}
         self._http: Any = None
 
     def _client(self) -> Any:
@@ -134,7 +137,7 @@ class LinkedS3Storage:
 
     def download(self, storage_id: str, dst: Path) -> None:
         """GET every object of a checkpoint into ``dst``, streamed to disk."""
-        prefix = self._key(storage_id) + "/"
+        prefix = (self.elsewhere.get(storage_id) or self._key(storage_id)) + "/"
         keys = self._presigner().list_keys(prefix)
         if not keys:
             raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
@@ -152,6 +155,28 @@ class LinkedS3Storage:
                 with target.open("wb") as fh:
                     for chunk in resp.iter_bytes(CHUNK_BYTES):
                         fh.write(chunk)
+
+
+class WithSources:
+    """A trial's own storage (a bucket of the user's, a shared path) that also reads a fine-tune's source
+    checkpoints from the cluster's store, through the worker (``LinkedS3Storage`` with ``elsewhere``)."""
+
+    def __init__(self, own: Storage, sources: LinkedS3Storage) -> None:
+        self.own = own
+        self.sources = sources
+
+    def location(self) -> str:
+        """Where this trial's own checkpoints go."""
+        return self.own.location()
+
+    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
+        """Upload to the trial's own storage."""
+        return self.own.upload(src, storage_id)
+
+    def download(self, storage_id: str, dst: Path) -> None:
+        """A source checkpoint from the cluster's store; any other from the trial's own storage."""
+        store: Storage = self.sources if storage_id in self.sources.elsewhere else self.own
+        store.download(storage_id, dst)
 
 
 def _chunks(fh: Any, size: int | None = None) -> Iterator[bytes]:

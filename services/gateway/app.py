@@ -63,9 +63,20 @@ from schemas import api, readmodel, registry, subjects
 from schemas import context as code_context
 from schemas import events as ev
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
-from schemas.config import ConfigError, YamlLimits, config_to_dict, parse_config, text_problem
+from schemas.config import (
+    ConfigError,
+    ExperimentConfig,
+    YamlLimits,
+    config_to_dict,
+    dump_config,
+    load_config_document,
+    load_overrides,
+    merge_overrides,
+    parse_config,
+    text_problem,
+)
 from schemas.trial import TENSORBOARD, key_refusal, tensorboard_prefix
-from services.gateway import auth, collector, queries
+from services.gateway import auth, collector, continuation, queries
 from services.gateway import lineage as data_lineage
 from services.gateway.auth import Principal
 from services.runtime import NATS_CLOSED, NATS_TIMEOUT, NATS_UNAVAILABLE, Bus, postgres_unavailable
@@ -303,22 +314,15 @@ def _version() -> str:
 
 
 @post("/api/v1/experiments", operation_id="createExperiment", status_code=HTTP_201_CREATED,
-      responses=_errors(409, 413))
+      responses=_errors(403, 409, 413))
 async def create_experiment(
     state: State, request: Request[Principal, int, Any],
     data: Annotated[Submission, Body(media_type=RequestEncodingType.MULTI_PART)],
 ) -> api.Submitted:
     """Submit an experiment: a Determined-style YAML config and a tar.gz code context."""
     deps = _deps(state)
-    try:
-        # Off the event loop: a big (if allowed) document must not hold up other requests while it parses.
-        # A checkpoint_storage without type is merged into the stack's own store, as Determined merges it.
-        config, warnings = await asyncio.to_thread(parse_config, data.config,
-                                                   YamlLimits(max_bytes=deps.max_config_bytes),
-                                                   {"type": "s3", "bucket": deps.bucket})
-    except ConfigError as exc:
-        raise _bad_request("invalid experiment config",
-                           errors=[api.ConfigProblem(path=e.path, message=e.message) for e in exc.errors]) from exc
+    config, warnings = await _parsed_config(deps, data.config)
+    source = await _source_checkpoint(deps, request.user, config)
     blob = await data.context.read(deps.max_context_bytes + 1)
     try:
         await asyncio.to_thread(code_context.check, blob, deps.max_context_bytes, deps.max_context_unpacked_bytes,
@@ -327,37 +331,107 @@ async def create_experiment(
         raise _bad_request(f"invalid code context: {exc}") from exc
     digest = code_context.digest(blob)
     # Lineage: the data version pinned (the config records it) and the parent checkpoint, resolved once, here.
-    config, lineage = await data_lineage.resolve(deps, request.user, config, data.config, digest)
+    config, lineage = await data_lineage.resolve(deps, config, data.config, digest, source)
     # Order: every part is needed, and the one step that records anything (the publish) comes last. The
     # bus is checked first, the id taken next (nothing stored when Postgres is down), then the context.
     deps.require_bus()
     async with deps.db() as conn:
         experiment_id = await queries.next_experiment_id(conn)
     await deps.s3(_store_context, digest, blob)
+    await _publish_submission(deps, _submission_event(
+        experiment_id, config, data.config, digest, len(blob), request.user, paused=data.paused, source=source,
+        lineage=lineage))
+    log.info("experiment.submitted", experiment_id=experiment_id, digest=digest, warnings=warnings)
+    return api.Submitted(id=experiment_id, warnings=warnings, context_digest=digest)
+
+
+async def _parsed_config(deps: GatewayDeps, config_yaml: str) -> tuple[ExperimentConfig, list[str]]:
+    """A submitted config validated (a 400 naming every bad field), off the event loop: a big (if allowed)
+    document must not hold up other requests while it parses. A checkpoint_storage without type is merged into
+    the stack's own store, as Determined merges it."""
+    try:
+        return await asyncio.to_thread(parse_config, config_yaml, YamlLimits(max_bytes=deps.max_config_bytes),
+                                       {"type": "s3", "bucket": deps.bucket})
+    except ConfigError as exc:
+        raise _bad_request("invalid experiment config",
+                           errors=[api.ConfigProblem(path=e.path, message=e.message) for e in exc.errors]) from exc
+
+
+def _submission_event(experiment_id: int, config: ExperimentConfig, config_yaml: str, digest: str, size: int,
+                      principal: Principal, *, paused: bool = False, source: ev.SourceCheckpoint | None = None,
+                      forked_from: int | None = None, lineage: ev.Lineage | None = None) -> ev.ExperimentSubmitted:
     seed = config.reproducibility.experiment_seed if config.reproducibility else None
-    event = ev.ExperimentSubmitted(
+    return ev.ExperimentSubmitted(
         experiment_id=experiment_id,
         config=config_to_dict(config),
-        config_yaml=data.config,
+        config_yaml=config_yaml,
         context_digest=digest,
-        context_size=len(blob),
+        context_size=size,
         seed=seed if seed is not None else secrets.randbelow(2**31),
-        submitted_by=request.user.username,
+        submitted_by=principal.username,
         submitted_at=time.time(),
-        paused=data.paused,
+        paused=paused,
+        source_checkpoint=source,
+        forked_from=forked_from,
         lineage=lineage,
     )
+
+
+async def _publish_submission(deps: GatewayDeps, event: ev.ExperimentSubmitted) -> None:
+    """Record a submission: never reported as done for an id JetStream dropped as a duplicate."""
     try:
-        await deps.publish_new(event)  # never reports success for an id JetStream dropped as a duplicate
+        await deps.publish_new(event)
     except Unavailable as exc:
         if not isinstance(exc.__cause__, NATS_TIMEOUT):
             raise  # never sent: nothing recorded
         # Sent but not acknowledged: JetStream may still have stored it. Say which id to look for.
         raise Unavailable(["nats"], f"the event bus (NATS) did not confirm the submission in time; it may still"
-                          f" appear as experiment {experiment_id}: check before submitting again",
-                          experiment_id=experiment_id) from exc
-    log.info("experiment.submitted", experiment_id=experiment_id, digest=digest, warnings=warnings)
-    return api.Submitted(id=experiment_id, warnings=warnings, context_digest=digest)
+                          f" appear as experiment {event.experiment_id}: check before submitting again",
+                          experiment_id=event.experiment_id) from exc
+
+
+async def _source_checkpoint(deps: GatewayDeps, principal: Principal,
+                             config: ExperimentConfig) -> ev.SourceCheckpoint | None:
+    """A fine-tune's source checkpoint, resolved now and recorded in the submission (a replay never resolves it
+    again): ``searcher.source_checkpoint_uuid``, or the latest checkpoint of ``searcher.source_trial_id``. It must
+    exist with its files, be in the cluster's store, and be the user's to see (its experiment's owner or an
+    admin): else a 400 naming the field, or a 403."""
+    searcher = config.searcher
+    uuid, trial_id = searcher.source_checkpoint_uuid, searcher.source_trial_id
+    if uuid is None and trial_id is None:
+        return None
+    path = "searcher.source_checkpoint_uuid" if uuid is not None else "searcher.source_trial_id"
+
+    def refused(message: str) -> ClientException:
+        return _bad_request(f"cannot fine-tune: {message}", errors=[api.ConfigProblem(path=path, message=message)])
+
+    if uuid is not None and trial_id is not None:
+        raise refused("give searcher.source_checkpoint_uuid or searcher.source_trial_id, not both")
+    async with deps.db() as conn:
+        if uuid is not None:
+            if not uuid or text_problem(uuid):
+                raise refused(f"{uuid!r} is not a checkpoint uuid")
+            row = await queries.get_checkpoint(conn, uuid)
+            if row is None:
+                raise refused(f"no checkpoint {uuid!r}")
+        else:
+            assert trial_id is not None
+            if not 0 <= trial_id <= INT64_MAX or await queries.get_trial(conn, trial_id) is None:
+                raise refused(f"no trial {trial_id}")
+            row = await queries.latest_trial_checkpoint(conn, trial_id)
+            if row is None:
+                raise refused(f"trial {trial_id} has no checkpoint whose files are still there")
+    checkpoint, owner = row
+    if not auth.may_change(principal, owner):
+        raise PermissionDeniedException(
+            f"cannot fine-tune from checkpoint {checkpoint.uuid}: it belongs to experiment {checkpoint.experiment_id}"
+            f" of {owner!r}, and only its owner or an admin may use its checkpoints (you are {principal.username!r})")
+    if problem := continuation.source_problem(checkpoint, deps.bucket):
+        raise refused(problem)
+    return ev.SourceCheckpoint(uuid=checkpoint.uuid, experiment_id=checkpoint.experiment_id,
+                               trial_id=checkpoint.trial_id, steps_completed=checkpoint.steps_completed,
+                               storage=checkpoint.storage,
+                               named_by="source_checkpoint_uuid" if uuid is not None else "source_trial_id")
 
 
 def _store_context(deps: GatewayDeps, digest: str, blob: bytes) -> None:
@@ -421,7 +495,8 @@ async def kill_experiment(state: State, request: Request[Principal, int, Any], e
     _may_change(request.user, experiment)
     if experiment.ended_at is not None:
         return api.StateAnswer(id=experiment_id, state=experiment.state)
-    await deps.publish(ev.ExperimentKillRequested(experiment_id=experiment_id))
+    await deps.publish(ev.ExperimentKillRequested(experiment_id=experiment_id, requested_by=request.user.username,
+                                                  request_id=uuid.uuid4().hex))
     return api.StateAnswer(id=experiment_id, state="STOPPING_CANCELED")
 
 
@@ -648,7 +723,8 @@ async def kill_trial(state: State, request: Request[Principal, int, Any], trial_
         experiment = found(await queries.get_experiment(conn, trial.experiment_id), "trial", trial_id)
     _may_change(request.user, experiment)
     if trial.ended_at is None:
-        await deps.publish(ev.TrialKillRequested(experiment_id=trial.experiment_id, trial_id=trial_id))
+        await deps.publish(ev.TrialKillRequested(experiment_id=trial.experiment_id, trial_id=trial_id,
+                                                 requested_by=request.user.username, request_id=uuid.uuid4().hex))
     return api.StateAnswer(id=trial_id, state=trial.state if trial.ended_at else "STOPPING_CANCELED")
 
 
@@ -963,6 +1039,101 @@ def _read_context(deps: GatewayDeps, digest: str) -> bytes:
     finally:
         resp.close()
         resp.release_conn()
+
+
+# -- continue and fork (Determined's ``det experiment continue`` / ``fork``) -----------------------------------
+
+
+def _overrides(deps: GatewayDeps, text: str) -> dict[str, Any]:
+    """The request's override document; a 400 when it is not a YAML mapping within the config limits."""
+    try:
+        return load_overrides(text, YamlLimits(max_bytes=deps.max_config_bytes))
+    except ConfigError as exc:
+        raise _bad_request("invalid override config",
+                           errors=[api.ConfigProblem(path=e.path, message=e.message) for e in exc.errors]) from exc
+
+
+def _merged_yaml(deps: GatewayDeps, experiment: api.Experiment, overrides: dict[str, Any]) -> str:
+    """The experiment's config as submitted with the overrides merged in (its YAML unchanged without any)."""
+    if not overrides:
+        return experiment.config_yaml
+    try:
+        base = load_config_document(experiment.config_yaml, YamlLimits(max_bytes=deps.max_config_bytes))
+    except ConfigError:
+        base = experiment.config  # recorded before a limit it no longer meets: its validated form
+    return dump_config(merge_overrides(base, overrides))
+
+
+@post("/api/v1/experiments/{experiment_id:int}/continue", operation_id="continueExperiment",
+      status_code=HTTP_202_ACCEPTED, responses=_errors(403, 404, 409))
+async def continue_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id,
+                              data: api.ContinueRequest) -> api.Continued:
+    """Continue an ended experiment (owner or admin): a single trial trains on from its latest checkpoint under
+    the config with ``config``'s overrides (a longer ``searcher.max_length``); a grid or random search reruns
+    the trials that did not complete."""
+    deps = _deps(state)
+    experiment = await _experiment(deps, experiment_id)
+    _may_change(request.user, experiment)
+    overrides = _overrides(deps, data.config)
+    if problems := continuation.override_problems(overrides):
+        raise _bad_request("these fields cannot be changed by a continue", errors=problems)
+    config_yaml = _merged_yaml(deps, experiment, overrides)
+    config, warnings = await _parsed_config(deps, config_yaml)
+    async with deps.db() as conn:
+        trials = await queries.list_trials(conn, experiment_id, 10_000, 0)
+        latest = [t.latest_checkpoint for t in trials if t.latest_checkpoint]
+        deleted = await queries.deleted_checkpoints(conn, latest) if latest else set()
+    facts = [continuation.TrialFacts(id=t.id, state=t.state, exit_code=t.exit_code,
+                                     latest_checkpoint=t.latest_checkpoint,
+                                     latest_checkpoint_deleted=t.latest_checkpoint in deleted) for t in trials]
+    try:
+        trial_ids = continuation.continue_trials(experiment_id, experiment.state, experiment.searcher_name,
+                                                 bool(overrides), config.searcher.name, facts)
+    except continuation.Refused as exc:
+        errors = [api.ConfigProblem(path=exc.path, message=exc.detail)] if exc.path else None
+        raise ClientException(status_code=exc.status, detail=exc.detail,
+                              extra=msgspec.to_builtins(api.ErrorDetails(errors=errors)) if errors else None) from exc
+    await deps.publish(ev.ExperimentContinued(
+        experiment_id=experiment_id, config=config_to_dict(config), config_yaml=config_yaml, trial_ids=trial_ids,
+        requested_by=request.user.username, request_id=uuid.uuid4().hex))
+    log.info("experiment.continued", experiment_id=experiment_id, trials=trial_ids, by=request.user.username)
+    return api.Continued(id=experiment_id, state="ACTIVE", trial_ids=trial_ids, config_yaml=config_yaml,
+                         warnings=warnings)
+
+
+@post("/api/v1/experiments/{experiment_id:int}/fork", operation_id="forkExperiment", status_code=HTTP_201_CREATED,
+      responses=_errors(403, 404, 409, 410))
+async def fork_experiment(state: State, request: Request[Principal, int, Any], experiment_id: Id,
+                          data: api.ForkRequest) -> api.Forked:
+    """A new experiment from this one's code context and its config merged with ``config``'s overrides (the
+    experiment's owner or an admin: its code is theirs); the fork is the caller's."""
+    deps = _deps(state)
+    experiment = await _owned_experiment(deps, request.user, experiment_id)
+    config_yaml = _merged_yaml(deps, experiment, _overrides(deps, data.config))
+    config, warnings = await _parsed_config(deps, config_yaml)
+    source = await _source_checkpoint(deps, request.user, config)
+    digest = experiment.context_digest
+    config, lineage = await data_lineage.resolve(deps, config, config_yaml, digest, source)
+    deps.require_bus()
+    try:
+        size = await deps.s3(_context_size, digest)
+    except S3Error as exc:
+        if exc.code not in ("NoSuchKey", "NoSuchBucket"):
+            raise
+        raise ClientException(status_code=410, detail=f"the code context of experiment {experiment_id} is gone"
+                              f" from the store ({exc.code}): it cannot be forked") from exc
+    async with deps.db() as conn:
+        new_id = await queries.next_experiment_id(conn)
+    await _publish_submission(deps, _submission_event(new_id, config, config_yaml, digest, size, request.user,
+                                                      paused=data.paused, source=source, forked_from=experiment_id,
+                                                      lineage=lineage))
+    log.info("experiment.forked", experiment_id=new_id, forked_from=experiment_id, by=request.user.username)
+    return api.Forked(id=new_id, forked_from=experiment_id, warnings=warnings, context_digest=digest,
+                      config_yaml=config_yaml)
+
+
+def _context_size(deps: GatewayDeps, digest: str) -> int:
+    return int(deps.minio.stat_object(deps.bucket, code_context.object_key(digest)).size or 0)
 
 
 # -- users and tokens ------------------------------------------------------------------------------------------
@@ -1460,6 +1631,7 @@ ROUTES = [
     trial_series, trial_metric_names, experiment_events, stream_metrics,
     trial_metrics, trial_logs, trial_checkpoints, get_checkpoint, download_checkpoint,
     experiment_checkpoints, delete_checkpoint, delete_experiment, set_gc_policy, set_metadata, download_context,
+    continue_experiment, fork_experiment,
     login, logout, me, create_user, list_users, create_token, list_tokens, revoke_token,
     trial_tensorboard_files, trial_tensorboard_file,
     create_model, list_models, get_model, set_model_metadata, delete_model, list_model_versions,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
-from litestar.exceptions import ClientException, PermissionDeniedException
+from litestar.exceptions import ClientException
 
 from schemas import api
 from schemas import context as code_context
@@ -23,8 +23,6 @@ from schemas import data as data_source
 from schemas import events as ev
 from schemas.config import ExperimentConfig
 from schemas.trial import CHECKPOINTS
-from services.gateway import auth, queries
-from services.gateway.auth import Principal
 
 if TYPE_CHECKING:
     from services.gateway.app import GatewayDeps
@@ -52,16 +50,16 @@ def _refused(key: str, message: str) -> ClientException:
         api.ErrorDetails(errors=[api.ConfigProblem(path=path, message=message)])))
 
 
-async def resolve(deps: GatewayDeps, principal: Principal, config: ExperimentConfig, config_yaml: str,
-                  context_digest: str) -> tuple[ExperimentConfig, ev.Lineage]:
-    """The config to record (its table's version pinned) and the experiment's lineage."""
+async def resolve(deps: GatewayDeps, config: ExperimentConfig, config_yaml: str, context_digest: str,
+                  parent: ev.SourceCheckpoint | None) -> tuple[ExperimentConfig, ev.Lineage]:
+    """The config to record (its table's version pinned) and the experiment's lineage; ``parent`` is the
+    fine-tune's source checkpoint, resolved once by the gateway (``_source_checkpoint``)."""
     data: ev.DataVersion | None = None
     source = config.delta_source
     if source is not None:
         data = await _pin(deps, source)
         log.info("data.pinned", table=data.table, version=data.version, latest=data.latest)
         config = msgspec.structs.replace(config, data=data_source.pinned(config.data, data.version))
-    parent = await _parent(deps, principal, config)
     return config, ev.Lineage(config_digest=ev.config_digest(config_yaml), code_digest=context_digest, data=data,
                               parent=parent)
 
@@ -142,48 +140,6 @@ def _open(location: data_source.TableLocation, source: data_source.DeltaSource,
     return ev.DataVersion(table=source.table, version=version, latest=source.version is None,
                           table_id=str(table.metadata().id or ""),
                           committed_at=committed / 1000.0 if isinstance(committed, (int, float)) else None)
-
-
-# -- parent checkpoint --------------------------------------------------------------------------------------------
-
-
-async def _parent(deps: GatewayDeps, principal: Principal, config: ExperimentConfig) -> ev.ParentCheckpoint | None:
-    """The checkpoint ``searcher.source_checkpoint_uuid`` names, or the latest of ``searcher.source_trial_id``."""
-    uuid, trial_id = config.searcher.source_checkpoint_uuid, config.searcher.source_trial_id
-    if uuid is None and trial_id is None:
-        return None
-    async with deps.db() as conn:
-        if uuid is not None:
-            field = "searcher.source_checkpoint_uuid"
-            named_by = "source_checkpoint_uuid"
-            found = await queries.get_checkpoint(conn, uuid)
-            if found is None:
-                raise _bad_field(field, f"checkpoint {uuid!r} not found")
-        else:
-            assert trial_id is not None
-            field, named_by = "searcher.source_trial_id", "source_trial_id"
-            trial = await queries.get_trial(conn, trial_id)
-            if trial is None:
-                raise _bad_field(field, f"trial {trial_id} not found")
-            if trial.latest_checkpoint is None:
-                raise _bad_field(field, f"trial {trial_id} has no checkpoint to start from")
-            found = await queries.get_checkpoint(conn, trial.latest_checkpoint)
-            if found is None:
-                raise _bad_field(field, f"the latest checkpoint of trial {trial_id} is not recorded")
-    checkpoint, owner = found
-    if not auth.may_change(principal, owner):
-        raise PermissionDeniedException(
-            f"{field}: checkpoint {checkpoint.uuid} belongs to experiment {checkpoint.experiment_id} of {owner!r}:"
-            f" only its owner or an admin may start from it (you are {principal.username!r})")
-    if trial_id is not None and checkpoint.trial_id != trial_id:
-        raise _bad_field(field, f"checkpoint {checkpoint.uuid} is of trial {checkpoint.trial_id}, not of"
-                         f" searcher.source_trial_id {trial_id}")
-    if checkpoint.state == "DELETED":
-        raise _bad_field(field, f"checkpoint {checkpoint.uuid} was deleted ({checkpoint.delete_reason or 'gone'}):"
-                         " its files are no longer in the store")
-    return ev.ParentCheckpoint(uuid=checkpoint.uuid, experiment_id=checkpoint.experiment_id,
-                               trial_id=checkpoint.trial_id, steps_completed=checkpoint.steps_completed,
-                               named_by=named_by)  # type: ignore[arg-type]
 
 
 def _bad_field(path: str, message: str) -> ClientException:

@@ -405,3 +405,20 @@ def experiment_lineage(experiment_id: int, recorded: dict[str, Any] | None, conf
                                  code_digest=lineage.code_digest, data=lineage.data, parent=lineage.parent,
                                  recorded=recorded is not None)
 
+
+# -- continue and fine-tune ----------------------------------------------------------------------------------
+
+
+async def latest_trial_checkpoint(conn: Any, trial_id: int) -> tuple[api.Checkpoint, str] | None:
+    """A trial's latest checkpoint whose files are still there (most steps, then newest) and who owns its
+    experiment: what ``searcher.source_trial_id`` starts from, as Determined's latest checkpoint of a trial."""
+    row = await conn.fetchrow(f"{_CHECKPOINT_SELECT} WHERE c.trial_id = $1 AND c.state = 'COMPLETED'"
+                              " ORDER BY c.steps_completed DESC, c.reported_at DESC LIMIT 1", trial_id)
+    return (msgspec.convert(dict(row), api.Checkpoint), row["experiment_owner"]) if row is not None else None
+
+
+async def deleted_checkpoints(conn: Any, uuids: list[str]) -> set[str]:
+    """Which of these checkpoints were deleted (their files left the store)."""
+    records = await conn.fetch("SELECT uuid FROM checkpoints WHERE uuid = ANY($1::text[]) AND state = 'DELETED'",
+                               uuids)
+    return {r["uuid"] for r in records}

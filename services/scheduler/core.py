@@ -122,11 +122,14 @@ _HANDLERS: dict[type, Handler] = {
     ev.ExperimentPauseRequested: lifecycle.experiment_pause_requested,
     ev.ExperimentActivateRequested: _records(lifecycle.experiment_activated),
     ev.ExperimentResourcesChanged: _records(lifecycle.resources_changed),
+    ev.ExperimentEnded: _records(lifecycle.experiment_ended),
+    ev.ExperimentContinued: _records(lifecycle.experiment_continued),
     # a trial's demand
     ev.TrialCreated: lifecycle.trial_created,
     ev.TrialKillRequested: lifecycle.trial_kill_requested,
     ev.TrialStopRequested: lifecycle.stop_requested,
     ev.TrialResumeRequested: _records(lifecycle.resume_requested),
+    ev.TrialContinueRequested: _records(lifecycle.trial_continue_requested),
     # a run
     ev.AllocationAssigned: _records(lifecycle.allocation_assigned),
     ev.TrialStarted: _records(lifecycle.trial_started),
@@ -142,7 +145,6 @@ _HANDLERS: dict[type, Handler] = {
     # concern.
     ev.TrialPreempted: _ignored,
     ev.AllocationKillRequested: _ignored,
-    ev.ExperimentEnded: _ignored,
     ev.ValidationReported: _ignored,
     ev.TrialProgressReported: _ignored,
     # Checkpoint retention is the searcher's and the gateway's: no slot changes hands.

@@ -14,6 +14,7 @@ in as ``now``.
 from __future__ import annotations
 
 from schemas import events as ev
+from schemas.config import ConfigError, config_from_wire
 from services.scheduler.state import (
     ExperimentKnobs,
     SchedulerState,
@@ -28,8 +29,12 @@ from services.scheduler.state import (
 
 
 def experiment_submitted(state: SchedulerState, e: ev.ExperimentSubmitted) -> None:
-    """Learn an experiment's knobs (the first submission counts)."""
-    state.experiments.setdefault(e.experiment_id, knobs_of(e))
+    """Learn an experiment's knobs (the first submission counts), and a fine-tune's source checkpoint."""
+    if e.experiment_id in state.experiments:
+        return
+    state.experiments[e.experiment_id] = knobs_of(e)
+    if e.source_checkpoint is not None:
+        state.sources[e.experiment_id] = e.source_checkpoint
 
 
 def experiment_kill_requested(state: SchedulerState, e: ev.ExperimentKillRequested) -> list[ev.DomainEvent]:
@@ -44,7 +49,8 @@ def experiment_kill_requested(state: SchedulerState, e: ev.ExperimentKillRequest
         if run.state in ("QUEUED", "PAUSED"):
             run.state = "EXITED"
             out.append(ev.TrialExited(experiment_id=experiment_id, trial_id=run.trial_id, state="CANCELED",
-                                      restarts=run.restarts, reason="experiment killed"))
+                                      restarts=run.restarts, reason="experiment killed",
+                                      continuation=_nth(state, run)))
         elif not run.kill_requested:
             run.kill_requested = True
             out += kill_requests(run, "experiment killed")
@@ -78,6 +84,52 @@ def resources_changed(state: SchedulerState, e: ev.ExperimentResourcesChanged) -
         knobs.max_slots = e.max_slots if e.max_slots > 0 else None
 
 
+def experiment_ended(state: SchedulerState, e: ev.ExperimentEnded) -> None:
+    """Remember that the experiment ended: only an ended experiment may be continued."""
+    state.ended.add(e.experiment_id)
+
+
+def experiment_continued(state: SchedulerState, e: ev.ExperimentContinued) -> None:
+    """A user continued the ended experiment: its knobs come from the continued config (priority, weight and
+    max_slots stay as set on the experiment) and its queue is open again; the trials themselves come back
+    with the searcher's TrialContinueRequested. A continue of an experiment that has not ended changes nothing."""
+    knobs = state.experiments.get(e.experiment_id)
+    if knobs is None or e.experiment_id not in state.ended:
+        return
+    try:
+        config = config_from_wire(e.config)
+    except ConfigError:
+        return  # the searcher ignores it too: it reopens nothing
+    state.ended.discard(e.experiment_id)
+    knobs.killed = knobs.paused = False
+    knobs.config = e.config
+    knobs.slots_per_trial = config.resources.slots_per_trial
+    knobs.resource_pool = config.resource_pool
+    knobs.max_restarts = config.max_restarts
+    knobs.pausable = config.pausable
+    knobs.full_length = config.full_length
+
+
+def trial_continue_requested(state: SchedulerState, e: ev.TrialContinueRequested) -> None:
+    """An ended trial trains again: queued with the continued config's knobs, resuming from its latest
+    checkpoint, its restarts counted from 0 (as Determined's continue)."""
+    run = state.trials.get(e.trial_id)
+    if run is None or run.state != "EXITED" or e.continuation <= state.continuations.get(e.trial_id, 0):
+        return
+    knobs = state.experiments.get(e.experiment_id, ExperimentKnobs())
+    state.continuations[e.trial_id] = e.continuation
+    run.state = "QUEUED"
+    run.hparams = e.hparams
+    run.max_length = e.max_length
+    run.restarts = 0
+    run.slots, run.resource_pool, run.max_restarts = knobs.slots_per_trial, knobs.resource_pool, knobs.max_restarts
+    run.kill_requested = run.stop_requested = run.preempt_requested = False
+    run.preempt_since = 0.0
+    run.worker_id, run.slot_ids, run.peers = "", [], {}
+    run.queued_order = state.next_order
+    state.next_order += 1
+
+
 # -- a trial's demand ------------------------------------------------------------------------------
 
 
@@ -100,6 +152,9 @@ def trial_created(state: SchedulerState, e: ev.TrialCreated) -> list[ev.DomainEv
     )
     state.next_order += 1
     state.trials[e.trial_id] = run
+    if (source := state.sources.get(e.experiment_id)) is not None:
+        # A fine-tune: the first run starts from the source's weights; its own checkpoints take over from there.
+        run.latest_checkpoint = source.uuid
     if knobs.killed:
         # Created before the searcher saw the kill: never run it.
         run.state = "EXITED"
@@ -121,7 +176,7 @@ def kill_trial(state: SchedulerState, trial_id: int, reason: str) -> list[ev.Dom
     if run.state in ("QUEUED", "PAUSED"):
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=trial_id, state="CANCELED",
-                               restarts=run.restarts, reason=reason)]
+                               restarts=run.restarts, reason=reason, continuation=_nth(state, run))]
     if run.kill_requested:
         return []
     run.kill_requested = True
@@ -137,7 +192,7 @@ def stop_requested(state: SchedulerState, e: ev.TrialStopRequested) -> list[ev.D
     if run.state in ("PAUSED", "QUEUED"):
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=e.trial_id, state="COMPLETED",
-                               restarts=run.restarts, reason="closed by the searcher")]
+                               restarts=run.restarts, reason="closed by the searcher", continuation=_nth(state, run))]
     return []
 
 
@@ -259,7 +314,8 @@ def _run_ended(state: SchedulerState, run: TrialRun, allocation_id: str, exit_co
     """Where the trial goes next: canceled, back to the queue (preempted, restarted), done, or failed."""
     trial_id = run.trial_id
     run.worker_id, run.slot_ids, run.peers = "", [], {}
-    base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts}
+    base = {"experiment_id": run.experiment_id, "trial_id": trial_id, "restarts": run.restarts,
+            "continuation": _nth(state, run)}
     if (run.kill_requested and not run.preempt_requested) or \
             state.experiments.get(run.experiment_id, ExperimentKnobs()).killed:
         run.state = "EXITED"
@@ -275,7 +331,7 @@ def _run_ended(state: SchedulerState, run: TrialRun, allocation_id: str, exit_co
     if run.restarts < run.max_restarts:
         _requeue(state, trial_id, run.restarts + 1)
         return [ev.TrialRestarting(experiment_id=run.experiment_id, trial_id=trial_id, restarts=run.restarts,
-                                   reason=reason or f"exit code {exit_code}")]
+                                   reason=reason or f"exit code {exit_code}", continuation=_nth(state, run))]
     run.state = "EXITED"
     why = reason or f"exit code {exit_code}"
     return [ev.TrialExited(**base, state="ERROR", exit_code=exit_code,
@@ -290,7 +346,7 @@ def _finished_run(state: SchedulerState, run: TrialRun, allocation_id: str) -> l
     if run.stop_requested or not knobs.pausable or not short:
         run.state = "EXITED"
         return [ev.TrialExited(experiment_id=run.experiment_id, trial_id=run.trial_id, state="COMPLETED",
-                               exit_code=0, restarts=run.restarts)]
+                               exit_code=0, restarts=run.restarts, continuation=_nth(state, run))]
     paused = ev.TrialPaused(experiment_id=run.experiment_id, trial_id=run.trial_id,
                             allocation_id=allocation_id, length=trained)
     # Promoted while it was still running: straight back to the queue.
@@ -318,6 +374,11 @@ def trial_exited(state: SchedulerState, e: ev.TrialExited) -> None:
     run = state.trials.get(e.trial_id)
     if run is not None:
         run.state = "EXITED"
+
+
+def _nth(state: SchedulerState, run: TrialRun) -> int:
+    """Which continue of its experiment the run belongs to (0: the first run): numbers its exit and restarts."""
+    return state.continuations.get(run.trial_id, 0)
 
 
 def kill_requests(run: TrialRun, reason: str) -> list[ev.DomainEvent]:

@@ -88,4 +88,4 @@ def _spec(state: SchedulerState, run: TrialRun) -> ev.TrialSpec | None:
     if knobs is None or knobs.config is None or run.hparams is None:
         return None  # the worker reports that it cannot start the run
     return ev.TrialSpec(config=knobs.config, context_digest=knobs.context_digest, hparams=run.hparams,
-                        seed=run.seed)
+                        seed=run.seed, source_checkpoint=state.sources.get(run.experiment_id))

@@ -90,14 +90,23 @@ class ExperimentKnobs(msgspec.Struct, kw_only=True):
     context_digest: str = ""
 
 
-class SchedulerState(msgspec.Struct, kw_only=True):
-    """Everything the scheduler knows; serialised whole into its snapshot."""
+class SchedulerState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything the scheduler knows; serialised whole into its snapshot.
+
+    Facts added after the snapshot format was fixed live in tables of their own here, left out of the snapshot
+    while empty (``omit_defaults``): a snapshot without them restores, and snapshots again, byte for byte."""
 
     workers: dict[str, WorkerView] = {}
     trials: dict[int, TrialRun] = {}
     experiments: dict[int, ExperimentKnobs] = {}
     next_order: int = 0
     next_start: int = 0
+    # trial id -> which continue of its experiment it runs in (TrialContinueRequested); absent: its first run.
+    continuations: dict[int, int] = {}
+    # experiment id -> a fine-tune's source checkpoint (ExperimentSubmitted): every trial's first run starts there.
+    sources: dict[int, ev.SourceCheckpoint] = {}
+    # Experiments whose ExperimentEnded came: only those may be continued.
+    ended: set[int] = set()
 
 
 _SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()

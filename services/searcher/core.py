@@ -17,6 +17,7 @@ from schemas.config import ConfigError, ExperimentConfig, config_from_wire
 from schemas.retention import CheckpointFact, RetentionPolicy, to_collect
 from schemas.trial import INVALID_HP_EXIT_CODE
 from services.searcher.methods import (
+    ContinueTrial,
     CreateTrial,
     Decision,
     ExitKind,
@@ -39,6 +40,8 @@ class TrialEntry(msgspec.Struct, kw_only=True):
     state: str = ""
     # The furthest validation seen: a restarted trial re-reporting a step must not count twice.
     validated_steps: int = -1
+    # How the method counted its exit (an ExitKind); "" when it did not see it (the experiment was being killed).
+    counted: str = ""
 
 
 class StoredCheckpoint(msgspec.Struct, kw_only=True):
@@ -86,6 +89,7 @@ class ExperimentSearch(msgspec.Struct, kw_only=True):
     canceled: bool = False
     ended: bool = False
     retention: Retention = msgspec.field(default_factory=Retention)
+    continuations: int = 0  # ExperimentContinued applied so far: numbers the ends and reruns that follow
 
 
 class SearcherState(msgspec.Struct, kw_only=True):
@@ -162,6 +166,8 @@ class SearcherCore:
             case ev.ModelCreated() | ev.ModelVersionRegistered() | ev.ModelVersionDeleted() | ev.ModelDeleted():
                 self._registry(event)
                 return []  # protection changes no decision now: a checkpoint unregistered waits for the next one
+            case ev.ExperimentContinued():
+                return self._continued(event)
             case _:
                 return []  # facts the searcher does not decide on
 
@@ -221,7 +227,9 @@ class SearcherCore:
         entry.state = event.state
         decisions: list[Decision] = []
         if not exp.canceled:
-            decisions = exp.method.trial_exited(self._context(exp), entry.request_id, _exit_kind(event))
+            kind = _exit_kind(event)
+            entry.counted = kind
+            decisions = exp.method.trial_exited(self._context(exp), entry.request_id, kind)
         return self._apply(exp, decisions) + self._collect(exp, f"trial {event.trial_id} exited")
 
     def _kill(self, event: ev.ExperimentKillRequested) -> list[ev.DomainEvent]:
@@ -231,6 +239,33 @@ class SearcherCore:
         exp.canceled = True
         exp.shutdown = True
         return self._maybe_end(exp)
+
+    def _continued(self, event: ev.ExperimentContinued) -> list[ev.DomainEvent]:
+        """Reopen an ended search for the trials a user continued: each is asked to train again
+        (``TrialContinueRequested``); the experiment ends again once they have exited. An experiment that has
+        not ended (a second continue sent in a race) is left alone, as the scheduler and tracker leave it."""
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or not exp.ended:
+            return []
+        try:
+            config = config_from_wire(event.config)
+        except ConfigError:
+            return []  # the gateway validated it: a config this version cannot read changes nothing
+        entries = [exp.trials[exp.request_of[t]] for t in event.trial_ids if t in exp.request_of]
+        entries = [e for e in entries if e.exited]
+        if not entries:
+            return []
+        exp.config = event.config
+        self._contexts.pop(exp.experiment_id, None)
+        ctx = self._context(exp, config)
+        exp.ended = exp.shutdown = exp.canceled = False
+        exp.continuations += 1
+        decisions: list[Decision] = []
+        for entry in entries:
+            counted: Any = entry.counted or None
+            entry.exited, entry.state, entry.counted = False, "", ""
+            decisions += exp.method.trial_continued(ctx, entry.request_id, counted)
+        return self._apply(exp, decisions)
 
     def _checkpoint(self, event: ev.CheckpointStored) -> list[ev.DomainEvent]:
         exp = self.state.experiments.get(event.experiment_id)
@@ -363,6 +398,12 @@ class SearcherCore:
                     if entry is not None and not entry.exited and not exp.canceled:
                         out.append(ev.TrialResumeRequested(experiment_id=exp.experiment_id, trial_id=entry.trial_id,
                                                            max_length=d.max_length))
+                case ContinueTrial():
+                    entry = exp.trials.get(d.request_id)
+                    if entry is not None and not entry.exited:
+                        out.append(ev.TrialContinueRequested(
+                            experiment_id=exp.experiment_id, trial_id=entry.trial_id, hparams=d.hparams,
+                            max_length=d.max_length, continuation=exp.continuations))
                 case Shutdown():
                     exp.shutdown = True
                 case _:
@@ -381,7 +422,8 @@ class SearcherCore:
             state, reason = "ERROR", "every trial errored"
         else:
             state, reason = "COMPLETED", ""
-        return [ev.ExperimentEnded(experiment_id=exp.experiment_id, state=state, reason=reason)]
+        return [ev.ExperimentEnded(experiment_id=exp.experiment_id, state=state, reason=reason,
+                                   continuation=exp.continuations)]
 
     def _register(self, exp: ExperimentSearch, trial_id: int, request_id: int) -> None:
         exp.trials[request_id] = TrialEntry(trial_id=trial_id, request_id=request_id)

@@ -53,13 +53,21 @@ class ResumeTrial(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     max_length: int
 
 
+class ContinueTrial(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Train an ended trial again (``kiln experiment continue``): from its latest checkpoint, to ``max_length``."""
+
+    request_id: int
+    hparams: dict[str, Any]
+    max_length: int | None = None
+
+
 class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """The search is over: create nothing more; the experiment ends when its trials have exited."""
 
     failure: bool = False
 
 
-Decision = CreateTrial | StopTrial | ResumeTrial | Shutdown
+Decision = CreateTrial | StopTrial | ResumeTrial | ContinueTrial | Shutdown
 
 
 class SearchContext:
@@ -98,6 +106,11 @@ class SearchContext:
         return self.max_length
 
 
+def _continue(drawn: CreateTrial) -> ContinueTrial:
+    """The trial ``drawn`` describes, continued: its hyperparameters, the context's (current) length."""
+    return ContinueTrial(request_id=drawn.request_id, hparams=drawn.hparams, max_length=drawn.max_length)
+
+
 def _shutdown_if_done(created: int, exited: int, errored: int) -> list[Decision]:
     """Determined's rule: once every requested trial has exited, the search is over."""
     if exited < created:
@@ -134,6 +147,12 @@ class SearchMethod(msgspec.Struct, kw_only=True):
         """How far the search is, within [0, 1]."""
         raise NotImplementedError
 
+    def trial_continued(self, ctx: SearchContext, request_id: int, counted: ExitKind | None) -> list[Decision]:
+        """A user continued the ended experiment and this trial with it (Determined's ``continue``): take back
+        its exit (``counted``: how ``trial_exited`` counted it; None when the method never saw it) and answer
+        ``ContinueTrial``. Only single, grid and random searches can be continued, as in Determined."""
+        return []
+
 
 # ---------------------------------------------------------------------------------------------
 # single
@@ -159,6 +178,13 @@ class SingleSearch(SearchMethod, kw_only=True, tag="single"):
     def progress(self) -> float:
         """0 until the trial exits, then 1 (per-step progress comes from the trial itself)."""
         return 1.0 if self.exited else 0.0
+
+    def trial_continued(self, ctx: SearchContext, request_id: int, counted: ExitKind | None) -> list[Decision]:
+        """More training of the one trial, to the (possibly longer) length of the continued config; its
+        hyperparameters are drawn again from that config (the same seed: unchanged values stay the same)."""
+        if counted is not None:
+            self.exited -= 1
+        return [_continue(ctx.new_trial(request_id))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +231,13 @@ class RandomSearch(SearchMethod, kw_only=True, tag="random"):
         """The share of ``max_trials`` that have exited (invalid-HP trials do not count)."""
         return min(1.0, (self.exited - self.invalid) / self.max_trials)
 
+    def trial_continued(self, ctx: SearchContext, request_id: int, counted: ExitKind | None) -> list[Decision]:
+        """Rerun a trial that did not complete, with the same hyperparameters; its exit counts again later."""
+        if counted is not None:
+            self.exited -= 1
+            self.errored -= counted == "errored"
+        return [_continue(ctx.new_trial(request_id))]
+
     def _create(self, ctx: SearchContext) -> CreateTrial:
         request_id = self.next_request_id
         self.next_request_id += 1
@@ -250,6 +283,14 @@ class GridSearch(SearchMethod, kw_only=True, tag="grid"):
     def progress(self) -> float:
         """The share of grid points whose trial has exited."""
         return self.exited / self.points if self.points else 0.0
+
+    def trial_continued(self, ctx: SearchContext, request_id: int, counted: ExitKind | None) -> list[Decision]:
+        """Rerun a grid point whose trial did not complete; its exit counts again later."""
+        if counted is not None:
+            self.exited -= 1
+            self.errored -= counted == "errored"
+        drawn = _continue(ctx.new_trial(request_id))
+        return [msgspec.structs.replace(drawn, hparams=copy.deepcopy(ctx.grid_points[request_id]))]
 
     def _create(self, ctx: SearchContext) -> CreateTrial:
         index = self.created

@@ -23,6 +23,7 @@ import msgspec
 
 from schemas.config import ExperimentConfig
 from services.searcher.methods import (
+    ContinueTrial,
     CreateTrial,
     Decision,
     ExitKind,
@@ -218,6 +219,8 @@ class Simulation:
                     if trial.status == "paused":
                         trial.status = "queued"
                         self._run_queue.append(d.request_id)
+                case ContinueTrial():
+                    continue  # a user's continue of an ended experiment: no simulated search asks for one
                 case Shutdown():
                     self.shutdown = True
                 case _:

@@ -285,6 +285,39 @@ class Fold:
             if e.state == "COMPLETED":
                 x["progress"] = 1.0
 
+    def _continued(self, e: ev.ExperimentContinued, item: Item) -> None:
+        """An ended experiment runs again under the continued config (its trials come back one by one with
+        TrialContinueRequested). Knobs set on the experiment stay; name, description and labels follow the config
+        only where the override changed them. An experiment that has not ended is left alone (as the searcher
+        and scheduler leave it)."""
+        x = self.experiments.get(e.experiment_id)
+        if x is None or x["ended_at"] is None:
+            return
+        self._row("experiments", e.experiment_id)
+        old = _config_columns(_decoded(x["config"]))
+        new = _config_columns(e.config)
+        x.update(state="ACTIVE", ended_at=None, end_reason="", config=_j(e.config), config_yaml=e.config_yaml,
+                 searcher_name=new["searcher_name"], searcher_metric=new["searcher_metric"],
+                 smaller_is_better=new["smaller_is_better"])
+        x.update({k: new[k] for k in ("name", "description", "labels") if new[k] != old[k]})
+
+    def _continue_requested(self, e: ev.TrialContinueRequested, item: Item) -> None:
+        """An ended trial is queued again; its share of the experiment's progress starts over, and so does the
+        experiment's progress (as Determined resets it): the one place progress may go back."""
+        self._settle_progress(e.experiment_id)
+        t = self.trials.get(e.trial_id)
+        if t is None or t["ended_at"] is None:
+            return
+        self._row("trials", e.trial_id)
+        t.update(state="QUEUED", ended_at=None, exit_code=None, end_reason="", restarts=0, stop_requested=False,
+                 hparams=_j(e.hparams), max_length=e.max_length, progress=0.0)
+        progress = self.progress_of.get(e.experiment_id)
+        x = self.experiments.get(e.experiment_id)
+        if progress is not None and x is not None:
+            progress[e.trial_id] = 0.0
+            self._row("experiments", e.experiment_id)
+            x["progress"] = search_progress(progress.values(), x.get("planned_trials") or 0)
+
     # -- trials -----------------------------------------------------------------------------------
 
     def _created(self, e: ev.TrialCreated, item: Item) -> None:
@@ -570,6 +603,8 @@ _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.TrainingMetricsReported: Fold._training,
     ev.LogsShipped: Fold._logs,
     ev.MessageDeadLettered: lambda f, e, _: None,
+    ev.ExperimentContinued: Fold._continued,
+    ev.TrialContinueRequested: Fold._continue_requested,
 }
 
 
@@ -650,7 +685,7 @@ async def _load(conn: Any, items: Sequence[Item]) -> dict[str, Any]:
             trial_ids.add(trial_id)
         if (allocation_id := getattr(e, "allocation_id", None)) is not None:
             allocation_ids.add(allocation_id)
-        if kind is ev.TrialProgressReported or kind is ev.TrialExited:
+        if kind is ev.TrialProgressReported or kind is ev.TrialExited or kind is ev.TrialContinueRequested:
             progress_of.add(e.experiment_id)
     models = await conn.fetch(_select("models", "id = ANY($1::bigint[]) OR name = ANY($2::text[])"),
                               list(model_ids), list(model_names)) if model_ids else []

@@ -26,7 +26,7 @@ from schemas import context as code_context
 from schemas import events as ev
 from schemas.config import ExperimentConfig, config_from_wire
 from schemas.data import locate
-from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
+from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo, stored_checkpoint_prefix
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
 from services.worker.outbox import OversizedEvent
 from services.worker.sandbox import TrialRuntime, give_to
@@ -194,10 +194,12 @@ class FirstTraceback:
         return (text[:FIRST_ERROR_REASON_CHARS] + where).strip()
 
 
-def _grant(experiment_id: int, trial_id: int, config: ExperimentConfig, store: Store | None) -> StoreGrant:
-    """What the trial may reach in the store: its experiment's checkpoints, its own TensorBoard files (write only),
-    and the Delta table its config names (read-only; the version it reads was pinned at submission)."""
-    grant = StoreGrant.of(experiment_id, trial_id=trial_id)
+def _grant(experiment_id: int, trial_id: int, config: ExperimentConfig, store: Store | None,
+           sources: tuple[str, ...] = ()) -> StoreGrant:
+    """What the trial may reach in the store: its experiment's checkpoints, a fine-tune's source checkpoints
+    (``sources``, read-only), its own TensorBoard files (write only), and the Delta table its config names
+    (read-only; the version it reads was pinned at submission)."""
+    grant = StoreGrant.of(experiment_id, sources, trial_id=trial_id)
     source = config.delta_source
     if source is None:
         return grant
@@ -281,8 +283,9 @@ class Allocation:
                                   Identity(experiment_id=a.experiment_id, trial_id=a.trial_id,
                                            allocation_id=a.allocation_id),
                                   self.publish, self.watch_stops, store=self.store,
-                                  grant=_grant(a.experiment_id, a.trial_id, config, self.store), owner=owner,
-                                  check_peer=True)
+                                  grant=_grant(a.experiment_id, a.trial_id, config, self.store,
+                                               tuple(self._sources(spec).values())),
+                                  owner=owner, check_peer=True)
             await self.link.start()
             argv = entrypoint_argv(config.entrypoint, python=self.runtime.python,
                                    processes=max(len(a.slot_ids), 1), rendezvous=_rendezvous(a),
@@ -373,6 +376,15 @@ class Allocation:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def _sources(self, spec: ev.TrialSpec) -> dict[str, str]:
+        """The other experiments' checkpoints this trial may read (a fine-tune's source): uuid -> key prefix.
+        Only one in the cluster's store can be granted; one stored elsewhere is read with the trial's own storage."""
+        source = spec.source_checkpoint
+        if source is None:
+            return {}
+        prefix = stored_checkpoint_prefix(source.storage, source.uuid, self.info_base.s3_bucket)
+        return {source.uuid: prefix} if prefix is not None else {}
+
     def _env(self, spec: ev.TrialSpec, config: ExperimentConfig) -> dict[str, str]:
         a = self.assigned
         info = msgspec.structs.replace(
@@ -386,6 +398,7 @@ class Allocation:
             container_addrs=[n.address for n in a.nodes] or self.info_base.container_addrs,
             master_port=a.master_port,
             link_path=str(self.link.path) if self.link is not None else "",
+            checkpoint_prefixes=self._sources(spec),
             trial=TrialInfo(
                 trial_id=a.trial_id,
                 experiment_id=a.experiment_id,

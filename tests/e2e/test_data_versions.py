@@ -148,9 +148,10 @@ def test_experiments_read_exactly_the_version_pinned_at_submission(kiln_stack: S
     child, _ = _create(stack, tmp_path, "child", _config("child", {"delta_table": local_table},
                                                          {"source_checkpoint_uuid": checkpoint}), "--paused")
     parent = _lineage(stack, child)
-    assert parent["parent"] == {"uuid": checkpoint, "experiment_id": pinned,
-                                "trial_id": runs[pinned]["trial"]["id"], "steps_completed": 1,
-                                "named_by": "source_checkpoint_uuid"}
+    assert {k: v for k, v in parent["parent"].items() if k != "storage"} == {
+        "uuid": checkpoint, "experiment_id": pinned, "trial_id": runs[pinned]["trial"]["id"], "steps_completed": 1,
+        "named_by": "source_checkpoint_uuid"}
+    assert parent["parent"]["storage"].endswith(f"/checkpoints/{pinned}")
     assert parent["data"]["version"] == 1
     assert f"parent checkpoint: {checkpoint} (experiment {pinned}" in stack.kiln("experiment", "describe",
                                                                              str(child)).stdout

@@ -214,8 +214,8 @@ def test_a_submission_records_its_lineage(tmp_path: Path) -> None:
 LINEAGE = ev.Lineage(config_digest="sha256:c", code_digest="sha256:d",
                      data=ev.DataVersion(table="s3://data/t", version=1, latest=True, table_id="id-1",
                                          committed_at=1.5),
-                     parent=ev.ParentCheckpoint(uuid="u", experiment_id=3, trial_id=4, steps_completed=20,
-                                                named_by="source_trial_id"))
+                     parent=ev.SourceCheckpoint(uuid="u", experiment_id=3, trial_id=4, steps_completed=20,
+                                                storage="s3://kiln/checkpoints/3", named_by="source_trial_id"))
 
 
 def _submitted(lineage: ev.Lineage | None) -> ev.ExperimentSubmitted:

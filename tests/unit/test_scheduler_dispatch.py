@@ -44,7 +44,6 @@ def test_every_domain_event_has_exactly_one_handler() -> None:
 @pytest.mark.parametrize(
     "event",
     [
-        ev.ExperimentEnded(experiment_id=1, state="COMPLETED"),
         ev.ValidationReported(experiment_id=1, trial_id=10, steps_completed=4, metrics={"loss": 0.5}),
         ev.TrialProgressReported(experiment_id=1, trial_id=10, progress=0.5),
         ev.AllocationKillRequested(experiment_id=1, trial_id=10, allocation_id="10.1", worker_id="w1"),
@@ -56,6 +55,15 @@ def test_events_the_scheduler_has_no_use_for_change_nothing(event: ev.DomainEven
     core = SchedulerCore.restore(OLD_SNAPSHOT)
     assert core.handle(event) == []
     assert core.snapshot() == OLD_SNAPSHOT
+
+
+def test_an_experiment_end_is_remembered_for_a_continue_and_an_old_snapshot_still_restores() -> None:
+    # The scheduler keeps which experiments ended (only those may be continued) in a table of its own, so the
+    # snapshot written before it existed still restores byte for byte; after an end it records the fact.
+    core = SchedulerCore.restore(OLD_SNAPSHOT)
+    assert core.handle(ev.ExperimentEnded(experiment_id=1, state="COMPLETED")) == []
+    assert core.state.ended == {1}
+    assert SchedulerCore.restore(core.snapshot()).state.ended == {1}
 
 
 def test_an_old_snapshot_restores_to_the_same_state() -> None:

@@ -83,6 +83,10 @@ SAMPLES: dict[type, Any] = {
     ev.ModelVersionDeleted: ev.ModelVersionDeleted(model_id=MODEL, version=1, checkpoint_uuid="c0ffee",
                                                    experiment_id=EXP),
     ev.ModelDeleted: ev.ModelDeleted(model_id=MODEL, name="digits"),
+    ev.ExperimentContinued: ev.ExperimentContinued(experiment_id=EXP, config={"searcher": {"name": "single"}},
+                                                   config_yaml="", trial_ids=[TRIAL], request_id="k1"),
+    ev.TrialContinueRequested: ev.TrialContinueRequested(experiment_id=EXP, trial_id=TRIAL, hparams={"lr": 0.1},
+                                                         max_length=10, continuation=1),
     ev.TrainingMetricsReported: ev.TrainingMetricsReported(
         experiment_id=EXP, trial_id=TRIAL, batch_id="17.1-0",
         points=[ev.MetricPoint(steps_completed=1, metrics={"loss": 1.0})],
@@ -102,7 +106,7 @@ SAMPLE_IDS = [cls.__name__ for cls in SAMPLES]
 EXPERIMENT_EVENTS = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentEnded,
                      ev.ExperimentPauseRequested, ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged,
                      ev.CheckpointGCPolicyChanged, ev.CheckpointGCRequested, ev.CheckpointsDeleted,
-                     ev.ExperimentMetadataChanged, ev.ExperimentDeleted}
+                     ev.ExperimentMetadataChanged, ev.ExperimentDeleted, ev.ExperimentContinued}
 WORKER_COMMANDS = {ev.AllocationAssigned, ev.AllocationKillRequested}
 MODEL_EVENTS = {ev.ModelCreated, ev.ModelVersionRegistered, ev.ModelMetadataChanged, ev.ModelVersionDeleted,
                 ev.ModelDeleted}
@@ -110,6 +114,7 @@ TRIAL_EVENTS = {
     ev.TrialCreated, ev.TrialStopRequested, ev.TrialKillRequested, ev.TrialPreemptRequested, ev.TrialPreempted,
     ev.TrialResumeRequested, ev.TrialPaused, ev.TrialStarted, ev.AllocationExited, ev.AllocationLost,
     ev.TrialRestarting, ev.TrialExited, ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported,
+    ev.TrialContinueRequested,
 }
 
 
@@ -124,9 +129,9 @@ def test_samples_cover_every_event() -> None:
 GATEWAY = {ev.ExperimentSubmitted, ev.ExperimentKillRequested, ev.ExperimentPauseRequested,
            ev.ExperimentActivateRequested, ev.ExperimentResourcesChanged, ev.TrialKillRequested,
            ev.CheckpointGCPolicyChanged, ev.CheckpointsDeleted, ev.ExperimentMetadataChanged,
-           ev.ExperimentDeleted} | MODEL_EVENTS
+           ev.ExperimentDeleted, ev.ExperimentContinued} | MODEL_EVENTS
 SEARCHER = {ev.TrialCreated, ev.TrialStopRequested, ev.TrialResumeRequested, ev.ExperimentEnded,
-            ev.CheckpointGCRequested}
+            ev.CheckpointGCRequested, ev.TrialContinueRequested}
 SCHEDULER = {ev.TrialPreemptRequested, ev.TrialPreempted, ev.TrialPaused, ev.AllocationAssigned,
              ev.AllocationKillRequested, ev.WorkerLost, ev.AllocationLost, ev.TrialRestarting, ev.TrialExited}
 WORKER_FACTS = {ev.TrialStarted, ev.AllocationExited, ev.ValidationReported, ev.CheckpointStored,
@@ -316,6 +321,16 @@ def _r(cls: type, **changes: Any) -> Any:
         (_r(ev.LogsShipped, allocation_id="17.1"), _r(ev.LogsShipped, allocation_id="17.2"), False),
         (_r(ev.MessageDeadLettered, stream_seq=1), _r(ev.MessageDeadLettered, stream_seq=2), False),
         (_r(ev.MessageDeadLettered, consumer="a"), _r(ev.MessageDeadLettered, consumer="b"), False),
+        # After a continue a trial and its experiment end (and restart) again: new facts, not duplicates...
+        (_r(ev.TrialExited, continuation=0), _r(ev.TrialExited, continuation=1), False),
+        (_r(ev.TrialRestarting, continuation=0), _r(ev.TrialRestarting, continuation=1), False),
+        (ev.ExperimentEnded(experiment_id=EXP, state="COMPLETED"),
+         ev.ExperimentEnded(experiment_id=EXP, state="COMPLETED", continuation=1), False),
+        (_r(ev.TrialContinueRequested, continuation=1), _r(ev.TrialContinueRequested, continuation=2), False),
+        (_r(ev.ExperimentContinued, request_id="a"), _r(ev.ExperimentContinued, request_id="b"), False),
+        # ...and a kill of the continued experiment is not the kill before it.
+        (_r(ev.ExperimentKillRequested, request_id="a"), _r(ev.ExperimentKillRequested, request_id="b"), False),
+        (_r(ev.TrialKillRequested, request_id="a"), _r(ev.TrialKillRequested, request_id="b"), False),
     ],
 )
 def test_dedupe_keys_tell_facts_apart(a: Any, b: Any, same: bool) -> None:
