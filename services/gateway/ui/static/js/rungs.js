@@ -2,11 +2,11 @@
 // its trials, and its audit trail (GET /api/v1/experiments/{id}/events). Pure functions, no DOM.
 //
 // A trial's length is in the searcher's units: the `time_metric` it reports with each validation (or the
-// legacy max_length unit), else its steps. Rung lengths are where the searcher decided:
-// - stopping-based ASHA (stop_once, the default): the length of each trial's last validation before its
-//   TrialStopRequested, and the full length (max_time) on top;
-// - promotion-based ASHA (stop_once: false): the lengths trials were created or promoted to train to
-//   (TrialCreated / TrialResumeRequested max_length).
+// legacy max_length unit), else its steps. Rung lengths are those the search plans (docs/asha.md, "Planning":
+// the union over its brackets), else where the searcher decided: the length of each trial's last validation
+// before its TrialStopRequested, and the lengths trials were created or promoted to train to. A stopped trial
+// belongs to the highest rung at or below its length when it was stopped (a validation it made on its way out
+// does not move it up).
 
 export function isAdaptive(searcher) {
   return searcher && ["adaptive_asha", "async_halving"].includes(searcher.name);
@@ -49,6 +49,34 @@ export function stoppedEarly(searcher, trial) {
   return Boolean(trial.stop_requested) && (top === null || trialLength(searcher, trial) < top);
 }
 
+// The rung lengths the search plans, as docs/asha.md gives them (services/searcher/asha.py computes them for the
+// searcher; this is the display's reading of the same rule). Null when the config does not say.
+// One known difference: JavaScript's Math.log is not always correctly rounded, so at an exact power with
+// max_rungs >= 6 (ln(243)/ln(3)) this may plan one rung more than the searcher.
+export function plannedRungs(searcher) {
+  const maxTime = fullLength(searcher);
+  const d = searcher.divisor;
+  if (!maxTime || !(d > 1)) return null;
+  let counts;
+  if (searcher.name === "async_halving") {
+    counts = [searcher.num_rungs ?? searcher.max_rungs];
+  } else if (searcher.bracket_rungs && searcher.bracket_rungs.length) {
+    counts = searcher.bracket_rungs;
+  } else {
+    if (!searcher.max_trials) return null;
+    const r = Math.min(searcher.max_rungs, Math.trunc(Math.log(maxTime) / Math.log(d)) + 1,
+      Math.trunc(Math.log(searcher.max_trials) / Math.log(d)) + 1);
+    const from = searcher.mode === "aggressive" ? r : searcher.mode === "conservative" ? 1 : Math.floor((r - 1) / 2) + 1;
+    counts = [];
+    for (let k = from; k <= r; k++) counts.push(k);
+  }
+  const lengths = new Set();
+  for (const r of counts) {
+    for (let i = 0; i < r; i++) lengths.add(Math.max(Math.floor(maxTime / d ** (r - i - 1)), 1));
+  }
+  return [...lengths].sort((a, b) => a - b);
+}
+
 // {rungs: [{length, reached, promoted, stopped, paused, running, completed, ended}], trials: Map id -> {rung,
 // outcome, length}}: outcome is "stopped", "paused", "completed", "ended" (errored or killed) or "running".
 export function rungView(searcher, trials, events) {
@@ -67,10 +95,12 @@ export function rungView(searcher, trials, events) {
   for (const p of per.values()) p.length = Math.max(p.length, trialLength(searcher, p.trial));
 
   const top = fullLength(searcher);
-  const lengths = new Set(top ? [top] : []);
-  for (const p of per.values()) {
-    if (searcher.stop_once === false) p.targets.forEach((t) => lengths.add(t));
-    else if (p.stopAt) lengths.add(p.stopAt);
+  const lengths = new Set(plannedRungs(searcher) || (top ? [top] : []));
+  if (lengths.size <= 1) {
+    for (const p of per.values()) {
+      p.targets.forEach((t) => lengths.add(t));
+      if (p.stopAt) lengths.add(p.stopAt);
+    }
   }
   const rungs = [...lengths].filter((l) => top === null || l <= top).sort((a, b) => a - b)
     .map((length) => ({ length, reached: 0, promoted: 0, stopped: 0, paused: 0, running: 0, completed: 0, ended: 0 }));

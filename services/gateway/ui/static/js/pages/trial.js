@@ -54,10 +54,10 @@ export async function render(root, ctx) {
     followTrial(trial, ctx, (event, data) => panels.forEach((p) => p.onLive(event, data)));
     ctx.every(2000, () => { if (logs.follow.checked) logs.load(); });
     ctx.every(5000, async () => {
-      const wasRunning = !trial.ended_at;
-      await refresh();
-      if (wasRunning && trial.ended_at) { // the last lines, points and checkpoints
-        await Promise.all([logs.load(), loadCheckpoints(checkpoints, id, ctx), ...panels.map((p) => p.load())]);
+      if (trial.ended_at) return;
+      await Promise.all([refresh(), loadCheckpoints(checkpoints, id, ctx)]);
+      if (trial.ended_at) { // the last lines and points
+        await Promise.all([logs.load(), ...panels.map((p) => p.load())]);
       }
     });
   }
