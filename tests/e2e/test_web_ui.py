@@ -118,6 +118,12 @@ def asha(kiln_stack: Stack, code_dir: Path) -> int:
     return _submit(kiln_stack, code_dir, "asha.yaml")
 
 
+@pytest.fixture(scope="module")
+def live(kiln_stack: Stack, code_dir: Path) -> int:
+    """The long single-trial experiment's id (the live test watches it, then kills it)."""
+    return _submit(kiln_stack, code_dir, "live.yaml")
+
+
 def _ended(kiln_stack: Stack, experiment_id: int) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         e = kiln_stack.http.get(f"/api/v1/experiments/{experiment_id}").json()
@@ -209,8 +215,8 @@ def test_the_api_docs_render_offline(visit: Visit) -> None:
 
 
 def test_a_live_experiment_grows_on_screen_and_obeys_pause_activate_and_kill(
-        admin: Visit, kiln_stack: Stack, code_dir: Path) -> None:
-    exp_id = _submit(kiln_stack, code_dir, "live.yaml")
+        admin: Visit, kiln_stack: Stack, live: int) -> None:
+    exp_id = live
     page = admin.go(f"/experiments/{exp_id}/curves")
     chart = "[data-tab=curves] .chart"
     wait_for(lambda: _count(page, chart, "data-point-count") >= 2, timeout=180, what="the first validations")
@@ -244,7 +250,8 @@ def test_a_live_experiment_grows_on_screen_and_obeys_pause_activate_and_kill(
     expect(page.locator(".head [data-action]")).to_have_count(0)  # nothing left to do to it
 
 
-def test_the_experiments_list_filters_sorts_and_pages_on_the_server(admin: Visit, kiln_stack: Stack, asha: int) -> None:
+def test_the_experiments_list_filters_sorts_and_pages_on_the_server(
+        admin: Visit, kiln_stack: Stack, asha: int, live: int) -> None:
     page = admin.go("/experiments")
     rows = page.locator("table.experiments tbody tr")
     expect(rows.first).to_be_visible()

@@ -38,10 +38,14 @@ export async function render(root, ctx) {
     chart.set(series, { ...chartOptions, yLabel: select.value.split(":").slice(1).join(":") });
   }
 
+  let asked = 0; // a metric chosen while another loads: only the newest is drawn
+
   async function load() {
+    const mine = ++asked;
     if (!select.value) return draw();
     const [kind, name] = select.value.split(/:(.*)/s);
     const answers = await Promise.all(ids.map((id) => api.get(`/api/v1/trials/${id}/series`, { kind, name, max_points: 1000 }, ctx.signal)));
+    if (mine !== asked) return;
     series = answers.map((a, i) => ({
       key: String(ids[i]), label: `trial ${ids[i]}`, points: a.series[name] || [],
       detail: Object.entries(flatten(trials[i].hparams)).map(([k, v]) => `${k}=${fmtNum(v)}`).join(" "),

@@ -184,9 +184,13 @@ async function curves(el, model, ctx) {
     })), { ...chartOptions, yLabel: name });
   }
 
+  let asked = 0; // a metric chosen while another loads: only the newest is drawn
+
   async function load() {
+    const mine = ++asked;
     const maxPoints = Math.max(50, Math.min(1000, Math.floor(200_000 / Math.max(1, model.trials.length))));
     const answer = await api.get(`/api/v1/experiments/${model.id}/series`, { name, kind, max_points: maxPoints }, ctx.signal);
+    if (mine !== asked) return;
     series = new Map(answer.trials.map((t) => [t.trial_id, t.points]));
     draw();
   }

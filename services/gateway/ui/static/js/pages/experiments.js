@@ -66,7 +66,10 @@ export async function render(root, ctx) {
       h("label", archived, " archived too")),
     table, pager);
 
+  let latest = 0; // answers can arrive out of order (typing, the refresh): only the newest ask is shown
+
   async function load() {
+    const asked = ++latest;
     const params = { limit: state.limit, offset: state.offset, sort: state.sort, order: state.order,
       name: state.name, state: state.state, owner: state.owner, label: state.label,
       archived: state.archived ? undefined : "false" };
@@ -77,9 +80,10 @@ export async function render(root, ctx) {
     try {
       page = await api.get("/api/v1/experiments/page", params, ctx.signal);
     } catch (err) {
-      if (err.name !== "AbortError") clear(table, errorBox(err));
+      if (err.name !== "AbortError" && asked === latest) clear(table, errorBox(err));
       return;
     }
+    if (asked !== latest) return;
     const head = h("tr", COLUMNS.map((c) => h("th", {
       class: c.sort ? (c.sort === state.sort ? `sorted ${state.order}` : "sortable") : null,
       dataset: { key: c.key },

@@ -135,7 +135,10 @@ function metricPanel(parent, trial, experiment, kind, names, ctx) {
       { ...options, yLabel: g ? g.label : "" });
   }
 
+  let asked = 0; // a metric chosen while another loads: only the newest is drawn
+
   async function load() {
+    const mine = ++asked;
     if (!groups.length) {
       const fresh = await api.get(`/api/v1/trials/${trial.id}/metric-names`, null, ctx.signal);
       groups = metricGroups(fresh.filter((n) => n.kind === kind));
@@ -144,6 +147,7 @@ function metricPanel(parent, trial, experiment, kind, names, ctx) {
     }
     const g = group();
     const answer = await api.get(`/api/v1/trials/${trial.id}/series`, { kind, name: g.names, max_points: 1000 }, ctx.signal);
+    if (mine !== asked) return;
     series = answer.series;
     draw();
   }
