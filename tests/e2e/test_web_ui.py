@@ -423,3 +423,68 @@ def test_another_user_sees_no_actions_and_is_refused_the_code(
     expect(page.locator("[data-tab=code] .error")).to_contain_text("belong to 'admin'")
     page.click("button:has-text('Sign out')")
     expect(page.locator("form.login")).to_be_visible()
+
+
+CORES = """async () => {
+  const { SSEParser } = await import("/ui/js/sse.js");
+  const { smooth, xy } = await import("/ui/js/chart.js");
+  const { rungView, plannedRungs, stoppedEarly } = await import("/ui/js/rungs.js");
+  const { metricGroups } = await import("/ui/js/pages/trial.js");
+  const { parseLine } = await import("/ui/js/logs.js");
+  const parser = new SSEParser();
+  const messages = [];
+  const chunks = ["event: training\\r\\ndata: {\\"a\\":", "1}\\r\\n\\r",
+                  "\\n: keep-alive\\n\\nevent: end\\ndata: {}\\n\\n"];
+  for (const chunk of chunks) {
+    messages.push(...parser.push(chunk));
+  }
+  const searcher = { name: "adaptive_asha", stop_once: false, max_time: 9, max_trials: 3, divisor: 3,
+                     mode: "aggressive", max_rungs: 5, bracket_rungs: [], time_metric: "epochs" };
+  const v = (id, epochs) => ({ type: "ValidationReported", event: { trial_id: id, steps_completed: epochs * 10,
+                                                                   metrics: { epochs } } });
+  const events = [
+    { type: "TrialCreated", event: { trial_id: 1, max_length: 3 } },
+    { type: "TrialCreated", event: { trial_id: 2, max_length: 3 } },
+    { type: "TrialCreated", event: { trial_id: 3, max_length: 3 } },
+    v(1, 3), v(2, 3), { type: "TrialResumeRequested", event: { trial_id: 1, max_length: 9 } }, v(3, 3),
+    { type: "TrialStopRequested", event: { trial_id: 3 } }, v(1, 9),
+  ];
+  const t = (id, state, epochs, stop, ended) => ({ id, state, stop_requested: stop, ended_at: ended ? "x" : null,
+    latest_validation: { steps_completed: epochs * 10, metrics: { epochs } } });
+  const trials = [t(1, "COMPLETED", 9, false, true), t(2, "PAUSED", 3, false, false), t(3, "COMPLETED", 3, true, true)];
+  const view = rungView(searcher, trials, events);
+  return {
+    messages,
+    smoothed: smooth([1, null, 3], 0.5),
+    relative: xy([{ step: 2, value: 5, wall_time: 110 }, { step: 1, value: 4, wall_time: 100 }], "relative"),
+    planned: plannedRungs({ name: "adaptive_asha", max_time: 1000, max_trials: 64, divisor: 4, mode: "standard",
+                            max_rungs: 5, bracket_rungs: [] }),
+    rungs: view.rungs,
+    outcomes: Object.fromEntries([...view.trials].map(([id, r]) => [id, r.outcome])),
+    stopped: trials.map((x) => stoppedEarly(searcher, x)),
+    groups: metricGroups([{ kind: "validation", name: "acc_class_1" }, { kind: "validation", name: "acc_class_0" },
+                          { kind: "validation", name: "loss" }, { kind: "training", name: "loss" }])
+      .map((g) => [g.kind, g.label, g.names.length]),
+    line: parseLine({ allocation_id: "a", line_no: 3, ts: "t", stream: "stdout", text: "[rank=2] hello" },
+                    new Map([["a", "w1"]])),
+  };
+}"""
+
+
+def test_the_ui_cores_read_streams_rungs_and_metric_families(visit: Visit) -> None:
+    """The pure parts of the UI, run in the browser: the SSE parser over chunks cut anywhere, smoothing, the time
+    axis, the rung view of a promotion-based search, metric families, a log line's rank."""
+    page = visit.go("/")
+    got = page.evaluate(CORES)
+    assert got["messages"] == [{"event": "training", "data": {"a": 1}}, {"event": "end", "data": {}}]
+    assert got["smoothed"][0] == 1 and got["smoothed"][1] is None and got["smoothed"][2] == pytest.approx(7 / 3)
+    assert got["relative"] == {"xs": [0, 10], "ys": [4, 5]}
+    assert got["planned"] == [15, 62, 250, 1000]  # docs/asha.md's example
+    rung0, rung1 = got["rungs"]
+    assert (rung0["length"], rung0["reached"], rung0["promoted"], rung0["paused"], rung0["stopped"]) == (3, 3, 1, 1, 1)
+    assert (rung1["length"], rung1["reached"], rung1["completed"]) == (9, 1, 1)
+    assert got["outcomes"] == {"1": "completed", "2": "paused", "3": "stopped"}
+    assert got["stopped"] == [False, False, True]
+    assert sorted(got["groups"]) == [["training", "loss", 1], ["validation", "acc_class_*", 2],
+                                     ["validation", "loss", 1]]
+    assert got["line"] == {"key": "a:3", "ts": "t", "rank": 2, "worker": "w1", "stream": "stdout", "text": "hello"}
