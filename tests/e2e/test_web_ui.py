@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.e2e.conftest import REPO, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
+expect.set_options(timeout=30_000)  # what a page shows follows the read model, which follows the bus
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (deploy/setup.sh); Playwright's own browser download cannot work here
 SHOTS = Path(os.environ.get("KILN_UI_SCREENSHOTS") or REPO / "test-artifacts" / "web-ui")

@@ -39,7 +39,9 @@ export async function render(root, ctx) {
   let tabState = null;
 
   function drawHead() {
-    clear(head, header(model, ctx, async () => { await reload(); drawHead(); }));
+    // After an action: the state the gateway answered with, until the periodic refresh reads the read model
+    // (which shows it once the tracker has folded the request).
+    clear(head, header(model, ctx, (answer) => { model.experiment.state = answer.state; drawHead(); }));
   }
 
   function drawTabs() {
@@ -103,7 +105,7 @@ async function follow(model, ctx, onEvent) {
   }
 }
 
-function header(model, ctx, refresh) {
+function header(model, ctx, answered) {
   const e = model.experiment;
   const s = e.config.searcher;
   const mayChange = ctx.user.admin || ctx.user.username === e.submitted_by;
@@ -114,8 +116,7 @@ function header(model, ctx, refresh) {
       if (verb === "kill" && !confirm(`Kill experiment ${e.id} and all its trials?`)) return;
       ev.target.disabled = true;
       try {
-        await api.post(`/api/v1/experiments/${e.id}/${verb}`);
-        await refresh();
+        answered(await api.post(`/api/v1/experiments/${e.id}/${verb}`));
       } catch (err) {
         message.textContent = err.message;
         message.hidden = false;

@@ -33,7 +33,7 @@ export async function render(root, ctx) {
   root.append(head, h("h2", "Metrics"), charts, h("h2", "Logs"), logsEl, h("h2", "Checkpoints"), checkpoints,
     h("h2", "Allocations"), allocations);
 
-  const drawHead = () => clear(head, header(trial, experiment, ctx, refresh));
+  const drawHead = () => clear(head, header(trial, experiment, ctx));
   const drawAllocations = () => clear(allocations, allocationTable(trial));
   async function refresh() {
     trial = await api.get(`/api/v1/trials/${id}`, null, ctx.signal);
@@ -63,7 +63,7 @@ export async function render(root, ctx) {
   }
 }
 
-function header(trial, experiment, ctx, refresh) {
+function header(trial, experiment, ctx) {
   const searcher = experiment.config.searcher;
   const mayChange = ctx.user.admin || ctx.user.username === experiment.submitted_by;
   const message = h("div.error", { role: "alert", hidden: true });
@@ -72,8 +72,9 @@ function header(trial, experiment, ctx, refresh) {
       if (!confirm(`Kill trial ${trial.id}?`)) return;
       ev.target.disabled = true;
       try {
-        await api.post(`/api/v1/trials/${trial.id}/kill`);
-        await refresh();
+        const answer = await api.post(`/api/v1/trials/${trial.id}/kill`);
+        trial.state = answer.state; // until the periodic refresh reads the read model
+        ev.target.replaceWith(badge(answer.state));
       } catch (err) {
         message.textContent = err.message;
         message.hidden = false;
