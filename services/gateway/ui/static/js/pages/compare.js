@@ -1,7 +1,7 @@
 // Two or more trials side by side (#/compare?trials=3,7,9): one chart with a line per trial for any metric
 // they reported, and their hyperparameters and results in columns.
 import * as api from "../api.js";
-import { h, clear, link, badge, fmtNum, flatten, errorBox } from "../dom.js";
+import { h, link, badge, fmtNum, flatten } from "../dom.js";
 import { LineChart, chartControls } from "../chart.js";
 
 export async function render(root, ctx) {
