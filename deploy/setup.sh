@@ -21,4 +21,14 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.kiln-setup-*
     touch "$stamp"
 fi
+# The web UI's end-to-end tests drive Debian's Chromium through Playwright (Playwright's own browser download
+# cannot reach its host here). Installed when missing and we may (root with apt, as in CI).
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: /usr/bin/chromium is missing: the web UI's e2e tests need it (apt-get install chromium, as root)" >&2
+    fi
+fi
 echo "setup done: .venv ready ($(.venv/bin/python --version))"

@@ -104,6 +104,7 @@ class ExperimentSummary(_ExperimentFields, kw_only=True):
     """One experiment in a list, with its number of trials."""
 
     num_trials: int
+    best_trial: BestTrial | None = None  # in the experiments page (``ExperimentPage``); absent from the plain list
 
 
 class BestTrial(msgspec.Struct, kw_only=True):
@@ -242,6 +243,7 @@ class SeriesPoint(msgspec.Struct, kw_only=True):
 
     step: int
     value: float | None
+    wall_time: float | None = None  # when it was reported, in seconds since the Unix epoch (a chart's time axis)
 
 
 class Series(msgspec.Struct, kw_only=True):
@@ -519,3 +521,40 @@ class Forked(msgspec.Struct, kw_only=True):
     warnings: list[str]
     context_digest: str
     config_yaml: str
+
+
+# -- the web UI's reads (``services/gateway/ui``): pages of experiments, an experiment's curves -----------------
+
+
+class ExperimentPage(msgspec.Struct, kw_only=True):
+    """A page of experiments as filtered and sorted, and how many match in all."""
+
+    total: int
+    offset: int
+    limit: int
+    experiments: list[ExperimentSummary]
+
+
+class TrialSeries(msgspec.Struct, kw_only=True):
+    """One trial's (downsampled) series of a metric."""
+
+    trial_id: int
+    points: list[SeriesPoint]
+
+
+class ExperimentSeries(msgspec.Struct, kw_only=True):
+    """One metric's series of every trial of an experiment that reported it (learning curves)."""
+
+    experiment_id: int
+    kind: Literal["training", "validation"]
+    name: str
+    max_points: int  # per trial
+    trials: list[TrialSeries]
+
+
+class ExperimentMetricName(msgspec.Struct, kw_only=True):
+    """A metric some trial of an experiment reported, and how many trials reported it."""
+
+    kind: Literal["training", "validation"]
+    name: str
+    trials: int

@@ -76,7 +76,7 @@ from schemas.config import (
     text_problem,
 )
 from schemas.trial import TENSORBOARD, key_refusal, tensorboard_prefix
-from services.gateway import auth, collector, continuation, queries
+from services.gateway import auth, collector, continuation, queries, ui
 from services.gateway import lineage as data_lineage
 from services.gateway.auth import Principal
 from services.runtime import NATS_CLOSED, NATS_TIMEOUT, NATS_UNAVAILABLE, Bus, postgres_unavailable
@@ -1625,6 +1625,65 @@ async def delete_model_version(state: State, request: Request[Principal, int, An
     return api.ModelRemoved(id=model.id, name=model.name, versions=[row[0].version], model_deleted=False)
 
 
+# -- the web UI's reads (``services/gateway/ui`` serves the pages; these feed the lists and charts) --------------
+
+Text = Annotated[str | None, Parameter(min_length=1, max_length=255)]
+
+
+@get("/api/v1/experiments/page", operation_id="listExperimentsPage", responses=_errors())
+async def experiments_page(
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
+    offset: Offset = 0,
+    sort: Annotated[str, Parameter(pattern="^(" + "|".join(queries.EXPERIMENT_SORTS) + ")$")] = "id",
+    order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "desc",
+    experiment_state: Annotated[str | None, Parameter(query="state", min_length=1, max_length=64)] = None,
+    archived: bool | None = None,
+    name: Text = None,
+    owner: Text = None,
+    label: Text = None,
+    searcher: Text = None,
+) -> api.ExperimentPage:
+    """A page of experiments filtered (state, name contains, owner, label, searcher) and sorted in Postgres, with
+    how many match in all."""
+    where = queries.ExperimentFilter(state=experiment_state, archived=archived, name=name, owner=owner, label=label,
+                                     searcher=searcher)
+    async with _deps(state).db() as conn:
+        return await queries.experiments_page(conn, where, sort, order == "desc", limit, offset)
+
+
+@get("/api/v1/experiments/{experiment_id:int}/metric-names", operation_id="getExperimentMetricNames",
+     responses=_errors(404))
+async def experiment_metric_names(state: State, experiment_id: Id) -> list[api.ExperimentMetricName]:
+    """The metrics the experiment's trials reported (training and validation), with how many trials each."""
+    async with _deps(state).db() as conn:
+        found(await queries.get_experiment(conn, experiment_id), "experiment", experiment_id)
+        return await queries.experiment_metric_names(conn, experiment_id)
+
+
+@get("/api/v1/experiments/{experiment_id:int}/series", operation_id="getExperimentSeries", responses=_errors(404))
+async def experiment_series(
+    state: State,
+    experiment_id: Id,
+    name: Annotated[str, Parameter(min_length=1, max_length=255)],
+    kind: Annotated[str, Parameter(pattern="^(training|validation)$")] = "validation",
+    max_points: Annotated[int, Parameter(ge=2, le=10000)] = 500,
+    trial_id: Annotated[list[int] | None, Parameter(query="trial_id")] = None,
+) -> api.ExperimentSeries:
+    """One metric's series for every trial of the experiment (or the ``trial_id`` ones), each downsampled
+    server-side to at most ~max_points keeping extremes, with each point's wall time."""
+    async with _deps(state).db() as conn:
+        found(await queries.get_experiment(conn, experiment_id), "experiment", experiment_id)
+        ids = await queries.experiment_trial_ids(conn, experiment_id)
+        if trial_id is not None:  # only the experiment's own: other ids (any int) never reach Postgres
+            wanted = set(trial_id)
+            ids = [i for i in ids if i in wanted]
+        by_trial = await queries.series_of_trials(conn, ids, kind, name, max_points) if ids else {}
+    return api.ExperimentSeries(experiment_id=experiment_id, kind=kind, name=name,  # type: ignore[arg-type]
+                                max_points=max_points,
+                                trials=[api.TrialSeries(trial_id=t, points=p) for t, p in by_trial.items()])
+
+
 ROUTES = [
     health, master_info, create_experiment, list_experiments, get_experiment, list_trials, kill_experiment, get_trial,
     pause_experiment, activate_experiment, set_resources, kill_trial, list_agents, list_jobs,
@@ -1636,6 +1695,7 @@ ROUTES = [
     trial_tensorboard_files, trial_tensorboard_file,
     create_model, list_models, get_model, set_model_metadata, delete_model, list_model_versions,
     register_model_version, get_model_version, delete_model_version,
+    experiments_page, experiment_metric_names, experiment_series,
 ]
 ROUTES += [experiment_lineage]
 
@@ -1728,10 +1788,11 @@ def create_app(deps_factory: Any, max_body_bytes: int) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, *ui.routes({auth.PUBLIC: True})],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Kiln", version="0.1.0", security=[{auth.SCHEME: []}],
+            render_plugins=ui.schema_plugins(),  # served from the vendored files: no CDN, works offline
             components=Components(security_schemes={auth.SCHEME: SecurityScheme(
                 type="http", scheme="bearer",
                 description="An API token from POST /api/v1/auth/login or POST /api/v1/tokens (`kiln user login`)")}),

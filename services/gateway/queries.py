@@ -59,6 +59,76 @@ async def list_experiments(conn: Any, limit: int, offset: int, state: str | None
     return _typed(records, api.ExperimentSummary)
 
 
+# The experiments page (the web UI's list): sort keys a client may ask for, mapped to SQL (never the client's
+# text). The best metric is the best trial's, in the experiment's own direction.
+_BEST = ("(SELECT t.best_metric FROM trials t WHERE t.experiment_id = e.id AND t.best_metric IS NOT NULL"
+         " ORDER BY CASE WHEN e.smaller_is_better THEN t.best_metric ELSE -t.best_metric END LIMIT 1)")
+EXPERIMENT_SORTS = {
+    "id": "e.id", "name": "lower(e.name)", "state": "e.state", "searcher": "e.searcher_name",
+    "progress": "e.progress", "owner": "e.submitted_by", "submitted_at": "e.submitted_at",
+    "ended_at": "e.ended_at", "num_trials": "(SELECT count(*) FROM trials t WHERE t.experiment_id = e.id)",
+    "best_metric": _BEST,
+}
+
+
+class ExperimentFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """What the experiments page shows: each field narrows the list (None: no condition)."""
+
+    state: str | None = None
+    archived: bool | None = None
+    name: str | None = None  # contained in the name, ignoring case
+    owner: str | None = None
+    label: str | None = None
+    searcher: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition (parameters from $1) and its arguments."""
+        args: list[Any] = []
+        conds = []
+        for column, value in (("e.state = {}", self.state), ("e.archived = {}", self.archived),
+                              ("strpos(lower(e.name), lower({})) > 0", self.name),
+                              ("e.submitted_by = {}", self.owner),
+                              ("e.labels @> jsonb_build_array({}::text)", self.label),
+                              ("e.searcher_name = {}", self.searcher)):
+            if value is not None:
+                args.append(value)
+                conds.append(column.format(f"${len(args)}"))
+        return (" AND ".join(conds) or "true"), args
+
+
+async def experiments_page(conn: Any, where: ExperimentFilter, sort: str, descending: bool, limit: int,
+                           offset: int) -> api.ExperimentPage:
+    """A page of experiments, filtered and sorted in Postgres, with the number that match.
+
+    The page's ids are chosen first from the experiments table alone (and the sort key); trial counts and best
+    trials are looked up for those rows only, so a page costs the same with ten or ten thousand experiments.
+    """
+    cond, args = where.where()
+    n = len(args)
+    direction = "DESC" if descending else "ASC"
+    order = f"{EXPERIMENT_SORTS[sort]} {direction} NULLS LAST, e.id {direction}"
+    total = await conn.fetchval(f"SELECT count(*) FROM experiments e WHERE {cond}", *args)
+    records = await conn.fetch(
+        f"WITH page AS (SELECT e.id FROM experiments e WHERE {cond} ORDER BY {order} LIMIT ${n + 1} OFFSET ${n + 2})"
+        f" SELECT {EXPERIMENT_COLUMNS},"
+        " (SELECT count(*) FROM trials t WHERE t.experiment_id = e.id) AS num_trials, b.id AS best_id,"
+        " b.best_metric AS best_value"
+        " FROM page JOIN experiments e ON e.id = page.id"
+        " LEFT JOIN LATERAL (SELECT t.id, t.best_metric FROM trials t WHERE t.experiment_id = e.id"
+        "   AND t.best_metric IS NOT NULL"
+        "   ORDER BY CASE WHEN e.smaller_is_better THEN t.best_metric ELSE -t.best_metric END LIMIT 1) b ON true"
+        f" ORDER BY {order}",  # the same order over the same rows (ties go by id): the page as chosen
+        *args, limit, offset)
+    rows = []
+    for r in records:
+        row = dict(r)
+        best_id, best_value = row.pop("best_id"), row.pop("best_value")
+        row["best_trial"] = {"id": best_id, "best_metric": best_value} if best_id is not None else None
+        rows.append(row)
+    return api.ExperimentPage(total=total, offset=offset, limit=limit,
+                              experiments=msgspec.convert(rows, list[api.ExperimentSummary]))
+
+
 async def get_experiment(conn: Any, experiment_id: int) -> api.Experiment | None:
     """One experiment with its config and a per-state trial count."""
     row = await conn.fetchrow(f"SELECT {EXPERIMENT_COLUMNS}, e.config, e.config_yaml, e.seed, e.lineage"
@@ -101,28 +171,56 @@ async def metric_names(conn: Any, trial_id: int) -> list[api.MetricName]:
 
 
 async def series(conn: Any, trial_id: int, kind: str, name: str, max_points: int) -> list[api.SeriesPoint]:
-    """One metric's series, downsampled in Postgres to about ``max_points`` points that keep extremes.
+    """One metric's series of one trial, downsampled in Postgres (``series_of_trials``)."""
+    return (await series_of_trials(conn, [trial_id], kind, name, max_points)).get(trial_id, [])
 
-    The steps are cut into ``max_points / 2`` equal buckets; each bucket keeps its minimum and its
+
+async def series_of_trials(conn: Any, trial_ids: list[int], kind: str, name: str,
+                           max_points: int) -> dict[int, list[api.SeriesPoint]]:
+    """One metric's series of each trial (those without a point are left out), each downsampled in Postgres to
+    about ``max_points`` points that keep extremes.
+
+    A trial's steps are cut into ``max_points / 2`` equal buckets; each bucket keeps its minimum and its
     maximum (a spike or a NaN never disappears from a chart). Short series come back whole.
     """
     buckets = max(max_points // 2, 1)
     records = await conn.fetch(
-        # One hash aggregate per bucket: min(ARRAY[value, step]) is the bucket's lowest value with its
-        # earliest step, max(ARRAY[value, -step]) its highest (NaN sorts highest). The range is
-        # MATERIALIZED so it is computed once, not per row. (benchmarks/ingest: p95 169 -> 94 ms at 100k.)
-        "WITH s AS MATERIALIZED (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM metric_points"
-        "           WHERE trial_id = $1 AND kind = $2 AND name = $3 AND value IS NOT NULL),"
-        " b AS (SELECT CASE WHEN s.n <= $4 THEN p.step"
+        # One hash aggregate per (trial, bucket): min(ARRAY[value, step, time]) is the bucket's lowest value
+        # with its earliest step, max(ARRAY[value, -step, time]) its highest (NaN sorts highest). The ranges are
+        # MATERIALIZED so they are computed once, not per row. (benchmarks/ingest: p95 169 -> 94 ms at 100k.)
+        "WITH s AS MATERIALIZED (SELECT trial_id, count(*) AS n, min(step) AS lo, max(step) AS hi"
+        "           FROM metric_points WHERE trial_id = ANY($1::bigint[]) AND kind = $2 AND name = $3"
+        "           AND value IS NOT NULL GROUP BY trial_id),"
+        " b AS (SELECT p.trial_id, CASE WHEN s.n <= $4 THEN p.step"
         "                   ELSE ((p.step - s.lo) * $5) / GREATEST(s.hi - s.lo + 1, 1) END AS bucket,"
-        "              min(ARRAY[p.value, p.step::float8]) AS lo, max(ARRAY[p.value, -p.step::float8]) AS hi"
-        "       FROM metric_points p, s WHERE p.trial_id = $1 AND p.kind = $2 AND p.name = $3"
-        "       AND p.value IS NOT NULL GROUP BY 1)"
-        " SELECT lo[2]::bigint AS step, lo[1] AS value FROM b UNION SELECT (-hi[2])::bigint, hi[1] FROM b"
-        " ORDER BY step",
-        trial_id, kind, name, max_points, buckets,
+        "              min(ARRAY[p.value, p.step::float8, extract(epoch FROM p.reported_at)::float8]) AS lo,"
+        "              max(ARRAY[p.value, -p.step::float8, extract(epoch FROM p.reported_at)::float8]) AS hi"
+        "       FROM metric_points p JOIN s ON s.trial_id = p.trial_id WHERE p.trial_id = ANY($1::bigint[])"
+        "       AND p.kind = $2 AND p.name = $3 AND p.value IS NOT NULL GROUP BY 1, 2)"
+        " SELECT trial_id, lo[2]::bigint AS step, lo[1] AS value, lo[3] AS wall_time FROM b"
+        " UNION SELECT trial_id, (-hi[2])::bigint, hi[1], hi[3] FROM b"
+        " ORDER BY trial_id, step",
+        trial_ids, kind, name, max_points, buckets,
     )
-    return _typed(records, api.SeriesPoint)
+    out: dict[int, list[api.SeriesPoint]] = {}
+    for r in records:
+        out.setdefault(r["trial_id"], []).append(
+            api.SeriesPoint(step=r["step"], value=r["value"], wall_time=r["wall_time"]))
+    return out
+
+
+async def experiment_trial_ids(conn: Any, experiment_id: int) -> list[int]:
+    """The ids of an experiment's trials, in order."""
+    return [r["id"] for r in await conn.fetch("SELECT id FROM trials WHERE experiment_id = $1 ORDER BY id",
+                                              experiment_id)]
+
+
+async def experiment_metric_names(conn: Any, experiment_id: int) -> list[api.ExperimentMetricName]:
+    """The metrics any trial of an experiment reported, with how many trials reported each."""
+    records = await conn.fetch(
+        "SELECT m.kind, m.name, count(*) AS trials FROM metric_summaries m JOIN trials t ON t.id = m.trial_id"
+        " WHERE t.experiment_id = $1 GROUP BY m.kind, m.name ORDER BY m.kind, m.name", experiment_id)
+    return _typed(records, api.ExperimentMetricName)
 
 
 async def get_trial(conn: Any, trial_id: int) -> api.TrialDetail | None:
