@@ -180,8 +180,8 @@ def test_a_missing_table_version_or_checkpoint_is_a_400_saying_what_and_where(ki
         ({"delta_table": f"s3://{BUCKET}-none/t"}, None, "data.delta_table", "does not exist on the stack's S3"),
         ({"delta_table": "relative/t"}, None, "data.delta_table", "absolute path"),
         ({"delta_table": table}, {"source_checkpoint_uuid": str(uuid.uuid4())}, "searcher.source_checkpoint_uuid",
-         "not found"),
-        ({"delta_table": table}, {"source_trial_id": 2**40}, "searcher.source_trial_id", "not found"),
+         "no checkpoint"),
+        ({"delta_table": table}, {"source_trial_id": 2**40}, "searcher.source_trial_id", "no trial"),
     ]
     for data, searcher, path, words in cases:
         resp = _submit(kiln_stack, _config("bad", data, searcher))

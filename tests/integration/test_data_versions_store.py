@@ -26,12 +26,10 @@ from schemas.config import parse_config
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo
 from services.gateway import lineage
 from services.gateway.app import GatewayDeps, Unavailable
-from services.gateway.auth import Principal
 from services.worker.link import Identity, MinioStore, StoreGrant, TrialLink, socket_path
 
 pytestmark = pytest.mark.integration
 
-ADMIN = Principal(user_id=1, username="admin", admin=True, token_id=1)
 # Writers need unsafe rename on a store without conditional puts; Kiln itself only reads.
 WRITE = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
 
@@ -62,7 +60,7 @@ async def _resolve(deps: GatewayDeps, data: dict[str, Any]) -> tuple[Any, ev.Lin
     text = msgspec.json.encode({"entrypoint": "python3 train.py", "searcher": {"name": "single", "metric": "rows"},
                                 "data": data}).decode()
     config, _ = parse_config(text)
-    return await lineage.resolve(deps, ADMIN, config, text, "sha256:code")
+    return await lineage.resolve(deps, config, text, "sha256:code", None)
 
 
 def _refusal(exc: pytest.ExceptionInfo[ClientException]) -> tuple[int, str, list[str]]:
