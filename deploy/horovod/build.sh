@@ -9,7 +9,8 @@
 # exactly, so a different torch gets its own build.
 #
 # Settings: HOROVOD_BUILD_JOBS (parallel compile jobs; default: the CPU count), KILN_HOROVOD_REBUILD=1 (ignore
-# the cache). Used by `just horovod`.
+# the cache), KILN_HOROVOD_CACHE (where wheels are cached; default deploy/horovod/wheels, e.g. a directory
+# outside the checkout so that fresh clones on one machine share one build). Used by `just horovod`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -40,7 +41,7 @@ mapfile -t deps < <("$PY" -c 'import tomllib; print("\n".join(tomllib.load(open(
 
 torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
 py_tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
-cache="deploy/horovod/wheels/torch-${torch_version}"
+cache="${KILN_HOROVOD_CACHE:-deploy/horovod/wheels}/torch-${torch_version}"
 wheel=$(ls "$cache"/horovod-"$VERSION"-"$py_tag"-*.whl 2>/dev/null | head -n 1 || true)
 if [ "${KILN_HOROVOD_REBUILD:-0}" = 1 ] || [ -z "$wheel" ]; then
     work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-horovod-XXXXXX")
