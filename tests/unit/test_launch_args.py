@@ -52,7 +52,8 @@ def test_horovod_runs_gloo_on_this_hosts_slots_with_horovods_rank_variable() -> 
         PY, "-m", "horovod.runner.launch", "--gloo", "-np", "3", "-H", "localhost:3",
         PY, "-m", "kiln.launch.wrap_rank", "HOROVOD_RANK", "--", PY, "train.py"]
     # Off a cluster (one slot) the user's -np sizes the host list too.
-    assert horovod.horovodrun_argv(_layout(1), ["-np", "2"], ["t.py"])[3:8] == ["--gloo", "-np", "2", "-H", "localhost:2"]
+    argv = horovod.horovodrun_argv(_layout(1), ["-np", "2"], ["t.py"])
+    assert argv[3:8] == ["--gloo", "-np", "2", "-H", "localhost:2"]
 
 
 def test_horovodruns_line_prefix_is_removed_so_lines_start_with_the_rank() -> None:

@@ -300,3 +300,13 @@ def test_the_searcher_length_becomes_a_train_unit(searcher: dict[str, Any], expe
                        "searcher": {"name": "single", "metric": "val_loss", **searcher}})
     config, _ = parse_config(text)
     assert _cluster_length(config, 5, None, 4) == expected
+
+
+def test_determineds_submodule_import_gets_kiln_pytorch() -> None:
+    """Determined's examples write ``from determined.pytorch import DataLoader, PyTorchTrial, PyTorchTrialContext``."""
+    import determined.pytorch as det_pytorch
+    from determined.pytorch import DataLoader, PyTorchTrial, PyTorchTrialContext
+
+    assert det_pytorch is pytorch
+    assert (DataLoader, PyTorchTrial, PyTorchTrialContext) == \
+        (pytorch.DataLoader, pytorch.PyTorchTrial, pytorch.PyTorchTrialContext)
