@@ -40,7 +40,7 @@ lint: setup
     {{venv}}/mypy
 
 # Build Horovod 0.28.1 (PyTorch + gloo, CPU) against .venv's torch and install it: minutes the first time, then
-# from the wheel cached in deploy/horovod/wheels/. Enables `kiln.launch.horovod` and the Horovod test.
+# from the wheel cached in deploy/horovod/build/. Enables `kiln.launch.horovod` and the Horovod test.
 horovod: setup
     bash deploy/horovod/build.sh
 

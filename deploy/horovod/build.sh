@@ -4,12 +4,12 @@
 # Horovod 0.28.1, its last release, hard-codes C++14 (C++11 in its gloo); torch >= 2.1's headers need C++17,
 # so the sdist as released does not build here. This downloads the sdist from PyPI, raises the standard to 17
 # in the three CMake files (patch_cxx17.py), builds a wheel and installs it. The wheel is cached under
-# deploy/horovod/wheels/torch-<version>/ (gitignored): a second run, or one after `deploy/setup.sh` rebuilt
+# deploy/horovod/build/torch-<version>/ (gitignored, like every build/): a second run, or one after `deploy/setup.sh` rebuilt
 # .venv with the same torch, installs it in seconds. Horovod's C++ part is built against one torch version
 # exactly, so a different torch gets its own build.
 #
 # Settings: HOROVOD_BUILD_JOBS (parallel compile jobs; default: the CPU count), KILN_HOROVOD_REBUILD=1 (ignore
-# the cache), KILN_HOROVOD_CACHE (where wheels are cached; default deploy/horovod/wheels, e.g. a directory
+# the cache), KILN_HOROVOD_CACHE (where wheels are cached; default deploy/horovod/build, e.g. a directory
 # outside the checkout so that fresh clones on one machine share one build). Used by `just horovod`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +41,7 @@ mapfile -t deps < <("$PY" -c 'import tomllib; print("\n".join(tomllib.load(open(
 
 torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
 py_tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
-cache="${KILN_HOROVOD_CACHE:-deploy/horovod/wheels}/torch-${torch_version}"
+cache="${KILN_HOROVOD_CACHE:-deploy/horovod/build}/torch-${torch_version}"
 wheel=$(ls "$cache"/horovod-"$VERSION"-"$py_tag"-*.whl 2>/dev/null | head -n 1 || true)
 if [ "${KILN_HOROVOD_REBUILD:-0}" = 1 ] || [ -z "$wheel" ]; then
     work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-horovod-XXXXXX")
