@@ -39,6 +39,11 @@ lint: setup
     {{venv}}/ruff check .
     {{venv}}/mypy
 
+# Build Horovod 0.28.1 (PyTorch + gloo, CPU) against .venv's torch and install it: minutes the first time, then
+# from the wheel cached in deploy/horovod/build/. Enables `kiln.launch.horovod` and the Horovod test.
+horovod: setup
+    bash deploy/horovod/build.sh
+
 # Only the fast no-I/O tests
 test-unit: setup
     {{venv}}/python -m pytest -q tests/unit

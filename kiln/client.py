@@ -242,7 +242,8 @@ class Client:
                 event, data = "message", list[str]()
                 for line in resp.iter_lines():
                     if not line:  # a blank line ends a message
-                        if data:
+                        # A keep-alive comment comes with an empty data line (Litestar's encoding): no message.
+                        if "".join(data).strip():
                             yield event, json.loads("\n".join(data))
                         event, data = "message", []
                     elif line.startswith("event:"):

@@ -25,6 +25,7 @@ from kiln import pytorch
 # Used as is locally; on a cluster the trial's hyperparameters replace them.
 DEFAULT_HPARAMS: dict[str, Any] = {"learning_rate": 0.05, "momentum": 0.9, "width": 16, "global_batch_size": 32}
 SPLIT_SEED = 0  # the same train/validation split for every trial, so their accuracies compare
+log = logging.getLogger("digits")
 
 
 def load_data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
@@ -37,13 +38,47 @@ def load_data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.Tensor
     return torch.utils.data.TensorDataset(x_train, y_train), torch.utils.data.TensorDataset(x_val, y_val)
 
 
+class ValidationTotals(pytorch.MetricReducer):
+    """Loss and accuracy over every validation record, however the set is cut into batches and slots: each
+    slot sums its own records, then the slots' sums are added up."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.correct, self.records = 0.0, 0, 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        self.records += len(labels)
+
+    def per_slot_reduce(self) -> tuple[float, int, int]:
+        return self.loss_sum, self.correct, self.records
+
+    def cross_slot_reduce(self, per_slot_metrics: list[tuple[float, int, int]]) -> dict[str, float]:
+        loss_sum = sum(m[0] for m in per_slot_metrics)
+        correct = sum(m[1] for m in per_slot_metrics)
+        records = sum(m[2] for m in per_slot_metrics)
+        return {"validation_loss": loss_sum / records, "validation_accuracy": correct / records}
+
+
 class DigitsTrial(pytorch.PyTorchTrial):
-    """The CNN of model.py, SGD with momentum, a step-decayed learning rate."""
+    """The CNN of model.py, SGD with momentum, a step-decayed learning rate.
+
+    On several slots (``pytorch_trial_distributed.yaml``) the model is trained data-parallel: each slot takes
+    ``global_batch_size / slots`` records of every batch, and a validation splits the validation set's batches
+    between the slots.
+    """
 
     def __init__(self, context: pytorch.PyTorchTrialContext) -> None:
         self.context = context
         self.train_data, self.val_data = load_data()
+        self.totals = context.wrap_reducer(ValidationTotals(), for_training=False)
         self.model = context.wrap_model(build_model(int(context.get_hparam("width"))))
+        dist = context.distributed
+        log.info("rank %d of %d: %d records of each batch of %d", dist.rank, dist.size,
+                 context.get_per_slot_batch_size(), context.get_global_batch_size())
         self.optimizer = context.wrap_optimizer(torch.optim.SGD(
             self.model.parameters(), lr=float(context.get_hparam("learning_rate")),
             momentum=float(context.get_hparam("momentum"))))
@@ -65,9 +100,11 @@ class DigitsTrial(pytorch.PyTorchTrial):
 
     def evaluate_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         images, labels = batch
-        logits = self.model(images)
-        return {"validation_loss": nn.functional.cross_entropy(logits, labels),
-                "validation_accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        self.totals.update(self.model(images), labels)
+        return {"validation_records": len(labels)}
+
+    def evaluation_reducer(self) -> dict[str, pytorch.Reducer]:
+        return {"validation_records": pytorch.Reducer.SUM}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # Where wrap_rank leaves a failed rank's error for its launcher (one JSON file per rank).
 ERRORS_DIR_ENV = "KILN_RANK_ERRORS_DIR"
@@ -57,21 +58,41 @@ def wrapped(script: list[str]) -> list[str]:
     return [sys.executable, "-m", "kiln.launch.wrap_rank", "RANK", "--", *python_argv(script)]
 
 
-def run_collecting_errors(argv: list[str], env: dict[str, str] | None = None) -> int:
+def run_collecting_errors(argv: list[str], env: dict[str, str] | None = None,
+                          strip: re.Pattern[bytes] | None = None) -> int:
     """Run a launcher; if it fails, print the first failing rank's error last, where a reader looks.
 
     Each rank's wrap_rank records its error tail with the time it failed; after the launcher's own summary
-    (torchrun's box names the rank but not the error), the earliest failure is printed in full.
+    (torchrun's box names the rank but not the error), the earliest failure is printed in full. ``strip``:
+    what the launcher puts before its ranks' lines (removed, so each line starts with wrap_rank's ``[rank=N] ``,
+    which ``kiln trial logs --rank`` and the worker's first-traceback finder read).
     """
     with tempfile.TemporaryDirectory(prefix="kiln-rank-errors-") as errors:
         child_env = dict(os.environ if env is None else env)
         child_env[ERRORS_DIR_ENV] = errors
-        proc = subprocess.Popen(argv, env=child_env)
+        if strip is None:
+            proc = subprocess.Popen(argv, env=child_env)
+            pumps: list[threading.Thread] = []
+        else:
+            proc = subprocess.Popen(argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            pumps = [threading.Thread(target=strip_lines, args=(src, dst, strip), daemon=True)
+                     for src, dst in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer))]
+            for t in pumps:
+                t.start()
         _forward_signals(proc)
         code = proc.wait()
+        for t in pumps:
+            t.join()
         if code != 0:
             report_first_failure(Path(errors))
         return code
+
+
+def strip_lines(src: IO[bytes], dst: IO[bytes], prefix: re.Pattern[bytes]) -> None:
+    """Copy ``src`` to ``dst`` line by line, without ``prefix`` where a line starts with it."""
+    for line in iter(src.readline, b""):
+        dst.write(prefix.sub(b"", line, count=1))
+        dst.flush()
 
 
 def report_first_failure(errors: Path) -> dict[str, Any] | None:

@@ -48,15 +48,26 @@ class _ResumableBatches:
         return n // self._batch_size if self._drop_last else -(-n // self._batch_size)
 
     def __len__(self) -> int:
-        """Batches per epoch on this slot (every slot gets the same count; a short tail is dropped)."""
-        return self._global_batches() // self._replicas if self._replicas > 1 else self._global_batches()
+        """Batches per epoch on this slot.
+
+        Training (``repeat``): every slot gets the same count, so the slots step together (DDP's gradient
+        allreduce is a collective); the global batches left over when their count does not divide by the
+        slots are dropped. Evaluation: every global batch is evaluated exactly once, so the first
+        ``global % replicas`` slots take one batch more.
+        """
+        total = self._global_batches()
+        if self._replicas == 1:
+            return total
+        if self._repeat:
+            return total // self._replicas
+        return len(range(self._rank, total, self._replicas))
 
     def _one_epoch(self, epoch: int) -> Iterator[list[int]]:
         indices = self._epoch_indices(epoch)
         per_slot = len(self)
         for i in range(per_slot):
-            # Slot r takes global batches r, r + replicas, ...: each optimizer step sees replicas
-            # consecutive batches of the global order, as a single slot would.
+            # Slot r takes global batches r, r + replicas, ... (Determined deals batches out the same way):
+            # each optimizer step sees replicas consecutive batches of the global order, as one slot would.
             b = i * self._replicas + self._rank
             yield indices[b * self._batch_size:(b + 1) * self._batch_size]
 

@@ -168,7 +168,11 @@ def init(*, hparams: dict[str, Any] | None = None, exp_conf: dict[str, Any] | No
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+                # Rank and size from the context, not torchrun's RANK/WORLD_SIZE: under horovodrun only
+                # MASTER_ADDR/MASTER_PORT (set by kiln.launch.horovod) are there for the rendezvous.
+                layout = core_context.distributed
+                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                        rank=layout.rank, world_size=layout.size)
                 started_group = True
         context = PyTorchTrialContext(core_context=core_context, hparams=hparams, trial_seed=trial_seed,
                                       exp_conf=exp_conf, aggregation_frequency=aggregation_frequency,

@@ -162,6 +162,14 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _rank_rng_state() -> dict[str, Any]:
+    """This process's RNG states: Python's and numpy's (JSON) under "host", torch's (tensors) under "torch"."""
+    torch_state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        torch_state["cuda"] = torch.cuda.get_rng_state_all()
+    return {"host": _rng_state(), "torch": torch_state}
+
+
 def _set_rng_state(state: dict[str, Any], torch_state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -285,7 +293,11 @@ class _TrialLoop:
         if self.core.preempt.should_preempt():
             log.info("preempted at batch %d: checkpointing and stopping", self.state.batches_trained)
             raise _Stop()
-        if self.context.get_stop_requested():
+        stop = self.context.get_stop_requested()
+        if self.dist.size > 1:
+            # Any rank may ask; all must leave together, or the others would wait in the next collective.
+            stop = any(self.dist.allgather(stop))
+        if stop:
             log.info("the trial asked to stop at batch %d", self.state.batches_trained)
             raise _Stop()
 
@@ -461,12 +473,16 @@ class _TrialLoop:
     def _checkpoint(self) -> None:
         self.state.last_ckpt = self.state.batches_trained
         uuid = ""
+        # Every rank's RNG states go into the chief's checkpoint: ranks that drew different random numbers
+        # (an augmentation on some ranks only) each continue from their own state on resume.
+        rng = _rank_rng_state()
+        ranks_rng = self.dist.allgather(rng) if self.dist.size > 1 else [rng]
         if self.is_chief:
             # Determined's contract: only the chief stores an unsharded checkpoint.
             metadata = {"steps_completed": self.state.batches_trained, "framework": f"torch-{torch.__version__}",
                         "format": "pickle"}
             with self.core.checkpoint.store_path(metadata) as (path, storage_id):
-                self._save(Path(path))
+                self._save(Path(path), ranks_rng)
                 uuid = storage_id
             log.info("checkpoint %s at batch %d", uuid, self.state.batches_trained)
         if self.dist.size > 1:
@@ -474,15 +490,15 @@ class _TrialLoop:
         for cb in self.callbacks.values():
             cb.on_checkpoint_upload_end(uuid=uuid)
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path, ranks_rng: list[dict[str, Any]]) -> None:
         ctx = self.context
         checkpoint: dict[str, Any] = {
             "models_state_dict": [_unwrap(m).state_dict() for m in ctx.models],
             "optimizers_state_dict": [o.state_dict() for o in ctx.optimizers],
             "lr_schedulers_state_dict": [s.state_dict() for s in ctx.lr_schedulers],
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
-            "rng_state": {"cpu": torch.get_rng_state(),
-                          **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+            # The chief's torch RNG state at the top (what a one-slot checkpoint holds), every rank's in "ranks".
+            "rng_state": {**ranks_rng[0]["torch"], "ranks": [r["torch"] for r in ranks_rng]},
         }
         if ctx._scaler is not None:
             checkpoint["scaler_state_dict"] = ctx._scaler.state_dict()
@@ -490,7 +506,8 @@ class _TrialLoop:
             cb.on_checkpoint_save_start(checkpoint)
         torch.save(checkpoint, path / STATE_DICT_FILE)
         (path / TRAINER_STATE_FILE).write_bytes(msgspec.json.encode(self.state))
-        (path / RNG_STATE_FILE).write_text(json.dumps(_rng_state()))
+        (path / RNG_STATE_FILE).write_text(json.dumps({**ranks_rng[0]["host"],
+                                                       "ranks": [r["host"] for r in ranks_rng]}))
         (path / LOAD_DATA_FILE).write_text(json.dumps({
             "trial_type": "PyTorchTrial", "trial_cls_spec": self.trial_cls_spec,
             "hparams": ctx.get_hparams(), "experiment_config": ctx._exp_conf or {}}, default=str))
@@ -527,7 +544,19 @@ class _TrialLoop:
                 self.state = restored
                 rng_file = path / RNG_STATE_FILE
                 if rng_file.exists():
-                    _set_rng_state(json.loads(rng_file.read_text()), checkpoint["rng_state"])
+                    self._restore_rng(json.loads(rng_file.read_text()), checkpoint["rng_state"])
+
+    def _restore_rng(self, host: dict[str, Any], torch_state: dict[str, Any]) -> None:
+        """This rank's own RNG states when the checkpoint has one per rank of this many; else the chief's."""
+        rank, size = self.dist.rank, self.dist.size
+        hosts, torches = host.get("ranks"), torch_state.get("ranks")
+        if isinstance(hosts, list) and isinstance(torches, list) and len(hosts) == len(torches) == size:
+            _set_rng_state(hosts[rank], torches[rank])
+            return
+        if size > 1 or (isinstance(hosts, list) and len(hosts) > 1):
+            log.warning("the checkpoint holds the RNG states of %s ranks, this trial runs %d: every rank "
+                        "continues from the chief's", len(hosts) if isinstance(hosts, list) else 1, size)
+        _set_rng_state(host, torch_state)
 
     def _build_loaders(self) -> None:
         size, rank = self.dist.size, self.dist.rank

@@ -106,3 +106,10 @@ def kiln_stack() -> Iterator[Stack]:
     """The shared stack of the e2e tests: three 1-slot workers."""
     with local_stack("kiln-e2e-", workers=3, slots_per_worker=1, max_context_bytes=2 * 1024 * 1024) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def two_slot_stack() -> Iterator[Stack]:
+    """A stack of its own with one 2-slot worker, shared by the 2-slot tests: a 2-slot trial runs on one host."""
+    with local_stack("kiln-e2e-dist-", workers=1, slots_per_worker=2) as s:
+        yield s

@@ -4,13 +4,12 @@ sharded checkpoints, and a failing rank whose own error is what the user sees.""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Stack, local_stack, wait_for
+from tests.e2e.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +35,6 @@ TRAIN = textwrap.dedent("""\
         with ctx.checkpoint.store_path({"steps_completed": 2, "sharded": True}, shard=True) as (path, _):
             (path / f"part{rank}.txt").write_text(str(rank))
 """)
-
-
-@pytest.fixture(scope="module")
-def two_slot_stack() -> Iterator[Stack]:
-    """One worker with two slots: a 2-slot trial runs on one host."""
-    with local_stack("kiln-e2e-dist-", workers=1, slots_per_worker=2) as s:
-        yield s
 
 
 def _run(stack: Stack, tmp_path: Path, entrypoint: str, max_restarts: int = 0) -> tuple[dict[str, Any], int]:

@@ -36,3 +36,21 @@ def test_kiln_s_own_field_errors() -> None:
 @pytest.mark.parametrize("extra", [None, "text", 3, [1, "x"]])
 def test_odd_extras_do_not_crash(extra: object) -> None:
     assert _check(409, {"detail": "conflict", "extra": extra}).errors == []
+
+
+def test_the_live_stream_skips_keep_alive_comments_as_the_gateway_encodes_them() -> None:
+    """Found: `kiln experiment create --follow` crashed (JSONDecodeError) on the first keep-alive, which the gateway
+    (Litestar) sends as a comment with an empty data line, after 15 s without events (a slow start on 2 slots)."""
+    from litestar.response.sse import ServerSentEventMessage
+
+    body = b"".join(m.encode() for m in (
+        ServerSentEventMessage(event="progress", data='{"progress": 0.5}'),
+        ServerSentEventMessage(comment="keep-alive"),
+        ServerSentEventMessage(event="end", data="{}")))
+    client = Client("http://gateway.test", token="t")
+    client._http = httpx.Client(base_url="http://gateway.test",
+                                transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body)))
+    try:
+        assert list(client.stream_experiment(1)) == [("progress", {"progress": 0.5}), ("end", {})]
+    finally:
+        client.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import pytest
 
 from kiln.launch import horovod, torch_distributed
-from kiln.launch._common import Layout, first_traceback
+from kiln.launch._common import Layout, first_traceback, strip_lines
 
 PY = sys.executable
 WRAP = [PY, "-m", "kiln.launch.wrap_rank", "RANK", "--"]
@@ -47,9 +48,23 @@ def test_trial_classes_go_through_kiln_exec() -> None:
 
 
 def test_horovod_runs_gloo_on_this_hosts_slots_with_horovods_rank_variable() -> None:
-    assert horovod.horovodrun_argv(_layout(3), [], ["python3", "train.py"], "/venv/bin/horovodrun") == [
-        "/venv/bin/horovodrun", "--gloo", "-np", "3", "-H", "localhost:3",
+    assert horovod.horovodrun_argv(_layout(3), [], ["python3", "train.py"]) == [
+        PY, "-m", "horovod.runner.launch", "--gloo", "-np", "3", "-H", "localhost:3",
         PY, "-m", "kiln.launch.wrap_rank", "HOROVOD_RANK", "--", PY, "train.py"]
+    # Off a cluster (one slot) the user's -np sizes the host list too.
+    argv = horovod.horovodrun_argv(_layout(1), ["-np", "2"], ["t.py"])
+    assert argv[3:8] == ["--gloo", "-np", "2", "-H", "localhost:2"]
+
+
+def test_horovodruns_line_prefix_is_removed_so_lines_start_with_the_rank() -> None:
+    src = io.BytesIO(b"[1]<stdout>:[rank=1] hello\n"
+                     b"Mon Dec  1 10:00:00 2026[0]<stderr>:[rank=0] Traceback (most recent call last):\n"
+                     b"Process 1 exit with status code 1.\n[rank=0] x [2]<stdout>: stays\n")
+    dst = io.BytesIO()
+    strip_lines(src, dst, horovod.HOROVODRUN_PREFIX)
+    assert dst.getvalue().decode().splitlines() == [
+        "[rank=1] hello", "[rank=0] Traceback (most recent call last):", "Process 1 exit with status code 1.",
+        "[rank=0] x [2]<stdout>: stays"]
 
 
 def test_the_first_traceback_is_found_under_torchs_rank_prefix() -> None:

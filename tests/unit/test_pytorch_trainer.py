@@ -269,8 +269,21 @@ def test_data_loader_shards_skips_and_repeats_deterministically() -> None:
     skipped = [b[0].tolist() for _, b in zip(range(5), loader.get_data_loader(repeat=True, skip=7, seed=3),
                                                   strict=False)]
     assert skipped == whole[7:12]
-    shards = [[b[0].tolist() for b in loader.get_data_loader(num_replicas=2, rank=r, seed=3)] for r in (0, 1)]
-    assert shards == [whole[0:4:2], whole[1:4:2]]  # global batches dealt in turn; the odd tail dropped
+    # Training: global batches dealt in turn, the same count to each slot (they step together); the odd
+    # fifth batch of each epoch is dropped.
+    train = [[b[0].tolist() for _, b in zip(range(4), loader.get_data_loader(repeat=True, num_replicas=2, rank=r,
+                                                                            seed=3), strict=False)] for r in (0, 1)]
+    assert train == [[whole[0], whole[2], whole[5], whole[7]], [whole[1], whole[3], whole[6], whole[8]]]
+    assert [len(loader.get_data_loader(repeat=True, num_replicas=2, rank=r)) for r in (0, 1)] == [2, 2]
+
+
+def test_evaluation_shards_cover_every_batch_once_even_when_the_slots_get_different_counts() -> None:
+    """A validation on 2 slots sees the whole validation set, as on one: no batch dropped, none twice."""
+    data = torch.utils.data.TensorDataset(torch.arange(11))
+    loader = pytorch.DataLoader(data, batch_size=3)  # 4 global batches, the last one short
+    shards = [[b[0].tolist() for b in loader.get_data_loader(num_replicas=3, rank=r)] for r in (0, 1, 2)]
+    assert shards == [[[0, 1, 2], [9, 10]], [[3, 4, 5]], [[6, 7, 8]]]
+    assert [len(loader.get_data_loader(num_replicas=3, rank=r)) for r in (0, 1, 2)] == [2, 1, 1]
 
 
 @pytest.mark.parametrize(("searcher", "expected"), [
@@ -287,3 +300,13 @@ def test_the_searcher_length_becomes_a_train_unit(searcher: dict[str, Any], expe
                        "searcher": {"name": "single", "metric": "val_loss", **searcher}})
     config, _ = parse_config(text)
     assert _cluster_length(config, 5, None, 4) == expected
+
+
+def test_determineds_submodule_import_gets_kiln_pytorch() -> None:
+    """Determined's examples write ``from determined.pytorch import DataLoader, PyTorchTrial, PyTorchTrialContext``."""
+    import determined.pytorch as det_pytorch
+    from determined.pytorch import DataLoader, PyTorchTrial, PyTorchTrialContext
+
+    assert det_pytorch is pytorch
+    assert (DataLoader, PyTorchTrial, PyTorchTrialContext) == \
+        (pytorch.DataLoader, pytorch.PyTorchTrial, pytorch.PyTorchTrialContext)
