@@ -426,6 +426,58 @@ def test_another_user_sees_no_actions_and_is_refused_the_code(
     expect(page.locator("form.login")).to_be_visible()
 
 
+
+def test_the_models_page_shows_a_registered_checkpoint_with_its_experiment_and_trial(
+        admin: Visit, kiln_stack: Stack, asha: int) -> None:
+    _ended(kiln_stack, asha)
+    trials = kiln_stack.http.get(f"/api/v1/experiments/{asha}/trials").json()
+    best = max(trials, key=lambda t: t["best_metric"])
+    kept = [c for c in kiln_stack.http.get(f"/api/v1/trials/{best['id']}/checkpoints").json()
+            if c["state"] == "COMPLETED"]
+    assert kept
+    checkpoint = kept[-1]
+    name = f"ui-model-{TAG}"
+    made = kiln_stack.http.post("/api/v1/models", json={
+        "name": name, "description": "digits classifier", "labels": [f"ui-{TAG}"], "metadata": {"task": "digits"}})
+    assert made.status_code == 201, made.text
+    registered = kiln_stack.http.post(f"/api/v1/models/{name}/versions", json={
+        "checkpoint_uuid": checkpoint["uuid"], "name": "best", "comment": "the best of the ASHA run",
+        "metadata": {"accuracy": round(best["best_metric"], 4)}})
+    assert registered.status_code == 201, registered.text
+
+    page = admin.go("/models")
+    expect(page.locator("#top nav a.active")).to_have_text("Models")
+    page.fill("input[name=name]", TAG)
+    row = page.locator(f"table.models tr[data-model='{name}']")
+    expect(row).to_contain_text("admin")
+    expect(row).to_contain_text(f"ui-{TAG}")
+    expect(row.locator("td").nth(1)).to_have_text("1")  # versions
+    admin.shot("models")
+
+    row.get_by_role("link", name=name).click()
+    expect(page.locator(".head h1")).to_have_text(name)
+    expect(page.locator(".head")).to_contain_text("task=digits")
+    version = page.locator("table.versions tr[data-version='1']")
+    expect(version).to_have_attribute("data-uuid", checkpoint["uuid"])
+    expect(version).to_contain_text("v1")
+    expect(version).to_contain_text("best")
+    expect(version).to_contain_text(checkpoint["uuid"][:8])
+    expect(version).to_contain_text(f"accuracy={round(best['best_metric'], 4)}")
+    expect(version.locator(".badge")).to_have_text("COMPLETED")
+    expect(version.locator("td").nth(5)).to_have_text(str(checkpoint["steps_completed"]))
+    expect(version.locator("td").nth(7)).to_have_text("admin")
+    expect(version.locator("a.experiment")).to_have_attribute("href", f"#/experiments/{asha}")
+    expect(version.locator("a.trial")).to_have_attribute("href", f"#/trials/{best['id']}")
+    admin.shot("model")
+
+    version.locator("a.checkpoint").click()  # the checkpoint, in its trial's page
+    expect(page.locator(".head h1")).to_have_text(f"Trial {best['id']}")
+    expect(page.locator(f"table.checkpoints tr.picked[data-uuid='{checkpoint['uuid']}']")).to_be_visible()
+    page.go_back()
+    page.locator("table.versions a.experiment").click()
+    expect(page.locator(".head h1")).to_contain_text(f"ui-asha-{TAG}")
+
+
 CORES = """async () => {
   const { SSEParser } = await import("/ui/js/sse.js");
   const { smooth, xy } = await import("/ui/js/chart.js");

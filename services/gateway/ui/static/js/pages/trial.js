@@ -200,11 +200,12 @@ async function loadCheckpoints(el, id, ctx) {
     return;
   }
   const message = h("div.error", { role: "alert", hidden: true });
+  const wanted = ctx.query.get("checkpoint"); // #/trials/12?checkpoint=<uuid> (a model version's link) marks its row
   clear(el, rows.length ? h("table.grid.checkpoints", h("thead", h("tr", ["uuid", "steps", "state", "size", "files",
     "metric", "reported", ""].map((c) => h("th", c)))),
   h("tbody", rows.map((c) => {
     const size = Object.values(c.resources).reduce((a, b) => a + b, 0);
-    return h("tr", { dataset: { uuid: c.uuid, state: c.state } },
+    return h("tr", { dataset: { uuid: c.uuid, state: c.state }, class: c.uuid === wanted ? "picked" : null },
       h("td", h("code", { title: c.uuid }, c.uuid.slice(0, 8))), h("td", String(c.steps_completed)), h("td", badge(c.state)),
       h("td", fmtBytes(size)), h("td", { title: Object.keys(c.resources).join("\n") }, String(Object.keys(c.resources).length)),
       h("td", c.metric === null ? "–" : `${c.searcher_metric}=${fmtNum(c.metric)}`), h("td", fmtTime(c.reported_at)),
@@ -219,6 +220,11 @@ async function loadCheckpoints(el, id, ctx) {
           }
         } }, "Download") : c.delete_reason));
   }))) : h("p.muted", "No checkpoints."), message);
+  const picked = el.querySelector("tr.picked");
+  if (picked && !el.dataset.scrolled) { // once: the periodic refresh leaves the reader where they are
+    el.dataset.scrolled = "true";
+    picked.scrollIntoView({ block: "center" });
+  }
 }
 
 function allocationTable(trial) {
