@@ -419,6 +419,7 @@ def test_another_user_sees_no_actions_and_is_refused_the_code(
     visit.go(f"/experiments/{asha}/curves")
     expect(page.locator(".head h1")).to_contain_text(f"ui-asha-{TAG}")
     expect(page.locator(".head [data-action]")).to_have_count(0)
+    expect(page.locator(".head details.tensorboard")).to_have_count(0)  # its TensorBoard files are the owner's
     page.click("nav.tabs [data-tab=code]")
     page.click("[data-action=download-code]")
     expect(page.locator("[data-tab=code] .error")).to_contain_text("belong to 'admin'")
@@ -477,6 +478,28 @@ def test_the_models_page_shows_a_registered_checkpoint_with_its_experiment_and_t
     page.locator("table.versions a.experiment").click()
     expect(page.locator(".head h1")).to_contain_text(f"ui-asha-{TAG}")
 
+
+def test_tensorboard_shows_the_command_to_run_on_the_users_machine(
+        admin: Visit, kiln_stack: Stack, asha: int) -> None:
+    trial_id = wait_for(lambda: (kiln_stack.http.get(f"/api/v1/experiments/{asha}/trials").json() or [None])[0],
+                        timeout=120, what="a trial")["id"]
+    admin.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=admin.origin)
+    page = admin.go(f"/experiments/{asha}/curves")
+    panel = page.locator(".head details.tensorboard")
+    expect(panel.locator(".tb-command")).to_be_hidden()
+    panel.locator("summary").click()
+    expect(panel.locator(".tb-command")).to_have_text(f"kiln tensorboard start {asha}")
+    expect(panel).to_contain_text("runs on your machine, not in the cluster")
+    panel.locator("[data-copy=tensorboard]").click()
+    expect(panel.locator(".tb-status")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == f"kiln tensorboard start {asha}"
+    admin.shot("tensorboard")
+
+    page = admin.go(f"/trials/{trial_id}")
+    panel = page.locator(".head details.tensorboard")
+    panel.locator("summary").click()
+    expect(panel.locator(".tb-command")).to_have_text(f"kiln tensorboard start --trial {trial_id}")
+    expect(panel).to_contain_text("not in the cluster")
 
 CORES = """async () => {
   const { SSEParser } = await import("/ui/js/sse.js");

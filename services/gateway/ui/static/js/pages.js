@@ -9,6 +9,7 @@ import * as trial from "./pages/trial.js";
 import * as compare from "./pages/compare.js";
 import * as cluster from "./pages/cluster.js";
 import * as models from "./pages/models.js";
+import { experimentLink as tensorboardForExperiment, trialLink as tensorboardForTrial } from "./tensorboard.js";
 
 export const ROUTES = [
   { pattern: /^\/experiments\/?$/, render: experiments.render },
@@ -27,5 +28,5 @@ export const NAV = [
   { href: "#/cluster", label: "Cluster", match: /^\/cluster/ },
 ];
 
-export const EXPERIMENT_LINKS = [];
-export const TRIAL_LINKS = [];
+export const EXPERIMENT_LINKS = [tensorboardForExperiment];
+export const TRIAL_LINKS = [tensorboardForTrial];

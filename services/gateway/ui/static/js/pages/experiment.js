@@ -133,7 +133,7 @@ function header(model, ctx, answered) {
   return [
     h("div.title-row",
       h("h1", e.name, h("span.muted", ` #${e.id}`)), badge(e.state), progressBar(e.progress),
-      h("span.spacer"), h("span.actions", actions, EXPERIMENT_LINKS.map((f) => f(e)))),
+      h("span.spacer"), h("span.actions", actions, EXPERIMENT_LINKS.map((f) => f(e, { user: ctx.user })))),
     e.description ? h("p.description", e.description) : null,
     message,
     h("dl.facts",

@@ -86,7 +86,7 @@ function header(trial, experiment, ctx) {
       h("h1", `Trial ${trial.id}`), h("span.muted", "of ", link(`#/experiments/${experiment.id}`, `${experiment.name} #${experiment.id}`)),
       badge(trial.state),
       stoppedEarly(searcher, trial) ? h("span.badge.stopped-early", "stopped early") : null,
-      progressBar(trial.progress), h("span.spacer"), h("span.actions", kill, TRIAL_LINKS.map((f) => f(trial)))),
+      progressBar(trial.progress), h("span.spacer"), h("span.actions", kill, TRIAL_LINKS.map((f) => f(trial, { user: ctx.user, experiment })))),
     message,
     h("dl.facts",
       h("dt", `best ${experiment.searcher_metric}`), h("dd", fmtNum(trial.best_metric)),
