@@ -97,10 +97,16 @@ export class LineChart {
       series: [{}, ...lines.map((l, i) => ({
         label: l.label, stroke: l.color || color(i), width: 1.5, spanGaps: true,
       }))],
-      hooks: { setCursor: [(u) => this.hover(u)] },
+      hooks: { setCursor: [(u) => this.hover(u)], draw: [() => this.drawn()] },
     }, data, this.el);
     this.u.over.append(this.tip);
     this.u.over.addEventListener("mouseleave", () => this.unfocus());
+  }
+
+  // After uPlot has drawn the lines: onDrawn() (a page's performance mark), counted on the element.
+  drawn() {
+    this.el.dataset.drawn = String(Number(this.el.dataset.drawn || 0) + 1);
+    if (this.onDrawn) this.onDrawn(this);
   }
 
   // The line nearest the cursor (in pixels, within 24 px): highlighted, with its label and value shown.

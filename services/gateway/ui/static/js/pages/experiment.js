@@ -10,6 +10,8 @@ import { parallelCoordinates, scatter, varyingHparams } from "../hparams.js";
 import { isAdaptive, rungView, stoppedEarly } from "../rungs.js";
 import { EXPERIMENT_LINKS } from "../pages.js";
 
+export const CURVES_DRAWN = "kiln:curves-drawn";
+
 const TABS = [
   ["curves", "Curves"], ["hparams", "HParams"], ["trials", "Trials"], ["rungs", "Rungs"], ["config", "Config"],
   ["code", "Code"], ["events", "Audit trail"],
@@ -174,6 +176,13 @@ async function curves(el, model, ctx) {
     chartControls(chartOptions, (o) => { Object.assign(chartOptions, o); draw(); }),
     h("span.muted", "Hover a line for its trial; drag to zoom, double-click to reset.")));
   const chart = new LineChart(el);
+  // The first time the curves are on screen: a performance mark (its startTime counts from the navigation), what
+  // benchmarks/ui measures.
+  chart.onDrawn = (c) => {
+    chart.onDrawn = null;
+    performance.mark(CURVES_DRAWN, { detail: { series: Number(c.el.dataset.seriesCount),
+      points: Number(c.el.dataset.pointCount) } });
+  };
   let series = new Map(); // trial id -> points
   let pending = false;
 
