@@ -478,6 +478,9 @@ def test_the_models_page_shows_a_registered_checkpoint_with_its_experiment_and_t
     page.locator("table.versions a.experiment").click()
     expect(page.locator(".head h1")).to_contain_text(f"ui-asha-{TAG}")
 
+    page = admin.go(f"/models/no-such-model-{TAG}")  # a model that is not there: the gateway's 404, said
+    expect(page.locator(".page .error")).to_contain_text(f"no-such-model-{TAG}")
+
 
 def test_tensorboard_shows_the_command_to_run_on_the_users_machine(
         admin: Visit, kiln_stack: Stack, asha: int) -> None:

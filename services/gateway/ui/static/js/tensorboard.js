@@ -27,7 +27,7 @@ function entry(key, cmd, what) {
       h("div.tb-row", code, copy),
       status,
       h("p.muted", "It syncs the trials' event files from the cluster's store, keeps syncing while they run, and prints"
-        + " the address to open (http://127.0.0.1:PORT/). Ctrl-C stops it. To point the CLI at this gateway: ",
+        + " the address to open (on 127.0.0.1, a free port). Ctrl-C stops it. To point the CLI at this gateway: ",
       h("code", `export KILN_MASTER=${location.origin}`), " and ", h("code", "kiln user login"), "."),
     ));
   made.set(key, el);

@@ -2,7 +2,7 @@
 // (#/models/<name>): each version's checkpoint links to the trial that stored it, with its experiment beside it.
 // Registering and deleting stay in the CLI (`kiln model ...`) and the API; these pages read.
 import * as api from "../api.js";
-import { h, clear, link, badge, fmtTime, fmtNum, sortableTable } from "../dom.js";
+import { h, clear, link, badge, fmtTime, fmtNum, sortableTable, errorBox } from "../dom.js";
 
 const modelHref = (name) => `#/models/${encodeURIComponent(name)}`;
 
@@ -20,8 +20,13 @@ export function fmtMetadata(metadata) {
 export async function renderList(root, ctx) {
   document.title = "Models · Kiln";
   const wrap = h("div.table-wrap");
+  let typing = null;
   const name = h("input", { name: "name", type: "search", placeholder: "name contains…", value: ctx.query.get("name") || "",
-    oninput: () => { ctx.replace(name.value ? `#/models?name=${encodeURIComponent(name.value)}` : "#/models"); load(); } });
+    oninput: () => {
+      ctx.replace(name.value ? `#/models?name=${encodeURIComponent(name.value)}` : "#/models");
+      clearTimeout(typing);
+      typing = setTimeout(() => load().catch((err) => clear(wrap, errorBox(err))), 250); // when the typing pauses
+    } });
   root.append(h("h1", "Models"), h("form.filters", { onsubmit: (e) => e.preventDefault() }, name,
     h("span.muted", "Register a checkpoint as a version with ", h("code", "kiln model register-version NAME CHECKPOINT_UUID"), ".")),
   wrap);
