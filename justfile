@@ -82,7 +82,6 @@ bench-hpo: setup
     {{venv}}/python -m pip install --quiet -e ".[bench]"
     bash benchmarks/hpo/run.sh
 
-# Web UI page load: an experiment of 1,000 trials x 1,000 points (built through the bus) to drawn learning curves in
-# chromium, next to the same series JSON fetched alone
+# Web UI page load: 1,000 trials x 1,000 points (built through the bus) to drawn curves in chromium vs the JSON alone
 bench-ui *ARGS: setup
     {{venv}}/python benchmarks/ui/run.py {{ARGS}}
