@@ -93,8 +93,12 @@ def main() -> None:
               help="Number of local worker agents.  [default: the stack's current number, else 1]")
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
+@click.option("--nats-cluster", type=click.IntRange(1, 7), default=None,
+              help="NATS servers: 3 runs a JetStream cluster (streams and buckets on all three, clients fail over)."
+                   "  Fixed when the state dir is first used.  [default: the stack's, else 1]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the sign-in lines go to stderr).")
-def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, as_json: bool) -> None:
+def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, nats_cluster: int | None,
+       as_json: bool) -> None:
     """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
 
     Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
@@ -103,7 +107,8 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
     from deploy import stack
 
     started = time.monotonic()
-    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker)
+    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker,
+                                 nats_cluster=nats_cluster)
     log_file = _log_to_file(cfg.state_dir)
     try:
         info = stack.up(cfg)
