@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import os
 import pwd
@@ -749,6 +750,18 @@ def _pg_initdb(cfg: PartsConfig, bin_dir: Path, data_dir: Path, user: pwd.struct
     log.info("postgres cluster initialised", data_dir=str(data_dir), initdb_s=round(time.monotonic() - started, 2))
 
 
+def _pg_allow_host(data_dir: Path, host: str) -> None:
+    """initdb lets TCP clients in from loopback only; a stack listening on another address (``kiln up --host``,
+    the services connect from it) gets one more line for that address, with passwords (SCRAM) as on loopback."""
+    if not _is_ip(host) or ipaddress.ip_address(host).is_loopback:
+        return
+    hba = data_dir / "pg_hba.conf"
+    line = f"host all all {host}/{128 if ':' in host else 32} scram-sha-256"
+    text = hba.read_text()
+    if line not in text.splitlines():
+        hba.write_text(text.rstrip("\n") + f"\n# kiln: the stack's own address (deploy/parts.py)\n{line}\n")
+
+
 def _pg_isready(bin_dir: Path, host: str, port: int) -> bool:
     result = subprocess.run(
         [str(bin_dir / "pg_isready"), "-q", "-h", host, "-p", str(port), "-U", PG_SUPERUSER, "-t", "1"],
@@ -848,6 +861,7 @@ def start_postgres(cfg: PartsConfig, *, timeout: float = DEFAULT_READY_TIMEOUT) 
     _pg_prepare_data_dir(data_dir, user)
     if not (data_dir / "PG_VERSION").is_file():
         _pg_initdb(cfg, bin_dir, data_dir, user)
+    _pg_allow_host(data_dir, cfg.host)
     # Settings on the command line, not in postgresql.conf: the config (ports, host) stays authoritative
     # across restarts, and the cluster itself stays stock.
     argv = [

@@ -152,6 +152,9 @@ class StackConfig(msgspec.Struct, kw_only=True):
     s3_ports_base: int = ports.S3_PORTS_BASE
     http_port: int = ports.HTTP_PORT
     workers: int = 1
+    # Worker agents on other hosts (ids starting "worker-"): each gets its own NATS user, and `up` writes what
+    # it needs to join to <state>/agents/<id>.env (README "Running on a cluster").
+    remote_workers: list[str] = []
     slots_per_worker: int = 2
     worker_timeout_s: float = 10.0
     max_context_bytes: int = 96 * 1024 * 1024
@@ -249,9 +252,14 @@ class ProcessStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: str
 
 
+def stack_users(cfg: StackConfig) -> tuple[str, ...]:
+    """The NATS users of this stack: services, local workers, remote workers."""
+    return nats_users(cfg.workers) + tuple(w for w in cfg.remote_workers if w not in nats_users(cfg.workers))
+
+
 def parts_config(cfg: StackConfig, creds: Credentials) -> parts.PartsConfig:
     """The infrastructure half of the stack config: only this size's NATS users (a removed worker's is gone)."""
-    users = {user: creds.nats[user] for user in nats_users(cfg.workers)}
+    users = {user: creds.nats[user] for user in stack_users(cfg)}
     return parts.PartsConfig(
         state_dir=cfg.state_dir, host=cfg.host, nats_port=cfg.nats_port, nats_monitor_port=cfg.nats_monitor_port,
         nats_cluster=cfg.nats_cluster, nats_cluster_ports_base=cfg.nats_cluster_ports_base,
@@ -386,7 +394,15 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
     previous = _saved_sizes(cfg.state_dir)
     _check_nats_cluster_kept(cfg)
     (cfg.state_dir / "stack.json").write_bytes(msgspec.json.encode(cfg, enc_hook=str))
-    creds = Credentials.load_or_create(cfg.state_dir, nats_users(cfg.workers))
+    for worker in cfg.remote_workers:
+        try:
+            if not worker.startswith("worker-"):
+                raise ValueError("it does not start with 'worker-'")
+            subjects.check_token(worker, "remote worker id")
+        except ValueError as exc:
+            raise StackError(f"remote worker {worker!r}: {exc} (an id is 'worker-' then letters, digits, '_', '-')"
+                             ) from exc
+    creds = Credentials.load_or_create(cfg.state_dir, stack_users(cfg))
     pcfg = parts_config(cfg, creds)
     try:
         parts.start_nats(pcfg)
@@ -396,6 +412,7 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
         raise StackError(str(exc)) from exc
     private_state_dir(cfg.state_dir)
     bootstrap_bus(cfg, creds)
+    write_agent_env_files(cfg, creds)
     programs = _programs(cfg, creds)
     paths = supervise.Paths.of(cfg.state_dir)
     changes = []
@@ -427,6 +444,29 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
     private_state_dir(cfg.state_dir)  # again: supervisord's own files are new on a first `up`
     return StackInfo(master_url=cfg.master_url, state_dir=str(cfg.state_dir), seconds=time.monotonic() - started,
                      changes=changes)
+
+
+def agent_env_path(cfg: StackConfig, worker_id: str) -> Path:
+    """Where ``up`` writes the settings a remote worker agent needs (0600: its password, the store's keys)."""
+    return cfg.state_dir / "agents" / f"{worker_id}.env"
+
+
+def write_agent_env_files(cfg: StackConfig, creds: Credentials) -> None:
+    """One env file per remote worker: every NATS server, its own NATS user, the shared S3 store, the master."""
+    from deploy import cluster  # deploy.cluster renders the same settings for Kubernetes and systemd
+
+    if not cfg.remote_workers:
+        return
+    agents = cfg.state_dir / "agents"
+    agents.mkdir(mode=0o700, exist_ok=True)
+    for worker in cfg.remote_workers:
+        env = cluster.agent_env(worker_id=worker, nats_urls=nats_urls(cfg), password=creds.nats[worker],
+                                s3_endpoint=f"{cfg.host}:{cfg.s3_port}", s3_access_key=creds.s3_access_key,
+                                s3_secret_key=creds.s3_secret_key, master_url=cfg.master_url)
+        path = agent_env_path(cfg, worker)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(cluster.env_file_text(env))
 
 
 def bootstrap_bus(cfg: StackConfig, creds: Credentials, timeout: float = 30.0) -> None:

@@ -189,6 +189,11 @@ def worker_filter(worker_id: str) -> str:
     return f"kiln.events.*.worker.{check_token(worker_id, 'worker id')}.*"
 
 
+def lost_filter(worker_id: str) -> str:
+    """The subjects of ``WorkerLost`` about one worker (it kills what it still runs when it hears one)."""
+    return f"kiln.events.cluster.lost.{check_token(worker_id, 'worker id')}.*"
+
+
 def experiment_filter(experiment_id: int) -> str:
     """Domain-stream filter for everything about one experiment (its audit trail)."""
     return f"kiln.events.{experiment_id}.>"

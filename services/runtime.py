@@ -67,6 +67,9 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     # connection is up and 503 while it is not; ``GET /livez`` answers 200 while the process serves at all.
     health_port: int = 0
     health_host: str = "0.0.0.0"
+    # How often the client pings its server; after 3 unanswered it drops the connection and reconnects (to another
+    # server of a cluster). Short enough that a cut network is noticed in seconds, not NATS's default minutes.
+    ping_interval_s: float = 10.0
 
     @property
     def servers(self) -> list[str]:
@@ -864,6 +867,7 @@ class _Puller:
             self.psub = await js.pull_subscribe(spec.filter_subjects[0], durable=spec.durable, stream=spec.stream.name,
                                                 config=self._config(1))
             self.next_cseq = None
+            await self._refilter()
             return
         applied = await self.position()
         with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -872,6 +876,20 @@ class _Puller:
         self.psub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream.name)
         self.next_cseq = 1
         log.info("consumer.bound", durable=spec.durable, after_seq=applied)
+
+    async def _refilter(self) -> None:
+        """A durable made by an older version with other filters (a worker now also hears WorkerLost): update
+        its filters in place, keeping its position (pull_subscribe binds to an existing durable as it is)."""
+        info = await self.psub.consumer_info()
+        have = set(info.config.filter_subjects or ([info.config.filter_subject] if info.config.filter_subject else []))
+        if have == set(self.spec.filter_subjects):
+            return
+        config = info.config.evolve(filter_subjects=self.spec.filter_subjects if len(self.spec.filter_subjects) > 1
+                                    else None,
+                                    filter_subject=self.spec.filter_subjects[0] if len(self.spec.filter_subjects) == 1
+                                    else None)
+        await self.bus.js.add_consumer(self.spec.stream.name, config=config)
+        log.info("consumer.refiltered", durable=self.spec.durable, filters=self.spec.filter_subjects)
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg] | None:
         """The next messages, or None when there were none (or the server is away for now)."""
@@ -1017,6 +1035,8 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
         "drain_timeout": 5,
+        "ping_interval": settings.ping_interval_s,
+        "max_outstanding_pings": 3,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user

@@ -19,6 +19,8 @@ from services.scheduler.state import (
     SchedulerState,
     TrialRun,
     WorkerView,
+    fence,
+    fenced,
     holding,
     holdings,
     knobs_of,
@@ -187,9 +189,9 @@ def trial_started(state: SchedulerState, e: ev.TrialStarted) -> None:
 
 
 def checkpoint_stored(state: SchedulerState, e: ev.CheckpointStored) -> None:
-    """The checkpoint its next run starts from."""
+    """The checkpoint its next run starts from (never one a run declared lost stored after it was: fenced)."""
     run = state.trials.get(e.trial_id)
-    if run is not None:
+    if run is not None and not fenced(run, e.allocation_id):
         run.latest_checkpoint = e.uuid
 
 
@@ -236,7 +238,10 @@ def allocation_exited(state: SchedulerState, e: ev.AllocationExited) -> list[ev.
 
 
 def allocation_lost(state: SchedulerState, e: ev.AllocationLost) -> list[ev.DomainEvent]:
-    """A run's worker was lost, or no longer runs it."""
+    """A run's worker was lost, or no longer runs it: what the run still reports is fenced from now on."""
+    run = state.trials.get(e.trial_id)
+    if run is not None:
+        fence(run, e.allocation_id)
     return allocation_ended(state, e.trial_id, e.allocation_id, None, "worker lost")
 
 
@@ -364,6 +369,7 @@ def _reconcile(state: SchedulerState, worker: WorkerView, hb: ev.WorkerHeartbeat
             continue
         out.append(ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
                                      allocation_id=run.allocation_id, worker_id=worker.worker_id))
+        fence(run, run.allocation_id)
         out += allocation_ended(state, run.trial_id, run.allocation_id, None, "worker no longer runs it")
     return out
 
@@ -394,6 +400,7 @@ def _lose_worker(state: SchedulerState, worker: WorkerView) -> list[ev.DomainEve
         lost = ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
                                  allocation_id=run.allocation_id, worker_id=worker.worker_id)
         out.append(lost)
+        fence(run, run.allocation_id)
         out += allocation_ended(state, run.trial_id, run.allocation_id, None, "worker lost")
     return out
 
