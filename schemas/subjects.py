@@ -282,6 +282,11 @@ def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLe
     return f"{routing_subject(event)}.{publisher_token(OWNERS[type(event)], worker_id)}"
 
 
+def _run(allocation_id: str) -> str:
+    """The run part of a trial report's key ("" for a report from before reports carried their run)."""
+    return f"@{allocation_id}" if allocation_id else ""
+
+
 def _digest(uuids: Iterable[str]) -> str:
     """A short, order-independent digest of a set of checkpoint uuids (a dedupe key stays short)."""
     return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()[:32]
@@ -339,12 +344,16 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.TrialExited():
             return f"TrialExited:{event.trial_id}"
         case ev.ValidationReported():
-            # A restarted trial re-reporting the same step is the same fact: not counted twice.
-            return f"ValidationReported:{event.trial_id}:{event.steps_completed}"
+            # One run reporting a step again (a retried publish) is the same fact. Two runs reporting the same
+            # step (a restart from an older checkpoint, or a run declared lost still going) are two: keyed by
+            # the trial alone, whichever run published first would hide the other's, and a fenced run's report
+            # would then stand in for the live run's. Consumers take a step once (searcher) or the last one
+            # (tracker). Reports from before runs were stamped keep their old key.
+            return f"ValidationReported:{event.trial_id}:{event.steps_completed}" + _run(event.allocation_id)
         case ev.CheckpointStored():
             return f"CheckpointStored:{event.uuid}"
         case ev.TrialProgressReported():
-            return f"TrialProgressReported:{event.trial_id}:{event.progress:.6f}"
+            return f"TrialProgressReported:{event.trial_id}:{event.progress:.6f}" + _run(event.allocation_id)
         case ev.TrainingMetricsReported():
             return f"TrainingMetricsReported:{event.trial_id}:{event.batch_id}"
         case ev.LogsShipped():

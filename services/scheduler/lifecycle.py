@@ -346,6 +346,10 @@ def _attempt(allocation_id: str) -> int:
 def record_heartbeat(state: SchedulerState, hb: ev.WorkerHeartbeat) -> list[ev.DomainEvent]:
     """Record a worker's slots; a worker coming back after being lost is a new, empty one."""
     worker = state.workers.get(hb.worker_id)
+    if worker is not None and worker.lost and hb.sent_at <= worker.lost_at:
+        # Sent before it was declared lost, delivered now: its client buffered it while the network was cut.
+        # It says nothing about the worker now (and would only get it declared lost a second time).
+        return []
     if worker is None or worker.lost:
         worker = WorkerView(worker_id=hb.worker_id, resource_pool=hb.resource_pool, slot_ids=[], last_seen=0.0)
         state.workers[hb.worker_id] = worker
@@ -385,6 +389,7 @@ def lose_silent_workers(state: SchedulerState, now: float, timeout_s: float) -> 
     out: list[ev.DomainEvent] = []
     for worker in list(state.workers.values()):
         if not worker.lost and now - worker.last_seen > timeout_s:
+            worker.lost_at = now
             out += _lose_worker(state, worker)
     return out
 

@@ -36,6 +36,7 @@ class WorkerView(msgspec.Struct, kw_only=True):
     address: str = ""
     lost: bool = False
     slots: list[ev.Slot] = []
+    lost_at: float = 0.0  # when it was declared lost: heartbeats it sent before then are stale (buffered while cut off)
 
 
 class TrialRun(msgspec.Struct, kw_only=True):

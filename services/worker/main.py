@@ -276,6 +276,10 @@ async def main() -> None:
                 durable=f"worker-{settings.worker_id}",
                 stream=subjects.EVENTS,
                 filter_subjects=[subjects.worker_filter(settings.worker_id), subjects.lost_filter(settings.worker_id)],
+                # A command delivered while the network was cut (the server had not noticed yet) is lost in
+                # flight: it comes again after this long. Handling one is idempotent (a redelivered start is
+                # skipped), so a short wait costs nothing.
+                ack_wait_s=10.0,
             )
             heartbeats = asyncio.create_task(worker.heartbeat_forever(stop))
             await bus.consume(spec, msgspec.json.Decoder(ev.DomainEvent), worker.handle, stop)

@@ -127,3 +127,31 @@ def test_the_worker_refuses_a_report_naming_another_run_and_stamps_its_own() -> 
     assert "allocation 10.2" in refusal(WHO, theirs)
     assert refusal(WHO, msgspec.structs.replace(theirs, allocation_id="")) == ""
     assert refusal(WHO, msgspec.structs.replace(theirs, allocation_id="10.1")) == ""
+
+
+def test_heartbeats_a_cut_off_worker_sent_before_it_was_declared_lost_do_not_bring_it_back() -> None:
+    core, first, _ = _lose_the_worker_of_a_running_trial()
+    worker = core.state.workers[first.worker_id]
+    assert worker.lost and worker.lost_at == T0 + 30
+    # Buffered while the link was down, delivered when it came back: stale.
+    assert core.heartbeat(heartbeat(first.worker_id, 1, T0 + 5, running=[first.allocation_id])) == []
+    assert core.state.workers[first.worker_id].lost
+    assert [e for e in core.tick(T0 + 31) if isinstance(e, ev.WorkerLost)] == []  # not lost a second time
+    # A heartbeat sent after it was declared lost: it is back, as a new, empty worker.
+    core.heartbeat(heartbeat(first.worker_id, 1, T0 + 32, running=[first.allocation_id]))
+    assert not core.state.workers[first.worker_id].lost
+
+
+def test_two_runs_reporting_the_same_step_are_two_facts_one_run_retrying_is_one() -> None:
+    from schemas.subjects import dedupe_key
+
+    def v(alloc: str) -> ev.ValidationReported:
+        return ev.ValidationReported(experiment_id=1, trial_id=10, steps_completed=7, metrics={"loss": 1.0},
+                                     allocation_id=alloc)
+
+    # Keyed by the trial alone, a fenced run's report would be stored and the live run's dropped as its duplicate.
+    assert dedupe_key(v("10.1")) != dedupe_key(v("10.2"))
+    assert dedupe_key(v("10.2")) == dedupe_key(v("10.2"))
+    assert dedupe_key(v("")) == "ValidationReported:10:7"  # reports from before runs were stamped: as they were
+    p1, p2 = (ev.TrialProgressReported(experiment_id=1, trial_id=10, progress=0.5, allocation_id=a) for a in ("a", "b"))
+    assert dedupe_key(p1) != dedupe_key(p2)
