@@ -18,11 +18,12 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deploy import stack
+if TYPE_CHECKING:
+    from deploy import stack
 
 # The Kubernetes names the manifests in deploy/kubernetes/ refer to.
 NATS_USERS_SECRET = "kiln-nats-users"  # one key per NATS user: the NATS pods read them all
@@ -52,6 +53,8 @@ def worker_id_for_node(node_name: str) -> str:
 
 def users(workers: Iterable[str]) -> tuple[str, ...]:
     """Every NATS user of a cluster with these workers (ids starting ``worker-``)."""
+    from deploy import stack  # here: `worker-id` runs in every worker pod, where the stack's tools are not installed
+
     ids = tuple(workers)
     for w in ids:
         if not w.startswith("worker-") or _NOT_TOKEN.search(w):
@@ -66,6 +69,8 @@ def env_var(user: str) -> str:
 
 def nats_values(workers: Sequence[str], replicas: int = 3) -> dict[str, Any]:
     """Values for the NATS chart: cluster of ``replicas`` with JetStream on a PVC, Kiln's account and users."""
+    from deploy import stack
+
     entries = []
     for user in users(workers):
         entry: dict[str, Any] = {"user": user, "password": f"<< ${env_var(user)} >>"}
@@ -105,6 +110,8 @@ def _secret(name: str, data: dict[str, str], labels: dict[str, str] | None = Non
 def secrets_manifests(workers: Sequence[str], creds: stack.Credentials, pg_dsn: str) -> list[dict[str, Any]]:
     """The Secrets deploy/kubernetes/ mounts: every NATS password (for the NATS pods), the services' and the
     workers' apart (each pod mounts only its own kind), and the store's keys with the Postgres DSN."""
+    from deploy import stack
+
     all_users = users(workers)
     pw = {u: creds.nats[u] for u in all_users}
     return [
@@ -118,6 +125,8 @@ def secrets_manifests(workers: Sequence[str], creds: stack.Credentials, pg_dsn: 
 
 def credentials(path: Path, workers: Sequence[str]) -> stack.Credentials:
     """The credentials kept at ``path`` (a credentials.json, as ``kiln up`` writes), created or extended."""
+    from deploy import stack
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name == "credentials.json":
         return stack.Credentials.load_or_create(path.parent, users(workers))

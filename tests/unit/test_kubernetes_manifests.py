@@ -169,3 +169,14 @@ def test_systemd_worker_unit_and_env_file(tmp_path: Path) -> None:
                              s3_endpoint="s3:1", s3_access_key="a", s3_secret_key="s", master_url="http://m:1")
     (tmp_path / "agent.env").write_text(cluster.env_file_text(made))
     assert cluster.read_env_file(tmp_path / "agent.env") == made
+
+
+def test_a_worker_pod_computes_its_id_without_the_local_stack_s_tools() -> None:
+    """The DaemonSet runs `python -m deploy.cluster worker-id` in the image, which has no supervisor, no weed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from deploy import cluster; print(cluster.worker_id_for_node('gpu-1.zone'));"
+            " print(sorted(m for m in ('supervisor', 'minio', 'deploy.stack', 'deploy.parts') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split("\n")[:2] == ["worker-gpu-1-zone", "[]"]
