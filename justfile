@@ -63,6 +63,15 @@ bench-startup: setup
 bench-scheduler: setup
     {{venv}}/python benchmarks/scheduler/run.py --passes 7 --runs 5
 
+# How the scheduler's decision pass, its per-heartbeat step and the heartbeat load grow up to 1,000 workers x 8 slots
+bench-cluster *ARGS: setup
+    {{venv}}/python benchmarks/cluster/run.py decision --workers 100,250,500,1000 {{ARGS}}
+    {{venv}}/python benchmarks/cluster/run.py heartbeats --workers 100,250,500,1000
+
+# Workers on separate hosts (network namespaces; root): a trial spanning two hosts, a host cut off and fenced
+multihost *ARGS: setup
+    {{venv}}/python -m pytest -q tests/e2e/test_remote_hosts.py tests/e2e/test_nats_cluster.py {{ARGS}}
+
 # Metric ingest: Kiln's real trial -> worker -> JetStream -> Postgres path vs MLflow (own venv, made here) vs raw COPY
 bench-ingest *ARGS: setup
     #!/usr/bin/env bash

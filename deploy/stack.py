@@ -143,11 +143,18 @@ class StackConfig(msgspec.Struct, kw_only=True):
     host: str = ports.HOST
     nats_port: int = ports.NATS_PORT
     nats_monitor_port: int = ports.NATS_MONITOR_PORT
+    # NATS servers: 1, or a cluster (3: JetStream keeps every stream and bucket on all three and goes on with
+    # one of them down). Fixed when the state dir is first used.
+    nats_cluster: int = 1
+    nats_cluster_ports_base: int = ports.NATS_CLUSTER_PORTS_BASE
     pg_port: int = ports.PG_PORT
     s3_port: int = ports.S3_PORT
     s3_ports_base: int = ports.S3_PORTS_BASE
     http_port: int = ports.HTTP_PORT
     workers: int = 1
+    # Worker agents on other hosts (ids starting "worker-"): each gets its own NATS user, and `up` writes what
+    # it needs to join to <state>/agents/<id>.env (README "Running on a cluster").
+    remote_workers: list[str] = []
     slots_per_worker: int = 2
     worker_timeout_s: float = 10.0
     max_context_bytes: int = 96 * 1024 * 1024
@@ -189,6 +196,8 @@ class Credentials(msgspec.Struct, kw_only=True):
     s3_secret_key: str
     # The gateway's first admin (user "admin"); `kiln up` signs the CLI in with it.
     admin_password: str = ""
+    # The NATS servers of a cluster authenticate each other's routes with it.
+    nats_route_password: str = ""
 
     @classmethod
     def load_or_create(cls, state_dir: Path, users: Iterable[str] = NATS_USERS) -> Credentials:
@@ -198,11 +207,12 @@ class Credentials(msgspec.Struct, kw_only=True):
         if path.exists():
             creds = msgspec.json.decode(path.read_bytes(), type=cls)
             missing = [user for user in users if user not in creds.nats]
-            if not missing and creds.admin_password:
+            if not missing and creds.admin_password and creds.nats_route_password:
                 return creds
             # A state dir from before a user existed (e.g. "reader"): add only that user, keep the rest.
             creds.nats.update({user: secrets.token_urlsafe(18) for user in missing})
             creds.admin_password = creds.admin_password or secrets.token_urlsafe(18)
+            creds.nats_route_password = creds.nats_route_password or secrets.token_urlsafe(18)
         else:
             creds = cls(
                 nats={user: secrets.token_urlsafe(18) for user in users},
@@ -210,6 +220,7 @@ class Credentials(msgspec.Struct, kw_only=True):
                 s3_access_key="kiln" + secrets.token_hex(6),
                 s3_secret_key=secrets.token_urlsafe(24),
                 admin_password=secrets.token_urlsafe(18),
+                nats_route_password=secrets.token_urlsafe(18),
             )
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -241,12 +252,19 @@ class ProcessStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: str
 
 
+def stack_users(cfg: StackConfig) -> tuple[str, ...]:
+    """The NATS users of this stack: services, local workers, remote workers."""
+    return nats_users(cfg.workers) + tuple(w for w in cfg.remote_workers if w not in nats_users(cfg.workers))
+
+
 def parts_config(cfg: StackConfig, creds: Credentials) -> parts.PartsConfig:
     """The infrastructure half of the stack config: only this size's NATS users (a removed worker's is gone)."""
-    users = {user: creds.nats[user] for user in nats_users(cfg.workers)}
+    users = {user: creds.nats[user] for user in stack_users(cfg)}
     return parts.PartsConfig(
         state_dir=cfg.state_dir, host=cfg.host, nats_port=cfg.nats_port, nats_monitor_port=cfg.nats_monitor_port,
-        pg_port=cfg.pg_port, s3_port=cfg.s3_port, s3_ports_base=cfg.s3_ports_base, nats_users=users,
+        nats_cluster=cfg.nats_cluster, nats_cluster_ports_base=cfg.nats_cluster_ports_base,
+        nats_route_password=creds.nats_route_password, pg_port=cfg.pg_port, s3_port=cfg.s3_port,
+        s3_ports_base=cfg.s3_ports_base, nats_users=users,
         nats_permissions=nats_permissions(users), pg_password=creds.pg_password, s3_access_key=creds.s3_access_key,
         s3_secret_key=creds.s3_secret_key,
     )
@@ -256,7 +274,7 @@ def service_env(cfg: StackConfig, creds: Credentials, user: str) -> dict[str, st
     """Environment of one service process: its own NATS user, the stores, nothing global."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env.update({
-        "KILN_NATS_URL": f"nats://{cfg.host}:{cfg.nats_port}",
+        "KILN_NATS_URL": ",".join(nats_urls(cfg)),
         "KILN_NATS_USER": user,
         "KILN_NATS_PASSWORD": creds.nats[user],
         "KILN_S3_ENDPOINT": f"{cfg.host}:{cfg.s3_port}",
@@ -267,6 +285,21 @@ def service_env(cfg: StackConfig, creds: Credentials, user: str) -> dict[str, st
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+def nats_urls(cfg: StackConfig) -> list[str]:
+    """Every NATS server's client URL (one, or a cluster's): what services, workers and tools connect to."""
+    return [f"nats://{cfg.host}:{port}" for port in nats_client_ports(cfg)]
+
+
+def nats_client_ports(cfg: StackConfig) -> list[int]:
+    """The client port of each NATS server (deploy.parts.nats_node_ports)."""
+    return [cfg.nats_port] + [cfg.nats_cluster_ports_base + 3 * i + 1 for i in range(1, cfg.nats_cluster)]
+
+
+def stream_replicas(cfg: StackConfig) -> int:
+    """Replicas of the streams and buckets: every server of a cluster up to 3 (JetStream's usual R3)."""
+    return min(cfg.nats_cluster, 3)
 
 
 def _processes(cfg: StackConfig, creds: Credentials) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -328,6 +361,18 @@ def _saved_sizes(state_dir: Path) -> tuple[int, int] | None:
         return None
 
 
+def _check_nats_cluster_kept(cfg: StackConfig) -> None:
+    """A stack's NATS stays one server or the cluster it started as: a standalone JetStream store does not
+    become a clustered one by restarting it (move the streams with a backup and restore, e.g. `nats` CLI)."""
+    try:
+        saved = int(json.loads((cfg.state_dir / "stack.json").read_text()).get("nats_cluster", 1))
+    except (FileNotFoundError, ValueError, TypeError, AttributeError):
+        return
+    if saved != cfg.nats_cluster and (cfg.state_dir / "nats").exists():
+        raise StackError(f"this stack's NATS runs {saved} server(s); --nats-cluster {cfg.nats_cluster} needs a new"
+                         f" state dir (KILN_STATE_DIR), not {cfg.state_dir}")
+
+
 def private_state_dir(state_dir: Path) -> None:
     """Nothing in the state dir is readable by other users (trials run as one): 0711 on the dir, so a trial can
     pass through to its work dir under ``work/`` without listing anything; every other entry 0700/0600.
@@ -347,8 +392,17 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
     started = time.monotonic()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     previous = _saved_sizes(cfg.state_dir)
+    _check_nats_cluster_kept(cfg)
     (cfg.state_dir / "stack.json").write_bytes(msgspec.json.encode(cfg, enc_hook=str))
-    creds = Credentials.load_or_create(cfg.state_dir, nats_users(cfg.workers))
+    for worker in cfg.remote_workers:
+        try:
+            if not worker.startswith("worker-"):
+                raise ValueError("it does not start with 'worker-'")
+            subjects.check_token(worker, "remote worker id")
+        except ValueError as exc:
+            raise StackError(f"remote worker {worker!r}: {exc} (an id is 'worker-' then letters, digits, '_', '-')"
+                             ) from exc
+    creds = Credentials.load_or_create(cfg.state_dir, stack_users(cfg))
     pcfg = parts_config(cfg, creds)
     try:
         parts.start_nats(pcfg)
@@ -358,6 +412,7 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
         raise StackError(str(exc)) from exc
     private_state_dir(cfg.state_dir)
     bootstrap_bus(cfg, creds)
+    write_agent_env_files(cfg, creds)
     programs = _programs(cfg, creds)
     paths = supervise.Paths.of(cfg.state_dir)
     changes = []
@@ -391,13 +446,43 @@ def up(cfg: StackConfig, timeout: float = 90.0) -> StackInfo:
                      changes=changes)
 
 
+def agent_env_path(cfg: StackConfig, worker_id: str) -> Path:
+    """Where ``up`` writes the settings a remote worker agent needs (0600: its password, the store's keys)."""
+    return cfg.state_dir / "agents" / f"{worker_id}.env"
+
+
+def write_agent_env_files(cfg: StackConfig, creds: Credentials) -> None:
+    """One env file per remote worker: every NATS server, its own NATS user, the shared S3 store, the master."""
+    from deploy import cluster  # deploy.cluster renders the same settings for Kubernetes and systemd
+
+    if not cfg.remote_workers:
+        return
+    agents = cfg.state_dir / "agents"
+    agents.mkdir(mode=0o700, exist_ok=True)
+    for worker in cfg.remote_workers:
+        env = cluster.agent_env(worker_id=worker, nats_urls=nats_urls(cfg), password=creds.nats[worker],
+                                s3_endpoint=f"{cfg.host}:{cfg.s3_port}", s3_access_key=creds.s3_access_key,
+                                s3_secret_key=creds.s3_secret_key, master_url=cfg.master_url)
+        path = agent_env_path(cfg, worker)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(cluster.env_file_text(env))
+
+
 def bootstrap_bus(cfg: StackConfig, creds: Credentials, timeout: float = 30.0) -> None:
     """Create the streams and key-value buckets as admin (idempotent): services may not, they only use them."""
     async def run() -> None:
-        settings = runtime.BusSettings(nats_url=f"nats://{cfg.host}:{cfg.nats_port}", nats_user="admin",
-                                       nats_password=creds.nats["admin"])
-        async with runtime.connect_bus(settings, "bootstrap", ensure=True):
-            pass
+        settings = runtime.BusSettings(nats_url=",".join(nats_urls(cfg)), nats_user="admin",
+                                       nats_password=creds.nats["admin"], stream_replicas=stream_replicas(cfg))
+        while True:
+            try:
+                async with runtime.connect_bus(settings, "bootstrap", ensure=True):
+                    return
+            except Exception as exc:  # noqa: BLE001 - retried until the outer timeout, which reports it
+                # A cluster that just started elects its JetStream leader first ("temporarily unavailable",
+                # "insufficient resources" while fewer servers than replicas have joined).
+                log.info("bootstrap retrying", error=repr(exc))
+                await asyncio.sleep(0.5)
 
     try:
         # In a thread: `up` may be called from code that already runs an event loop.
@@ -525,7 +610,7 @@ def _program_names(state_dir: Path) -> list[str]:
     """Services and workers that have a pid file here, in start order."""
     pids = state_dir / "pids"
     names = [p.stem for p in pids.glob("*.pid")] if pids.exists() else []
-    return _ordered([n for n in names if n not in parts.PART_NAMES and n != "supervisord"])
+    return _ordered([n for n in names if n not in parts.ALL_PART_NAMES and n != "supervisord"])
 
 
 def _is_kiln_process(pid: int) -> bool:
@@ -579,7 +664,7 @@ def down(cfg: StackConfig) -> list[str]:
     stopped += _stop_orphans(cfg.state_dir)
     for name in _program_names(cfg.state_dir):
         parts.pid_path(cfg.state_dir, name).unlink(missing_ok=True)
-    for name in ("s3", "postgres", "nats"):
+    for name in ("s3", "postgres", "nats", *parts.EXTRA_NATS_NAMES):
         pid = parts.read_pid(cfg.state_dir, name)
         if pid is not None and parts.pid_alive(pid):
             stopped.append(name)
@@ -613,7 +698,7 @@ def supervisor_pid(cfg: StackConfig) -> int | None:
 def status(cfg: StackConfig) -> list[ProcessStatus]:
     """The parts, then every service and worker: pid, alive, restarts since ``up``, uptime, state."""
     rows = []
-    for name in parts.PART_NAMES:
+    for name in parts.ALL_PART_NAMES:
         pid = parts.read_pid(cfg.state_dir, name)
         if pid is None:
             continue

@@ -93,8 +93,18 @@ def main() -> None:
               help="Number of local worker agents.  [default: the stack's current number, else 1]")
 @click.option("--slots-per-worker", type=int, default=None,
               help="CPU slots each worker offers.  [default: the stack's current number, else 2]")
+@click.option("--nats-cluster", type=click.IntRange(1, 7), default=None,
+              help="NATS servers: 3 runs a JetStream cluster (streams and buckets on all three, clients fail over)."
+                   "  Fixed when the state dir is first used.  [default: the stack's, else 1]")
+@click.option("--remote-worker", "remote_workers", multiple=True, metavar="ID",
+              help="Add a worker agent that runs on another host (id worker-...): its own NATS user, and its settings"
+                   " in <state>/agents/ID.env for `kiln worker --env-file` there. Repeatable; kept.")
+@click.option("--host", default=None,
+              help="The address every part and service listens on (other hosts' workers reach it there)."
+                   "  [default: the stack's, else 127.0.0.1]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the sign-in lines go to stderr).")
-def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, as_json: bool) -> None:
+def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None, nats_cluster: int | None,
+       remote_workers: tuple[str, ...], host: str | None, as_json: bool) -> None:
     """Start NATS, Postgres, the S3 store, the five services and the workers on this machine (supervised).
 
     Rerun on a running stack it keeps what runs; with other --workers or --slots-per-worker it says what
@@ -103,7 +113,9 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
     from deploy import stack
 
     started = time.monotonic()
-    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker)
+    cfg = stack.StackConfig.load(state_dir, workers=workers, slots_per_worker=slots_per_worker,
+                                 nats_cluster=nats_cluster, host=host)
+    cfg.remote_workers = list(dict.fromkeys([*cfg.remote_workers, *remote_workers]))
     log_file = _log_to_file(cfg.state_dir)
     try:
         info = stack.up(cfg)
@@ -119,6 +131,8 @@ def up(state_dir: Path | None, workers: int | None, slots_per_worker: int | None
             click.echo(f"changed: {change}")
         click.echo(f"kiln is up in {time.monotonic() - started:.1f}s: {info.master_url}  (state: {info.state_dir})")
         click.echo(f"  export KILN_MASTER={info.master_url}")
+        for worker in cfg.remote_workers:
+            click.echo(f"  remote worker {worker}: kiln worker --env-file {stack.agent_env_path(cfg, worker)}")
     _login_after_up(info.master_url, stack.Credentials.load_or_create(Path(info.state_dir)).admin_password,
                     err=as_json)
 
@@ -169,6 +183,46 @@ def _login_after_up(master: str, admin_password: str, err: bool = False) -> None
         return
     kiln_client.store_token(master, out["username"], out["token"])
     click.echo(f"  logged in as {out['username']} (token in {kiln_client.auth_file()})", err=err)
+
+
+@main.command("worker")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Settings (KEY=value lines): what `kiln up --remote-worker` wrote for this worker.")
+@click.option("--nats", default=None, metavar="URL[,URL...]", help="Every NATS server of the cluster.")
+@click.option("--id", "worker_id", default=None, help="This worker's id (worker-...), also its NATS user.")
+@click.option("--pool", default=None, help="The resource pool its slots belong to.  [default: default]")
+@click.option("--address", default=None, help="Where other hosts reach this one (a trial's rendezvous).")
+@click.option("--slots", type=int, default=None, help="CPU slots to offer when NVML finds no GPU.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work dirs and the outbox.")
+def worker(env_file: Path | None, nats: str | None, worker_id: str | None, pool: str | None, address: str | None,
+           slots: int | None, work_dir: Path | None) -> None:
+    """Run a worker agent here, in the foreground, joining a running cluster with its own credential.
+
+    Settings come from the environment (KILN_*), then --env-file, then the options; the NATS password only
+    from the environment or the env file (KILN_NATS_PASSWORD, or KILN_NATS_PASSWORD_FILE), never the command line.
+    Code contexts and checkpoints go through the cluster's S3 store. systemd: deploy/systemd/kiln-worker.service.
+    """
+    from deploy import cluster
+
+    env = dict(os.environ)
+    if env_file is not None:
+        try:
+            env.update(cluster.read_env_file(env_file))
+        except (OSError, ValueError) as exc:
+            _fail(exc)
+    given = {"KILN_NATS_URL": nats, "KILN_WORKER_ID": worker_id, "KILN_RESOURCE_POOL": pool,
+             "KILN_ADDRESS": address, "KILN_CPU_SLOTS": None if slots is None else str(slots),
+             "KILN_WORK_DIR": None if work_dir is None else str(work_dir.resolve())}
+    env.update({k: v for k, v in given.items() if v is not None})
+    if worker_id is not None:
+        env["KILN_NATS_USER"] = worker_id  # a worker's NATS user is its id
+    missing = [k for k in ("KILN_WORKER_ID", "KILN_NATS_URL", "KILN_NATS_USER") if not env.get(k)]
+    if not (env.get("KILN_NATS_PASSWORD") or env.get("KILN_NATS_PASSWORD_FILE")):
+        missing.append("KILN_NATS_PASSWORD")
+    if missing:
+        _fail(ValueError(f"missing settings: {', '.join(missing)} (give --env-file, or set them)"))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "services.worker.main"], env)
 
 
 @main.command()

@@ -333,6 +333,9 @@ class ValidationReported(Event, frozen=True, kw_only=True):
     steps_completed: int
     metrics: dict[str, MetricValue]
     reported_at: float = 0.0
+    # The run that reported it (its worker stamps it): a report of a run declared lost (AllocationLost) is fenced,
+    # that is refused by the scheduler, searcher and tracker. "" in reports from before it was recorded.
+    allocation_id: str = ""
 
 
 class CheckpointStored(Event, frozen=True, kw_only=True):
@@ -346,6 +349,8 @@ class CheckpointStored(Event, frozen=True, kw_only=True):
     resources: dict[str, int] = {}  # relative file path -> size in bytes
     metadata: dict[str, Any] = {}
     reported_at: float = 0.0
+    # The run that stored it (stamped by its worker): a run declared lost never sets the trial's latest checkpoint.
+    allocation_id: str = ""
 
 
 class TrialProgressReported(Event, frozen=True, kw_only=True):
@@ -354,6 +359,7 @@ class TrialProgressReported(Event, frozen=True, kw_only=True):
     experiment_id: int
     trial_id: int
     progress: float
+    allocation_id: str = ""  # the run that reported it (stamped by its worker); fenced as ValidationReported
 
 
 class CheckpointGCPolicyChanged(Event, frozen=True, kw_only=True):

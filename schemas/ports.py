@@ -20,6 +20,9 @@ S3_PORT: Final = 18333
 # S3's gRPC); see deploy.parts.weed_ports.
 S3_PORTS_BASE: Final = 19330
 HTTP_PORT: Final = 18080  # the gateway
+# A NATS cluster (``kiln up --nats-cluster N``): route ports and the other servers' ports, 3 per server from here
+# (deploy.parts.nats_node_ports).
+NATS_CLUSTER_PORTS_BASE: Final = 14230
 
 NATS_URL: Final = f"nats://{HOST}:{NATS_PORT}"
 PG_DSN: Final = f"postgresql://kiln@{HOST}:{PG_PORT}/kiln"

@@ -205,6 +205,11 @@ def worker_filter(worker_id: str) -> str:
     return f"kiln.events.*.worker.{check_token(worker_id, 'worker id')}.*"
 
 
+def lost_filter(worker_id: str) -> str:
+    """The subjects of ``WorkerLost`` about one worker (it kills what it still runs when it hears one)."""
+    return f"kiln.events.cluster.lost.{check_token(worker_id, 'worker id')}.*"
+
+
 def experiment_filter(experiment_id: int) -> str:
     """Domain-stream filter for everything about one experiment (its audit trail)."""
     return f"kiln.events.{experiment_id}.>"
@@ -308,6 +313,11 @@ def subject_for(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLe
     return f"{routing_subject(event)}.{publisher_token(OWNERS[type(event)], worker_id)}"
 
 
+def _run(allocation_id: str) -> str:
+    """The run part of a trial report's key ("" for a report from before reports carried their run)."""
+    return f"@{allocation_id}" if allocation_id else ""
+
+
 def _digest(uuids: Iterable[str]) -> str:
     """A short, order-independent digest of a set of checkpoint uuids (a dedupe key stays short)."""
     return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()[:32]
@@ -376,12 +386,16 @@ def dedupe_key(event: ev.DomainEvent | ev.MetricEvent | ev.LogEvent | ev.DeadLet
         case ev.TrialExited():
             return f"TrialExited:{event.trial_id}{_nth(event.continuation)}"
         case ev.ValidationReported():
-            # A restarted trial re-reporting the same step is the same fact: not counted twice.
-            return f"ValidationReported:{event.trial_id}:{event.steps_completed}"
+            # One run reporting a step again (a retried publish) is the same fact. Two runs reporting the same
+            # step (a restart from an older checkpoint, or a run declared lost still going) are two: keyed by
+            # the trial alone, whichever run published first would hide the other's, and a fenced run's report
+            # would then stand in for the live run's. Consumers take a step once (searcher) or the last one
+            # (tracker). Reports from before runs were stamped keep their old key.
+            return f"ValidationReported:{event.trial_id}:{event.steps_completed}" + _run(event.allocation_id)
         case ev.CheckpointStored():
             return f"CheckpointStored:{event.uuid}"
         case ev.TrialProgressReported():
-            return f"TrialProgressReported:{event.trial_id}:{event.progress:.6f}"
+            return f"TrialProgressReported:{event.trial_id}:{event.progress:.6f}" + _run(event.allocation_id)
         case ev.ModelCreated() | ev.ModelDeleted():
             return f"{type(event).__name__}:{event.model_id}"
         case ev.ModelVersionRegistered() | ev.ModelVersionDeleted():

@@ -53,9 +53,38 @@ KV_BUCKETS = (SNAPSHOT_BUCKET, CLUSTER_BUCKET)
 class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How a process reaches NATS: its own user, never a global one."""
 
+    # One URL, or a NATS cluster's servers comma-separated ("nats://a:4222,nats://b:4222"): the client
+    # connects to any of them and fails over to another when its server goes away.
     nats_url: str = ports.NATS_URL
     nats_user: str = ""
     nats_password: str = ""
+    # A file holding the password instead (a mounted Kubernetes Secret, systemd's LoadCredential=);
+    # read once at connect, used when ``nats_password`` is empty.
+    nats_password_file: str = ""
+    # Replicas of the streams and key-value buckets ``bootstrap`` creates: 3 on a 3-node NATS cluster.
+    stream_replicas: int = 1
+    # Port of this process's health endpoint (0: none): ``GET /health`` answers 200 while its NATS
+    # connection is up and 503 while it is not; ``GET /livez`` answers 200 while the process serves at all.
+    health_port: int = 0
+    health_host: str = "0.0.0.0"
+    # How often the client pings its server; after 3 unanswered it drops the connection and reconnects (to another
+    # server of a cluster). Short enough that a cut network is noticed in seconds, not NATS's default minutes.
+    ping_interval_s: float = 10.0
+
+    @property
+    def servers(self) -> list[str]:
+        """The NATS server URLs ``nats_url`` lists."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+    def password(self) -> str:
+        """The password: the setting, else the content of ``nats_password_file`` (one trailing newline dropped)."""
+        if self.nats_password or not self.nats_password_file:
+            return self.nats_password
+        try:
+            with open(self.nats_password_file, encoding="utf-8") as fh:
+                return fh.read().removesuffix("\n")
+        except OSError as exc:
+            raise SystemExit(f"cannot read KILN_NATS_PASSWORD_FILE {self.nats_password_file!r}: {exc}") from exc
 
 
 class S3Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,28 +314,33 @@ class Bus:
             return None
         return int(info.state.first_seq), int(info.state.last_seq)
 
-    async def bootstrap(self) -> None:
+    async def bootstrap(self, replicas: int = 1) -> None:
         """Create the streams and key-value buckets if missing: the admin's one step before services start.
 
         Services connect with ``ensure=False``: their NATS users may not create, update or delete streams.
+        ``replicas`` > 1 (a NATS cluster) stores each on that many servers; existing ones with fewer are
+        raised to it (JetStream copies them over), never lowered.
         """
-        await self.ensure_streams()
-        await self.ensure_buckets()
+        await self.ensure_streams(replicas=replicas)
+        await self.ensure_buckets(replicas=replicas)
 
-    async def ensure_buckets(self, buckets: Sequence[str] = KV_BUCKETS) -> None:
+    async def ensure_buckets(self, buckets: Sequence[str] = KV_BUCKETS, replicas: int = 1) -> None:
         """Create the key-value buckets if missing, with direct get (a key in the request's subject, so a
         NATS permission can allow one key of a bucket and not the others)."""
         for bucket in buckets:
             try:
                 info = await self.js.stream_info(f"KV_{bucket}")
             except nats.js.errors.NotFoundError:
-                await self.js.create_key_value(bucket=bucket, history=1, direct=True)
+                await self.js.create_key_value(bucket=bucket, history=1, direct=True, replicas=replicas)
                 continue
-            if not info.config.allow_direct:  # made before direct get was used: turn it on
-                await self.js.update_stream(info.config.evolve(allow_direct=True))
+            if not info.config.allow_direct or (info.config.num_replicas or 1) < replicas:
+                # Made before direct get was used, or on fewer servers than now: turn it on, raise the replicas.
+                await self.js.update_stream(info.config.evolve(
+                    allow_direct=True, num_replicas=max(replicas, info.config.num_replicas or 1)))
 
-    async def ensure_streams(self, specs: Sequence[StreamSpec] = ALL_STREAMS) -> None:
-        """Create the streams if missing (idempotent; existing streams are left as they are)."""
+    async def ensure_streams(self, specs: Sequence[StreamSpec] = ALL_STREAMS, replicas: int = 1) -> None:
+        """Create the streams if missing (idempotent; existing streams are left as they are, but for their
+        replicas, raised to ``replicas``)."""
         for spec in specs:
             config = js_api.StreamConfig(
                 name=spec.name,
@@ -316,11 +350,15 @@ class Bus:
                 max_age=spec.max_age_s or None,
                 max_bytes=spec.max_bytes,
                 duplicate_window=spec.duplicate_window_s,
+                num_replicas=replicas,
             )
             try:
-                await self.js.stream_info(spec.name)
+                info = await self.js.stream_info(spec.name)
             except nats.js.errors.NotFoundError:
                 await self.js.add_stream(config)
+                continue
+            if (info.config.num_replicas or 1) < replicas:
+                await self.js.update_stream(info.config.evolve(num_replicas=replicas))
 
     async def publish(self, event: Any, *, msg_id: str | None = None) -> int:
         """Publish one event on its subject with a deterministic ``Nats-Msg-Id``; return its seq.
@@ -829,6 +867,7 @@ class _Puller:
             self.psub = await js.pull_subscribe(spec.filter_subjects[0], durable=spec.durable, stream=spec.stream.name,
                                                 config=self._config(1))
             self.next_cseq = None
+            await self._refilter()
             return
         applied = await self.position()
         with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -837,6 +876,20 @@ class _Puller:
         self.psub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream.name)
         self.next_cseq = 1
         log.info("consumer.bound", durable=spec.durable, after_seq=applied)
+
+    async def _refilter(self) -> None:
+        """A durable made by an older version with other filters (a worker now also hears WorkerLost): update
+        its filters in place, keeping its position (pull_subscribe binds to an existing durable as it is)."""
+        info = await self.psub.consumer_info()
+        have = set(info.config.filter_subjects or ([info.config.filter_subject] if info.config.filter_subject else []))
+        if have == set(self.spec.filter_subjects):
+            return
+        config = info.config.evolve(filter_subjects=self.spec.filter_subjects if len(self.spec.filter_subjects) > 1
+                                    else None,
+                                    filter_subject=self.spec.filter_subjects[0] if len(self.spec.filter_subjects) == 1
+                                    else None)
+        await self.bus.js.add_consumer(self.spec.stream.name, config=config)
+        log.info("consumer.refiltered", durable=self.spec.durable, filters=self.spec.filter_subjects)
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg] | None:
         """The next messages, or None when there were none (or the server is away for now)."""
@@ -974,16 +1027,20 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
     to, so nobody hears replies meant for another.
     """
     options: dict[str, Any] = {
-        "servers": [settings.nats_url],
+        # Every server of a cluster: the client picks one and, when it goes away, reconnects to another
+        # (servers the cluster tells about are added too); JetStream state is replicated among them.
+        "servers": settings.servers,
         "name": service,
         "max_reconnect_attempts": -1,  # a restarting server is waited for, not fatal
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
         "drain_timeout": 5,
+        "ping_interval": settings.ping_interval_s,
+        "max_outstanding_pings": 3,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user
-        options["password"] = settings.nats_password
+        options["password"] = settings.password()
         options["inbox_prefix"] = inbox_prefix(settings.nats_user)
     holder: list[Bus] = []
 
@@ -999,13 +1056,50 @@ async def connect_bus(settings: BusSettings, service: str, *, ensure: bool = Tru
     nc = await nats.connect(**options)
     bus = Bus(nc, service, worker_id)
     holder.append(bus)
+    health = await serve_health(settings, lambda: bus.is_connected) if settings.health_port else None
     try:
         if ensure:
-            await bus.bootstrap()
+            await bus.bootstrap(settings.stream_replicas)
         yield bus
     finally:
+        if health is not None:
+            health.close()
         with contextlib.suppress(Exception):
             await nc.drain()
+
+
+async def serve_health(settings: BusSettings, healthy: Callable[[], bool]) -> asyncio.AbstractServer:
+    """A minimal HTTP endpoint for probes (Kubernetes, systemd, a load balancer) on ``health_port``.
+
+    ``/health`` (readiness): 200 ``{"status": "ok"}`` while ``healthy()``, else 503 ``{"status": "degraded"}``;
+    ``/livez`` (liveness): 200 while the event loop answers. A process whose NATS is away is not ready but
+    alive: restarting it would not bring NATS back. Anything else is a 404. One request per connection.
+    """
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/livez":
+                status, body = "200 OK", b'{"status":"ok"}'
+            elif path == "/health":
+                ok = healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body = b'{"status":"ok"}' if ok else b'{"status":"degraded","down":["nats"]}'
+            else:
+                status, body = "404 Not Found", b'{"status":"not found"}'
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (OSError, TimeoutError, UnicodeError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, settings.health_host, settings.health_port)
+    log.info("health.serving", port=settings.health_port)
+    return server
 
 
 def inbox_prefix(user: str) -> str:

@@ -20,6 +20,8 @@ from services.scheduler.state import (
     SchedulerState,
     TrialRun,
     WorkerView,
+    fence,
+    fenced,
     holding,
     holdings,
     knobs_of,
@@ -242,9 +244,9 @@ def trial_started(state: SchedulerState, e: ev.TrialStarted) -> None:
 
 
 def checkpoint_stored(state: SchedulerState, e: ev.CheckpointStored) -> None:
-    """The checkpoint its next run starts from."""
+    """The checkpoint its next run starts from (never one a run declared lost stored after it was: fenced)."""
     run = state.trials.get(e.trial_id)
-    if run is not None:
+    if run is not None and not fenced(run, e.allocation_id):
         run.latest_checkpoint = e.uuid
 
 
@@ -291,7 +293,10 @@ def allocation_exited(state: SchedulerState, e: ev.AllocationExited) -> list[ev.
 
 
 def allocation_lost(state: SchedulerState, e: ev.AllocationLost) -> list[ev.DomainEvent]:
-    """A run's worker was lost, or no longer runs it."""
+    """A run's worker was lost, or no longer runs it: what the run still reports is fenced from now on."""
+    run = state.trials.get(e.trial_id)
+    if run is not None:
+        fence(run, e.allocation_id)
     return allocation_ended(state, e.trial_id, e.allocation_id, None, "worker lost")
 
 
@@ -402,6 +407,10 @@ def _attempt(allocation_id: str) -> int:
 def record_heartbeat(state: SchedulerState, hb: ev.WorkerHeartbeat) -> list[ev.DomainEvent]:
     """Record a worker's slots; a worker coming back after being lost is a new, empty one."""
     worker = state.workers.get(hb.worker_id)
+    if worker is not None and worker.lost and hb.sent_at <= worker.lost_at:
+        # Sent before it was declared lost, delivered now: its client buffered it while the network was cut.
+        # It says nothing about the worker now (and would only get it declared lost a second time).
+        return []
     if worker is None or worker.lost:
         worker = WorkerView(worker_id=hb.worker_id, resource_pool=hb.resource_pool, slot_ids=[], last_seen=0.0)
         state.workers[hb.worker_id] = worker
@@ -425,6 +434,7 @@ def _reconcile(state: SchedulerState, worker: WorkerView, hb: ev.WorkerHeartbeat
             continue
         out.append(ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
                                      allocation_id=run.allocation_id, worker_id=worker.worker_id))
+        fence(run, run.allocation_id)
         out += allocation_ended(state, run.trial_id, run.allocation_id, None, "worker no longer runs it")
     return out
 
@@ -440,6 +450,7 @@ def lose_silent_workers(state: SchedulerState, now: float, timeout_s: float) -> 
     out: list[ev.DomainEvent] = []
     for worker in list(state.workers.values()):
         if not worker.lost and now - worker.last_seen > timeout_s:
+            worker.lost_at = now
             out += _lose_worker(state, worker)
     return out
 
@@ -455,6 +466,7 @@ def _lose_worker(state: SchedulerState, worker: WorkerView) -> list[ev.DomainEve
         lost = ev.AllocationLost(experiment_id=run.experiment_id, trial_id=run.trial_id,
                                  allocation_id=run.allocation_id, worker_id=worker.worker_id)
         out.append(lost)
+        fence(run, run.allocation_id)
         out += allocation_ended(state, run.trial_id, run.allocation_id, None, "worker lost")
     return out
 

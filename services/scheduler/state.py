@@ -36,6 +36,7 @@ class WorkerView(msgspec.Struct, kw_only=True):
     address: str = ""
     lost: bool = False
     slots: list[ev.Slot] = []
+    lost_at: float = 0.0  # when it was declared lost: heartbeats it sent before then are stale (buffered while cut off)
 
 
 class TrialRun(msgspec.Struct, kw_only=True):
@@ -67,6 +68,9 @@ class TrialRun(msgspec.Struct, kw_only=True):
     # From its TrialCreated, for the spec its placements carry; None: restored from an older snapshot.
     hparams: dict[str, Any] | None = None
     seed: int = 0
+    # Its runs declared lost (AllocationLost): what they still report is fenced (their checkpoints are not the
+    # trial's latest); their worker, cut off, may still be running them.
+    lost_allocations: list[str] = []
 
 
 class ExperimentKnobs(msgspec.Struct, kw_only=True):
@@ -147,6 +151,17 @@ def knobs_of(event: ev.ExperimentSubmitted) -> ExperimentKnobs:
     knobs.config, knobs.context_digest = event.config, event.context_digest
     knobs.paused = event.paused  # created paused: its queue is held from the start
     return knobs
+
+
+def fenced(run: TrialRun, allocation_id: str) -> bool:
+    """Whether a report of ``allocation_id`` comes from a run of ``run`` that was declared lost."""
+    return bool(allocation_id) and allocation_id in run.lost_allocations
+
+
+def fence(run: TrialRun, allocation_id: str) -> None:
+    """Record that the run ``allocation_id`` was declared lost: what it still reports is refused."""
+    if allocation_id and allocation_id not in run.lost_allocations:
+        run.lost_allocations.append(allocation_id)
 
 
 def holding(run: TrialRun) -> bool:

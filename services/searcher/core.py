@@ -42,6 +42,8 @@ class TrialEntry(msgspec.Struct, kw_only=True):
     validated_steps: int = -1
     # How the method counted its exit (an ExitKind); "" when it did not see it (the experiment was being killed).
     counted: str = ""
+    # Its runs declared lost (AllocationLost): their late validations are fenced, never decided on.
+    lost_allocations: list[str] = []
 
 
 class StoredCheckpoint(msgspec.Struct, kw_only=True):
@@ -155,6 +157,9 @@ class SearcherCore:
                 return self._collect(exp, "experiment ended")
             case ev.CheckpointStored():
                 return self._checkpoint(event)
+            case ev.AllocationLost():
+                self._fence(event)
+                return []
             case ev.CheckpointGCPolicyChanged():
                 return self._gc_policy(event)
             case ev.CheckpointsDeleted():
@@ -195,10 +200,20 @@ class SearcherCore:
         self._register(exp, event.trial_id, event.request_id)
         return self._apply(exp, exp.method.trial_created(self._context(exp), event.request_id))
 
+    def _fence(self, event: ev.AllocationLost) -> None:
+        exp = self.state.experiments.get(event.experiment_id)
+        if exp is None or event.trial_id not in exp.request_of:
+            return
+        entry = exp.trials[exp.request_of[event.trial_id]]
+        if event.allocation_id not in entry.lost_allocations:
+            entry.lost_allocations.append(event.allocation_id)
+
     def _validation(self, event: ev.ValidationReported) -> list[ev.DomainEvent]:
         exp = self.state.experiments.get(event.experiment_id)
         if exp is None or event.trial_id not in exp.request_of:
             return []
+        if event.allocation_id and event.allocation_id in exp.trials[exp.request_of[event.trial_id]].lost_allocations:
+            return []  # fenced: a run declared lost reported it after it was restarted elsewhere
         ctx = self._context(exp)
         searcher = ctx.config.searcher
         value = event.metrics.get(searcher.metric)

@@ -370,7 +370,15 @@ class Fold:
             progress[e.trial_id] = 1.0  # its share of the search is done, stopped early or not
             self._progress_owed.add(e.experiment_id)
 
+    def _fenced(self, allocation_id: str) -> bool:
+        """Whether reports of ``allocation_id`` are fenced: its run was declared lost (AllocationLost), so it was
+        restarted elsewhere and what its cut-off worker still sends must not count (schemas.events)."""
+        a = self.allocations.get(allocation_id) if allocation_id else None
+        return a is not None and a["end_reason"] == LOST_REASON
+
     def _validation(self, e: ev.ValidationReported, item: Item) -> None:
+        if self._fenced(e.allocation_id):
+            return
         self._points(e.trial_id, "validation", e.steps_completed, e.metrics, e.reported_at or item.ts)
         t = self._row("trials", e.trial_id)
         if t is None:
@@ -392,7 +400,8 @@ class Fold:
             "uuid": e.uuid, "trial_id": e.trial_id, "experiment_id": e.experiment_id,
             "steps_completed": e.steps_completed, "storage": e.storage, "resources": _j(e.resources),
             "metadata": _j(e.metadata), "reported_at": _ts(e.reported_at or item.ts)})
-        if (t := self._row("trials", e.trial_id)) is not None:
+        # A fenced run's checkpoint exists (listed, downloadable, collected by retention) but is not the trial's.
+        if not self._fenced(e.allocation_id) and (t := self._row("trials", e.trial_id)) is not None:
             t["latest_checkpoint"] = e.uuid
 
     def _checkpoints_deleted(self, e: ev.CheckpointsDeleted, item: Item) -> None:
@@ -412,6 +421,8 @@ class Fold:
         return True
 
     def _progress(self, e: ev.TrialProgressReported, item: Item) -> None:
+        if self._fenced(e.allocation_id):
+            return
         if (t := self._row("trials", e.trial_id)) is not None:
             # Never backwards: a trial resumed from an older checkpoint reports less than it had already done.
             t["progress"] = max(t["progress"] or 0.0, e.progress)
@@ -511,13 +522,17 @@ class Fold:
         # Another host of a multi-host run: only its failure ends the allocation, and only if nothing did.
         if a is not None and (e.node_rank == 0 or (e.exit_code != 0 and a["ended_at"] is None)):
             self._row("allocations", e.allocation_id)
-            a.update(ended_at=_ts(e.exited_at or item.ts), exit_code=e.exit_code, end_reason=e.reason)
+            if a["end_reason"] == LOST_REASON:
+                # Declared lost first: its worker's late exit adds the code, the allocation stays lost (fenced).
+                a["exit_code"] = e.exit_code
+            else:
+                a.update(ended_at=_ts(e.exited_at or item.ts), exit_code=e.exit_code, end_reason=e.reason)
 
     def _allocation_lost(self, e: ev.AllocationLost, item: Item) -> None:
         a = self.allocations.get(e.allocation_id)
         if a is not None and a["ended_at"] is None:
             self._row("allocations", e.allocation_id)
-            a.update(ended_at=_ts(item.ts), end_reason="worker lost")
+            a.update(ended_at=_ts(item.ts), end_reason=LOST_REASON)
 
     def _worker_lost(self, e: ev.WorkerLost, item: Item) -> None:
         at = _ts(e.last_seen)
@@ -563,6 +578,9 @@ class Fold:
             value, text = metric_value(raw)
             rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
 
+
+# The end reason of an allocation declared lost: its later reports are fenced.
+LOST_REASON = "worker lost"
 
 _HANDLERS: dict[type, Callable[[Fold, Any, Item], None]] = {
     ev.ExperimentSubmitted: Fold._submitted,

@@ -65,6 +65,8 @@ TRIAL_REPORTS = (
     ev.CheckpointStored,
     ev.TrialProgressReported,
 )
+# Reports the worker stamps with the allocation they come from.
+_STAMPED = (ev.ValidationReported, ev.CheckpointStored, ev.TrialProgressReported)
 # sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH = 107
 # How long a closing link waits for a dead trial's last frames (still in the socket buffer).
@@ -105,6 +107,9 @@ def refusal(who: Identity, event: Any) -> str:
     if event.experiment_id != who.experiment_id or event.trial_id != who.trial_id:
         return (f"{kind} for experiment {event.experiment_id} trial {event.trial_id}: this link is experiment "
                 f"{who.experiment_id} trial {who.trial_id}")
+    claimed = getattr(event, "allocation_id", "")
+    if claimed not in ("", who.allocation_id):
+        return f"{kind} of allocation {claimed}: this link is allocation {who.allocation_id}"
     if isinstance(event, ev.TrainingMetricsReported) and not event.batch_id.startswith(f"{who.allocation_id}:"):
         # The batch id is the dedupe key: one run must not be able to shadow another run's batches.
         return f"metric batch {event.batch_id!r} is not of allocation {who.allocation_id}"
@@ -441,6 +446,9 @@ class TrialLink:
             self.refused += 1
             log.warning("link.refused", allocation=self.who.allocation_id, kind=type(event).__name__, error=why)
             return Reply(id=frame.id, ok=False, error=why)
+        if isinstance(event, _STAMPED):
+            # Which run reported it: what the fencing of a run declared lost goes by (schemas.events).
+            event = msgspec.structs.replace(event, allocation_id=self.who.allocation_id)
         try:
             await self._append(event)
         except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving

@@ -144,6 +144,15 @@ class Worker:
                     alloc = self.running.get(kill.allocation_id)
                     if alloc is not None:
                         self._spawn(alloc.kill())
+                case ev.WorkerLost() as lost if lost.worker_id == self.settings.worker_id:
+                    # The scheduler declared this worker lost (it was cut off past the timeout): those runs
+                    # were restarted elsewhere from their checkpoints, and whatever they report is fenced. Stop
+                    # them rather than let them compete for the same trial (runs placed since are not listed).
+                    for allocation_id in lost.allocation_ids:
+                        alloc = self.running.get(allocation_id)
+                        if alloc is not None:
+                            log.warning("worker.declared_lost", allocation=allocation_id)
+                            self._spawn(alloc.kill())
                 case _:
                     pass
 
@@ -266,7 +275,11 @@ async def main() -> None:
             spec = ConsumerSpec(
                 durable=f"worker-{settings.worker_id}",
                 stream=subjects.EVENTS,
-                filter_subjects=[subjects.worker_filter(settings.worker_id)],
+                filter_subjects=[subjects.worker_filter(settings.worker_id), subjects.lost_filter(settings.worker_id)],
+                # A command delivered while the network was cut (the server had not noticed yet) is lost in
+                # flight: it comes again after this long. Handling one is idempotent (a redelivered start is
+                # skipped), so a short wait costs nothing.
+                ack_wait_s=10.0,
             )
             heartbeats = asyncio.create_task(worker.heartbeat_forever(stop))
             await bus.consume(spec, msgspec.json.Decoder(ev.DomainEvent), worker.handle, stop)

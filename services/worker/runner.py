@@ -28,6 +28,7 @@ from schemas.config import ExperimentConfig, config_from_wire
 from schemas.data import locate
 from schemas.trial import CLUSTER_INFO_ENV, ClusterInfo, TrialInfo, stored_checkpoint_prefix
 from services.worker.link import Identity, StopWatcher, Store, StoreGrant, TrialLink, socket_path
+from services.worker.network import interface_of
 from services.worker.outbox import OversizedEvent
 from services.worker.sandbox import TrialRuntime, give_to
 
@@ -420,6 +421,11 @@ class Allocation:
         env["DET_UNIQUE_PORT_OFFSET"] = str(min((int(d) for s in a.slot_ids if (d := s.lstrip("cpuda")).isdigit()),
                                                 default=0))
         env["PYTHONUNBUFFERED"] = "1"
+        if a.nodes and "GLOO_SOCKET_IFNAME" not in env and 0 <= a.node_rank < len(a.nodes):
+            # Spanning hosts: the ranks' gloo connections go over the interface of this worker's address.
+            ifname = interface_of(a.nodes[a.node_rank].address)
+            if ifname is not None:
+                env["GLOO_SOCKET_IFNAME"] = ifname
         if all(s.startswith("cpu") for s in a.slot_ids):
             env["CUDA_VISIBLE_DEVICES"] = ""
         else:

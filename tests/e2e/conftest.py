@@ -85,7 +85,7 @@ def local_stack(prefix: str, **sizes: object) -> Iterator[Stack]:
     (``KILN_KEEP_E2E_STATE=1`` keeps the state dir for a post-mortem)."""
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))
     state_dir.chmod(0o755)  # the unprivileged postgres user must reach its data dir inside
-    base = free_port_block(16)
+    base = free_port_block(16, str(sizes.get("host", "127.0.0.1")))
     cfg = stack.StackConfig.load(
         state_dir, nats_port=base, nats_monitor_port=base + 1, pg_port=base + 2, s3_port=base + 3,
         http_port=base + 4, s3_ports_base=base + 5, worker_timeout_s=6.0, **sizes,

@@ -195,9 +195,9 @@ def test_every_command_that_prints_data_has_json() -> None:
             else:
                 yield " ".join((*path, name)), command
 
-    # Sign-in prompts and the replay tool's progress report are interactive, not data.
+    # Sign-in prompts and the replay tool's progress report are interactive, not data; `worker` becomes the agent.
     without = {name for name, command in walk(cli.main) if not any(p.name == "as_json" for p in command.params)}
-    assert without == {"user login", "user logout", "events replay", "completion"}
+    assert without == {"user login", "user logout", "events replay", "completion", "worker"}
 
 
 def test_completion_scripts_complete_subcommands() -> None:

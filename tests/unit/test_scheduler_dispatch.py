@@ -53,8 +53,24 @@ def test_every_domain_event_has_exactly_one_handler() -> None:
 )
 def test_events_the_scheduler_has_no_use_for_change_nothing(event: ev.DomainEvent) -> None:
     core = SchedulerCore.restore(OLD_SNAPSHOT)
+    before = core.snapshot()
     assert core.handle(event) == []
-    assert core.snapshot() == OLD_SNAPSHOT
+    assert core.snapshot() == before
+
+
+# Fields added to the state since OLD_SNAPSHOT was written, with the defaults an old snapshot restores to.
+ADDED_SINCE = {"workers": {"lost_at": 0.0}, "trials": {"lost_allocations": []}}
+
+
+def _as_written_then(snapshot: bytes) -> object:
+    """A snapshot decoded, less the fields added since OLD_SNAPSHOT (when they hold their defaults)."""
+    data = msgspec.msgpack.decode(snapshot)
+    for table, added in ADDED_SINCE.items():
+        for row in data[table].values():
+            for field, default in added.items():
+                if row.get(field) == default:
+                    del row[field]
+    return data
 
 
 def test_an_experiment_end_is_remembered_for_a_continue_and_an_old_snapshot_still_restores() -> None:
@@ -68,7 +84,8 @@ def test_an_experiment_end_is_remembered_for_a_continue_and_an_old_snapshot_stil
 
 def test_an_old_snapshot_restores_to_the_same_state() -> None:
     core = SchedulerCore.restore(OLD_SNAPSHOT)
-    assert core.snapshot() == OLD_SNAPSHOT
+    # Byte for byte but for the fields added since, each with its default (state.py: added fields need one).
+    assert _as_written_then(core.snapshot()) == msgspec.msgpack.decode(OLD_SNAPSHOT)
     run = core.state.trials[10]
     assert (run.state, run.worker_id, run.peers, run.latest_checkpoint, run.preempt_requested) == (
         "RUNNING", "w1", {"w2": ["w2-g0"]}, "ck", True)
