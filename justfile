@@ -63,6 +63,10 @@ bench-startup: setup
 bench-scheduler: setup
     {{venv}}/python benchmarks/scheduler/run.py --passes 7 --runs 5
 
+# Checkpoint upload/download MiB/s through the real S3 store (1 GiB: one big file, 256 files) vs raw disk
+bench-checkpoints *ARGS: setup
+    {{venv}}/python benchmarks/checkpoints/run.py --mib 1024 --files 256 --runs 3 {{ARGS}}
+
 # Metric ingest: Kiln's real trial -> worker -> JetStream -> Postgres path vs MLflow (own venv, made here) vs raw COPY
 bench-ingest *ARGS: setup
     #!/usr/bin/env bash

@@ -30,8 +30,9 @@ class CheckpointManifest(msgspec.Struct, frozen=True, kw_only=True):
     files: dict[str, CheckpointFile] = {}  # relative path -> the file
 
 
-class CorruptCheckpoint(OSError):
-    """A downloaded file does not match what its checkpoint's manifest records."""
+class CorruptCheckpoint(ValueError):
+    """A downloaded file does not match what its checkpoint's manifest records (the bytes are wrong, not the
+    connection: no retry brings the right ones back)."""
 
 
 def mismatch(rel: str, want: CheckpointFile, size: int, sha256: str) -> str:
