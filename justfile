@@ -72,6 +72,10 @@ bench-cluster *ARGS: setup
 multihost *ARGS: setup
     {{venv}}/python -m pytest -q tests/e2e/test_remote_hosts.py tests/e2e/test_nats_cluster.py {{ARGS}}
 
+# Checkpoint upload/download MiB/s through the real S3 store (1 GiB: one big file, 256 files) vs raw disk
+bench-checkpoints *ARGS: setup
+    {{venv}}/python benchmarks/checkpoints/run.py --mib 1024 --files 256 --runs 3 {{ARGS}}
+
 # Metric ingest: Kiln's real trial -> worker -> JetStream -> Postgres path vs MLflow (own venv, made here) vs raw COPY
 bench-ingest *ARGS: setup
     #!/usr/bin/env bash

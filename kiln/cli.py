@@ -19,6 +19,7 @@ import click
 
 from kiln import client as kiln_client
 from kiln.client import TERMINAL_STATES, APIError, Client
+from schemas.checkpoint import CorruptCheckpoint
 
 LOG_TAIL_ON_ERROR = 20
 T = TypeVar("T")
@@ -74,7 +75,7 @@ def _call(fn: Callable[[Client], T]) -> T:
     """Call the gateway; on an API error print it and exit 1."""
     try:
         return fn(_client())
-    except APIError as exc:
+    except (APIError, CorruptCheckpoint) as exc:
         _fail(exc)
 
 
@@ -1651,10 +1652,11 @@ def checkpoint_list(experiment_id: int | None, trial_id: int | None, as_json: bo
 @click.argument("uuid")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def checkpoint_describe(uuid: str, as_json: bool) -> None:
-    """Show one checkpoint: trial, steps, state, metric, files and metadata."""
+    """Show one checkpoint: trial, steps, state, metric, framework, files (size, sha256, mtime) and metadata."""
     c = _call(lambda cl: cl.get_checkpoint(uuid))
+    recorded = _recorded_files(uuid) if c["state"] == "COMPLETED" else None
     if as_json:
-        _print_json(c)
+        _print_json({**c, "recorded": recorded})
         return
     click.echo(f"checkpoint {c['uuid']}: {c['state']}" + (f" ({c['delete_reason']})" if c["delete_reason"] else ""))
     click.echo(f"  experiment {c['experiment_id']} trial {c['trial_id']} at step {c['steps_completed']}")
@@ -1662,10 +1664,27 @@ def checkpoint_describe(uuid: str, as_json: bool) -> None:
     click.echo(f"  stored in {c['storage']}/{c['uuid']} at {c['reported_at']}")
     if c["protected"]:
         click.echo("  protected (a registered model version): never collected")
-    for rel, size in sorted(c["resources"].items()):
-        click.echo(f"  {size:>12}  {rel}")
+    if recorded and recorded["hashed"]:
+        click.echo(f"  framework: {recorded['framework'] or 'unknown'}")
+        for rel, f in sorted(recorded["files"].items()):
+            when = dt.datetime.fromtimestamp(f["mtime"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            click.echo(f"  {f['size']:>12}  {f['sha256']}  {when}  {rel}")
+    else:
+        for rel, size in sorted(c["resources"].items()):
+            click.echo(f"  {size:>12}  {rel}")
     if c["metadata"]:
         click.echo(f"  metadata: {json.dumps(c['metadata'], sort_keys=True, default=str)}")
+
+
+def _recorded_files(uuid: str) -> dict[str, Any] | None:
+    """The checkpoint's recorded files (sha256, mtime); None where the gateway cannot read them (another store,
+    its files gone)."""
+    try:
+        return _client().checkpoint_files(uuid)
+    except APIError as exc:
+        if exc.status in (409, 410):
+            return None
+        _fail(exc)
 
 
 @checkpoint.command("download")

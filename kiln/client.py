@@ -6,6 +6,7 @@ Authentication as Determined's ``det`` does it: ``kiln user login`` stores a tok
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kiln._lazy import LazyModule
 from schemas import context as code_context
 from schemas import ports
+from schemas.checkpoint import CheckpointFile, CorruptCheckpoint, mismatch
 
 if TYPE_CHECKING:
     import httpx
@@ -468,15 +470,29 @@ class Client:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             return [m.name for m in tar.getmembers() if m.isfile()]
 
+    def checkpoint_files(self, uuid: str) -> dict[str, Any]:
+        """What the uploader recorded of a checkpoint: steps, framework, each file's size, sha256 and mtime."""
+        return self._get(f"/api/v1/checkpoints/{uuid}/files")  # type: ignore[no-any-return]
+
     def download_checkpoint(self, uuid: str, target: Path) -> list[str]:
-        """Download a checkpoint's files into ``target`` (keeping their modification times); return their paths."""
+        """Download a checkpoint's files into ``target`` (keeping their recorded modification times); return their
+        paths. Each file is checked against the checkpoint's recorded sha256 as it is written: one that does not
+        match is removed and raised as ``schemas.checkpoint.CorruptCheckpoint``."""
         blob = self._download(f"/api/v1/checkpoints/{uuid}/download")
+        try:
+            recorded = self.checkpoint_files(uuid)
+        except APIError as exc:
+            if exc.status not in (404, 409):  # 404: a gateway from before the route; 409: stored elsewhere
+                raise
+            recorded = {"hashed": False, "files": {}}
         target.mkdir(parents=True, exist_ok=True)
         names = []
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
             for member in tar.getmembers():
                 names.append(member.name)
             tar.extractall(target, filter="data")  # sets each file's mtime from the archive
+            for member in tar.getmembers():
+                _verify(target, uuid, member, recorded)
         return names
 
     # -- the model registry ---------------------------------------------------------------------------------
@@ -538,3 +554,21 @@ def _segment(value: str | int) -> str:
     from urllib.parse import quote
 
     return quote(str(value), safe="")
+
+
+def _verify(target: Path, uuid: str, member: tarfile.TarInfo, recorded: dict[str, Any]) -> None:
+    """Check one extracted file against the checkpoint's recorded size and sha256; restore its recorded mtime."""
+    want = recorded["files"].get(member.name)
+    if not member.isfile() or not recorded.get("hashed") or want is None:
+        return
+    path = target / member.name
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    why = mismatch(member.name, CheckpointFile(size=want["size"], sha256=want["sha256"], mtime=want["mtime"]),
+                   path.stat().st_size, sha.hexdigest())
+    if why:
+        path.unlink(missing_ok=True)
+        raise CorruptCheckpoint(f"checkpoint {uuid} arrived corrupted: {why}")
+    os.utime(path, (want["mtime"], want["mtime"]))  # the tar holds whole seconds; the record is exact

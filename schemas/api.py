@@ -558,3 +558,21 @@ class ExperimentMetricName(msgspec.Struct, kw_only=True):
     kind: Literal["training", "validation"]
     name: str
     trials: int
+
+
+class CheckpointFileInfo(msgspec.Struct, kw_only=True):
+    """One file of a checkpoint as its uploader recorded it (schemas.checkpoint.CheckpointFile)."""
+
+    size: int
+    sha256: str = ""  # "" for a checkpoint stored before Kiln recorded hashes
+    mtime: float | None = None  # seconds since the epoch; None when not recorded
+
+
+class CheckpointFiles(msgspec.Struct, kw_only=True):
+    """What the uploader recorded of a checkpoint: steps, framework, and each file (``GET .../files``)."""
+
+    uuid: str
+    steps_completed: int
+    framework: str  # e.g. "torch-2.13.0"; "" when unknown
+    hashed: bool  # False: stored before manifests, only sizes are known (and no download check)
+    files: dict[str, CheckpointFileInfo]

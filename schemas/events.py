@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.checkpoint import CheckpointFile
+
 # JSON-safe metric value: a finite float, NaN/inf (encoded as strings by the Core API), or any
 # scalar a user reports (Determined accepts strings and bools in metrics too).
 MetricValue = float | int | str | bool | None
@@ -351,6 +353,8 @@ class CheckpointStored(Event, frozen=True, kw_only=True):
     reported_at: float = 0.0
     # The run that stored it (stamped by its worker): a run declared lost never sets the trial's latest checkpoint.
     allocation_id: str = ""
+    files: dict[str, CheckpointFile] = {}  # relative file path -> size, sha256, mtime (schemas.checkpoint)
+    framework: str = ""  # what wrote it, e.g. "torch-2.13.0"
 
 
 class TrialProgressReported(Event, frozen=True, kw_only=True):

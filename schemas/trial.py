@@ -159,9 +159,12 @@ class PresignRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Trial → worker: a short-lived URL to GET or PUT one object of the cluster's store (no credential needed)."""
 
     id: int
-    method: Literal["GET", "PUT"]
+    method: Literal["GET", "PUT", "CREATE_MULTIPART", "UPLOAD_PART", "COMPLETE_MULTIPART", "ABORT_MULTIPART"]
     key: str
     bucket: str = ""  # "": the cluster's bucket; another one of the store only for a data table granted to the trial
+    # A big file goes up in parts (S3 multipart): the *_MULTIPART and UPLOAD_PART methods are writes like PUT.
+    upload_id: str = ""  # for UPLOAD_PART, COMPLETE_MULTIPART, ABORT_MULTIPART: what CREATE_MULTIPART answered
+    part_number: int = 0  # for UPLOAD_PART: 1..10000
 
 
 class Presigned(msgspec.Struct, frozen=True, kw_only=True, tag=True):

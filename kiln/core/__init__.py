@@ -34,6 +34,7 @@ from kiln.core._checkpoint import (
 from kiln.core._distributed import DistributedContext
 from kiln.core._tensorboard import TensorboardFiles
 from schemas import events as ev
+from schemas.checkpoint import CheckpointManifest
 from schemas.trial import INVALID_HP_EXIT_CODE, TENSORBOARD, checkpoint_prefix
 
 log = logging.getLogger("kiln.core")
@@ -389,10 +390,11 @@ def init(*, distributed: DistributedContext | None = None,
 
     tensorboard = _cluster_tensorboard(wire, presigner, dist.rank, auto)
 
-    def stored(storage_id: str, steps: int, resources: dict[str, int], metadata: dict[str, Any]) -> None:
+    def stored(storage_id: str, steps: int, manifest: CheckpointManifest, metadata: dict[str, Any]) -> None:
         reporter.publish(ev.CheckpointStored(
             experiment_id=trial.experiment_id, trial_id=trial.trial_id, uuid=storage_id, steps_completed=steps,
-            storage=storage.location(), resources=resources, metadata=metadata, reported_at=time.time()))
+            storage=storage.location(), resources={rel: f.size for rel, f in manifest.files.items()},
+            metadata=metadata, reported_at=time.time(), files=manifest.files, framework=manifest.framework))
         if auto:
             tensorboard.sync()  # a checkpoint is a point to resume from: the board is uploaded up to it
 

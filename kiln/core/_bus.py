@@ -183,11 +183,11 @@ class TrialBus:
             raise LinkError("the worker answered without a result")
         return result
 
-    def presign(self, method: str, key: str, bucket: str = "") -> str:
-        """A short-lived URL to GET or PUT ``key`` in the cluster's store (``bucket`` "": the cluster's bucket);
-        LinkError if the worker refuses."""
+    def presign(self, method: str, key: str, bucket: str = "", upload_id: str = "", part_number: int = 0) -> str:
+        """A short-lived URL to GET or PUT ``key`` in the cluster's store (``bucket`` "": the cluster's bucket), or
+        for a step of a multipart upload of it (schemas.trial.PresignRequest); LinkError if the worker refuses."""
         result = self._ask(lambda i: PresignRequest(id=i, method=method, key=key,  # type: ignore[arg-type]
-                                                    bucket=bucket))
+                                                    bucket=bucket, upload_id=upload_id, part_number=part_number))
         assert isinstance(result, Presigned)
         return result.url
 

@@ -1,28 +1,39 @@
 """Checkpoint storage for the Core API: the cluster's store (through the worker), an S3 bucket, or a shared path.
 
 On a cluster the trial holds no store credential: ``LinkedS3Storage`` asks its worker for a presigned URL per
-object and moves the bytes with plain HTTP, streaming (no file is held in memory whole).
+object (per part for a big file: S3 multipart) and moves the bytes with plain HTTP. Every storage streams (no
+file is held in memory whole), hashes each file while it streams it up, and stores the file list with sizes,
+sha256 and modification times as the checkpoint's manifest (schemas.checkpoint); a download checks each file
+against it (a corrupted object is a ``CorruptCheckpoint``) and restores its modification time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
-import shutil
+import sys
 import tempfile
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
+from schemas.checkpoint import MANIFEST_FILE, CheckpointFile, CheckpointManifest, CorruptCheckpoint, mismatch
+
 METADATA_FILE = "metadata.json"
 # Bytes per read while streaming a file up or down.
 CHUNK_BYTES = 1 << 20
+# A file bigger than this goes up in parts of this size (S3 multipart; S3's smallest part is 5 MiB).
+PART_BYTES = 64 << 20
 
 log = logging.getLogger("kiln.core")
+
+Files = dict[str, CheckpointFile]
 
 
 class Storage(Protocol):
@@ -30,25 +41,103 @@ class Storage(Protocol):
 
     def location(self) -> str: ...
 
-    def upload(self, src: Path, storage_id: str) -> dict[str, int]: ...
+    def upload(self, src: Path, storage_id: str) -> Files: ...
+
+    def upload_manifest(self, storage_id: str, manifest: CheckpointManifest) -> None: ...
 
     def download(self, storage_id: str, dst: Path) -> None: ...
 
 
-def _files(src: Path) -> dict[str, int]:
-    return {p.relative_to(src).as_posix(): p.stat().st_size for p in sorted(src.rglob("*")) if p.is_file()}
+def _sizes(src: Path) -> dict[str, int]:
+    """Each file under ``src`` (relative path) and its size now, the manifest left out."""
+    return {rel: p.stat().st_size for p in sorted(src.rglob("*"))
+            if p.is_file() and (rel := p.relative_to(src).as_posix()) != MANIFEST_FILE}
+
+
+class _Hashing:
+    """A reader of exactly ``size`` bytes of ``fh`` (a file still growing is cut there) that hashes what it
+    hands out: the hash of an upload, computed while it streams."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self._fh = fh
+        self.left = size
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left if n is None or n < 0 else min(n, self.left)
+        data = self._fh.read(want) if want > 0 else b""
+        self.left -= len(data)
+        self.sha.update(data)
+        return data
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        """Up to ``size`` (default: all that is left) bytes, CHUNK_BYTES at a time."""
+        left = self.left if size is None else min(size, self.left)
+        while left > 0:
+            data = self.read(min(CHUNK_BYTES, left))
+            if not data:
+                break
+            left -= len(data)
+            yield data
+
+
+def _receive(chunks: Iterable[bytes], target: Path, rel: str, want: CheckpointFile | None, storage_id: str) -> None:
+    """Write a downloaded file, check it against the manifest's record (``want``) and set its recorded mtime. A
+    file that does not match is removed and raised as CorruptCheckpoint."""
+    sha = hashlib.sha256()
+    size = 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as fh:
+        for chunk in chunks:
+            sha.update(chunk)
+            size += len(chunk)
+            fh.write(chunk)
+    if want is None:
+        return
+    why = mismatch(rel, want, size, sha.hexdigest())
+    if why:
+        target.unlink(missing_ok=True)
+        raise CorruptCheckpoint(f"checkpoint {storage_id} is corrupted in the store: {why}")
+    os.utime(target, (want.mtime, want.mtime))
+
+
+def _target(dst: Path, rel: str, storage_id: str) -> Path:
+    target = (dst / rel).resolve()
+    if not rel or not target.is_relative_to(dst.resolve()):
+        raise ValueError(f"checkpoint {storage_id}: object {rel!r} escapes the target")
+    return target
+
+
+def _manifest(raw: bytes | None, storage_id: str) -> CheckpointManifest | None:
+    if raw is None:
+        return None  # a checkpoint stored before manifests: nothing to check against
+    try:
+        return msgspec.json.decode(raw, type=CheckpointManifest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptCheckpoint(f"checkpoint {storage_id}: its {MANIFEST_FILE} is unreadable: {exc}") from exc
+
+
+def _missing(manifest: CheckpointManifest | None, found: Iterable[str], storage_id: str) -> None:
+    if manifest is None:
+        return
+    gone = sorted(set(manifest.files) - set(found))
+    if gone:
+        raise CorruptCheckpoint(f"checkpoint {storage_id} is incomplete in the store: missing {', '.join(gone[:5])}"
+                                + (f" and {len(gone) - 5} more" if len(gone) > 5 else ""))
 
 
 class S3Storage:
-    """Checkpoints under ``s3://bucket/prefix/<uuid>/`` through the minio SDK."""
+    """Checkpoints under ``s3://bucket/prefix/<uuid>/`` through the minio SDK, with a key of the trial's own
+    (a user's bucket): a file bigger than ``part_bytes`` goes up in parts."""
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "",
-                 secure: bool = False) -> None:
+                 secure: bool = False, part_bytes: int = PART_BYTES) -> None:
         from minio import Minio  # imported here: a laptop run of the Core API does not need it
 
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.part_bytes = part_bytes
 
     def _key(self, storage_id: str, rel: str = "") -> str:
         parts = [p for p in (self.prefix, storage_id, rel) if p]
@@ -58,33 +147,59 @@ class S3Storage:
         """``s3://bucket/prefix``."""
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
-        """Upload every file under ``src``; return relative path → size."""
-        files = _files(src)
-        for rel in files:
-            self.client.fput_object(self.bucket, self._key(storage_id, rel), str(src / rel))
+    def upload(self, src: Path, storage_id: str) -> Files:
+        """Upload every file under ``src``, streamed and hashed on the way."""
+        files: Files = {}
+        for rel, size in _sizes(src).items():
+            path = src / rel
+            mtime = path.stat().st_mtime
+            with path.open("rb") as fh:
+                reader = _Hashing(fh, size)
+                self.client.put_object(self.bucket, self._key(storage_id, rel), reader, size,  # type: ignore[arg-type]
+                                       part_size=self.part_bytes, metadata={"mtime": repr(mtime)})
+            files[rel] = CheckpointFile(size=size, sha256=reader.sha.hexdigest(), mtime=mtime)
         return files
 
+    def upload_manifest(self, storage_id: str, manifest: CheckpointManifest) -> None:
+        """Store the manifest beside the files."""
+        import io
+
+        raw = msgspec.json.encode(manifest)
+        self.client.put_object(self.bucket, self._key(storage_id, MANIFEST_FILE), io.BytesIO(raw), len(raw))
+
+    def _get(self, key: str) -> Iterator[bytes]:
+        resp = self.client.get_object(self.bucket, key)
+        try:
+            yield from resp.stream(CHUNK_BYTES)
+        finally:
+            resp.close()
+            resp.release_conn()
+
     def download(self, storage_id: str, dst: Path) -> None:
-        """Download every object of a checkpoint into ``dst``."""
+        """Download every object of a checkpoint into ``dst``, each checked against the manifest."""
+        from minio.error import S3Error
+
         prefix = self._key(storage_id) + "/"
-        found = False
-        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
-            rel = obj.object_name[len(prefix):]
-            target = (dst / rel).resolve()
-            if not str(target).startswith(str(dst.resolve())):
-                raise ValueError(f"checkpoint {storage_id}: object {obj.object_name!r} escapes the target")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.client.fget_object(self.bucket, obj.object_name, str(target))
-            found = True
-        if not found:
+        rels = [o.object_name[len(prefix):] for o in self.client.list_objects(self.bucket, prefix=prefix,
+                                                                              recursive=True)]
+        if not rels:
             raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
+        try:
+            raw = b"".join(self._get(prefix + MANIFEST_FILE)) if MANIFEST_FILE in rels else None
+        except S3Error:
+            raw = None
+        manifest = _manifest(raw, storage_id)
+        _missing(manifest, rels, storage_id)
+        for rel in rels:
+            if rel != MANIFEST_FILE:
+                want = manifest.files.get(rel) if manifest else None
+                _receive(self._get(prefix + rel), _target(dst, rel, storage_id), rel, want, storage_id)
 
 
 class Presigner(Protocol):
     """What LinkedS3Storage needs from the worker link (kiln.core._bus.TrialBus)."""
 
-    def presign(self, method: str, key: str) -> str: ...
+    def presign(self, method: str, key: str, bucket: str = "", upload_id: str = "", part_number: int = 0) -> str: ...
 
     def list_keys(self, prefix: str) -> list[str]: ...
 
@@ -94,15 +209,17 @@ class LinkedS3Storage:
 
     ``presigner`` is called for the link on first use (ranks other than the chief open theirs only when they
     restore a checkpoint). The worker grants this trial its own experiment's prefix, read-only ``elsewhere``
-    (a fine-tune's source checkpoint: storage id -> its key prefix), and nothing else.
+    (a fine-tune's source checkpoint: storage id -> its key prefix), and nothing else. A file bigger than
+    ``part_bytes`` goes up as an S3 multipart upload, each step presigned by the worker.
     """
 
     def __init__(self, presigner: Callable[[], Presigner], bucket: str, prefix: str,
-                 elsewhere: dict[str, str] | None = None) -> None:
+                 elsewhere: dict[str, str] | None = None, part_bytes: int = PART_BYTES) -> None:
         self._presigner = presigner
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.elsewhere = {k: v.strip("/") for k, v in (elsewhere or {}).items()}
+        self.part_bytes = part_bytes
         self._http: Any = None
 
     def _client(self) -> Any:
@@ -120,41 +237,91 @@ class LinkedS3Storage:
         """``s3://bucket/prefix``."""
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
-        """PUT every file under ``src``, one presigned URL each, streamed from disk."""
-        files = _files(src)
-        for rel, size in files.items():
-            self.upload_file(src / rel, storage_id, rel, size, f"upload of {rel} of checkpoint {storage_id}")
-        return files
+    def upload(self, src: Path, storage_id: str) -> Files:
+        """Upload every file under ``src``, streamed from disk and hashed on the way."""
+        return {rel: self.upload_file(src / rel, storage_id, rel, size, f"upload of {rel} of checkpoint {storage_id}")
+                for rel, size in _sizes(src).items()}
 
-    def upload_file(self, path: Path, storage_id: str, rel: str, size: int, what: str) -> None:
-        """PUT one file as ``<prefix>/<storage_id>/<rel>``: exactly ``size`` bytes of it (a file that is still
-        being appended to is sent as it was when measured), through one presigned URL, streamed from disk."""
-        url = self._presigner().presign("PUT", self._key(storage_id, rel))
+    def upload_manifest(self, storage_id: str, manifest: CheckpointManifest) -> None:
+        """Store the manifest beside the files."""
+        url = self._presigner().presign("PUT", self._key(storage_id, MANIFEST_FILE))
+        _check(self._client().put(url, content=msgspec.json.encode(manifest)), f"upload of checkpoint {storage_id}'s"
+               " manifest")
+
+    def upload_file(self, path: Path, storage_id: str, rel: str, size: int, what: str) -> CheckpointFile:
+        """Upload one file as ``<prefix>/<storage_id>/<rel>``: exactly ``size`` bytes of it (a file that is still
+        being appended to is sent as it was when measured), streamed from disk; in parts when it is big."""
+        key = self._key(storage_id, rel)
+        mtime = path.stat().st_mtime
         with path.open("rb") as fh:
-            resp = self._client().put(url, content=_chunks(fh, size), headers={"Content-Length": str(size)})
+            reader = _Hashing(fh, size)
+            if size <= self.part_bytes:
+                url = self._presigner().presign("PUT", key)
+                _check(self._client().put(url, content=reader.chunks(), headers={"Content-Length": str(size)}), what)
+            else:
+                self._multipart(reader, key, what)
+        return CheckpointFile(size=size, sha256=reader.sha.hexdigest(), mtime=mtime)
+
+    def _multipart(self, reader: _Hashing, key: str, what: str) -> None:
+        link, http = self._presigner(), self._client()
+        resp = http.post(link.presign("CREATE_MULTIPART", key))
         _check(resp, what)
+        upload_id = _xml_text(resp.content, "UploadId")
+        if not upload_id:
+            raise OSError(f"{what} failed: the store answered no UploadId: {resp.text[:300]}")
+        try:
+            parts: list[str] = []
+            while reader.left > 0:
+                number = len(parts) + 1
+                size = min(self.part_bytes, reader.left)
+                url = link.presign("UPLOAD_PART", key, upload_id=upload_id, part_number=number)
+                resp = http.put(url, content=reader.chunks(size), headers={"Content-Length": str(size)})
+                _check(resp, f"{what} (part {number})")
+                parts.append(f"<Part><PartNumber>{number}</PartNumber><ETag>{resp.headers['etag']}</ETag></Part>")
+            body = f"<CompleteMultipartUpload>{''.join(parts)}</CompleteMultipartUpload>".encode()
+            resp = http.post(link.presign("COMPLETE_MULTIPART", key, upload_id=upload_id), content=body)
+            _check(resp, what)
+            if _xml_text(resp.content, "Code"):  # S3 may answer 200 and an error in the body
+                raise OSError(f"{what} failed: {resp.text[:300]}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                http.delete(link.presign("ABORT_MULTIPART", key, upload_id=upload_id))
+            raise
+
+    def _get(self, key: str) -> Iterator[bytes]:
+        url = self._presigner().presign("GET", key)
+        with self._client().stream("GET", url) as resp:
+            if resp.status_code >= 300:
+                resp.read()
+            _check(resp, f"download of {key}")
+            yield from resp.iter_bytes(CHUNK_BYTES)
 
     def download(self, storage_id: str, dst: Path) -> None:
-        """GET every object of a checkpoint into ``dst``, streamed to disk."""
+        """GET every object of a checkpoint into ``dst``, streamed to disk and checked against the manifest."""
         prefix = (self.elsewhere.get(storage_id) or self._key(storage_id)) + "/"
         keys = self._presigner().list_keys(prefix)
         if not keys:
             raise FileNotFoundError(f"checkpoint {storage_id} not found in {self.location()}")
-        root = dst.resolve()
-        for key in keys:
-            target = (dst / key[len(prefix):]).resolve()
-            if not key.startswith(prefix) or not target.is_relative_to(root):
-                raise ValueError(f"checkpoint {storage_id}: object {key!r} escapes the target")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            url = self._presigner().presign("GET", key)
-            with self._client().stream("GET", url) as resp:
-                if resp.status_code >= 300:
-                    resp.read()
-                _check(resp, f"download of {key}")
-                with target.open("wb") as fh:
-                    for chunk in resp.iter_bytes(CHUNK_BYTES):
-                        fh.write(chunk)
+        if any(not key.startswith(prefix) for key in keys):
+            raise ValueError(f"checkpoint {storage_id}: the listing holds keys outside {prefix}")
+        rels = [key[len(prefix):] for key in keys]
+        manifest = _manifest(b"".join(self._get(prefix + MANIFEST_FILE)) if MANIFEST_FILE in rels else None,
+                             storage_id)
+        _missing(manifest, rels, storage_id)
+        for rel in rels:
+            if rel != MANIFEST_FILE:
+                want = manifest.files.get(rel) if manifest else None
+                target = _target(dst, rel, storage_id)
+                _receive(self._get(prefix + rel), target, rel, want, storage_id)
+
+
+def _xml_text(body: bytes, tag: str) -> str:
+    """The text of the first element named ``tag`` (any namespace) in an S3 answer; "" when there is none."""
+    with contextlib.suppress(ET.ParseError):
+        for element in ET.fromstring(body).iter():
+            if element.tag.rsplit("}", 1)[-1] == tag:
+                return element.text or ""
+    return ""
 
 
 class WithSources:
@@ -169,9 +336,13 @@ class WithSources:
         """Where this trial's own checkpoints go."""
         return self.own.location()
 
-    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
+    def upload(self, src: Path, storage_id: str) -> Files:
         """Upload to the trial's own storage."""
         return self.own.upload(src, storage_id)
+
+    def upload_manifest(self, storage_id: str, manifest: CheckpointManifest) -> None:
+        """The manifest goes with the files."""
+        self.own.upload_manifest(storage_id, manifest)
 
     def download(self, storage_id: str, dst: Path) -> None:
         """A source checkpoint from the cluster's store; any other from the trial's own storage."""
@@ -179,16 +350,10 @@ class WithSources:
         store.download(storage_id, dst)
 
 
-def _chunks(fh: Any, size: int | None = None) -> Iterator[bytes]:
-    """The file's bytes in chunks; with ``size``, exactly that many (a file that grew meanwhile is cut there)."""
-    left = size
-    while left is None or left > 0:
-        chunk = fh.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
-        if not chunk:
-            break
-        if left is not None:
-            left -= len(chunk)
-        yield chunk
+def _read_file(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            yield chunk
 
 
 def _check(resp: Any, what: str) -> None:
@@ -206,19 +371,53 @@ class SharedFSStorage:
         """``file://<root>``."""
         return f"file://{self.root}"
 
-    def upload(self, src: Path, storage_id: str) -> dict[str, int]:
-        """Copy the directory into the shared path."""
-        dst = self.root / storage_id
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-        return _files(dst)
+    def upload(self, src: Path, storage_id: str) -> Files:
+        """Copy the directory into the shared path, hashing each file as it is copied, keeping its mtime."""
+        files: Files = {}
+        for rel, size in _sizes(src).items():
+            target = _target(self.root / storage_id, rel, storage_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mtime = (src / rel).stat().st_mtime
+            with (src / rel).open("rb") as fh, target.open("wb") as out:
+                reader = _Hashing(fh, size)
+                for chunk in reader.chunks():
+                    out.write(chunk)
+            os.utime(target, (mtime, mtime))
+            files[rel] = CheckpointFile(size=size - reader.left, sha256=reader.sha.hexdigest(), mtime=mtime)
+        return files
+
+    def upload_manifest(self, storage_id: str, manifest: CheckpointManifest) -> None:
+        """Write the manifest beside the files."""
+        (self.root / storage_id).mkdir(parents=True, exist_ok=True)
+        part = self.root / storage_id / f".{MANIFEST_FILE}.{os.getpid()}"
+        part.write_bytes(msgspec.json.encode(manifest))
+        part.replace(self.root / storage_id / MANIFEST_FILE)  # whole or absent for a reader
 
     def download(self, storage_id: str, dst: Path) -> None:
-        """Copy a checkpoint directory out of the shared path."""
+        """Copy a checkpoint directory out of the shared path, each file checked against the manifest."""
         src = self.root / storage_id
         if not src.is_dir():
             raise FileNotFoundError(f"checkpoint {storage_id} not found under {self.root}")
-        shutil.copytree(src, dst, dirs_exist_ok=True)
+        raw = (src / MANIFEST_FILE).read_bytes() if (src / MANIFEST_FILE).is_file() else None
+        manifest = _manifest(raw, storage_id)
+        rels = list(_sizes(src))
+        _missing(manifest, rels, storage_id)
+        for rel in rels:
+            want = manifest.files.get(rel) if manifest else None
+            _receive(_read_file(src / rel), _target(dst, rel, storage_id), rel, want, storage_id)
+
+
+def framework(metadata: dict[str, Any]) -> str:
+    """What wrote a checkpoint: the metadata's ``framework`` if the trial gave one (Determined's field), else the
+    torch (or tensorflow) the trial process imported, else ""."""
+    given = metadata.get("framework")
+    if isinstance(given, str) and given:
+        return given
+    for name in ("torch", "tensorflow"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__version__", None):
+            return f"{name}-{module.__version__}"
+    return ""
 
 
 class CheckpointContext:
@@ -230,7 +429,7 @@ class CheckpointContext:
     writes its own part; file names must not collide across ranks.
     """
 
-    def __init__(self, storage: Storage, on_stored: Callable[[str, int, dict[str, int], dict[str, Any]], None],
+    def __init__(self, storage: Storage, on_stored: Callable[[str, int, CheckpointManifest, dict[str, Any]], None],
                  is_chief: bool = True, distributed: Any = None) -> None:
         self._storage = storage
         self._on_stored = on_stored
@@ -284,12 +483,12 @@ class CheckpointContext:
     def _finish(self, path: Path, storage_id: str, steps: int, metadata: dict[str, Any], shard: bool) -> None:
         if not shard or not self._several():
             (path / METADATA_FILE).write_bytes(msgspec.json.encode(metadata))
-            self._on_stored(storage_id, steps, self._storage.upload(path, storage_id), metadata)
+            self._stored(storage_id, steps, self._storage.upload(path, storage_id), metadata)
             return
         # Sharded: agree that no two ranks write the same file before anyone uploads, then every rank uploads
         # its part, and the chief records the checkpoint once all parts are in (the gather waits for them).
         (path / METADATA_FILE).unlink(missing_ok=True)
-        mine = sorted(_files(path))
+        mine = sorted(_sizes(path))
         owners: dict[str, list[int]] = {}
         for rank, names in enumerate(self._dist.allgather(mine)):
             for name in names:
@@ -303,10 +502,17 @@ class CheckpointContext:
         uploaded = self._storage.upload(path, storage_id) if any(path.iterdir()) else {}
         parts = self._dist.gather(uploaded)
         if self._is_chief:
-            resources: dict[str, int] = {}
+            files: Files = {}
             for part in parts:
-                resources.update(part)
-            self._on_stored(storage_id, steps, resources, metadata)
+                files.update(part)
+            self._stored(storage_id, steps, files, metadata)
+        self._dist.allgather(None)  # every rank returns once the manifest is in: the checkpoint is whole
+
+    def _stored(self, storage_id: str, steps: int, files: Files, metadata: dict[str, Any]) -> None:
+        """Every file is in: store the manifest last (a checkpoint without one is incomplete), then report."""
+        manifest = CheckpointManifest(steps_completed=steps, framework=framework(metadata), files=files)
+        self._storage.upload_manifest(storage_id, manifest)
+        self._on_stored(storage_id, steps, manifest, metadata)
 
     def download(self, storage_id: str, ckpt_dir: str | os.PathLike[str]) -> None:
         """Download a checkpoint into ``ckpt_dir``."""

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import io
 import secrets
@@ -62,6 +63,7 @@ from minio.error import S3Error, ServerError
 from schemas import api, readmodel, registry, subjects
 from schemas import context as code_context
 from schemas import events as ev
+from schemas.checkpoint import MANIFEST_FILE, CheckpointManifest, CorruptCheckpoint, mismatch
 from schemas.cluster import CLUSTER_BUCKET, CLUSTER_KEY, AgentView, ClusterView, JobView
 from schemas.config import (
     ConfigError,
@@ -893,6 +895,9 @@ async def download_checkpoint(state: State, request: Request[Principal, int, Any
             raise
         raise ClientException(status_code=410, detail=f"checkpoint {uuid} is recorded but its files are gone from"
                               f" the store ({exc.code}: {exc.resource or prefix})") from exc
+    except CorruptCheckpoint as exc:
+        raise ClientException(status_code=410, detail=f"checkpoint {uuid} is recorded but its files in the store"
+                              f" are not what was uploaded: {exc}") from exc
     return Stream(iter([blob]), media_type="application/x-tar",
                   headers={"Content-Disposition": f'attachment; filename="{uuid}.tar"'})
 
@@ -911,7 +916,26 @@ def _mtime(headers: Any) -> float:
     return time.time()
 
 
+def _stored_manifest(deps: GatewayDeps, prefix: str) -> CheckpointManifest | None:
+    """The manifest the uploader stored with a checkpoint (schemas.checkpoint); None for one stored without."""
+    try:
+        resp = deps.minio.get_object(deps.bucket, prefix + MANIFEST_FILE)
+    except S3Error as exc:
+        if exc.code == "NoSuchKey":
+            return None
+        raise
+    try:
+        return msgspec.json.decode(resp.read(), type=CheckpointManifest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptCheckpoint(f"its {MANIFEST_FILE} is unreadable: {exc}") from exc
+    finally:
+        resp.close()
+        resp.release_conn()
+
+
 def _tar_checkpoint(deps: GatewayDeps, prefix: str, files: list[str]) -> bytes:
+    """The files as a tar, each checked against the stored manifest (size, sha256) and given its recorded mtime."""
+    manifest = _stored_manifest(deps, prefix)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for rel in sorted(files):
@@ -922,12 +946,44 @@ def _tar_checkpoint(deps: GatewayDeps, prefix: str, files: list[str]) -> bytes:
             finally:
                 resp.close()
                 resp.release_conn()
+            want = manifest.files.get(rel) if manifest is not None else None
+            if want is not None:
+                why = mismatch(rel, want, len(data), hashlib.sha256(data).hexdigest())
+                if why:
+                    raise CorruptCheckpoint(why)
+                mtime = want.mtime
             info = tarfile.TarInfo(rel)
             info.size = len(data)
             info.mtime = int(mtime)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+@get("/api/v1/checkpoints/{uuid:str}/files", operation_id="getCheckpointFiles", responses=_errors(403, 404, 409, 410))
+async def checkpoint_files(state: State, request: Request[Principal, int, Any], uuid: str) -> api.CheckpointFiles:
+    """What the uploader recorded of a checkpoint's files: steps, framework, each file's size, sha256 and
+    modification time (owner or admin). A checkpoint stored before Kiln recorded hashes lists sizes only."""
+    deps = _deps(state)
+    checkpoint = await _checkpoint(deps, request.user, uuid)
+    if checkpoint.state == "DELETED":
+        raise _gone(checkpoint)
+    prefix = collector.object_prefix(checkpoint.storage, deps.bucket, uuid)
+    if prefix is None:
+        raise ClientException(status_code=409, detail=f"checkpoint {uuid} is stored in {checkpoint.storage},"
+                              " outside the cluster's store; its manifest is there, as " + MANIFEST_FILE)
+    try:
+        manifest = await deps.s3(_stored_manifest, prefix)
+    except CorruptCheckpoint as exc:
+        raise ClientException(status_code=410, detail=f"checkpoint {uuid}: {exc}") from exc
+    if manifest is None:
+        return api.CheckpointFiles(uuid=uuid, steps_completed=checkpoint.steps_completed, framework="",
+                                   hashed=False, files={rel: api.CheckpointFileInfo(size=size)
+                                                        for rel, size in checkpoint.resources.items()})
+    return api.CheckpointFiles(uuid=uuid, steps_completed=manifest.steps_completed, framework=manifest.framework,
+                               hashed=True, files={rel: api.CheckpointFileInfo(size=f.size, sha256=f.sha256,
+                                                                               mtime=f.mtime)
+                                                   for rel, f in sorted(manifest.files.items())})
 
 
 @delete("/api/v1/checkpoints/{uuid:str}", operation_id="deleteCheckpoint", status_code=200,
@@ -1698,6 +1754,7 @@ ROUTES = [
     experiments_page, experiment_metric_names, experiment_series,
 ]
 ROUTES += [experiment_lineage]
+ROUTES += [checkpoint_files]
 
 
 def _request_id(scope: Scope) -> str:

@@ -7,7 +7,8 @@ report, is refused with an error reply and logged; anything else goes to the out
 once it is on disk. Stop and preempt requests come back over the same socket: the worker watches the
 trial's subject with its own credential and pushes ``StopRequested`` frames.
 
-The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``) or
+The trial holds no store credential either: it asks for a presigned URL per object (``PresignRequest``; a big
+file goes up in parts, each step of the multipart upload presigned the same way, checked as a PUT) or
 for the keys under a checkpoint (``ListRequest``). The worker checks the key against the trial's
 ``StoreGrant`` (its own experiment's checkpoint prefix for PUT and GET; its own trial's TensorBoard prefix for
 PUT; read-only, the Delta table its experiment's ``data`` block names; nothing else) and presigns with its own key,
@@ -78,6 +79,15 @@ READ_CHUNK = 1 << 20
 PRESIGN_EXPIRY_S = 300
 # Keys per ListRequest answer: a checkpoint has a handful of files; a frame stays far below its limit.
 MAX_LISTED_KEYS = 10_000
+# The steps of an S3 multipart upload a trial may have presigned (writes, like PUT): the HTTP method and query.
+MULTIPART_METHODS = {
+    "CREATE_MULTIPART": "POST",
+    "UPLOAD_PART": "PUT",
+    "COMPLETE_MULTIPART": "POST",
+    "ABORT_MULTIPART": "DELETE",
+}
+# S3's limit on the parts of one upload.
+MAX_PARTS = 10_000
 # A checkpoint id is one plain key segment (kiln.core makes UUIDs).
 _STORAGE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
@@ -187,7 +197,7 @@ def store_refusal(grant: StoreGrant, method: str, key: str, bucket: str = "") ->
             return f"method {method!r} in bucket {bucket!r}: a trial may only read other buckets (GET, LIST)"
         if not allowed:
             return f"{method} {key!r}: this trial may read nothing in bucket {bucket!r}"
-    elif method == "PUT":
+    elif method == "PUT" or method in MULTIPART_METHODS:
         allowed = grant.write
     elif method in ("GET", "LIST"):
         allowed = grant.read
@@ -196,7 +206,7 @@ def store_refusal(grant: StoreGrant, method: str, key: str, bucket: str = "") ->
     if method == "LIST" and not key.endswith("/"):
         return f"list prefix {key!r} must end in '/'"
     if not any((key.startswith(p) and len(key) > len(p)) or (method == "LIST" and key == p) for p in allowed):
-        may = "write" if method == "PUT" else "read"
+        may = "read" if method in ("GET", "LIST") else "write"
         return f"{method} {key!r}: outside what this trial may {may} ({', '.join(allowed)})"
     return ""
 
@@ -207,7 +217,8 @@ class Store(Protocol):
 
     bucket: str
 
-    async def presign(self, method: str, key: str, bucket: str = "") -> str: ...
+    async def presign(self, method: str, key: str, bucket: str = "", upload_id: str = "",
+                      part_number: int = 0) -> str: ...
 
     async def list(self, prefix: str, bucket: str = "") -> list[str]: ...
 
@@ -220,10 +231,19 @@ class MinioStore:
         self.bucket = bucket
         self.expiry = timedelta(seconds=expiry_s)
 
-    async def presign(self, method: str, key: str, bucket: str = "") -> str:
-        """A presigned GET or PUT URL for one object."""
-        sign = self.client.presigned_put_object if method == "PUT" else self.client.presigned_get_object
-        return str(await asyncio.to_thread(sign, bucket or self.bucket, key, expires=self.expiry))
+    async def presign(self, method: str, key: str, bucket: str = "", upload_id: str = "",
+                      part_number: int = 0) -> str:
+        """A presigned URL for one object: GET, PUT, or a step of a multipart upload (``MULTIPART_METHODS``)."""
+        query: dict[str, str] = {}
+        if method == "CREATE_MULTIPART":
+            query = {"uploads": ""}
+        elif method == "UPLOAD_PART":
+            query = {"partNumber": str(part_number), "uploadId": upload_id}
+        elif method in MULTIPART_METHODS:
+            query = {"uploadId": upload_id}
+        http = MULTIPART_METHODS.get(method, method)
+        return str(await asyncio.to_thread(self.client.get_presigned_url, http, bucket or self.bucket, key,
+                                           expires=self.expiry, extra_query_params=query or None))
 
     async def list(self, prefix: str, bucket: str = "") -> list[str]:
         """The keys under ``prefix`` (at most MAX_LISTED_KEYS)."""
@@ -417,7 +437,13 @@ class TrialLink:
             return refused
         assert self._store is not None
         try:
-            return Presigned(id=frame.id, url=await self._store.presign(frame.method, frame.key, bucket))
+            if frame.method in MULTIPART_METHODS and frame.method != "CREATE_MULTIPART" and not frame.upload_id:
+                return Reply(id=frame.id, ok=False, error=f"{frame.method} {frame.key!r} needs the upload_id")
+            if frame.method == "UPLOAD_PART" and not 1 <= frame.part_number <= MAX_PARTS:
+                return Reply(id=frame.id, ok=False,
+                             error=f"part number {frame.part_number}: S3 numbers parts 1..{MAX_PARTS}")
+            url = await self._store.presign(frame.method, frame.key, bucket, frame.upload_id, frame.part_number)
+            return Presigned(id=frame.id, url=url)
         except Exception as exc:  # noqa: BLE001 - the trial hears why; the worker keeps serving
             log.error("link.presign_failed", allocation=self.who.allocation_id, key=frame.key, error=repr(exc))
             return Reply(id=frame.id, ok=False, error=f"could not presign {frame.key!r}: {exc}")

@@ -93,7 +93,7 @@ def test_a_registered_checkpoint_survives_retention_and_loads_as_a_model(kiln_st
     assert all(c["state"] == "COMPLETED" for c in steps.values())
     first, chosen, last = (steps[k] for k in sorted(steps))
     uuid = str(chosen["uuid"])  # the middle one: neither the latest nor (by default) kept as the best
-    files = len(chosen["resources"])
+    files = len(chosen["resources"]) + 1  # and kiln's manifest
     assert _objects(s, experiment_id) == {str(c["uuid"]): files for c in steps.values()}
 
     # Create the model and register the checkpoint, with the CLI.

@@ -98,7 +98,8 @@ def test_a_non_chief_rank_calling_an_unsharded_store_neither_hangs_nor_stores(tm
     chief_id = json.loads((tmp_path / "rank0.json").read_text())
     assert json.loads((tmp_path / "rank1.json").read_text()) is None
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [chief_id]
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / chief_id).iterdir()) == ["from0", "metadata.json"]
+    stored = sorted(p.name for p in (tmp_path / "checkpoints" / chief_id).iterdir())
+    assert stored == ["from0", "kiln-manifest.json", "metadata.json"]
     assert "only the chief stores an unsharded checkpoint" in run.stderr
 
 

@@ -100,7 +100,8 @@ async def test_a_trial_stores_and_restores_its_checkpoints_and_reaches_nothing_e
     assert out["forged"] == 403 and out["deleted"] == 403
     assert link.refused == 6
     keys = {o.object_name for o in minio.list_objects("kiln", prefix=f"{checkpoint_prefix(exp)}/", recursive=True)}
-    assert keys == {f"{checkpoint_prefix(exp)}/{out['id']}/{f}" for f in ("model.pt", "sub/opt.bin", "metadata.json")}
+    assert keys == {f"{checkpoint_prefix(exp)}/{out['id']}/{f}" for f in ("model.pt", "sub/opt.bin", "metadata.json",
+                                                                            "kiln-manifest.json")}
     resp = minio.get_object("kiln", other)
     assert resp.read() == b"someone else's weights"
     resp.close()

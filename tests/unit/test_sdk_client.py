@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -15,6 +16,7 @@ import pytest
 from kiln.client import Client
 from kiln.experimental import client
 from kiln.experimental.client import CheckpointSortBy, ExperimentState, OrderBy, TrialState
+from schemas.checkpoint import CorruptCheckpoint
 
 
 def _checkpoint(uuid: str, trial_id: int, steps: int, metric: float | None, state: str = "COMPLETED") -> dict[str, Any]:
@@ -38,6 +40,7 @@ class FakeGateway:
         self.state = "ACTIVE"
         self.requests: list[httpx.Request] = []
         self.submitted: dict[str, Any] = {}
+        self.served = b"abc"  # model.pt's bytes in the checkpoint's tar
 
     def experiment(self) -> dict[str, Any]:
         return {"id": 7, "name": "digits", "description": "", "labels": [], "state": self.state,
@@ -96,8 +99,12 @@ class FakeGateway:
             with tarfile.open(fileobj=buf, mode="w:") as tar:
                 info = tarfile.TarInfo("model.pt")
                 info.size = 3
-                tar.addfile(info, io.BytesIO(b"abc"))
+                tar.addfile(info, io.BytesIO(self.served))
             return httpx.Response(200, content=buf.getvalue())
+        if path == "/api/v1/checkpoints/b/files":
+            return httpx.Response(200, json={"uuid": "b", "steps_completed": 20, "framework": "", "hashed": True,
+                                             "files": {"model.pt": {"size": 3, "sha256": hashlib.sha256(b"abc")
+                                                                    .hexdigest(), "mtime": 1_600_000_000.25}}})
         return httpx.Response(404, json={"status_code": 404, "detail": f"no route {method} {path}"})
 
     def trial(self, trial_id: int) -> dict[str, Any]:
@@ -133,6 +140,15 @@ def test_create_wait_and_download_the_top_checkpoint(gateway: FakeGateway, tmp_p
     assert best.uuid == "b" and best.steps_completed == 20 and best.metadata == {"steps_completed": 20}
     path = best.download(tmp_path / "out")
     assert Path(path, "model.pt").read_bytes() == b"abc"
+    assert Path(path, "model.pt").stat().st_mtime == 1_600_000_000.25  # the recorded time, to the fraction
+
+
+def test_a_download_that_does_not_match_the_recorded_hash_is_an_error_not_a_file(gateway: FakeGateway,
+                                                                                 tmp_path: Path) -> None:
+    gateway.served = b"abd"
+    with pytest.raises(CorruptCheckpoint, match="checkpoint b arrived corrupted: model.pt: sha256"):
+        client.get_checkpoint("b").download(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()
 
 
 def test_create_waits_for_the_read_model_to_show_the_experiment(gateway: FakeGateway, tmp_path: Path) -> None:

@@ -104,3 +104,14 @@ def test_a_checkpoint_record_must_name_one_key_segment_in_its_own_prefix() -> No
 def test_the_store_frames_round_trip() -> None:
     for frame in (PresignRequest(id=1, method="PUT", key="k"), ListRequest(id=2, prefix="p/")):
         assert decode_frame(encode_frame(frame)[4:]) == frame
+
+
+@pytest.mark.parametrize("method", ["CREATE_MULTIPART", "UPLOAD_PART", "COMPLETE_MULTIPART", "ABORT_MULTIPART"])
+def test_each_step_of_a_multipart_upload_is_a_write_checked_like_a_put(method: str) -> None:
+    sourced = StoreGrant.of(7, (f"checkpoints/3/{UUID}",))
+    assert store_refusal(sourced, method, f"checkpoints/7/{UUID}/model.pt") == ""
+    assert "outside what this trial may write" in store_refusal(sourced, method, f"checkpoints/3/{UUID}/model.pt")
+    assert "outside what this trial may write" in store_refusal(sourced, method, f"checkpoints/8/{UUID}/model.pt")
+    assert "may only read other buckets" in store_refusal(sourced, method, f"t/{UUID}/x", bucket="data")
+    frame = PresignRequest(id=1, method=method, key="k", upload_id="u", part_number=2)  # type: ignore[arg-type]
+    assert decode_frame(encode_frame(frame)[4:]) == frame
