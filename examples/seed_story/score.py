@@ -44,8 +44,9 @@ def score(spark: Any, lake: Any, table: str, version: int, model: Any, output: s
     """Predict a label for every row of ``table`` at ``version``; append them to ``output`` (one commit)."""
     import kiln.spark
 
-    # Executors import net.py (the loader's) from here: on a cluster this ships it to every node.
+    # Executors import the loader (this module, by name) and net.py: addPyFile ships them to every node.
     spark.sparkContext.addPyFile(str(HERE / "model" / "net.py"))
+    spark.sparkContext.addPyFile(str(HERE / "score.py"))
     rows = lake.read(table, version).select(["id", "image", "label", "split"])
     images = spark.createDataFrame(rows)
     images = images.repartition(4)  # several tasks, so the once-per-worker load is visible in the logs

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -53,7 +55,7 @@ class Story:
 
     def kiln(self, *argv: str) -> str:
         """Run the kiln CLI as a user would (printed first); its output."""
-        print("   $ kiln " + " ".join(argv), flush=True)
+        print("   $ kiln " + shlex.join(_relative(a) for a in argv), flush=True)
         out = subprocess.run([sys.executable, "-m", "kiln.cli", *argv], text=True, capture_output=True)
         if out.returncode != 0:
             raise SystemExit(f"kiln {' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
@@ -184,6 +186,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spark.stop()
     found["seconds"] = story.times
     return found
+
+
+def _relative(arg: str) -> str:
+    """A path argument as the user would type it from where they are."""
+    if arg.startswith("/") and Path(arg).exists():
+        return os.path.relpath(arg)
+    return arg
 
 
 def _missing(what: str) -> Any:
