@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the budgets, run the story, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small budgets: 2 trials of 2 epochs, 2-epoch fine-tune")
-    parser.add_argument("--trials", type=int, default=6, help="the search's max_trials")
+    parser.add_argument("--trials", type=int, default=8, help="the search's max_trials")
     parser.add_argument("--epochs", type=int, default=8, help="the search's max_time (epochs)")
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--weak-class", type=int, default=8)
