@@ -95,3 +95,13 @@ def test_the_seed_story_end_to_end(two_slot_stack: Stack, tmp_path: Path) -> Non
     assert set(predictions.column("model_version").to_pylist()) == {version["version"]}
     assert set(predictions.column("checkpoint_uuid").to_pylist()) == {version["checkpoint_uuid"]}
     assert set(predictions.column("prediction").to_pylist()) <= set(range(10))
+
+    # By experiment instead of by name: a checkpoint of the fine-tune with its best metric (ties may pick either).
+    import kiln.spark
+
+    by_experiment = kiln.spark.best_checkpoint(tune, master=stack.cfg.master_url, token=stack.token)
+    metrics = {c["uuid"]: c["metric"] for c in stack.http.get(f"/api/v1/experiments/{tune}/checkpoints").json()}
+    assert metrics[by_experiment.checkpoint_uuid] == max(m for m in metrics.values() if m is not None)
+    assert by_experiment.experiment_id == tune and by_experiment.model_version is None
+    by_name = kiln.spark.model_version(model, "latest", master=stack.cfg.master_url, token=stack.token)
+    assert (by_name.checkpoint_uuid, by_name.model_version) == (version["checkpoint_uuid"], version["version"])

@@ -3,6 +3,9 @@ every output row carries a prediction and the model's tags, and a predictor that
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +70,11 @@ def test_a_predictor_must_return_one_value_per_row(tmp_path: Path) -> None:
 
 def test_the_token_stays_out_of_the_reference_repr() -> None:
     assert "secret-token-x" not in repr(_model("ck"))
+
+
+def test_importing_kiln_spark_loads_neither_spark_nor_pandas_nor_torch() -> None:
+    code = "import json, sys, kiln.spark; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True,
+                         capture_output=True, text=True)
+    roots = set(json.loads(out.stdout.splitlines()[-1]))
+    assert not roots & {"pyspark", "pandas", "torch", "pyarrow", "services", "deploy"}
