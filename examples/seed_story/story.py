@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,7 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 30) -> T:
         raise SystemExit(f"{what}: {exc}") from exc
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, raw_dir: Path) -> dict[str, Any]:
     """Every step; the summary."""
     from etl import class_counts, ingest, raw
     from lake import Lake, spark_session
@@ -103,7 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     story = Story(args)
     lake = Lake()
-    raw_dir = Path(tempfile.mkdtemp(prefix="kiln-seed-raw-"))
     found = story.found
     found["table"] = story.table
 
@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.epochs, args.finetune_epochs = 2, 2, 2
-    found = run(args)
+    raw_dir = Path(tempfile.mkdtemp(prefix="kiln-seed-raw-"))
+    try:
+        found = run(args, raw_dir)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
     print("\n" + table(found, args.model))
     if args.json:
         args.json.write_text(json.dumps(found, indent=2, default=str))
