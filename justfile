@@ -30,6 +30,11 @@ demo: setup
     echo "  source .venv/bin/activate && kiln experiment create examples/digits/const.yaml examples/digits --follow"
     echo "Stop it with: just down"
 
+# The seed story on the local stack (examples/seed_story): Spark ETL to Delta, ASHA, more data, 2-slot fine-tune, Spark inference
+demo-seed *ARGS: setup
+    {{venv}}/kiln up
+    {{venv}}/python examples/seed_story/story.py {{ARGS}}
+
 # Run the whole test suite: unit, integration (real NATS/Postgres/S3), e2e (CLI -> whole stack)
 test *ARGS: setup
     {{venv}}/python -m pytest -q {{ARGS}}

@@ -17,7 +17,8 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch is pinned to 2.13.0 in pyproject.toml: that CPU wheel is local here; an unpinned torch
     # would pull a multi-GB CUDA build.
-    .venv/bin/python -m pip install --quiet -e ".[stack,test,lint]"
+    # spark: PySpark for the seed story's jobs and their e2e test (about 1.5 min to install, ~0.45 GB).
+    .venv/bin/python -m pip install --quiet -e ".[stack,test,lint,spark]"
     rm -f .venv/.kiln-setup-*
     touch "$stamp"
 fi

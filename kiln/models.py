@@ -26,7 +26,7 @@ from pathlib import Path
 from kiln.client import Client
 from schemas.registry import parse_version
 
-__all__ = ["cache_dir", "load"]
+__all__ = ["cache_dir", "fetch", "load"]
 
 
 def cache_dir() -> Path:
@@ -52,11 +52,22 @@ def load(name: str, version: int | str | None = "latest", *, client: Client | No
     session = client or Client()
     try:
         found = session.get_model_version(name, selector)
-        uuid = str(found["checkpoint_uuid"])
-        root = Path(cache) if cache is not None else cache_dir()
-        target = root / uuid
-        if target.is_dir():
-            return target
+        return fetch(str(found["checkpoint_uuid"]), client=session, cache=cache)
+    finally:
+        if own:
+            session.close()
+
+
+def fetch(uuid: str, *, client: Client | None = None, cache: str | Path | None = None) -> Path:
+    """The local directory holding checkpoint ``uuid``'s files, downloaded through the gateway the first time
+    (into the cache, whole or not at all) and read from there after that, by any process on this host."""
+    root = Path(cache) if cache is not None else cache_dir()
+    target = root / uuid
+    if target.is_dir():
+        return target
+    own = client is None
+    session = client or Client()
+    try:
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{uuid}.", dir=root))
         try:
