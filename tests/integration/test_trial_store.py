@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from deploy import parts as p
@@ -173,7 +174,7 @@ async def test_only_the_trials_own_processes_may_use_its_link(tmp_path: Path) ->
     await own.start()
     own.admit(os.getppid())  # this process descends from its parent
     assert await asyncio.to_thread(report, own.path) == "stored"
-    assert events == [progress]
+    assert events == [msgspec.structs.replace(progress, allocation_id="1.1")]  # stamped with its run
     await own.close()
 
 
