@@ -70,7 +70,7 @@ def prepare(items: Sequence[Item]) -> Prepared | None:
     fold = Fold()
     for item in items:
         fold.apply(item)
-    return Prepared(tuple(i.seq for i in items), fold, _summaries(list(fold.metric_rows.values())))
+    return Prepared(tuple(i.seq for i in items), fold, fold.summaries())
 
 
 async def project_batch(conn: Any, consumer: str, items: Sequence[Item], prepared: Prepared | None = None) -> int:
@@ -214,6 +214,9 @@ class Fold:
         # Last write wins within a batch: a re-reported step replaces the earlier value.
         self.metric_rows: dict[tuple[int, str, str, int], tuple[Any, ...]] = {}
         self.log_rows: list[tuple[Any, ...]] = []
+        # Values a later report of the same step replaced within the batch: summaries' min/max count every value
+        # reported, as they do across batches, so they do not depend on where batches begin and end.
+        self.replaced_rows: list[tuple[Any, ...]] = []
         # Experiments whose progress (``search_progress``) is owed since their last progress event.
         self._progress_owed: set[int] = set()
 
@@ -417,6 +420,7 @@ class Fold:
         if not gone:
             return False
         self.metric_rows = {k: r for k, r in self.metric_rows.items() if k[0] not in gone}
+        self.replaced_rows = [r for r in self.replaced_rows if r[0] not in gone]
         self.log_rows = [r for r in self.log_rows if r[0] not in gone]
         return True
 
@@ -550,6 +554,11 @@ class Fold:
             for ln in e.lines
         ]
 
+    def summaries(self) -> list[tuple[Any, ...]]:
+        """The per-trial metric summaries of the batch's points (the kept rows first: a tie in step keeps the
+        later report's value as the last one; replaced values count for min and max)."""
+        return _summaries([*self.metric_rows.values(), *self.replaced_rows])
+
     def finish(self) -> None:
         """Settle what is owed at the end of the batch."""
         for experiment_id in list(self._progress_owed):
@@ -572,11 +581,14 @@ class Fold:
         at = _FROM_TS(ts, _UTC)
         rows = self.metric_rows
         for name, raw in metrics.items():
+            key = (trial_id, kind, name, step)
+            if key in rows:  # a step re-reported in this batch: its earlier value still counts for min and max
+                self.replaced_rows.append(rows[key])
             if type(raw) is float:  # the common case without a call
-                rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, raw, None, at)
+                rows[key] = (trial_id, kind, name, step, raw, None, at)
                 continue
             value, text = metric_value(raw)
-            rows[(trial_id, kind, name, step)] = (trial_id, kind, name, step, value, text, at)
+            rows[key] = (trial_id, kind, name, step, value, text, at)
 
 
 # The end reason of an allocation declared lost: its later reports are fenced.
@@ -793,7 +805,8 @@ async def _write(conn: Any, fold: Fold, summaries: list[tuple[Any, ...]] | None 
             " WHERE c.uuid = u.uuid AND c.state <> 'DELETED'",
             uuids, [fold.checkpoints_deleted[u][0] for u in uuids], [fold.checkpoints_deleted[u][1] for u in uuids])
     if fold.metric_rows:
-        await _flush_points(conn, list(fold.metric_rows.values()), summaries)
+        await _flush_points(conn, list(fold.metric_rows.values()), summaries if summaries is not None else
+                            fold.summaries())
     if fold.log_rows:
         await conn.executemany(
             "INSERT INTO trial_logs (trial_id, allocation_id, line_no, stream, ts, text)"

@@ -342,11 +342,18 @@ async def _run_once(schema: str, verify: bool, live_schema: str) -> ReplayReport
     async with connect_bus(read_settings(BusSettings), "replay", ensure=False) as bus:
         conn = await asyncpg.connect(settings.pg_dsn)
         try:
-            up_to = await positions(conn, live_schema) if verify else None
+            up_to: dict[str, int] | None = None
+            live: dict[str, str] = {}
+            if verify:
+                # The live positions and the live tables from one snapshot (the tracker commits a batch's rows with
+                # its position): a tracker that goes on meanwhile cannot make an equal model look different.
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    up_to = await positions(conn, live_schema)
+                    live = await digests(conn, live_schema)
             report = await replay(bus, conn, schema, up_to)
             if verify:
                 report.digests = await digests(conn, schema)
-                report.live_digests = await digests(conn, live_schema)
+                report.live_digests = live
             return report
         finally:
             await conn.close()

@@ -276,3 +276,24 @@ async def test_a_deleted_experiment_leaves_the_read_model_and_late_reports_add_n
     assert after_neighbour == before_neighbour
     assert await conn.fetchval("SELECT value FROM metric_points WHERE trial_id = $1 AND step = 4", keep_t) == 0.4
     assert await conn.fetchval("SELECT count(*) FROM experiments WHERE id = $1", keep_e) == 1
+
+
+async def test_summaries_of_a_re_reported_step_do_not_depend_on_where_batches_end(conn: Any) -> None:
+    """A resumed run re-reports a step with another value: min and max count both values and the last value is
+    the later one, whether the two reports share a batch (the live tracker) or not (a replay's other batching)."""
+    e, t = next(_ids), next(_ids)
+    head = _life(e, t)[:2]
+    reports = [ev.TrainingMetricsReported(experiment_id=e, trial_id=t, batch_id=f"b{i}", points=[
+        ev.MetricPoint(steps_completed=5, metrics={"loss": value}, reported_at=1000.0 + i)])
+        for i, value in enumerate([0.2, 0.9, 0.5])]
+    await project_batch(conn, "events", _items(head))
+    await project_batch(conn, "together", _items(reports))
+    together = await conn.fetchrow("SELECT last_value, min_value, max_value FROM metric_summaries"
+                                   " WHERE trial_id = $1", t)
+    await conn.execute("DELETE FROM metric_summaries WHERE trial_id = $1", t)
+    await conn.execute("DELETE FROM metric_points WHERE trial_id = $1", t)
+    for i, item in enumerate(_items(reports)):
+        await project_batch(conn, f"apart{i}", [item])
+    apart = await conn.fetchrow("SELECT last_value, min_value, max_value FROM metric_summaries WHERE trial_id = $1",
+                                t)
+    assert tuple(apart) == tuple(together) == (0.5, 0.2, 0.9)
