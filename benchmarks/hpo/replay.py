@@ -485,6 +485,15 @@ KILN_METHODS: dict[str, dict[str, Any]] = {
     },
     "kiln-asha-6rungs": {"name": "adaptive_asha", "bracket_rungs": [6], "divisor": 3, "max_trials": BIG},
 }
+_PROMO = {"name": "adaptive_asha", "mode": "aggressive", "divisor": 3, "stop_once": False, "max_trials": BIG}
+KILN_METHODS.update({
+    "kiln-promo-pending": {**_PROMO, "promotion": "pending_aware"},
+    "kiln-promo-extrap": {**_PROMO, "rung_metric": "extrapolated"},
+    "kiln-bohb": {**_PROMO, "sampler": "tpe"},
+    "kiln-bohb-pending": {**_PROMO, "sampler": "tpe", "promotion": "pending_aware"},
+    "kiln-bohb-extrap": {**_PROMO, "sampler": "tpe", "rung_metric": "extrapolated"},
+    "kiln-bohb-all": {**_PROMO, "sampler": "tpe", "promotion": "pending_aware", "rung_metric": "extrapolated"},
+})
 OPTUNA_METHODS = {
     f"optuna-{s}-{p}": (s, p) for s in ("random", "tpe") for p in ("sha", "hyperband", "median", "none")
 }
