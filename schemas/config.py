@@ -128,6 +128,8 @@ class TPEConfig(_Spec, frozen=True, kw_only=True):
     bandwidth_factor: Annotated[float, msgspec.Meta(gt=0)] = 3.0  # widens the good density for drawing
     min_bandwidth: Annotated[float, msgspec.Meta(gt=0)] = 1e-3
     min_points: PositiveInt | None = None  # per density; None: the number of sampled hyperparameters + 1
+    # "bad": trials stopped below the modelled rung join its bad density (Kiln); "ignore": BOHB's own rule.
+    lower_rungs: Literal["bad", "ignore"] = "bad"
 
 
 class SearcherConfig(_Spec, frozen=True, kw_only=True):

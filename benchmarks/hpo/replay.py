@@ -68,8 +68,11 @@ class Table:
     def __init__(self, path: Path, mapping: str = "nearest") -> None:
         z = np.load(path)
         self.path = path
-        self.val = z["val"].astype(np.float64)  # [config, seed, unit]
-        self.test = z["test"].astype(np.float64)
+        # Scores: larger is better. A table whose metric is smaller-is-better (a loss) is negated here,
+        # and ``sign`` turns a score back into the metric a trial reports.
+        self.sign = -1 if "smaller_is_better" in z.files and bool(z["smaller_is_better"]) else 1
+        self.val = self.sign * z["val"].astype(np.float64)  # [config, seed, unit]
+        self.test = self.sign * z["test"].astype(np.float64)
         self.seconds = z["seconds"].astype(np.float64)
         self.n_configs, self.n_seeds, self.n_units = self.val.shape
         self.units_per_epoch = int(z["units_per_epoch"])
@@ -323,8 +326,8 @@ class KilnSimulation(Simulation):
             "entrypoint": "model_def:Trial",
             "hyperparameters": table.kiln_hyperparameters(),
             "searcher": {
-                "metric": "val_accuracy",
-                "smaller_is_better": False,
+                "metric": "val_metric",
+                "smaller_is_better": table.sign < 0,
                 "time_metric": "units",
                 "max_time": table.n_units,
                 "max_concurrent_trials": workers,
@@ -354,8 +357,9 @@ class KilnSimulation(Simulation):
                 self.start_on(w, trial)
 
     def on_unit(self, trial: SimTrial) -> None:
-        value = self.observe(trial, trial.progress)
-        self.apply(self.method.validation_reported(self.ctx, trial.key, float(value), trial.progress))
+        value = self.observe(trial, trial.progress)  # the table's score: larger is better
+        raw = float(value) * self.table.sign  # the metric as the trial reports it
+        self.apply(self.method.validation_reported(self.ctx, trial.key, raw, trial.progress))
         if trial.status != "running":
             return
         if trial.progress >= trial.target:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 from collections.abc import Callable
 from typing import Any, Literal
@@ -662,7 +663,7 @@ class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
         options = ctx.config.searcher.tpe
         rng = np.random.default_rng([ctx.seed % 2**63, request_id])
         if rng.random() >= options.random_fraction:
-            for units, ids, losses in self._budgets(brackets):
+            for units, ids, losses in self._budgets(brackets, options.lower_rungs == "bad"):
                 vectors = np.array([self.points[i] for i in ids], dtype=np.float64)
                 point = tpe.propose(vectors, np.array(losses, dtype=np.float64), space, options, rng)
                 if point is not None:
@@ -673,18 +674,31 @@ class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
         return drawn
 
     def _budgets(
-        self, brackets: list[StoppingBracket | PromotionBracket]
+        self, brackets: list[StoppingBracket | PromotionBracket], lower_as_bad: bool
     ) -> list[tuple[int, list[int], list[float]]]:
-        """The rungs' results by length, longest first, each only if it can hold two densities' minimum."""
-        by_units: dict[int, tuple[list[int], list[float]]] = {}
+        """The rungs' results by length, longest first: (length, request ids, results).
+
+        With ``lower_as_bad`` a rung's list also holds, with result ``+inf``, every trial whose furthest
+        result is at a shorter length: the densities then learn where trials fail early, too.
+        """
+        by_units: dict[int, dict[int, float]] = {}
+        furthest: dict[int, int] = {}
         for bracket in brackets:
             for rung in bracket.rungs:
-                ids, losses = by_units.setdefault(rung.units, ([], []))
+                results = by_units.setdefault(rung.units, {})
                 for request_id, metric in zip(rung.trials, rung.metrics, strict=True):
                     if request_id in self.points:
-                        ids.append(request_id)
-                        losses.append(metric)
-        return [(u, *by_units[u]) for u in sorted(by_units, reverse=True) if len(by_units[u][0]) >= 2]
+                        results[request_id] = metric
+                        furthest[request_id] = max(furthest.get(request_id, 0), rung.units)
+        out: list[tuple[int, list[int], list[float]]] = []
+        for units in sorted(by_units, reverse=True):
+            results = dict(by_units[units])
+            if lower_as_bad:
+                for request_id in sorted(furthest):
+                    if furthest[request_id] < units:
+                        results[request_id] = math.inf
+            out.append((units, list(results), list(results.values())))
+        return out
 
 
 def _asha_search(config: ExperimentConfig) -> ASHASearch:

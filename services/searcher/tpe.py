@@ -38,6 +38,7 @@ from schemas.config import (
 
 Vector = list[float]
 _FLOOR = 1e-32  # BOHB's floor under each density before the ratio is taken
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Space:
@@ -138,14 +139,17 @@ def split(
 
     BOHB: ``n_good = max(min_points, top_fraction * n)``, the bad ones are the next
     ``max(min_points, (1 - top_fraction) * n)``, and each density needs more points than dimensions.
+    Losses of ``+inf`` (trials that never reached the rung) can only be bad; ``n`` for the good share counts
+    the finite ones.
     """
     n = len(losses)
+    ranked = int(np.isfinite(losses).sum())  # +inf: a trial stopped below this rung (Kiln's lower_rungs: bad)
     need = min_points(space, options)
-    n_good = max(need, int(options.top_fraction * n))
+    n_good = max(need, int(options.top_fraction * ranked))
     n_bad = max(need, int((1 - options.top_fraction) * n))
     order = np.argsort(losses, kind="stable")  # ties: the earlier result first, so the split is deterministic
     good, bad = order[:n_good], order[n_good : n_good + n_bad]
-    if len(good) <= space.size or len(bad) <= space.size:
+    if n_good > ranked or len(good) <= space.size or len(bad) <= space.size:
         return None
     return good, bad
 
@@ -171,7 +175,8 @@ def log_density(points: NDArray[np.float64], data: NDArray[np.float64], bw: NDAr
     diff = points[:, None, :] - data[None, :, :]  # (m, n, d)
     per_dim = np.zeros_like(diff)
     if ordered.any():
-        per_dim[:, :, ordered] = stats.norm.logpdf(diff[:, :, ordered], scale=bw[ordered])
+        z = diff[:, :, ordered] / bw[ordered]
+        per_dim[:, :, ordered] = -0.5 * z * z - np.log(bw[ordered]) - _HALF_LOG_2PI  # the Gaussian kernel's log
     for j in np.flatnonzero(~ordered):
         lam, c = bw[j], cats[j]
         same = np.abs(diff[:, :, j]) < 0.5
