@@ -110,12 +110,29 @@ class Table:
 
     def row_for(self, hparams: dict[str, Any]) -> int:
         """The table configuration a sampled hyperparameter dict trains as."""
+        return self.rows_near(hparams)[0]
+
+    def rows_near(self, hparams: dict[str, Any]) -> list[int]:
+        """The table configurations of the sample's categorical cell, nearest first."""
         if self.mapping == "ids":
-            return int(hparams["config_id"])
+            return [int(hparams["config_id"])]
         key = tuple(hparams[s["name"]] for s in self.cats)
         rows, coords = self.cells[key]
         x = np.array([self._coord(s, hparams[s["name"]]) for s in self.cont])
-        return int(rows[np.argmin(((coords - x) ** 2).sum(1))])
+        return [int(r) for r in rows[np.argsort(((coords - x) ** 2).sum(1), kind="stable")]]
+
+    # ``fresh``: a sample whose nearest (configuration, seed) this run already trained trains as the
+    # nearest configuration not yet trained with that seed (protocol.py; see README "Fresh rows").
+    fresh = False
+
+    def assign(self, hparams: dict[str, Any], seed: int, used: set[tuple[int, int]]) -> int:
+        """The row a sample trains as (with table seed ``seed``); records it in ``used``."""
+        rows = self.rows_near(hparams)
+        row = rows[0]
+        if self.fresh:
+            row = next((r for r in rows if (r, seed) not in used), rows[0])
+        used.add((row, seed))
+        return row
 
     def kiln_hyperparameters(self) -> dict[str, Any]:
         if self.mapping == "ids":
@@ -215,6 +232,7 @@ class Simulation:
         self.trace: list[tuple[float, float, float, float]] = []
         self.hits: list[dict[str, float] | None] = [None] * len(table.targets)
         self.done = False
+        self.used: set[tuple[int, int]] = set()  # (row, seed) pairs this run trained
 
     # accounting ---------------------------------------------------------------------------------
 
@@ -387,9 +405,10 @@ class KilnSimulation(Simulation):
             if isinstance(d, CreateTrial):
                 if self.shutdown or d.request_id in self.trials:
                     continue
-                row = self.table.row_for(d.hparams)
+                table_seed = d.seed % self.table.n_seeds
+                row = self.table.assign(d.hparams, table_seed, self.used)
                 target = d.max_length if d.max_length is not None else self.full
-                self.trials[d.request_id] = SimTrial(d.request_id, row, d.seed % self.table.n_seeds, target)
+                self.trials[d.request_id] = SimTrial(d.request_id, row, table_seed, target)
                 self.n_trials += 1
                 self.queue.append(d.request_id)
                 self.apply(self.method.trial_created(self.ctx, d.request_id))
@@ -452,8 +471,8 @@ class OptunaSimulation(Simulation):
         while (w := self.free_worker()) is not None:
             ot = self.study.ask()
             params = self.table.optuna_params(ot)
-            row = self.table.row_for(params)
             s = random.Random(f"{self.seed}:{ot.number}").randrange(self.table.n_seeds)
+            row = self.table.assign(params, s, self.used)
             self.n_trials += 1
             self.start_on(w, SimTrial(ot, row, s, self.full))
 

@@ -679,7 +679,8 @@ class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
         """The rungs' results by length, longest first: (length, request ids, results).
 
         With ``lower_as_bad`` a rung's list also holds, with result ``+inf``, every trial whose furthest
-        result is at a shorter length: the densities then learn where trials fail early, too.
+        result is at a shorter length (the densities then learn where trials fail early, too) and every
+        trial with no result yet.
         """
         by_units: dict[int, dict[int, float]] = {}
         furthest: dict[int, int] = {}
@@ -690,6 +691,9 @@ class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
                     if request_id in self.points:
                         results[request_id] = metric
                         furthest[request_id] = max(furthest.get(request_id, 0), rung.units)
+        # Trials with no result yet (in flight toward their first rung) are bad everywhere too: the
+        # "constant liar" of parallel model-based search, so that W workers do not get W copies of one draw.
+        in_flight = [request_id for request_id in sorted(self.points) if request_id not in furthest]
         out: list[tuple[int, list[int], list[float]]] = []
         for units in sorted(by_units, reverse=True):
             results = dict(by_units[units])
@@ -697,6 +701,8 @@ class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
                 for request_id in sorted(furthest):
                     if furthest[request_id] < units:
                         results[request_id] = math.inf
+                for request_id in in_flight:
+                    results[request_id] = math.inf
             out.append((units, list(results), list(results.values())))
         return out
 

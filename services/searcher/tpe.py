@@ -186,6 +186,16 @@ def log_density(points: NDArray[np.float64], data: NDArray[np.float64], bw: NDAr
     return cast(NDArray[np.float64], total)
 
 
+MAX_POINTS = 256  # per density: beyond this, every k-th point by rank (Kiln; keeps a draw's cost bounded)
+
+
+def _thin(indices: NDArray[np.intp]) -> NDArray[np.intp]:
+    """At most ``MAX_POINTS`` of ``indices`` (sorted best first), spread evenly over the ranks."""
+    if len(indices) <= MAX_POINTS:
+        return indices
+    return indices[np.linspace(0, len(indices) - 1, MAX_POINTS).round().astype(np.intp)]
+
+
 def propose(
     vectors: NDArray[np.float64],
     losses: NDArray[np.float64],
@@ -201,7 +211,7 @@ def propose(
     parts = split(losses, space, options)
     if parts is None:
         return None
-    good, bad = vectors[parts[0]], vectors[parts[1]]
+    good, bad = vectors[_thin(parts[0])], vectors[_thin(parts[1])]
     bw_good = bandwidths(good, space, options)
     bw_bad = bandwidths(bad, space, options)
     m = options.candidates

@@ -149,15 +149,15 @@ def test_the_first_trials_are_random_until_a_rung_can_hold_two_densities() -> No
     assert all(request_id not in method.sampler.model_units for request_id in range(first_model_draw))
 
 
-def test_lower_rungs_count_as_bad_only_when_asked() -> None:
-    sampler = DensitySampler(points={i: [0.5] for i in range(4)})
+def test_lower_rungs_and_trials_in_flight_count_as_bad_only_when_asked() -> None:
+    sampler = DensitySampler(points={i: [0.5] for i in range(5)})  # trial 4 has no result yet
     bracket = StoppingBracket(divisor=3, max_trials=9, max_concurrent_trials=1, rungs=[
         asha_rung(1, [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4)]), asha_rung(3, [(0, 0.1)])])
     budgets = {u: dict(zip(ids, losses, strict=True)) for u, ids, losses in sampler._budgets([bracket], True)}
-    assert budgets[3] == {0: 0.1, 1: math.inf, 2: math.inf, 3: math.inf}
-    assert budgets[1] == {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    assert budgets[3] == {0: 0.1, 1: math.inf, 2: math.inf, 3: math.inf, 4: math.inf}
+    assert budgets[1] == {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4, 4: math.inf}
     plain = {u: dict(zip(ids, losses, strict=True)) for u, ids, losses in sampler._budgets([bracket], False)}
-    assert plain[3] == {0: 0.1}
+    assert plain == {3: {0: 0.1}, 1: {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}}
 
 
 def asha_rung(units: int, results: list[tuple[int, float]]) -> Rung:
