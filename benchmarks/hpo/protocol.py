@@ -46,6 +46,7 @@ BASELINE = "kiln-random"
 METHODS = [
     "kiln-random",
     "kiln-asha-promotion",
+    "kiln-promo-pending",
     "kiln-promo-extrap",
     "kiln-bohb",
     "kiln-bohb-extrap",
@@ -188,7 +189,7 @@ def report(results: list[dict[str, Any]]) -> str:
                         b = _work(base, i) / table.units_per_epoch
                         x, lo, hi = speedup_ci(b, wk)
                         row += f" {x:.1f} [{lo:.1f}–{hi:.1f}] |" if math.isfinite(x) and x > 0 else " - |"
-                        if i == len(REACH_LEVELS) - 1 and c and math.isfinite(x):
+                        if i == len(REACH_LEVELS) - 1 and c and math.isfinite(x) and x > 0:
                             share = f"{100 * x / c:.0f}%"
                     else:
                         row += " - |"
@@ -199,7 +200,7 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-NEW = ("kiln-bohb", "kiln-bohb-extrap", "kiln-promo-extrap")
+NEW = ("kiln-bohb", "kiln-bohb-extrap", "kiln-promo-extrap", "kiln-promo-pending")
 OLD_KILN = "kiln-asha-promotion"
 
 
