@@ -121,6 +121,19 @@ SearcherName = Literal["single", "random", "grid", "adaptive_asha", "async_halvi
 _RUNG_METHODS = frozenset({"adaptive_asha", "async_halving"})
 
 
+class TPEConfig(_Spec, frozen=True, kw_only=True):
+    """``searcher.tpe``: the density-model sampler (``sampler: tpe``); BOHB's defaults (docs/search-methods.md)."""
+
+    random_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1 / 3  # share of trials drawn at random anyway
+    top_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.15  # the "good" share of a rung's results
+    candidates: PositiveInt = 64  # draws from the good density; the one with the best good/bad ratio is taken
+    bandwidth_factor: Annotated[float, msgspec.Meta(gt=0)] = 3.0  # widens the good density for drawing
+    min_bandwidth: Annotated[float, msgspec.Meta(gt=0)] = 1e-3
+    min_points: PositiveInt | None = None  # per density; None: the number of sampled hyperparameters + 1
+    # "bad": trials stopped below the modelled rung join its bad density (Kiln); "ignore": BOHB's own rule.
+    lower_rungs: Literal["bad", "ignore"] = "bad"
+
+
 class SearcherConfig(_Spec, frozen=True, kw_only=True):
     """``searcher``: which search method, what it optimises and how long trials train."""
 
@@ -138,6 +151,11 @@ class SearcherConfig(_Spec, frozen=True, kw_only=True):
     bracket_rungs: list[PositiveInt] = []
     num_rungs: PositiveInt | None = None
     stop_once: bool = True
+    # Kiln's additions to the rung methods (docs/search-methods.md); the defaults keep Determined's behaviour.
+    sampler: Literal["random", "tpe"] = "random"
+    tpe: TPEConfig = msgspec.field(default_factory=TPEConfig)
+    promotion: Literal["asha", "pending_aware"] = "asha"
+    rung_metric: Literal["value", "extrapolated"] = "value"
     source_trial_id: int | None = None
     source_checkpoint_uuid: str | None = None
 
@@ -945,6 +963,13 @@ def _check_searcher(s: SearcherConfig) -> list[tuple[str, str]]:
     if s.name in _NEEDS_LENGTH and s.max_time is None and s.time_metric is None and s.max_length is None:
         message = f"searcher {s.name!r} needs max_time with time_metric (or legacy max_length)"
         problems.append(("max_time", message))
+    if s.name not in _RUNG_METHODS:
+        for field, value, default in (("sampler", s.sampler, "random"), ("promotion", s.promotion, "asha"),
+                                      ("rung_metric", s.rung_metric, "value")):
+            if value != default:
+                problems.append((field, f"{value!r} needs searcher adaptive_asha or async_halving, not {s.name!r}"))
+    if s.promotion != "asha" and s.stop_once:
+        problems.append(("promotion", f"{s.promotion!r} is a promotion rule: it needs stop_once: false"))
     return problems
 
 

@@ -68,8 +68,11 @@ class Table:
     def __init__(self, path: Path, mapping: str = "nearest") -> None:
         z = np.load(path)
         self.path = path
-        self.val = z["val"].astype(np.float64)  # [config, seed, unit]
-        self.test = z["test"].astype(np.float64)
+        # Scores: larger is better. A table whose metric is smaller-is-better (a loss) is negated here,
+        # and ``sign`` turns a score back into the metric a trial reports.
+        self.sign = -1 if "smaller_is_better" in z.files and bool(z["smaller_is_better"]) else 1
+        self.val = self.sign * z["val"].astype(np.float64)  # [config, seed, unit]
+        self.test = self.sign * z["test"].astype(np.float64)
         self.seconds = z["seconds"].astype(np.float64)
         self.n_configs, self.n_seeds, self.n_units = self.val.shape
         self.units_per_epoch = int(z["units_per_epoch"])
@@ -107,12 +110,29 @@ class Table:
 
     def row_for(self, hparams: dict[str, Any]) -> int:
         """The table configuration a sampled hyperparameter dict trains as."""
+        return self.rows_near(hparams)[0]
+
+    def rows_near(self, hparams: dict[str, Any]) -> list[int]:
+        """The table configurations of the sample's categorical cell, nearest first."""
         if self.mapping == "ids":
-            return int(hparams["config_id"])
+            return [int(hparams["config_id"])]
         key = tuple(hparams[s["name"]] for s in self.cats)
         rows, coords = self.cells[key]
         x = np.array([self._coord(s, hparams[s["name"]]) for s in self.cont])
-        return int(rows[np.argmin(((coords - x) ** 2).sum(1))])
+        return [int(r) for r in rows[np.argsort(((coords - x) ** 2).sum(1), kind="stable")]]
+
+    # ``fresh``: a sample whose nearest (configuration, seed) this run already trained trains as the
+    # nearest configuration not yet trained with that seed (protocol.py; see README "Fresh rows").
+    fresh = False
+
+    def assign(self, hparams: dict[str, Any], seed: int, used: set[tuple[int, int]]) -> int:
+        """The row a sample trains as (with table seed ``seed``); records it in ``used``."""
+        rows = self.rows_near(hparams)
+        row = rows[0]
+        if self.fresh:
+            row = next((r for r in rows if (r, seed) not in used), rows[0])
+        used.add((row, seed))
+        return row
 
     def kiln_hyperparameters(self) -> dict[str, Any]:
         if self.mapping == "ids":
@@ -212,6 +232,7 @@ class Simulation:
         self.trace: list[tuple[float, float, float, float]] = []
         self.hits: list[dict[str, float] | None] = [None] * len(table.targets)
         self.done = False
+        self.used: set[tuple[int, int]] = set()  # (row, seed) pairs this run trained
 
     # accounting ---------------------------------------------------------------------------------
 
@@ -323,8 +344,8 @@ class KilnSimulation(Simulation):
             "entrypoint": "model_def:Trial",
             "hyperparameters": table.kiln_hyperparameters(),
             "searcher": {
-                "metric": "val_accuracy",
-                "smaller_is_better": False,
+                "metric": "val_metric",
+                "smaller_is_better": table.sign < 0,
                 "time_metric": "units",
                 "max_time": table.n_units,
                 "max_concurrent_trials": workers,
@@ -354,8 +375,9 @@ class KilnSimulation(Simulation):
                 self.start_on(w, trial)
 
     def on_unit(self, trial: SimTrial) -> None:
-        value = self.observe(trial, trial.progress)
-        self.apply(self.method.validation_reported(self.ctx, trial.key, float(value), trial.progress))
+        value = self.observe(trial, trial.progress)  # the table's score: larger is better
+        raw = float(value) * self.table.sign  # the metric as the trial reports it
+        self.apply(self.method.validation_reported(self.ctx, trial.key, raw, trial.progress))
         if trial.status != "running":
             return
         if trial.progress >= trial.target:
@@ -383,9 +405,10 @@ class KilnSimulation(Simulation):
             if isinstance(d, CreateTrial):
                 if self.shutdown or d.request_id in self.trials:
                     continue
-                row = self.table.row_for(d.hparams)
+                table_seed = d.seed % self.table.n_seeds
+                row = self.table.assign(d.hparams, table_seed, self.used)
                 target = d.max_length if d.max_length is not None else self.full
-                self.trials[d.request_id] = SimTrial(d.request_id, row, d.seed % self.table.n_seeds, target)
+                self.trials[d.request_id] = SimTrial(d.request_id, row, table_seed, target)
                 self.n_trials += 1
                 self.queue.append(d.request_id)
                 self.apply(self.method.trial_created(self.ctx, d.request_id))
@@ -448,8 +471,8 @@ class OptunaSimulation(Simulation):
         while (w := self.free_worker()) is not None:
             ot = self.study.ask()
             params = self.table.optuna_params(ot)
-            row = self.table.row_for(params)
             s = random.Random(f"{self.seed}:{ot.number}").randrange(self.table.n_seeds)
+            row = self.table.assign(params, s, self.used)
             self.n_trials += 1
             self.start_on(w, SimTrial(ot, row, s, self.full))
 
@@ -485,6 +508,15 @@ KILN_METHODS: dict[str, dict[str, Any]] = {
     },
     "kiln-asha-6rungs": {"name": "adaptive_asha", "bracket_rungs": [6], "divisor": 3, "max_trials": BIG},
 }
+_PROMO = {"name": "adaptive_asha", "mode": "aggressive", "divisor": 3, "stop_once": False, "max_trials": BIG}
+KILN_METHODS.update({
+    "kiln-promo-pending": {**_PROMO, "promotion": "pending_aware"},
+    "kiln-promo-extrap": {**_PROMO, "rung_metric": "extrapolated"},
+    "kiln-bohb": {**_PROMO, "sampler": "tpe"},
+    "kiln-bohb-pending": {**_PROMO, "sampler": "tpe", "promotion": "pending_aware"},
+    "kiln-bohb-extrap": {**_PROMO, "sampler": "tpe", "rung_metric": "extrapolated"},
+    "kiln-bohb-all": {**_PROMO, "sampler": "tpe", "promotion": "pending_aware", "rung_metric": "extrapolated"},
+})
 OPTUNA_METHODS = {
     f"optuna-{s}-{p}": (s, p) for s in ("random", "tpe") for p in ("sha", "hyperband", "median", "none")
 }

@@ -187,6 +187,16 @@ def promotion(metrics: list[float], promoted: list[bool], metric: float, divisor
     return Promotion(insert_index=index, promote_new=False, promote_index=None)
 
 
+def pending_aware_limit(rung_size: int, pending: int, divisor: float) -> int:
+    """Kiln's ``promotion: pending_aware``: how many of a rung's best results are sure of its top 1/divisor.
+
+    With ``rung_size`` results and ``pending`` trials still training toward the rung, the result at index
+    ``i`` is in the top ``floor((rung_size + pending) / divisor)`` whatever the pending trials report iff
+    ``i + pending < floor((rung_size + pending) / divisor)``; with nothing pending, ASHA's ``floor(n / divisor)``.
+    """
+    return max(int((rung_size + pending) / divisor) - pending, 0)
+
+
 def stopping_progress(rung0_size: int, max_trials: int, completed: int, invalid: int) -> float:
     """A bracket's progress: rung 0's fill with 20% overhead, then the share of valid trials done."""
     progress = rung0_size / (1.2 * max_trials)

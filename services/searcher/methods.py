@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
 
 from schemas.config import ExperimentConfig
-from services.searcher import asha, hparams
+from services.searcher import asha, curves, hparams, tpe
 
 ExitKind = Literal["completed", "errored", "invalid_hp", "canceled"]
 
@@ -94,6 +96,11 @@ class SearchContext:
     def grid_points(self) -> list[dict[str, Any]]:
         """The grid over the search space, computed once per context (it is not part of the state)."""
         return hparams.grid(self.config.hyperparameters)
+
+    @functools.cached_property
+    def space(self) -> tpe.Space:
+        """The search space on the unit cube, for the density-model sampler (not part of the state)."""
+        return tpe.Space(self.config.hyperparameters)
 
     def searcher_value(self, metric: float) -> float:
         """``metric`` as the methods rank it: smaller is better (negated when the config says larger)."""
@@ -354,6 +361,10 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
     stopped: dict[int, bool] = {}  # Kiln: trials this bracket already stopped; see validation_reported
     trials_completed: int = 0
     invalid_trials: int = 0
+    # Kiln, ``rung_metric: extrapolated``: a trial is ranked at a rung by its curve's score
+    # (services/searcher/curves.py), from its validations since the rung below, kept here meanwhile.
+    rung_metric: Literal["value", "extrapolated"] = "value"
+    history: dict[int, list[tuple[int, float]]] = {}
 
     def initial_trials(self, ctx: SearchContext, spawn: Spawn) -> list[Decision]:
         """``min(max_concurrent, max_trials)``, or ``clamp(1, divisor^(r-1), max_trials)`` when 0."""
@@ -369,6 +380,8 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
         # rung would then hold it twice, so its later validations are ignored instead.
         if request_id not in self.trial_rungs or request_id in self.stopped:
             return []
+        if self.rung_metric == "extrapolated":
+            self.history.setdefault(request_id, []).append((time_value, metric))
         out = self._stop_run(request_id, time_value, metric)
         if out and self._budget_left():
             out.append(self._create(spawn))
@@ -381,6 +394,7 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
         if request_id not in self.trial_rungs:
             return []
         self.trials_completed += 1
+        self.history.pop(request_id, None)
         if kind == "invalid_hp":
             self.early_exit[request_id] = True
             self.invalid_trials += 1
@@ -409,11 +423,19 @@ class StoppingBracket(msgspec.Struct, kw_only=True, tag="stopping"):
             self.trial_rungs[request_id] = k
             if time_value < rung.units:
                 return []
-            index = asha.stopping_insert(rung.metrics, metric)
-            rung.insert(index, request_id, metric)
+            value = metric
+            if self.rung_metric == "extrapolated":
+                below = self.rungs[k - 1].units if k > 0 else 0
+                window = [p for p in self.history.get(request_id, []) if p[0] > below]
+                value = curves.score(window or [(time_value, metric)], time_value, self.rungs[-1].units)
+            index = asha.stopping_insert(rung.metrics, value)
+            rung.insert(index, request_id, value)
             if k == top or index >= asha.keep_count(len(rung.metrics), self.divisor):
                 self.stopped[request_id] = True
+                self.history.pop(request_id, None)
                 return [StopTrial(request_id=request_id)]
+            if self.rung_metric == "extrapolated":
+                self.history[request_id] = [p for p in self.history.get(request_id, []) if p[0] > rung.units]
         return []
 
     def _budget_left(self) -> bool:
@@ -446,6 +468,12 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
     closed: dict[int, bool] = {}
     trials_completed: int = 0
     invalid_trials: int = 0
+    # Kiln's options (docs/search-methods.md): ``promotion: pending_aware`` promotes only the results that
+    # stay in their rung's top 1/divisor whatever the trials still training toward it report;
+    # ``rung_metric: extrapolated`` ranks by the curve's score, from the validations kept in ``history``.
+    rule: Literal["asha", "pending_aware"] = "asha"
+    rung_metric: Literal["value", "extrapolated"] = "value"
+    history: dict[int, list[tuple[int, float]]] = {}
 
     def initial_trials(self, ctx: SearchContext, spawn: Spawn) -> list[Decision]:
         """The same initial count as the stopping version."""
@@ -458,9 +486,16 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
         """A trial's result for the rung it was training toward; earlier validations are ignored."""
         if not self.training.get(request_id):
             return []
-        if time_value < self.rungs[self.trial_rungs[request_id]].units:
+        k = self.trial_rungs[request_id]
+        if self.rung_metric == "extrapolated":
+            self.history.setdefault(request_id, []).append((time_value, metric))
+        if time_value < self.rungs[k].units:
             return []
         del self.training[request_id]
+        if self.rung_metric == "extrapolated":
+            below = self.rungs[k - 1].units if k > 0 else 0
+            window = [p for p in self.history.pop(request_id, []) if p[0] > below]
+            metric = curves.score(window or [(time_value, metric)], time_value, self.rungs[-1].units)
         return self._promote(spawn, request_id, metric)
 
     def trial_exited(
@@ -470,6 +505,7 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
         if request_id not in self.trial_rungs:
             return []
         self.trials_completed += 1
+        self.history.pop(request_id, None)
         was_training = self.training.pop(request_id, False)
         rung_index = self.trial_rungs[request_id]
         if kind == "invalid_hp":
@@ -508,6 +544,19 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
             if not self.early_exit.get(request_id):
                 # Trained to max_time: it exits by itself, so there is nothing to stop.
                 self.closed[request_id] = True
+        elif self.rule == "pending_aware":
+            index = asha.promotion(rung.metrics, rung.promoted, metric, self.divisor).insert_index
+            rung.insert(index, request_id, metric)
+            for winner in self._pending_aware_promotions(rung):
+                upper = self.rungs[k + 1]
+                self.trial_rungs[winner] = k + 1
+                upper.outstanding += 1
+                resumed = True
+                if self.early_exit.get(winner):
+                    out.extend(self._promote(spawn, winner, asha.EXITED_METRIC))
+                else:
+                    self.training[winner] = True
+                    out.append(ResumeTrial(request_id=winner, max_length=upper.units))
         else:
             decision = asha.promotion(rung.metrics, rung.promoted, metric, self.divisor)
             rung.insert(decision.insert_index, request_id, metric, promoted=decision.promote_new)
@@ -532,6 +581,22 @@ class PromotionBracket(msgspec.Struct, kw_only=True, tag="promotion"):
         if len(self.rungs[0].metrics) == self.max_trials:
             out.extend(self._close_out())
         return out
+
+    def _pending_aware_promotions(self, rung: Rung) -> list[int]:
+        """Mark and return every unpromoted result of ``rung`` that is sure to stay in its top 1/divisor.
+
+        With ``n`` results in the rung and ``p`` trials still training toward it, the result at index
+        ``i`` stays in the top ``floor((n + p) / divisor)`` even if all ``p`` land ahead of it when
+        ``i + p < floor((n + p) / divisor)`` (:func:`services.searcher.asha.pending_aware_limit`). With no
+        trial pending this is ASHA's own rule: promote the top ``floor(n / divisor)``.
+        """
+        limit = asha.pending_aware_limit(len(rung.metrics), rung.outstanding, self.divisor)
+        promoted: list[int] = []
+        for i in range(min(limit, len(rung.metrics))):
+            if not rung.promoted[i]:
+                rung.promoted[i] = True
+                promoted.append(rung.trials[i])
+        return promoted
 
     def _close_out(self) -> list[Decision]:
         """Close every unpromoted trial of the bottom rungs that have nothing still training toward them."""
@@ -565,6 +630,7 @@ class ASHASearch(SearchMethod, kw_only=True, tag="asha"):
     next_request_id: int = 0
     exited: int = 0
     errored: int = 0
+    sampler: DensitySampler | None = None  # ``sampler: tpe``; None: every trial drawn at random
 
     def initial_trials(self, ctx: SearchContext) -> list[Decision]:
         """Every bracket's initial trials, the most early-stopping bracket first."""
@@ -605,9 +671,81 @@ class ASHASearch(SearchMethod, kw_only=True, tag="asha"):
             request_id = self.next_request_id
             self.next_request_id += 1
             self.trial_table[request_id] = index
-            return msgspec.structs.replace(ctx.new_trial(request_id), max_length=max_length)
+            if self.sampler is not None:
+                created = self.sampler.new_trial(ctx, request_id, self.brackets)
+            else:
+                created = ctx.new_trial(request_id)
+            return msgspec.structs.replace(created, max_length=max_length)
 
         return spawn
+
+
+class DensitySampler(msgspec.Struct, kw_only=True, tag="tpe"):
+    """``sampler: tpe``: BOHB's density models over the rungs' results (``services/searcher/tpe.py``).
+
+    Each new trial is drawn at random with probability ``tpe.random_fraction`` (and whenever no rung has
+    enough results for two densities); otherwise from the densities built on the highest rung, over all
+    brackets, that has enough results. Rungs of different brackets with the same length are one budget.
+    Its random numbers come from (experiment seed, request id), so a replay draws the same points; its
+    state is the unit-cube point of every trial it drew.
+    """
+
+    points: dict[int, list[float]] = {}  # request id -> the trial's point on the unit cube
+    model_units: dict[int, int] = {}  # request id -> the rung length whose densities drew it (absent: random)
+
+    def new_trial(
+        self, ctx: SearchContext, request_id: int, brackets: list[StoppingBracket | PromotionBracket]
+    ) -> CreateTrial:
+        """Trial ``request_id``: a random draw, or the densities' best candidate; the same every replay."""
+        drawn = ctx.new_trial(request_id)  # the trial's seed, constants and the random fallback
+        space = ctx.space
+        if space.size == 0:
+            return drawn
+        options = ctx.config.searcher.tpe
+        rng = np.random.default_rng([ctx.seed % 2**63, request_id])
+        if rng.random() >= options.random_fraction:
+            for units, ids, losses in self._budgets(brackets, options.lower_rungs == "bad"):
+                vectors = np.array([self.points[i] for i in ids], dtype=np.float64)
+                point = tpe.propose(vectors, np.array(losses, dtype=np.float64), space, options, rng)
+                if point is not None:
+                    self.points[request_id] = point
+                    self.model_units[request_id] = units
+                    return msgspec.structs.replace(drawn, hparams=space.decode(point, drawn.hparams))
+        self.points[request_id] = space.encode(drawn.hparams)
+        return drawn
+
+    def _budgets(
+        self, brackets: list[StoppingBracket | PromotionBracket], lower_as_bad: bool
+    ) -> list[tuple[int, list[int], list[float]]]:
+        """The rungs' results by length, longest first: (length, request ids, results).
+
+        With ``lower_as_bad`` a rung's list also holds, with result ``+inf``, every trial whose furthest
+        result is at a shorter length (the densities then learn where trials fail early, too) and every
+        trial with no result yet.
+        """
+        by_units: dict[int, dict[int, float]] = {}
+        furthest: dict[int, int] = {}
+        for bracket in brackets:
+            for rung in bracket.rungs:
+                results = by_units.setdefault(rung.units, {})
+                for request_id, metric in zip(rung.trials, rung.metrics, strict=True):
+                    if request_id in self.points:
+                        results[request_id] = metric
+                        furthest[request_id] = max(furthest.get(request_id, 0), rung.units)
+        # Trials with no result yet (in flight toward their first rung) are bad everywhere too: the
+        # "constant liar" of parallel model-based search, so that W workers do not get W copies of one draw.
+        in_flight = [request_id for request_id in sorted(self.points) if request_id not in furthest]
+        out: list[tuple[int, list[int], list[float]]] = []
+        for units in sorted(by_units, reverse=True):
+            results = dict(by_units[units])
+            if lower_as_bad:
+                for request_id in sorted(furthest):
+                    if furthest[request_id] < units:
+                        results[request_id] = math.inf
+                for request_id in in_flight:
+                    results[request_id] = math.inf
+            out.append((units, list(results), list(results.values())))
+        return out
 
 
 def _asha_search(config: ExperimentConfig) -> ASHASearch:
@@ -635,17 +773,21 @@ def _asha_search(config: ExperimentConfig) -> ASHASearch:
                 max_concurrent_trials=searcher.max_concurrent_trials,
             )
         ]
-    kind = StoppingBracket if searcher.stop_once else PromotionBracket
-    brackets: list[StoppingBracket | PromotionBracket] = [
-        kind(
-            divisor=searcher.divisor,
-            max_trials=b.max_trials,
-            max_concurrent_trials=b.max_concurrent_trials,
-            rungs=_make_rungs(b.num_rungs, searcher.divisor, max_time),
-        )
-        for b in plan
-    ]
-    return ASHASearch(brackets=brackets)
+    brackets: list[StoppingBracket | PromotionBracket] = []
+    for b in plan:
+        bracket_rungs = _make_rungs(b.num_rungs, searcher.divisor, max_time)
+        if searcher.stop_once:
+            brackets.append(StoppingBracket(
+                divisor=searcher.divisor, max_trials=b.max_trials, max_concurrent_trials=b.max_concurrent_trials,
+                rungs=bracket_rungs, rung_metric=searcher.rung_metric,
+            ))
+        else:
+            brackets.append(PromotionBracket(
+                divisor=searcher.divisor, max_trials=b.max_trials, max_concurrent_trials=b.max_concurrent_trials,
+                rungs=bracket_rungs, rule=searcher.promotion, rung_metric=searcher.rung_metric,
+            ))
+    sampler = DensitySampler() if searcher.sampler == "tpe" else None
+    return ASHASearch(brackets=brackets, sampler=sampler)
 
 
 # The closed set of method states, tagged so a snapshot decodes back to the right one.
