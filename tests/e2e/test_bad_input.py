@@ -9,6 +9,7 @@ import tarfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -16,7 +17,7 @@ import nats
 import pytest
 
 from schemas import events as ev
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -108,9 +109,15 @@ def test_crashing_trial_errors_with_its_last_log_lines_visible(kiln_stack: Stack
     assert "ERROR" in run.stdout
     assert "boom: bad learning rate" in run.stderr  # the last log lines, shown on failure
     experiment_id = int(run.stdout.split("Created experiment ", 1)[1].split()[0])
-    trials = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/experiments/{experiment_id}/trials").json()
-    assert trials[0]["state"] == "ERROR" and trials[0]["restarts"] == 1
-    detail = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{trials[0]['id']}").json()
+    # --follow ends on the experiment's end; the trial's own rows are projected from the same stream, maybe a batch
+    # later: wait for them rather than race the tracker.
+    def trial() -> dict[str, Any] | None:
+        rows = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/experiments/{experiment_id}/trials").json()
+        return rows[0] if rows and rows[0]["state"] == "ERROR" else None
+
+    ended = wait_for(trial, timeout=60.0, what="the trial's ERROR in the read model")
+    assert ended["restarts"] == 1
+    detail = kiln_stack.http.get(f"{kiln_stack.cfg.master_url}/api/v1/trials/{ended['id']}").json()
     assert len(detail["allocations"]) == 2  # the first run and its one restart
 
 
